@@ -1,0 +1,50 @@
+"""Pre-tokenization: split text on special tokens, then into GPT-2 pre-tokens.
+
+The pattern is GPT-2's (Radford et al. 2019, as given in the CS336 handout). ``pretokenize`` is
+the one entry point the trainer and the encoder use; the regex version here is the definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import regex
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_GPT2_RE = regex.compile(GPT2_PATTERN)
+
+
+def pretokenize_regex(text: str) -> list[str]:
+    """The reference: ``regex.findall(GPT2_PATTERN, text)``."""
+    return _GPT2_RE.findall(text)
+
+
+def pretokenize(text: str) -> list[str]:
+    """GPT-2 pre-tokens of ``text`` (which must not contain special tokens)."""
+    return _GPT2_RE.findall(text)
+
+
+def special_token_regex(special_tokens: Iterable[str]) -> regex.Pattern | None:
+    """A pattern matching any special token, longest first (so overlapping tokens resolve to the
+    longest match), or None when there are none."""
+    tokens = sorted(set(special_tokens), key=lambda s: (-len(s), s))
+    if not tokens:
+        return None
+    return regex.compile("|".join(regex.escape(t) for t in tokens))
+
+
+def split_on_special(text: str, special_tokens: Iterable[str]) -> list[tuple[str, bool]]:
+    """Split ``text`` into ``(segment, is_special)`` pieces; empty ordinary segments are dropped."""
+    pattern = special_token_regex(special_tokens)
+    if pattern is None:
+        return [(text, False)] if text else []
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            pieces.append((text[pos:m.start()], False))
+        pieces.append((m.group(), True))
+        pos = m.end()
+    if pos < len(text):
+        pieces.append((text[pos:], False))
+    return pieces
