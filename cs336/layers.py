@@ -1,0 +1,231 @@
+"""Building blocks of the Transformer LM, written from tensor ops (CS336 assignment 1, section 3).
+
+``Linear``, ``Embedding``, ``RMSNorm``, the feed-forward networks (``SwiGLU`` and the ``SiLUFFN``
+ablation), ``RotaryPositionalEmbedding``, ``scaled_dot_product_attention`` and
+``MultiHeadSelfAttention``. RMSNorm and the SwiGLU gate go through ``cs336.ops`` (the dispatch
+seam), so the same modules run the reference PyTorch path or the fused Triton kernels; nothing
+here chooses a backend. No ``torch.nn.functional`` or ``torch.nn`` layer is used; ``nn.Module``,
+``nn.Parameter`` and ``nn.init.trunc_normal_`` are.
+
+Conventions (CS336 handout): Linear weights are ``(d_out, d_in)`` with no bias; RoPE rotates
+interleaved pairs ``(x[2k], x[2k+1])`` by the angle ``pos * theta ** (-2k / d_k)``; attention
+masks are boolean with True meaning "may attend". Parameter names match the CS336 adapters
+(``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``, ``w1``, ``w2``, ``w3``), so state dicts
+from other CS336 implementations load.
+
+Deviations: the RoPE cos/sin tables are built in float64 and stored in fp32 (or the requested
+float dtype); attention computes its softmax in fp32 for fp16/bf16 inputs (``nn_utils.softmax``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cs336 import ops
+from cs336.nn_utils import silu, softmax
+
+__all__ = [
+    "Linear", "Embedding", "RMSNorm", "NoNorm", "SwiGLU", "SiLUFFN", "RotaryPositionalEmbedding",
+    "scaled_dot_product_attention", "MultiHeadSelfAttention", "silu", "softmax",
+]
+
+
+class Linear(nn.Module):
+    """y = x W^T, W of shape (out_features, in_features), no bias.
+
+    Init: truncated normal, mean 0, std sqrt(2 / (in + out)), cut at +-3 std (handout 3.4.2).
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        std = math.sqrt(2.0 / (in_features + out_features))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3.0 * std, b=3.0 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Embedding(nn.Module):
+    """Lookup table: row ``i`` of ``weight`` (num_embeddings, embedding_dim) for token id ``i``.
+
+    Init: truncated normal, mean 0, std 1, cut at +-3.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[token_ids]
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}"
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32 (``ops.rms_norm``)."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.d_model = d_model
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.d_model}, eps={self.eps}"
+
+
+class NoNorm(nn.Module):
+    """The identity, standing in for RMSNorm in the ``remove_rmsnorm`` ablation (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x); w1, w3: (d_ff, d_model), w2: (d_model, d_ff). Gate via ``ops.swiglu``."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+
+
+class SiLUFFN(nn.Module):
+    """w2(silu(w1 x)), the ungated feed-forward of the ``ffn_type="silu"`` ablation.
+
+    It has 2 * d_model * d_ff parameters against SwiGLU's 3 * d_model * d_ff, so a
+    parameter-matched comparison uses 1.5x the SwiGLU d_ff (d_ff = 4 * d_model against
+    SwiGLU's 8/3 * d_model, as the handout suggests); the caller chooses d_ff.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(silu(self.w1(x)))
+
+
+class RotaryPositionalEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer) on interleaved pairs.
+
+    Pair k of a vector at position p, ``(x[2k], x[2k+1])``, is rotated by the angle
+    ``p * theta ** (-2k / d_k)``. The cos/sin tables for positions ``0 .. max_seq_len-1`` are
+    non-persistent buffers: they follow ``.to(device)`` but stay out of the state dict.
+    """
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None, dtype=None):
+        super().__init__()
+        if d_k % 2 != 0:
+            raise ValueError(f"RoPE rotates pairs, so d_k must be even; got d_k={d_k}")
+        self.theta = theta
+        self.d_k = d_k
+        self.max_seq_len = max_seq_len
+        k = torch.arange(d_k // 2, dtype=torch.float64, device=device)
+        inv_freq = theta ** (-2.0 * k / d_k)  # (d_k/2,)
+        positions = torch.arange(max_seq_len, dtype=torch.float64, device=device)
+        angles = positions[:, None] * inv_freq[None, :]  # (max_seq_len, d_k/2)
+        table_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        self.register_buffer("cos", torch.cos(angles).to(table_dtype), persistent=False)
+        self.register_buffer("sin", torch.sin(angles).to(table_dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
+        """x: (..., T, d_k); token_positions: (..., T) integer positions broadcastable against x's
+        leading dims (e.g. (T,) or (B, T) for x of shape (B, T, d_k); for (B, H, T, d_k) pass
+        (B, 1, T)). Returns x rotated, same shape and dtype."""
+        if x.shape[-1] != self.d_k:
+            raise ValueError(f"RoPE was built for d_k={self.d_k}, got input with last dim {x.shape[-1]}")
+        cos = self.cos[token_positions]  # (..., T, d_k/2)
+        sin = self.sin[token_positions]  # (..., T, d_k/2)
+        x_even = x[..., 0::2]  # (..., T, d_k/2)
+        x_odd = x[..., 1::2]
+        rot_even = x_even * cos - x_odd * sin
+        rot_odd = x_even * sin + x_odd * cos
+        return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2).to(x.dtype)  # (..., T, d_k)
+
+    def extra_repr(self) -> str:
+        return f"theta={self.theta}, d_k={self.d_k}, max_seq_len={self.max_seq_len}"
+
+
+def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
+                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V with any number of leading batch dims.
+
+    Q: (..., n, d_k), K: (..., m, d_k), V: (..., m, d_v); mask: boolean, broadcastable to
+    (..., n, m), True where query i may attend to key j. Returns (..., n, d_v). A query whose mask
+    row is all False gets NaN (no key to attend to), as in torch.nn.functional.
+    """
+    d_k = Q.shape[-1]
+    scores = (Q @ K.transpose(-2, -1)) / math.sqrt(d_k)  # (..., n, m)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax(scores, dim=-1).to(V.dtype) @ V
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal multi-head self-attention (Vaswani et al. 2017, section 3.2.2), optionally with RoPE.
+
+    RoPE is used if ``rope`` (a shared ``RotaryPositionalEmbedding``) is given, or if both
+    ``max_seq_len`` and ``theta`` are given (a private one is built); otherwise no positional
+    encoding is applied. The head dim is d_model / num_heads.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: int | None = None,
+                 theta: float | None = None, *, rope: RotaryPositionalEmbedding | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.d_head = d_model // num_heads
+        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        if rope is None and max_seq_len is not None and theta is not None:
+            rope = RotaryPositionalEmbedding(theta, self.d_head, max_seq_len, device=device)
+        if rope is not None and rope.d_k != self.d_head:
+            raise ValueError(f"RoPE d_k={rope.d_k} differs from the head dim {self.d_head}")
+        self.rope = rope
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.d_head)).transpose(-3, -2)  # (..., H, T, d_head)
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., T, d_model); token_positions: (..., T) or (T,), default 0..T-1."""
+        seq_len = x.shape[-2]
+        q = self._split_heads(self.q_proj(x))  # (..., H, T, d_head)
+        k = self._split_heads(self.k_proj(x))
+        v = self._split_heads(self.v_proj(x))
+        if self.rope is not None:
+            if token_positions is None:
+                token_positions = torch.arange(seq_len, device=x.device)
+            positions = token_positions.unsqueeze(-2)  # (..., 1, T): broadcast over heads
+            q = self.rope(q, positions)
+            k = self.rope(k, positions)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()  # (T, T)
+        out = scaled_dot_product_attention(q, k, v, causal)  # (..., H, T, d_head)
+        out = out.transpose(-3, -2).flatten(-2)  # (..., T, d_model)
+        return self.output_proj(out)

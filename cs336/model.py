@@ -1,0 +1,178 @@
+"""The Transformer language model of CS336 assignment 1 (section 3.5), with the ablation switches
+of its section 7.3.
+
+``TransformerBlock`` is pre-norm by default: ``h = x + attn(ln1(x))``, ``y = h + ffn(ln2(h))``.
+``TransformerLM`` is token embedding, ``num_layers`` blocks, a final RMSNorm and an untied LM
+head. Every block shares one RoPE table. The layers themselves live in ``cs336.layers`` and are
+re-exported here, so ``cs336.model`` is the one import for the whole model API.
+
+Ablation switches (each off by default; at the defaults the state dict is the standard one):
+- ``remove_rmsnorm``: every RMSNorm, the final one included, becomes the identity (``NoNorm``),
+  so the ``ln1``/``ln2``/``ln_final`` weights disappear from the state dict.
+- ``use_post_norm``: blocks become ``z = ln1(x + attn(x))``, ``y = ln2(z + ffn(z))``. Only the
+  blocks change: ``ln_final`` stays, so the pre- and post-norm models have the same parameters.
+- ``remove_rope``: no positional encoding (NoPE); causal masking alone carries order.
+- ``ffn_type="silu"``: ``w2(silu(w1 x))`` instead of SwiGLU (no ``w3``); pass a d_ff 1.5x the
+  SwiGLU one (e.g. 4 * d_model) to match parameter counts.
+
+``forward`` and ``loss`` run inside ``ops.use_backend(self.kernels)``, so the model's ``kernels``
+setting picks reference PyTorch or Triton for RMSNorm, the SwiGLU gate and the loss. ``loss``
+calls ``ops.linear_cross_entropy`` on the final hidden state, which lets the Triton path avoid
+materializing all logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from cs336 import ops
+from cs336.config import KERNEL_BACKENDS, ModelConfig
+from cs336.layers import (Embedding, Linear, MultiHeadSelfAttention, NoNorm, RMSNorm,
+                          RotaryPositionalEmbedding, SiLUFFN, SwiGLU,
+                          scaled_dot_product_attention, silu, softmax)
+
+__all__ = [
+    "Linear", "Embedding", "RMSNorm", "NoNorm", "SwiGLU", "SiLUFFN", "RotaryPositionalEmbedding",
+    "MultiHeadSelfAttention", "TransformerBlock", "TransformerLM", "silu", "softmax",
+    "scaled_dot_product_attention",
+]
+
+
+def _norm(d_model: int, eps: float, remove: bool, device, dtype) -> nn.Module:
+    return NoNorm() if remove else RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
+
+
+class TransformerBlock(nn.Module):
+    """One Transformer block: causal self-attention and a feed-forward network, each with a
+    residual connection and an RMSNorm (pre-norm by default; see the module docstring for the
+    switches).
+
+    RoPE: pass a shared ``rope`` module, or ``max_seq_len`` and ``theta`` to build one, or
+    ``remove_rope=True`` for none.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, max_seq_len: int | None = None,
+                 theta: float | None = None, *, rope: RotaryPositionalEmbedding | None = None,
+                 eps: float = 1e-5, remove_rmsnorm: bool = False, use_post_norm: bool = False,
+                 remove_rope: bool = False, ffn_type: str = "swiglu", device=None, dtype=None):
+        super().__init__()
+        if remove_rope:
+            rope, max_seq_len, theta = None, None, None
+        self.use_post_norm = use_post_norm
+        self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, rope=rope,
+                                           device=device, dtype=dtype)
+        self.ln1 = _norm(d_model, eps, remove_rmsnorm, device, dtype)
+        if ffn_type == "swiglu":
+            self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype)
+        elif ffn_type == "silu":
+            self.ffn = SiLUFFN(d_model, d_ff, device=device, dtype=dtype)
+        else:
+            raise ValueError(f"ffn_type={ffn_type!r}; valid choices: swiglu, silu")
+        self.ln2 = _norm(d_model, eps, remove_rmsnorm, device, dtype)
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., T, d_model) -> (..., T, d_model)."""
+        if self.use_post_norm:
+            z = self.ln1(x + self.attn(x, token_positions))
+            return self.ln2(z + self.ffn(z))
+        h = x + self.attn(self.ln1(x), token_positions)
+        return h + self.ffn(self.ln2(h))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only Transformer LM; ``forward(token_ids) -> logits`` of shape (..., T, vocab_size).
+
+    The arguments are those of ``cs336.config.ModelConfig`` (validated there; ``self.config``
+    holds it) plus ``device`` and ``dtype`` for the parameters.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int,
+                 num_heads: int, d_ff: int, rope_theta: float, *, eps: float = 1e-5,
+                 kernels: str = "auto", remove_rmsnorm: bool = False, use_post_norm: bool = False,
+                 remove_rope: bool = False, ffn_type: str = "swiglu", device=None, dtype=None):
+        super().__init__()
+        self.config = ModelConfig(
+            vocab_size=vocab_size, context_length=context_length, d_model=d_model,
+            num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, eps=eps,
+            kernels=kernels, remove_rmsnorm=remove_rmsnorm, use_post_norm=use_post_norm,
+            remove_rope=remove_rope, ffn_type=ffn_type)
+        self.token_embeddings = Embedding(vocab_size, d_model, device=device, dtype=dtype)
+        rope = None if remove_rope else RotaryPositionalEmbedding(
+            rope_theta, d_model // num_heads, context_length, device=device)
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, num_heads, d_ff, rope=rope, eps=eps,
+                             remove_rmsnorm=remove_rmsnorm, use_post_norm=use_post_norm,
+                             remove_rope=remove_rope, ffn_type=ffn_type, device=device, dtype=dtype)
+            for _ in range(num_layers))
+        self.ln_final = _norm(d_model, eps, remove_rmsnorm, device, dtype)
+        self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    @property
+    def kernels(self) -> str:
+        """The kernel backend this model runs under (``auto``, ``torch`` or ``triton``)."""
+        return self.config.kernels
+
+    @kernels.setter
+    def kernels(self, name: str) -> None:
+        if name not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels={name!r}; valid choices: {', '.join(KERNEL_BACKENDS)}")
+        self.config.kernels = name
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> TransformerLM:
+        return cls(**asdict(cfg), device=device, dtype=dtype)
+
+    def _check_input(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None) -> None:
+        seq_len = token_ids.shape[-1]
+        if seq_len > self.context_length:
+            raise ValueError(
+                f"input has {seq_len} tokens but the model's context_length is "
+                f"{self.context_length}; truncate the input to its last {self.context_length} "
+                "tokens (or build a model with a longer context_length)"
+            )
+        if token_positions is not None and token_positions.numel() > 0:
+            top = int(token_positions.max())
+            if top >= self.context_length or int(token_positions.min()) < 0:
+                raise ValueError(
+                    f"token_positions must lie in [0, {self.context_length - 1}] (context_length "
+                    f"{self.context_length}); got positions up to {top}"
+                )
+
+    def hidden_states(self, token_ids: torch.Tensor,
+                      token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm output (..., T, d_model), the input of the LM head."""
+        self._check_input(token_ids, token_positions)
+        with ops.use_backend(self.kernels):
+            x = self.token_embeddings(token_ids)  # (..., T, d_model)
+            for layer in self.layers:
+                x = layer(x, token_positions)
+            return self.ln_final(x)
+
+    def forward(self, token_ids: torch.Tensor,
+                token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids: (..., T) with T <= context_length -> logits (..., T, vocab_size)."""
+        h = self.hidden_states(token_ids, token_positions)
+        with ops.use_backend(self.kernels):
+            return self.lm_head(h)
+
+    def loss(self, token_ids: torch.Tensor, targets: torch.Tensor,
+             ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy over all positions whose target is not ``ignore_index``."""
+        h = self.hidden_states(token_ids)
+        with ops.use_backend(self.kernels):
+            return ops.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; ``exclude_embeddings`` leaves out the token embedding table (the LM
+        head is untied and counted, as the handout's accounting does)."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.token_embeddings.weight.numel()
+        return total

@@ -1,0 +1,112 @@
+"""Elementwise and loss functions of the CS336 "basics" model, written from tensor ops.
+
+``silu``, ``softmax`` and ``cross_entropy`` are the reference definitions that ``cs336.ops`` (the
+dispatch seam) and the Triton kernels are checked against; ``clip_gradients`` and
+``gradient_norm`` serve the training loop. Nothing here uses ``torch.nn.functional`` (the
+assignment asks for the definitions from scratch); the tests compare against it.
+
+Deviations from torch.nn.functional, on purpose:
+- ``cross_entropy`` computes in fp32 whatever the logits dtype and returns an fp32 scalar.
+- ``softmax`` upcasts fp16/bf16 inputs to fp32 and returns the input dtype.
+- ``clip_gradients`` follows the CS336 handout: when the global L2 norm exceeds ``max_l2_norm``
+  every gradient is scaled by ``max_l2_norm / (norm + eps)``. It does this with a clamped factor
+  instead of a Python ``if``, which gives the same result without a host-device sync
+  (the factor is >= 1, clamped to 1, exactly when norm <= max_l2_norm).
+
+Source: CS336 assignment 1 handout (Stanford, spring 2025), sections 3.4-3.5 and 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU / swish: x * sigmoid(x)."""
+    return x * torch.sigmoid(x)
+
+
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax along ``dim``, stabilized by subtracting the maximum along that dim.
+
+    Entries equal to -inf get probability 0. A slice that is -inf everywhere gives NaN, as in
+    torch.softmax.
+    """
+    in_dtype = x.dtype
+    if in_dtype in _LOW_PRECISION:
+        x = x.to(torch.float32)
+    shifted = x - x.amax(dim=dim, keepdim=True)
+    exp = torch.exp(shifted)
+    return (exp / exp.sum(dim=dim, keepdim=True)).to(in_dtype)
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log(softmax(x)) computed as x - logsumexp(x), in fp32 for fp16/bf16 inputs."""
+    if x.dtype in _LOW_PRECISION:
+        x = x.to(torch.float32)
+    x_max = x.amax(dim=dim, keepdim=True)
+    shifted = x - x_max
+    return shifted - torch.log(torch.exp(shifted).sum(dim=dim, keepdim=True))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean negative log-likelihood of ``targets`` under ``softmax(logits)``.
+
+    logits: (..., V) of any float dtype; targets: (...) integer ids. Positions whose target equals
+    ``ignore_index`` are excluded from the sum and from the count. The loss per position is
+    ``logsumexp(logits) - logits[target]`` with the max subtracted first, computed in
+    fp32, so logits of magnitude 1e4 neither overflow nor lose the answer. If every position is
+    ignored the mean is over zero elements and the result is NaN (as torch.nn.functional).
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"cross_entropy: logits shape {tuple(logits.shape)} needs targets of shape "
+            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    logits = logits.to(torch.float32)
+    keep = targets != ignore_index
+    safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
+    # The max is a constant shift (no gradient needed). Both terms are taken from the shifted
+    # logits, so the large max cancels exactly instead of being added and subtracted again.
+    shifted = logits - logits.amax(dim=-1, keepdim=True).detach()
+    lse = torch.log(torch.exp(shifted).sum(dim=-1))  # (...)
+    target_logit = torch.gather(shifted, -1, safe_targets.unsqueeze(-1).long()).squeeze(-1)  # (...)
+    losses = torch.where(keep, lse - target_logit, torch.zeros_like(lse))
+    return losses.sum() / keep.sum()
+
+
+def _grads(params: Iterable[torch.Tensor | torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def gradient_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of all gradients (parameters without a gradient are skipped), fp32 scalar."""
+    grads = _grads(params)
+    if not grads:
+        return torch.zeros(())
+    norms = [g.detach().to(torch.float32).pow(2).sum() for g in grads]
+    device = grads[0].device
+    return torch.stack([n.to(device) for n in norms]).sum().sqrt()
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[torch.nn.Parameter], max_l2_norm: float,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """Scale all gradients in place so their global L2 norm is at most ``max_l2_norm``.
+
+    Returns the norm measured before clipping (fp32 scalar tensor), for logging.
+    """
+    if max_l2_norm <= 0:
+        raise ValueError(f"clip_gradients: max_l2_norm must be positive, got {max_l2_norm}")
+    params = list(params)
+    total_norm = gradient_norm(params)
+    grads = _grads(params)
+    if grads:
+        scale = torch.clamp(max_l2_norm / (total_norm + eps), max=1.0)
+        for g in grads:
+            g.mul_(scale.to(device=g.device, dtype=g.dtype))
+    return total_norm
