@@ -5,7 +5,11 @@ Defaults live here and nowhere else. Named presets are plain functions returning
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 FFN_TYPES = ("swiglu", "silu")
@@ -118,3 +122,426 @@ def model_preset(name: str) -> ModelConfig:
         return MODEL_PRESETS[name]()
     except KeyError:
         raise ConfigError(f"unknown model preset {name!r}; valid choices: {', '.join(MODEL_PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer, data and run sections, and the TrainConfig nesting them.
+# ---------------------------------------------------------------------------------------------
+
+DATASETS = ("embedded", "tinystories", "owt")
+AUTOCAST = ("none", "bf16")
+
+
+def _positive(section: str, name: str, value, *, allow_zero: bool = False, integer: bool = True) -> None:
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        what = "integer" if integer else "number"
+        bound = "non-negative" if allow_zero else "positive"
+        raise ConfigError(f"{section}.{name} must be a {bound} {what}, got {value!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (reached after warmup)."""
+    min_lr: float | None = None
+    """Floor of the cosine schedule; None means lr / 10 (see ``floor_lr``)."""
+    warmup_iters: int = 30
+    """Linear warmup steps from 0 to lr."""
+    cosine_cycle_iters: int | None = None
+    """Step at which the cosine reaches min_lr; None means train.max_steps."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Global L2 norm the gradients are clipped to; 0 disables clipping."""
+    fused: bool | None = None
+    """AdamW step through the kernel seam (True), reference loop (False), or the model's backend (None)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _positive("optim", "lr", self.lr, integer=False)
+        if self.min_lr is not None:
+            _positive("optim", "min_lr", self.min_lr, allow_zero=True, integer=False)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}; lower min_lr")
+        _positive("optim", "warmup_iters", self.warmup_iters, allow_zero=True)
+        if self.cosine_cycle_iters is not None:
+            _positive("optim", "cosine_cycle_iters", self.cosine_cycle_iters)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        _positive("optim", "eps", self.eps, integer=False)
+        _positive("optim", "weight_decay", self.weight_decay, allow_zero=True, integer=False)
+        _positive("optim", "grad_clip", self.grad_clip, allow_zero=True, integer=False)
+
+    @property
+    def floor_lr(self) -> float:
+        """The learning rate the cosine schedule ends at."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "embedded"
+    """Corpus when no files are given: embedded (generated stories), tinystories or owt (downloaded)."""
+    train_text: str | None = None
+    """UTF-8 training text; a tokenizer is trained on it (model.vocab_size) and it is encoded."""
+    valid_text: str | None = None
+    """UTF-8 validation text, encoded with the same tokenizer."""
+    train_tokens: str | None = None
+    """Pre-encoded training tokens (1-D array file with a .json sidecar); needs tokenizer_dir."""
+    valid_tokens: str | None = None
+    """Pre-encoded validation tokens."""
+    tokenizer_dir: str | None = None
+    """Directory with vocab.json + merges.txt to use instead of training a tokenizer."""
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",)
+    """Special tokens of the tokenizer; the first one separates documents."""
+    data_dir: str = "data"
+    """Where --dataset downloads go (reused when already present)."""
+    dataset_base_url: str | None = None
+    """Replaces the download location of --dataset files (a mirror, or a local test server)."""
+    corpus_mb: float = 4.0
+    """Size of the embedded corpus in MB (train + valid)."""
+    corpus_seed: int = 1234
+    """Seed of the embedded corpus generator."""
+    tokenizer_sample_mb: float | None = 16.0
+    """Train the tokenizer on the first N MB of the training text (None: all of it)."""
+
+    def __post_init__(self) -> None:
+        self.special_tokens = tuple(self.special_tokens)
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"data.dataset={self.dataset!r}; valid choices: {', '.join(DATASETS)}")
+        for a, b in (("train_text", "valid_text"), ("train_tokens", "valid_tokens")):
+            if (getattr(self, a) is None) != (getattr(self, b) is None):
+                raise ConfigError(f"data.{a} and data.{b} go together; give both (--{a.replace('_', '-')} "
+                                  f"and --{b.replace('_', '-')}) or neither")
+        if self.train_text is not None and self.train_tokens is not None:
+            raise ConfigError("give either data.train_text/valid_text or data.train_tokens/valid_tokens, not both")
+        if self.train_tokens is not None and self.tokenizer_dir is None:
+            raise ConfigError("data.train_tokens needs data.tokenizer_dir (the vocab.json + merges.txt "
+                              "the tokens were encoded with)")
+        if self.dataset != "embedded" and (self.train_text is not None or self.train_tokens is not None):
+            raise ConfigError(f"data.dataset={self.dataset!r} conflicts with explicit train/valid files; "
+                              "drop one of them")
+        if not self.special_tokens:
+            raise ConfigError("data.special_tokens is empty; the first special token separates documents")
+        _positive("data", "corpus_mb", self.corpus_mb, integer=False)
+        if self.tokenizer_sample_mb is not None:
+            _positive("data", "tokenizer_sample_mb", self.tokenizer_sample_mb, integer=False)
+
+    @property
+    def source(self) -> str:
+        """One of tokens | text | embedded | tinystories | owt."""
+        if self.train_tokens is not None:
+            return "tokens"
+        if self.train_text is not None:
+            return "text"
+        return self.dataset
+
+
+@dataclass
+class RunConfig:
+    out_dir: str | None = None
+    """Run directory; None means runs/<UTC timestamp>."""
+    max_steps: int = 600
+    """Optimizer steps of the run."""
+    batch_size: int = 32
+    """Global batch (sequences per step), split evenly over data-parallel ranks."""
+    context_length: int | None = None
+    """Training sequence length; None means model.context_length (it may not exceed it)."""
+    eval_interval: int = 100
+    """Validate every N steps (and at the last step)."""
+    eval_batches: int = 16
+    """Validation batches per evaluation, taken in order from the start of the valid file."""
+    log_interval: int = 10
+    """Write a metrics line every N steps."""
+    checkpoint_interval: int = 200
+    """Save a checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept in checkpoints/ (older ones are deleted)."""
+    seed: int = 0
+    """Seed for initialization and batch sampling."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    autocast: str = "none"
+    """Mixed precision: none (fp32) or bf16 (torch.autocast; weights and optimizer stay fp32)."""
+    tf32: bool = True
+    """Allow TF32 matmuls on CUDA."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    threads: int | None = None
+    """torch CPU threads; None keeps torch's default."""
+    wandb: bool = False
+    """Log metrics to Weights & Biases."""
+    wandb_mode: str = "offline"
+    """wandb mode: offline (files under the run directory) or online."""
+    wandb_project: str = "cs336-kernels"
+    """wandb project name."""
+    wandb_group: str | None = None
+    """wandb group (a sweep name, for instance)."""
+    profile: bool = False
+    """Record a torch.profiler trace of a few steps into <run>/profile."""
+    sample_prompt: str = "Once upon a time"
+    """Prompt of the sample printed at the end."""
+    sample_tokens: int = 120
+    """Tokens generated for the final sample; 0 skips it."""
+    sample_temperature: float = 0.8
+    """Temperature of the final sample."""
+    sample_top_p: float = 0.9
+    """Nucleus threshold of the final sample."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_interval", "eval_batches", "log_interval",
+                     "checkpoint_interval", "keep_last"):
+            _positive("train", name, getattr(self, name))
+        if self.context_length is not None:
+            _positive("train", "context_length", self.context_length)
+        if self.threads is not None:
+            _positive("train", "threads", self.threads)
+        _positive("train", "sample_tokens", self.sample_tokens, allow_zero=True)
+        _positive("train", "sample_temperature", self.sample_temperature, allow_zero=True, integer=False)
+        if not 0.0 < self.sample_top_p <= 1.0:
+            raise ConfigError(f"train.sample_top_p must be in (0, 1], got {self.sample_top_p!r}")
+        if self.autocast not in AUTOCAST:
+            raise ConfigError(f"train.autocast={self.autocast!r}; valid choices: {', '.join(AUTOCAST)}")
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"train.wandb_mode={self.wandb_mode!r}; valid choices: offline, online, disabled")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"train.device={dev!r}; valid choices: auto, cpu, cuda, cuda:N, mps")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=lambda: demo_model())
+    """The Transformer LM; the default is the small CPU model of the main job (demo_model)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the learning-rate schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer and token files."""
+    train: RunConfig = field(default_factory=RunConfig)
+    """Run length, batching, evaluation, checkpoints, device, logging."""
+
+    def __post_init__(self) -> None:
+        ctx = self.train.context_length
+        if ctx is not None and ctx > self.model.context_length:
+            raise ConfigError(
+                f"train.context_length={ctx} exceeds model.context_length={self.model.context_length}; "
+                f"lower train.context_length or raise model.context_length")
+        if self.data.source != "tokens" and self.model.vocab_size < 256 + len(self.data.special_tokens):
+            raise ConfigError(f"model.vocab_size={self.model.vocab_size} is below 256 bytes + "
+                              f"{len(self.data.special_tokens)} special tokens; raise it")
+
+    @property
+    def context_length(self) -> int:
+        """The training sequence length."""
+        return self.train.context_length or self.model.context_length
+
+
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig}
+
+
+def demo_model() -> ModelConfig:
+    """The main job's model: small enough to learn the embedded corpus on 2 CPU cores in minutes."""
+    return ModelConfig(vocab_size=2048, context_length=128, d_model=128, num_layers=4, num_heads=4,
+                       d_ff=384, rope_theta=10_000.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run presets.
+# ---------------------------------------------------------------------------------------------
+
+TINYSTORIES_TOKENS = 327_680_000
+"""Tokens processed by the CS336 handout's TinyStories run (section 7.2)."""
+
+
+def default_config() -> TrainConfig:
+    """`python -m cs336.train` with no arguments: the embedded corpus on a CPU in minutes."""
+    return TrainConfig()
+
+
+def tinystories_config(batch_size: int = 128) -> TrainConfig:
+    """The handout's TinyStories run: the tinystories model for 327.68M tokens.
+
+    max_steps = 327,680,000 / (batch_size * 256), e.g. 10,000 steps at batch 128. Give the text
+    files with --train-text/--valid-text, or --dataset tinystories to download them.
+    """
+    model = tinystories_model()
+    steps = TINYSTORIES_TOKENS // (batch_size * model.context_length)
+    return TrainConfig(
+        model=model,
+        optim=OptimConfig(lr=2e-3, warmup_iters=200, weight_decay=0.1),
+        data=DataConfig(tokenizer_sample_mb=None),
+        train=RunConfig(max_steps=steps, batch_size=batch_size, eval_interval=500, eval_batches=50,
+                        log_interval=20, checkpoint_interval=1000, autocast="bf16",
+                        sample_tokens=256),
+    )
+
+
+def smoke_config() -> TrainConfig:
+    """A seconds-long run of a tiny model on a small embedded corpus (tests, quick checks)."""
+    return TrainConfig(
+        model=ModelConfig(vocab_size=320, context_length=32, d_model=32, num_layers=1, num_heads=2,
+                          d_ff=64),
+        data=DataConfig(corpus_mb=0.2),
+        train=RunConfig(max_steps=40, batch_size=8, eval_interval=20, eval_batches=4, log_interval=5,
+                        checkpoint_interval=20, sample_tokens=20, progress=False),
+    )
+
+
+PRESETS = {"default": default_config, "tinystories": tinystories_config, "smoke": smoke_config}
+
+
+def preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dict / file / override round trips.
+# ---------------------------------------------------------------------------------------------
+
+def section_fields(section: str) -> dict[str, typing.Any]:
+    """Field name -> resolved type annotation of one section."""
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value, tp, key: str):
+    """Check ``value`` (from JSON/TOML, or a string from the command line) against type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",")] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ConfigError(f"{key} expects {len(item_types)} values, got {len(value)}: {value!r}")
+        return tuple(coerce(v, t, key) for v, t in zip(value, item_types))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    number = float(value)
+                except ValueError:
+                    number = None
+                if number is not None and number.is_integer():
+                    return int(number)
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} expects a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _unknown(kind: str, key: str, valid) -> ConfigError:
+    return ConfigError(f"unknown {kind} {key!r}; valid {kind}s: {', '.join(valid)}")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """Nested plain dict (tuples become lists), JSON-serializable."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def config_from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """Build a TrainConfig from a nested dict, starting from ``base`` (default: TrainConfig()).
+
+    Missing keys keep the base's values; unknown sections or keys raise ConfigError listing the
+    valid ones; values are type-checked.
+    """
+    base = base or TrainConfig()
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a table of sections, got {type(d).__name__}")
+    sections = {}
+    for name, values in d.items():
+        if name not in SECTIONS:
+            raise _unknown("section", name, SECTIONS)
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a table, got {values!r}")
+        types = section_fields(name)
+        updates = {}
+        for key, value in values.items():
+            if key not in types:
+                raise _unknown(f"{name} key", key, types)
+            updates[key] = coerce(value, types[key], f"{name}.{key}")
+        sections[name] = replace(getattr(base, name), **updates)
+    return replace(base, **sections)
+
+
+def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a TOML or JSON file of sections (``[optim] lr = 3e-4``) on top of ``base``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the --config path")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            d = tomllib.loads(text)
+        elif path.suffix == ".json":
+            d = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: use a .toml or .json file")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} does not parse ({exc}); fix its syntax") from None
+    try:
+        return config_from_dict(d, base)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``["section.field=value", ...]``; values are parsed by the field's type."""
+    nested: dict[str, dict[str, str]] = {}
+    for item in overrides:
+        key, sep, value = item.lstrip("-").partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"override {item!r} must look like section.field=value "
+                              f"(sections: {', '.join(SECTIONS)})")
+        if section not in SECTIONS:
+            raise _unknown("section", section, SECTIONS)
+        nested.setdefault(section, {})[name] = value
+    return config_from_dict(nested, cfg)
