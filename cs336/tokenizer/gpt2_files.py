@@ -1,0 +1,191 @@
+"""GPT-2 tokenizer file formats: ``vocab.json`` and ``merges.txt``.
+
+GPT-2 (Radford et al. 2019, ``encoder.py`` in openai/gpt-2) stores tokens as printable strings:
+each byte maps to one unicode character (printable Latin-1 bytes map to themselves, the other 68
+bytes to U+0100 onwards, in byte order). ``vocab.json`` maps that string to the token id;
+``merges.txt`` holds one merge per line, the two token strings separated by one space, in merge
+order, optionally after a ``#version`` header line. HF ``tokenizers`` (``BPE.from_file``) and
+tiktoken (after decoding the strings back to bytes) read these files.
+
+Loading validates everything a user could get wrong and raises ``TokenizerFileError`` naming the
+file, the line and the fix. Saving writes both files atomically (temporary file in the same
+directory, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+
+class TokenizerFileError(ValueError):
+    """A vocab.json / merges.txt / tokenizer.json that cannot be used; the message names the file."""
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (a bijection on 256 values)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of ``bytes_to_unicode``."""
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_to_str(token: bytes) -> str:
+    """A token's GPT-2 file spelling."""
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def str_to_token(text: str) -> bytes:
+    """Bytes of a GPT-2 file spelling; KeyError on a character outside the 256-character map."""
+    table = unicode_to_bytes()
+    return bytes(table[c] for c in text)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_vocab_merges(
+    vocab: dict[int, bytes],
+    merges: list[tuple[bytes, bytes]],
+    vocab_path: str | os.PathLike,
+    merges_path: str | os.PathLike,
+) -> None:
+    """Write ``vocab`` and ``merges`` in GPT-2 format, each file atomically.
+
+    Special tokens are written with the same byte-to-unicode spelling as any other token (HF and
+    the CS336 reference files do the same); ``tokenizer.json`` names which ones are special.
+    """
+    spelled: dict[str, int] = {}
+    for idx in sorted(vocab):
+        key = token_to_str(vocab[idx])
+        if key in spelled:
+            raise ValueError(
+                f"vocab ids {spelled[key]} and {idx} hold the same bytes {vocab[idx]!r}; "
+                "vocab.json maps each token to one id, so remove the duplicate"
+            )
+        spelled[key] = idx
+    lines = [f"{token_to_str(a)} {token_to_str(b)}" for a, b in merges]
+    _atomic_write_text(Path(vocab_path), json.dumps(spelled, ensure_ascii=False, indent=0) + "\n")
+    _atomic_write_text(Path(merges_path), "#version: 0.2\n" + "".join(line + "\n" for line in lines))
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenizerFileError(f"{path}: {what} not found; pass the path of an existing file") from None
+    except IsADirectoryError:
+        raise TokenizerFileError(f"{path}: is a directory; pass the path of the {what} file") from None
+    except UnicodeDecodeError as exc:
+        raise TokenizerFileError(f"{path}: {what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise TokenizerFileError(f"{path}: cannot read {what} ({exc.strerror})") from None
+
+
+def load_vocab(vocab_path: str | os.PathLike) -> dict[int, bytes]:
+    """Read a GPT-2 ``vocab.json`` into ``{id: bytes}``."""
+    path = Path(vocab_path)
+    text = _read_text(path, "vocab.json")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TokenizerFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise TokenizerFileError(
+            f"{path}: expected a JSON object mapping token strings to ids, got {type(raw).__name__}"
+        )
+    vocab: dict[int, bytes] = {}
+    for key, idx in raw.items():
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            raise TokenizerFileError(
+                f"{path}: token {key!r} has id {idx!r}; ids must be non-negative integers"
+            )
+        try:
+            token = str_to_token(key)
+        except KeyError as exc:
+            raise TokenizerFileError(
+                f"{path}: token {key!r} contains {exc.args[0]!r}, which is not in GPT-2's "
+                "byte-to-unicode alphabet; the file is not in GPT-2 format"
+            ) from None
+        if idx in vocab:
+            raise TokenizerFileError(f"{path}: id {idx} is used by two tokens; each id must be unique")
+        vocab[idx] = token
+    if not vocab:
+        raise TokenizerFileError(f"{path}: the vocabulary is empty")
+    return vocab
+
+
+def load_merges(
+    merges_path: str | os.PathLike, vocab: dict[int, bytes] | None = None
+) -> list[tuple[bytes, bytes]]:
+    """Read a GPT-2 ``merges.txt``; with ``vocab``, check that both halves and the merged token
+    are vocabulary entries."""
+    path = Path(merges_path)
+    text = _read_text(path, "merges.txt")
+    known = set(vocab.values()) if vocab is not None else None
+    merges: list[tuple[bytes, bytes]] = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if lineno == 1 and line.startswith("#version"):
+            continue
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise TokenizerFileError(
+                f"{path}:{lineno}: expected two tokens separated by one space, got {line!r}"
+            )
+        try:
+            pair = (str_to_token(parts[0]), str_to_token(parts[1]))
+        except KeyError as exc:
+            raise TokenizerFileError(
+                f"{path}:{lineno}: {exc.args[0]!r} is not in GPT-2's byte-to-unicode alphabet; "
+                "the file is not in GPT-2 format"
+            ) from None
+        if known is not None:
+            for piece, spelling in ((pair[0], parts[0]), (pair[1], parts[1]), (pair[0] + pair[1], None)):
+                if piece not in known:
+                    name = repr(spelling) if spelling is not None else f"merged token {parts[0] + parts[1]!r}"
+                    raise TokenizerFileError(
+                        f"{path}:{lineno}: {name} is not in the vocabulary; "
+                        "vocab.json and merges.txt must come from the same tokenizer"
+                    )
+        merges.append(pair)
+    return merges
+
+
+def load_vocab_merges(
+    vocab_path: str | os.PathLike, merges_path: str | os.PathLike
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Read and cross-check a ``vocab.json`` / ``merges.txt`` pair."""
+    vocab = load_vocab(vocab_path)
+    return vocab, load_merges(merges_path, vocab)

@@ -1,0 +1,252 @@
+"""Byte-level BPE tokenizer: encode text to token ids and decode ids to text.
+
+Semantics are the CS336 handout's: text is split on special tokens (longest match first), each
+ordinary segment is split into GPT-2 pre-tokens, and each pre-token's UTF-8 bytes are merged by
+applying the merge list in order. For the GPT-2 vocabulary this gives the same ids as tiktoken's
+``gpt2`` encoding and OpenAI's ``encoder.py``.
+
+Where the time goes and what is done about it: pre-tokenization is ``pretokenize`` (owned by
+``pretokenize.py``); merging runs in numba (``encode_numba.encode_pieces``), once per distinct
+pre-token: ids are cached in a dict from pre-token string to a tuple of ids, the cache misses of
+a whole text are encoded in one numba call, and the output list is assembled by
+``itertools.chain`` over cache lookups, so a cache hit costs one dict lookup and no Python-level
+loop iteration. The cache holds at most ``CACHE_LIMIT`` pre-tokens; it is cleared when full.
+
+Deviations: lone surrogates in ``str`` input (which have no UTF-8 encoding) are replaced with
+U+FFFD before merging, as tiktoken does. A vocabulary holding the same bytes under several ids
+encodes them as the lowest of those ids.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from itertools import chain
+
+import numpy as np
+import regex
+
+from .encode_numba import build_pair_table, encode_pieces
+from .gpt2_files import load_vocab_merges
+from .pretokenize import pretokenize, special_token_regex, split_on_special
+
+CACHE_LIMIT = 1 << 20
+"""Most pre-tokens kept in the encode cache (about 100-200 MB for typical pre-tokens)."""
+
+# A safe place to cut a stream: after a non-whitespace character that is followed by whitespace.
+# No alternative of the GPT-2 pattern matches across such a point or looks past it.
+_CUT_RE = regex.compile(r"(?r)\S(?=\s)")
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer over ``vocab`` (id -> bytes) and ``merges`` (in creation order).
+
+    ``special_tokens`` are never split; one that is not in ``vocab`` gets the next free id.
+    """
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: list[tuple[bytes, bytes]],
+        special_tokens: list[str] | None = None,
+    ) -> None:
+        self.vocab: dict[int, bytes] = dict(vocab)
+        self.merges: list[tuple[bytes, bytes]] = list(merges)
+        token_id: dict[bytes, int] = {}
+        for idx in sorted(self.vocab):
+            token = self.vocab[idx]
+            if not isinstance(idx, int) or idx < 0 or not isinstance(token, bytes):
+                raise ValueError(f"vocab entry {idx!r}: {token!r} must map a non-negative int id to bytes")
+            token_id.setdefault(token, idx)
+        missing_bytes = [b for b in range(256) if bytes([b]) not in token_id]
+        if missing_bytes:
+            raise ValueError(
+                f"vocab lacks the single-byte token {bytes([missing_bytes[0]])!r} "
+                f"({len(missing_bytes)} of 256 missing); a byte-level BPE vocab holds all 256 bytes"
+            )
+        self.special_tokens: list[str] = []
+        self._special_ids: dict[str, int] = {}
+        next_id = max(self.vocab) + 1
+        for tok in special_tokens or ():
+            if not isinstance(tok, str) or not tok:
+                raise ValueError(f"special token {tok!r} must be a non-empty string")
+            if tok in self._special_ids:
+                continue
+            data = tok.encode("utf-8")
+            if data not in token_id:
+                self.vocab[next_id] = data
+                token_id[data] = next_id
+                next_id += 1
+            self.special_tokens.append(tok)
+            self._special_ids[tok] = token_id[data]
+        self._special_re = special_token_regex(self.special_tokens)
+        self._max_special_len = max((len(t) for t in self.special_tokens), default=0)
+        self._token_id = token_id
+
+        n_merges = len(self.merges)
+        left = np.empty(n_merges, dtype=np.int32)
+        right = np.empty(n_merges, dtype=np.int32)
+        new_id = np.empty(n_merges, dtype=np.int32)
+        for r, (a, b) in enumerate(self.merges):
+            for piece in (a, b, a + b):
+                if piece not in token_id:
+                    raise ValueError(
+                        f"merge {r} ({a!r}, {b!r}): {piece!r} is not in the vocab; "
+                        "vocab and merges must come from the same tokenizer"
+                    )
+            left[r], right[r], new_id[r] = token_id[a], token_id[b], token_id[a + b]
+        self._byte_ids = np.array([token_id[bytes([b])] for b in range(256)], dtype=np.int32)
+        self._pair_keys, self._pair_ranks, self._pair_ids = build_pair_table(left, right, new_id)
+
+        size = max(self.vocab) + 1
+        self._decode_table: list[bytes | None] = [None] * size
+        for idx, token in self.vocab.items():
+            self._decode_table[idx] = token
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    @classmethod
+    def from_files(
+        cls,
+        vocab_filepath: str | os.PathLike,
+        merges_filepath: str | os.PathLike,
+        special_tokens: list[str] | None = None,
+    ) -> Tokenizer:
+        """Load GPT-2-format ``vocab.json`` and ``merges.txt`` (see ``gpt2_files``)."""
+        vocab, merges = load_vocab_merges(vocab_filepath, merges_filepath)
+        return cls(vocab, merges, special_tokens)
+
+    def __reduce__(self):
+        specials = list(self.special_tokens)
+        return (Tokenizer, (self.vocab, self.merges, specials))
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id (ids of the output can be stored in this many values)."""
+        return len(self._decode_table)
+
+    def token_id(self, token: bytes) -> int | None:
+        """The id of ``token``, or None when it is not in the vocab."""
+        return self._token_id.get(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        if self._special_re is None:
+            return self._encode_ordinary(text)
+        out: list[int] = []
+        for segment, is_special in split_on_special(text, self.special_tokens):
+            if is_special:
+                out.append(self._special_ids[segment])
+            else:
+                out.extend(self._encode_ordinary(segment))
+        return out
+
+    def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
+        """Lazily yield the ids of the concatenation of ``iterable`` (e.g. an open text file).
+
+        The ids equal ``encode("".join(iterable))``. Text is buffered until at least
+        ``buffer_chars`` characters are held, then encoded up to the last point where no
+        pre-token or special token can continue across; the rest stays buffered. Memory is
+        bounded by ``buffer_chars`` plus the longest stretch of input without such a point.
+        """
+        if buffer_chars < 1:
+            raise ValueError(f"buffer_chars must be >= 1, got {buffer_chars}")
+        parts: list[str] = []
+        held = 0
+        threshold = buffer_chars
+        for chunk in iterable:
+            if not isinstance(chunk, str):
+                raise TypeError(
+                    f"encode_iterable expects str chunks, got {type(chunk).__name__}; "
+                    "open files in text mode"
+                )
+            parts.append(chunk)
+            held += len(chunk)
+            if held < threshold:
+                continue
+            buf = "".join(parts)
+            cut = self._safe_cut(buf)
+            if cut > 0:
+                yield from self.encode(buf[:cut])
+                buf = buf[cut:]
+                threshold = buffer_chars
+            else:
+                threshold = 2 * len(buf)  # no cut point yet: wait for twice as much text
+            parts = [buf]
+            held = len(buf)
+        yield from self.encode("".join(parts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; byte sequences that are not valid UTF-8 decode to U+FFFD."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        elif not isinstance(ids, list):
+            ids = list(ids)
+        table = self._decode_table
+        try:
+            data = b"".join(map(table.__getitem__, ids))
+            if ids and min(ids) < 0:
+                raise IndexError
+        except (IndexError, TypeError):
+            size = len(table)
+            for i in ids:
+                if not isinstance(i, (int, np.integer)) or not 0 <= i < size or table[i] is None:
+                    raise ValueError(
+                        f"token id {i!r} is not in the vocabulary (valid ids: 0..{size - 1})"
+                    ) from None
+            raise
+        return data.decode("utf-8", errors="replace")
+
+    def _safe_cut(self, buf: str) -> int:
+        """Largest position p > 0 such that encoding buf[:p] and the text after p separately
+        equals encoding them together, whatever text follows ``buf``; 0 when there is none."""
+        limit = len(buf) - 1 - self._max_special_len
+        if limit <= 0:
+            return 0
+        m = _CUT_RE.search(buf, 0, limit + 1)
+        if m is None:
+            return 0
+        cut = m.end()
+        if self._special_re is not None:
+            # Special-token matches starting before `limit` cannot change with more text.
+            for sm in self._special_re.finditer(buf, 0, len(buf)):
+                if sm.start() >= cut:
+                    break
+                if sm.end() > cut:
+                    return sm.start()
+        return cut
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        pieces = pretokenize(text)
+        cache = self._cache
+        try:
+            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+        except KeyError:
+            pass
+        missing = set(pieces).difference(cache)
+        if len(cache) + len(missing) > CACHE_LIMIT:
+            cache.clear()
+        self._encode_missing(list(missing))
+        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+
+    def _encode_missing(self, keys: list[str]) -> None:
+        """Merge the pre-tokens ``keys`` in one numba call and add them to the cache."""
+        encoded = []
+        for key in keys:
+            try:
+                encoded.append(key.encode("utf-8"))
+            except UnicodeEncodeError:
+                fixed = key.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                encoded.append(fixed.encode("utf-8"))
+        offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        out, out_offsets = encode_pieces(
+            data, offsets, self._byte_ids, self._pair_keys, self._pair_ranks, self._pair_ids
+        )
+        ids = out.tolist()
+        bounds = out_offsets.tolist()
+        self._cache.update(
+            zip(keys, (tuple(ids[a:b]) for a, b in zip(bounds, bounds[1:])))
+        )
