@@ -1,0 +1,107 @@
+"""Helpers shared by the Triton kernel launchers: launch settings, input checks, device facts.
+
+``calculate_settings`` picks a power-of-two block covering a row and a warp count for it, in the
+manner of Liger-Kernel's ``ops/utils.py`` (written here independently). ``max_block_size`` caps
+the block so tests can force the column-loop paths (a row wider than one block) at small sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+import triton
+
+# 64K elements per block: a 16K-wide fp32 row fits in one block with 16 elements per thread at
+# 32 warps; wider rows take the column-loop path. Same bound as Liger's MAX_FUSED_SIZE.
+MAX_FUSED_SIZE = 65536
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_block_cap = MAX_FUSED_SIZE
+
+
+class KernelInputError(ValueError):
+    """A tensor given to a Triton kernel has a dtype, device or shape the kernel cannot take."""
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def max_block_size(cap: int) -> Iterator[None]:
+    """Cap the block size chosen by ``calculate_settings`` (tests force column loops with it)."""
+    global _block_cap
+    if cap < 16 or cap & (cap - 1):
+        raise ValueError(f"block cap must be a power of two >= 16, got {cap}")
+    previous = _block_cap
+    _block_cap = cap
+    try:
+        yield
+    finally:
+        _block_cap = previous
+
+
+def calculate_settings(n: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for rows of ``n`` elements: next power of two, capped.
+
+    Rows wider than the cap are processed by the kernels in several column blocks.
+    """
+    block = min(triton.next_power_of_2(max(n, 1)), _block_cap)
+    # One warp is 32 threads; keep 8 to 16 elements per thread on wide blocks.
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    else:
+        num_warps = 4
+    return block, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device, work_items: int) -> int:
+    """Persistent-grid size: two programs per SM on CUDA (a few in the interpreter), <= work."""
+    if device.type == "cuda":
+        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 4
+    return max(1, min(work_items, target))
+
+
+def check_tensor(t: torch.Tensor, name: str, op: str, dtypes=SUPPORTED_DTYPES) -> None:
+    """Raise ``KernelInputError`` unless ``t`` has a supported dtype and a device Triton can use."""
+    if not isinstance(t, torch.Tensor):
+        raise KernelInputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise KernelInputError(
+            f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; the Triton kernel "
+            f"supports {names}. Cast it (e.g. .float()) or use the torch backend (--kernels torch)."
+        )
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreted():
+        return
+    raise KernelInputError(
+        f"{op}: {name} is on {t.device}; the Triton kernel needs a CUDA tensor (or a CPU tensor "
+        "with TRITON_INTERPRET=1 set before triton is imported). Move it with .cuda() or use the "
+        "torch backend (--kernels torch)."
+    )
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise KernelInputError(f"{op}: inputs are on different devices ({listing}); move them to one device")

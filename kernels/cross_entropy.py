@@ -1,0 +1,269 @@
+"""Softmax cross-entropy (mean over non-ignored targets) and a fused, chunked LM-head + loss.
+
+Math, per row x of V logits with target t (rows with t == ignore_index contribute nothing):
+
+    m = max(x)        S = sum(exp(x - m))        loss = log(S) + (m - x[t])
+    loss_mean = sum(loss) / n_valid               dL/dx = (exp(x - m - log S) - onehot(t)) * g / n_valid
+
+with g the upstream gradient. The row maximum and sum are computed online over vocab blocks
+(one program per row; Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"),
+all in fp32; the loss keeps ``m - x[t]`` apart from ``log S`` so logits of size 1e4 lose nothing.
+
+HBM traffic, M rows of V logits: forward reads M*V, writes 3*M fp32 (loss, m, log S); backward
+reads M*V and writes M*V gradients in the logits' dtype. No fp32 copy of the logits is made.
+
+``linear_cross_entropy(h, W, targets)`` is the LM head ``h @ W.T`` followed by the loss, chunked
+over tokens so that only one chunk of logits exists at a time (Liger-Kernel's
+``fused_linear_cross_entropy``, whose approach this follows; code written here): per chunk,
+logits = h_c @ W.T (cuBLAS); the kernel computes the loss and overwrites the chunk's logits with
+their gradient in place; then grad_h_c = grad_logits @ W and grad_W += grad_logits.T @ h_c. The
+gradients are computed in the forward and scaled by the upstream gradient in the backward.
+grad_W accumulates across chunks in W's dtype (one rounding per chunk in bf16, as Liger).
+Launchers are ``torch.library.triton_op`` custom ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kernels._common import KernelInputError, calculate_settings, check_same_device, check_tensor
+
+# Vocab columns per block: 4096 fp32 is 16 KB of registers per program at 8 warps (16 per thread).
+MAX_VOCAB_BLOCK = 4096
+# Smallest token chunk of the fused LM head + loss: keeps each chunk matmul large enough for cuBLAS.
+MIN_CHUNK_ROWS = 256
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr,  # (M, V) logits; with WRITE_GRAD overwritten in place by the gradient
+    row_stride,  # elements between consecutive rows of logits
+    targets_ptr,  # (M,) int64 target ids
+    loss_ptr,  # (M,) fp32 output: per-row loss, 0 where the target is ignored
+    max_ptr,  # (M,) fp32 output: row maximum m
+    logsum_ptr,  # (M,) fp32 output: log(sum(exp(x - m)))
+    n_valid_ptr,  # () int64: number of non-ignored targets (read only with WRITE_GRAD)
+    V,  # vocabulary size (row length)
+    ignore_index,  # target value that marks an ignored row
+    BLOCK_SIZE: tl.constexpr,  # vocab columns per block
+    WRITE_GRAD: tl.constexpr,  # also write (softmax - onehot) / n_valid over the logits
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * row_stride
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    cols = tl.arange(0, BLOCK_SIZE)
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_SIZE):
+        c = start + cols
+        x = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    log_s = tl.log(s)
+    x_t = tl.load(base + target, mask=valid, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, log_s + (m - x_t), 0.0))
+    tl.store(max_ptr + row, m)
+    tl.store(logsum_ptr + row, log_s)
+    if WRITE_GRAD:
+        n_valid = tl.maximum(tl.load(n_valid_ptr), 1).to(tl.float32)
+        scale = tl.where(valid, 1.0 / n_valid, 0.0)
+        for start in range(0, V, BLOCK_SIZE):
+            c = start + cols
+            mask = c < V
+            x = tl.load(base + c, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp(x - m - log_s)
+            g = (p - tl.where(c == target, 1.0, 0.0)) * scale
+            tl.store(base + c, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    dlogits_ptr,  # (M, V) output, dtype of logits
+    logits_ptr,  # (M, V) forward logits
+    row_stride,  # elements between consecutive rows of logits and dlogits
+    targets_ptr,  # (M,) int64 target ids
+    max_ptr,  # (M,) fp32 row maxima from the forward
+    logsum_ptr,  # (M,) fp32 log-sum-exp minus the maximum, from the forward
+    grad_ptr,  # () upstream gradient of the mean loss
+    n_valid_ptr,  # () int64 number of non-ignored targets
+    V,  # vocabulary size
+    ignore_index,  # target value that marks an ignored row
+    BLOCK_SIZE: tl.constexpr,  # vocab columns per block
+):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row)
+    m = tl.load(max_ptr + row)
+    log_s = tl.load(logsum_ptr + row)
+    n_valid = tl.maximum(tl.load(n_valid_ptr), 1).to(tl.float32)
+    grad = tl.load(grad_ptr).to(tl.float32)
+    scale = tl.where(target != ignore_index, grad / n_valid, 0.0)
+    cols = tl.arange(0, BLOCK_SIZE)
+    for start in range(0, V, BLOCK_SIZE):
+        c = start + cols
+        mask = c < V
+        x = tl.load(logits_ptr + row * row_stride + c, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - m - log_s)
+        g = (p - tl.where(c == target, 1.0, 0.0)) * scale
+        tl.store(dlogits_ptr + row * row_stride + c, g.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_fwd(logits: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tensor, ignore_index: int,
+                write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, V = logits.shape
+    loss = torch.empty(M, dtype=torch.float32, device=logits.device)
+    row_max = torch.empty_like(loss)
+    logsum = torch.empty_like(loss)
+    if M:
+        block, num_warps = calculate_settings(min(V, MAX_VOCAB_BLOCK))
+        wrap_triton(_ce_fwd_kernel)[(M,)](
+            logits, V, targets, loss, row_max, logsum, n_valid, V, ignore_index,
+            BLOCK_SIZE=block, WRITE_GRAD=write_grad, num_warps=num_warps,
+        )
+    return loss, row_max, logsum
+
+
+@triton_op("cs336_kernels::cross_entropy_fwd", mutates_args={})
+def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor,
+                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, row max, row log-sum, n_valid) for contiguous (M, V) logits, (M,) int64 targets."""
+    n_valid = (targets != ignore_index).sum()
+    loss, row_max, logsum = _launch_fwd(logits, targets, n_valid, ignore_index, write_grad=False)
+    return loss.sum() / n_valid, row_max, logsum, n_valid
+
+
+@triton_op("cs336_kernels::cross_entropy_bwd", mutates_args={})
+def cross_entropy_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor,
+                      logsum: torch.Tensor, n_valid: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Gradient of the mean loss w.r.t. (M, V) logits, in the logits' dtype."""
+    M, V = logits.shape
+    dlogits = torch.empty_like(logits)
+    if M:
+        block, num_warps = calculate_settings(min(V, MAX_VOCAB_BLOCK))
+        wrap_triton(_ce_bwd_kernel)[(M,)](
+            dlogits, logits, V, targets, row_max, logsum, grad, n_valid, V, ignore_index,
+            BLOCK_SIZE=block, num_warps=num_warps,
+        )
+    return dlogits
+
+
+def default_chunk_rows(M: int, V: int, C: int) -> int:
+    """Token rows per chunk: a chunk of logits about the size of h, at least MIN_CHUNK_ROWS rows."""
+    rows = triton.next_power_of_2(triton.cdiv(M, triton.cdiv(V, C)))
+    return max(1, min(M, max(rows, MIN_CHUNK_ROWS)))
+
+
+@triton_op("cs336_kernels::linear_cross_entropy_fwd", mutates_args={})
+def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                             chunk_rows: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, grad_h, grad_weight) of cross_entropy(h @ weight.T) for (M, C) h, (V, C) weight.
+
+    The gradients are those of the mean loss (upstream gradient 1); without ``with_grad`` they
+    are empty tensors.
+    """
+    M = h.shape[0]
+    n_valid = (targets != ignore_index).sum()
+    loss = torch.empty(M, dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if with_grad else h.new_empty(0)
+    grad_w = torch.zeros_like(weight) if with_grad else weight.new_empty(0)
+    for start in range(0, M, chunk_rows):
+        end = min(start + chunk_rows, M)
+        h_c = h[start:end]  # (m, C)
+        logits = h_c @ weight.t()  # (m, V); overwritten by its gradient when with_grad
+        loss_c, _, _ = _launch_fwd(logits, targets[start:end], n_valid, ignore_index, write_grad=with_grad)
+        loss[start:end] = loss_c
+        if with_grad:
+            torch.mm(logits, weight, out=grad_h[start:end])
+            grad_w.addmm_(logits.t(), h_c)
+    return loss.sum() / n_valid, grad_h, grad_w
+
+
+def _flatten(logits_or_h: torch.Tensor, targets: torch.Tensor, op: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous (M, last) view of the input and (M,) int64 targets, after validation."""
+    check_tensor(logits_or_h, name, op)
+    if logits_or_h.dim() == 0 or logits_or_h.shape[:-1] != targets.shape:
+        raise KernelInputError(f"{op}: {name} of shape {tuple(logits_or_h.shape)} needs targets of shape "
+                               f"{tuple(logits_or_h.shape[:-1])}, got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise KernelInputError(f"{op}: targets must be integer class ids, got dtype {targets.dtype}")
+    check_same_device(op, **{name: logits_or_h, "targets": targets})
+    flat = logits_or_h.contiguous().view(-1, logits_or_h.shape[-1])  # (M, V) or (M, C)
+    return flat, targets.reshape(-1).to(torch.int64).contiguous()  # (M,)
+
+
+def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int, op: str) -> None:
+    """Raise on a target outside [0, V) (one host sync; skipped while torch.compile traces)."""
+    if torch.compiler.is_compiling() or targets.numel() == 0:
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        first = targets[bad][0].item()
+        raise KernelInputError(f"{op}: target id {first} is outside [0, {V}) and is not "
+                               f"ignore_index={ignore_index}; check the data and vocab_size")
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        loss, row_max, logsum, n_valid = cross_entropy_fwd(logits2, targets, ignore_index)
+        ctx.save_for_backward(logits2, targets, row_max, logsum, n_valid)
+        ctx.ignore_index = ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits2, targets, row_max, logsum, n_valid = ctx.saved_tensors
+        dlogits = cross_entropy_bwd(grad.contiguous(), logits2, targets, row_max, logsum, n_valid, ctx.ignore_index)
+        return dlogits, None, None
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h2: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                chunk_rows: int) -> torch.Tensor:
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, grad_h, grad_w = linear_cross_entropy_fwd(h2, weight, targets, ignore_index, chunk_rows, with_grad)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        grad = grad.to(grad_h.dtype)
+        dh = grad_h * grad if ctx.needs_input_grad[0] else None
+        dw = grad_w * grad if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of (..., V) logits against (...) integer targets, fp32 scalar."""
+    logits2, targets1 = _flatten(logits, targets, "cross_entropy", "logits")
+    _check_target_range(targets1, logits2.shape[1], ignore_index, "cross_entropy")
+    return CrossEntropyFunction.apply(logits2, targets1, ignore_index)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T`` without materializing all (tokens x vocab) logits.
+
+    ``chunk_rows`` sets the token rows per chunk (default: ``default_chunk_rows``).
+    """
+    h2, targets1 = _flatten(h, targets, "linear_cross_entropy", "h")
+    check_tensor(weight, "weight", "linear_cross_entropy")
+    check_same_device("linear_cross_entropy", h=h, weight=weight)
+    if weight.dim() != 2 or weight.shape[1] != h.shape[-1] or weight.dtype != h.dtype:
+        raise KernelInputError(
+            f"linear_cross_entropy: weight {tuple(weight.shape)} {weight.dtype} must be (vocab, "
+            f"{h.shape[-1]}) with h's dtype {h.dtype}"
+        )
+    V = weight.shape[0]
+    _check_target_range(targets1, V, ignore_index, "linear_cross_entropy")
+    M, C = h2.shape
+    rows = chunk_rows if chunk_rows is not None else default_chunk_rows(M, V, C)
+    if rows < 1:
+        raise KernelInputError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
+    return LinearCrossEntropyFunction.apply(h2, weight.contiguous(), targets1, ignore_index, rows)
