@@ -1,0 +1,401 @@
+"""Hyperparameter sweeps: one training run per point of a cartesian grid of config overrides.
+
+    python -m cs336.sweep [--base CONFIG] --grid "optim.lr=1e-4,3e-4,1e-3,3e-3" [--grid ...] \
+        [--set key=value ...] [--out DIR]
+
+Each ``--grid KEY=V1,V2,...`` is one axis; the sweep runs every combination of the axes, each
+with ``--set`` overrides applied first, in its own run directory ``DIR/<key=value__...>``. Keys
+and values use the syntax of ``cs336.config.apply_overrides`` (type-checked; an unknown key is an
+error), and every point is validated before the first run starts.
+
+Runs go one after another in this process; with several CUDA devices visible they go one per
+device in subprocesses (``CUDA_VISIBLE_DEVICES``). A run that diverges (``TrainingDiverged``, a
+non-finite loss, or a final train loss above the first one logged) is marked as diverged and the
+sweep goes on; a run that fails for another reason is marked ``error`` with its message and the
+sweep exits with status 1 at the end. After every run the sweep rewrites ``summary.json``,
+``summary.csv`` and ``summary.md`` (point, steps, final train/val loss, best val loss, tokens/s,
+wallclock, status) and ``curves.png`` (val loss of every run against step and against
+wallclock) in DIR. When wandb is enabled the runs share one wandb group (the sweep's directory
+name unless the config names a group).
+
+A grid over ``train.batch_size`` keeps the number of training tokens fixed: the step counts
+(``train.max_steps``, ``train.eval_interval``, ``train.log_interval``, ``optim.warmup_iters`` and
+``optim.cosine_cycle_iters`` when set) are scaled by ``base_batch_size / batch_size`` (unless the
+grid also sets ``train.max_steps``), and the step axis of the plot becomes tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cs336 import config as cfglib
+
+class SweepError(ValueError):
+    """A sweep argument is invalid; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    point: dict[str, str]
+    config: Any
+    run_dir: Path
+
+
+def parse_grid(text: str) -> Axis:
+    """``"optim.lr=1e-4,3e-4"`` -> Axis("optim.lr", ("1e-4", "3e-4"))."""
+    key, sep, rest = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.]*", key):
+        raise SweepError(f"--grid {text!r}: expected KEY=V1,V2,... such as --grid optim.lr=1e-4,3e-4")
+    values = tuple(v.strip() for v in rest.split(","))
+    if not rest.strip() or any(not v for v in values):
+        raise SweepError(f"--grid {text!r}: empty value; list the values as V1,V2,... with no empty entries")
+    duplicates = sorted({v for v in values if values.count(v) > 1})
+    if duplicates:
+        raise SweepError(f"--grid {text!r}: value(s) {', '.join(duplicates)} listed twice")
+    return Axis(key, values)
+
+
+def grid_points(axes: Sequence[Axis]) -> list[dict[str, str]]:
+    """Cartesian product of the axes, the first axis varying slowest."""
+    keys = [a.key for a in axes]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise SweepError(f"--grid key(s) {', '.join(duplicates)} given twice; give each key one --grid")
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(a.values for a in axes))]
+
+
+def point_name(point: dict[str, str]) -> str:
+    """Run-directory name of a point: ``optim.lr=1e-4__model.ffn_type=silu``."""
+    parts = [f"{k}={re.sub(r'[^A-Za-z0-9.+-]', '_', v)}" for k, v in point.items()]
+    return "__".join(parts) or "base"
+
+
+BATCH_KEY = "train.batch_size"
+STEP_KEYS = ("train.max_steps", "train.eval_interval", "train.log_interval", "optim.warmup_iters",
+             "optim.cosine_cycle_iters")
+"""Step counts scaled by base_batch / batch in a batch-size sweep (None / 0 entries stay)."""
+
+
+def get_path(cfg: Any, path: str) -> Any:
+    section, name = path.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def set_path(cfg: Any, path: str, value: Any) -> Any:
+    """A copy of cfg with one field replaced (the section's validation runs again)."""
+    section, name = path.split(".")
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+
+
+def scale_steps(cfg: Any, base_batch: int, batch: int) -> Any:
+    """Scale the step counts by base_batch / batch so the number of training tokens stays fixed."""
+    for path in STEP_KEYS:
+        steps = get_path(cfg, path)
+        if steps:
+            cfg = set_path(cfg, path, max(1, round(steps * base_batch / batch)))
+    return cfg
+
+
+def plan_sweep(base: Any, axes: Sequence[Axis], sets: Sequence[str], out: Path) -> list[PlannedRun]:
+    """Resolve every point's config (raising on any bad key or value) before anything runs."""
+    try:
+        base = cfglib.apply_overrides(copy.deepcopy(base), list(sets))
+    except cfglib.ConfigError as exc:
+        raise SweepError(f"--set: {exc}") from None
+    planned = []
+    for point in grid_points(axes):
+        name = point_name(point)
+        try:
+            cfg = cfglib.apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in point.items()])
+            if BATCH_KEY in point and "train.max_steps" not in point:
+                cfg = scale_steps(cfg, get_path(base, BATCH_KEY), get_path(cfg, BATCH_KEY))
+        except cfglib.ConfigError as exc:
+            raise SweepError(f"grid point {name}: {exc}") from None
+        cfg = set_path(cfg, "train.out_dir", str(out / name))
+        if not cfg.train.wandb_group:
+            cfg = set_path(cfg, "train.wandb_group", out.name)
+        planned.append(PlannedRun(name, point, cfg, out / name))
+    return planned
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def classify(summary: dict, run_dir: Path) -> tuple[str, str]:
+    """(status, reason) of a finished run: ``ok`` or ``diverged`` (non-finite or rising loss)."""
+    final = summary.get("final_train_loss")
+    if not _finite(final) or not _finite(summary.get("final_val_loss", 0.0)):
+        return "diverged", "non-finite loss"
+    losses = [r["train_loss"] for r in read_metrics(run_dir) if r.get("train_loss") is not None]
+    if losses and final > losses[0]:
+        return "diverged", f"final train loss {final:.4g} above the first logged {losses[0]:.4g}"
+    return "ok", ""
+
+
+def run_point(run: PlannedRun) -> dict:
+    """Train one point in this process; never raises for divergence or a failed run."""
+    from cs336 import train
+
+    try:
+        summary = train.run(run.config)
+        status, reason = classify(summary, Path(summary.get("run_dir", run.run_dir)))
+    except train.TrainingDiverged as exc:
+        summary = dict(getattr(exc, "summary", None) or {})
+        status, reason = "diverged", str(exc)
+    except Exception as exc:  # noqa: BLE001 - a failed point is recorded; the sweep goes on
+        summary, status, reason = {}, "error", f"{type(exc).__name__}: {exc}"
+    return _row(run, summary, status, reason)
+
+
+def _row(run: PlannedRun, summary: dict, status: str, reason: str) -> dict:
+    row = {"name": run.name, "point": run.point, "run_dir": str(summary.get("run_dir", run.run_dir)),
+           "status": status, "diverged": status == "diverged", "reason": reason}
+    for key in ("steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
+                "wallclock_s"):
+        value = summary.get(key)
+        row[key] = value if value is None or _finite(value) or isinstance(value, int) else None
+    return row
+
+
+def _worker(spec_path: str) -> None:
+    """Subprocess side of a parallel sweep: run the point in spec_path, write its result row."""
+    spec = json.loads(Path(spec_path).read_text())
+    run = PlannedRun(spec["name"], spec["point"], cfglib.config_from_dict(spec["config"]),
+                     Path(spec["run_dir"]))
+    row = run_point(run)
+    _write_json(Path(spec["result"]), row)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Path,
+                 on_row) -> list[dict]:
+    """Run the points in subprocesses, one per device (``CUDA_VISIBLE_DEVICES=device``)."""
+    specs_dir = out / ".specs"
+    specs_dir.mkdir(parents=True, exist_ok=True)
+    pending = list(enumerate(planned))
+    running: dict[str, tuple[subprocess.Popen, int, Path]] = {}
+    rows: list[dict | None] = [None] * len(planned)
+    while pending or running:
+        for device in devices:
+            if device in running or not pending:
+                continue
+            index, run = pending.pop(0)
+            spec = specs_dir / f"{index}.json"
+            result = specs_dir / f"{index}.result.json"
+            _write_json(spec, {"name": run.name, "point": run.point, "run_dir": str(run.run_dir),
+                               "config": cfglib.config_to_dict(run.config), "result": str(result)})
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+            proc = subprocess.Popen([sys.executable, "-m", "cs336.sweep", "--worker", str(spec)], env=env)
+            running[device] = (proc, index, result)
+        time.sleep(0.2)
+        for device, (proc, index, result) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[device]
+            if result.is_file():
+                rows[index] = json.loads(result.read_text())
+            else:
+                rows[index] = _row(planned[index], {}, "error", f"worker exited with status {proc.returncode}")
+            on_row(rows[index], planned)
+    return [r for r in rows if r is not None]
+
+
+def run_sweep(planned: Sequence[PlannedRun], out: Path, axes: Sequence[Axis],
+              devices: Sequence[str] | None = None) -> list[dict]:
+    """Run every planned point, rewriting the reports in ``out`` after each one."""
+    out.mkdir(parents=True, exist_ok=True)
+    done: list[dict] = []
+    batch_axis = any(a.key == BATCH_KEY for a in axes)
+
+    def on_row(row: dict, plan: Sequence[PlannedRun]) -> None:
+        done.append(row)
+        print(f"[{len(done)}/{len(plan)}] {row['name']}: {row['status']}"
+              f" final val {_fmt(row['final_val_loss'])}" + (f" ({row['reason']})" if row["reason"] else ""),
+              flush=True)
+        order = {r.name: i for i, r in enumerate(plan)}
+        write_reports(sorted(done, key=lambda r: order[r["name"]]), out, [a.key for a in axes],
+                      x_tokens=batch_axis, configs={r.name: r.config for r in plan})
+
+    if devices and len(devices) > 1:
+        return run_parallel(planned, devices, out, on_row)
+    for i, run in enumerate(planned):
+        print(f"[{i + 1}/{len(planned)}] running {run.name}", flush=True)
+        on_row(run_point(run), planned)
+    return done
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if _finite(x) else "-"
+
+
+def default_devices() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+# ---- reports -------------------------------------------------------------------------------
+
+COLUMNS = ("steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s", "wallclock_s")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Rows of ``run_dir/metrics.jsonl``; a missing file or a torn last line yields what parses."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_reports(rows: Sequence[dict], out: Path, keys: Sequence[str], *, x_tokens: bool = False,
+                  configs: dict[str, Any] | None = None) -> None:
+    """summary.json / .csv / .md and curves.png for the rows so far."""
+    _write_json(out / "summary.json", {"grid": list(keys), "runs": list(rows)})
+    header = ["name", *keys, *COLUMNS, "status"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([r["name"], *(r["point"].get(k, "") for k in keys), *(r[c] for c in COLUMNS),
+                         r["status"]])
+    _write_text(out / "summary.csv", buf.getvalue())
+    md = ["| " + " | ".join([*keys, "steps", "final train", "final val", "best val", "tokens/s",
+                             "wallclock s", "status"]) + " |",
+          "|" + " --- |" * (len(keys) + 7)]
+    for r in rows:
+        cells = [*(r["point"].get(k, "") for k in keys), str(r["steps"] if r["steps"] is not None else "-"),
+                 _fmt(r["final_train_loss"]), _fmt(r["final_val_loss"]), _fmt(r["best_val_loss"]),
+                 f"{r['tokens_per_s']:.0f}" if _finite(r["tokens_per_s"]) else "-",
+                 f"{r['wallclock_s']:.1f}" if _finite(r["wallclock_s"]) else "-",
+                 r["status"] + (f" ({r['reason']})" if r["reason"] and r["status"] != "ok" else "")]
+        md.append("| " + " | ".join(cells) + " |")
+    _write_text(out / "summary.md", "\n".join(md) + "\n")
+    plot_curves(rows, out / "curves.png", x_tokens=x_tokens, configs=configs or {})
+
+
+def _tokens_per_step(cfg: Any) -> int | None:
+    return None if cfg is None else cfg.train.batch_size * cfg.context_length
+
+
+def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
+                configs: dict[str, Any]) -> None:
+    """Val loss of every run against step (tokens for batch sweeps) and against wallclock."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in rows:
+        evals = [m for m in read_metrics(Path(r["run_dir"])) if _finite(m.get("val_loss"))]
+        if not evals:
+            continue
+        per_step = _tokens_per_step(configs.get(r["name"])) if x_tokens else None
+        xs = [m["step"] * per_step for m in evals] if per_step else [m["step"] for m in evals]
+        ys = [m["val_loss"] for m in evals]
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["point"].items())
+        style = "--" if r["status"] != "ok" else "-"
+        ax_step.plot(xs, ys, style, label=label + (f" [{r['status']}]" if r["status"] != "ok" else ""))
+        ax_time.plot([m.get("wallclock_s", math.nan) for m in evals], ys, style)
+    ax_step.set_xlabel("tokens" if x_tokens else "step")
+    ax_time.set_xlabel("wallclock (s)")
+    for ax in (ax_step, ax_time):
+        ax.set_ylabel("val loss")
+        ax.grid(alpha=0.3)
+    if ax_step.lines:
+        ax_step.legend(fontsize=7)
+    fig.suptitle(path.parent.name, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cs336.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, help="base config file (default: the default config)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="one sweep axis; repeat for a cartesian product")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="override applied to every point (before the grid values)")
+    parser.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-<keys>-<time>)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return
+    try:
+        if not args.grid:
+            raise SweepError("no --grid given; add at least one, e.g. --grid optim.lr=1e-4,3e-4")
+        axes = [parse_grid(g) for g in args.grid]
+        base = cfglib.load_config(args.base) if args.base else cfglib.default_config()
+        keys = "-".join(a.key.split(".")[-1] for a in axes)
+        out = args.out or Path("runs") / f"sweep-{keys}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists() and any(out.iterdir()):
+            raise SweepError(f"--out {out} already holds files; choose a new directory or remove it")
+        planned = plan_sweep(base, axes, args.sets, out)
+    except (SweepError, cfglib.ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    rows = run_sweep(planned, out, axes, default_devices())
+    ok = [r for r in rows if r["status"] == "ok" and _finite(r["final_val_loss"])]
+    best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
+    n_div = sum(r["diverged"] for r in rows)
+    n_err = sum(r["status"] == "error" for r in rows)
+    print(f"sweep: {len(rows)} runs, {n_div} diverged, {n_err} failed"
+          + (f"; best {best['name']} final val {best['final_val_loss']:.4f}" if best else "")
+          + f"; summary in {out / 'summary.md'}")
+    if n_err:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
