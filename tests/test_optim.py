@@ -1,0 +1,237 @@
+"""cs336.optim: AdamW against an explicit Algorithm 2 and against torch.optim.AdamW; the schedule."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from cs336 import ops
+from cs336.optim import AdamW, lr_cosine_schedule
+
+
+def _problem(seed=0):
+    """A small two-layer regression problem: parameters and a loss closure over fixed data."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(8, 5, generator=g) * 0.5, torch.randn(8, generator=g) * 0.1,
+              torch.randn(3, 8, generator=g) * 0.5]
+    x = torch.randn(64, 5, generator=g)
+    y = torch.randn(64, 3, generator=g)
+
+    def loss_fn(w1, b1, w2):
+        return ((torch.tanh(x @ w1.t() + b1) @ w2.t() - y) ** 2).mean()
+
+    return params, loss_fn
+
+
+def _run_ours(steps, seed=0, **hp):
+    init, loss_fn = _problem(seed)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = AdamW(params, **hp)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(*params)
+        loss.backward()
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history, opt
+
+
+def _run_algorithm2(steps, lr, betas, eps, weight_decay, seed=0):
+    """The handout's Algorithm 2 written out per tensor."""
+    init, loss_fn = _problem(seed)
+    params = [p.clone().requires_grad_() for p in init]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    b1, b2 = betas
+    history = []
+    for t in range(1, steps + 1):
+        grads = torch.autograd.grad(loss_fn(*params), params)
+        with torch.no_grad():
+            alpha = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            for i, (p, g) in enumerate(zip(params, grads)):
+                m[i] = b1 * m[i] + (1 - b1) * g
+                v[i] = b2 * v[i] + (1 - b2) * g * g
+                p -= alpha * m[i] / (torch.sqrt(v[i]) + eps)
+                p -= lr * weight_decay * p
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+def _run_torch(steps, seed=0, **hp):
+    init, loss_fn = _problem(seed)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = torch.optim.AdamW(params, **hp)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(*params).backward()
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for step_a, step_b in zip(a, b) for x, y in zip(step_a, step_b))
+
+
+HP = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def test_adamw_matches_algorithm_2_over_60_steps():
+    ours, opt = _run_ours(60, **HP)
+    ref = _run_algorithm2(60, **HP)
+    # Same arithmetic in fp32 in a slightly different order: a few ulps over 60 steps.
+    assert _max_diff(ours, ref) < 1e-6, _max_diff(ours, ref)
+    # The parameters moved substantially, so the comparison is not vacuous.
+    assert (ours[-1][0] - _problem()[0][0]).abs().max() > 0.1
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert state["step"] == 60 and set(state) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_adamw_close_to_torch_adamw():
+    """torch.optim.AdamW differs in two places: it decays the weights before the Adam update
+    (p *= 1 - lr*wd, then the update) where Algorithm 2 decays after, a difference of
+    lr^2*wd*|update| per step; and it adds eps to sqrt(v / (1 - b2^t)) instead of sqrt(v), which
+    matters only while sqrt(v) is near eps. With lr=1e-2 and wd=0.1 the first term is ~1e-5 per
+    step, so 60 steps stay within 1e-3; with wd=0 the trajectories agree to float rounding."""
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    ours, _ = _run_ours(60, **hp)
+    diff = _max_diff(ours, _run_torch(60, **hp))
+    assert diff < 1e-3, diff
+    hp0 = {**hp, "weight_decay": 0.0}
+    diff0 = _max_diff(_run_ours(60, **hp0)[0], _run_torch(60, **hp0))
+    assert diff0 < 2e-5, diff0
+
+
+def test_adamw_weight_decay_order_is_after_update():
+    """One step on a zero gradient isolates the decay: p -> p (1 - lr wd) either way; one step
+    with a gradient shows the order: Algorithm 2 gives (p - a u)(1 - lr wd)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = AdamW([p], lr=0.1, betas=(0.9, 0.999), eps=0.0, weight_decay=0.5)
+    p.grad = torch.tensor([1.0, 1.0])
+    opt.step()
+    # t=1: m = 0.1 g, v = 0.001 g^2, a = 0.1 sqrt(0.001)/0.1, update = m/sqrt(v) = sign(g) * 0.1/sqrt(.001)
+    a = 0.1 * math.sqrt(0.001) / 0.1
+    u = 0.1 / math.sqrt(0.001)
+    expected = [(1.0 - a * u) * (1 - 0.05), (-2.0 - a * u) * (1 - 0.05)]
+    assert p.detach().tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_adamw_state_dict_round_trip_continues_identically():
+    init, loss_fn = _problem(1)
+
+    def make():
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        return params, AdamW(params, **HP)
+
+    def train(params, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss_fn(*params).backward()
+            opt.step()
+
+    params_a, opt_a = make()
+    train(params_a, opt_a, 10)
+    params_b, opt_b = make()
+    with torch.no_grad():
+        for pa, pb in zip(params_a, params_b):
+            pb.copy_(pa)
+    # Deep copy: state_dict() returns the live moment tensors (as a checkpoint file would not).
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    train(params_a, opt_a, 5)
+    train(params_b, opt_b, 5)
+    for pa, pb in zip(params_a, params_b):
+        assert torch.equal(pa, pb)
+
+
+def test_params_without_grad_are_skipped_and_keep_their_own_step():
+    a = torch.nn.Parameter(torch.ones(3))
+    b = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW([a, b], lr=0.1, weight_decay=0.0)
+    a.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(b.detach(), torch.ones(3)) and b not in opt.state
+    a.grad = torch.ones(3)
+    b.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[a]["step"] == 2 and opt.state[b]["step"] == 1
+    # b's first step has bias-corrected update lr * g/|g| = 0.1 exactly (eps aside).
+    assert b.detach().tolist() == pytest.approx([0.9] * 3, rel=1e-6)
+
+
+def test_param_groups_use_their_own_hyperparameters():
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    opt = AdamW([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}], weight_decay=0.0)
+    a.grad = torch.ones(2)
+    b.grad = torch.ones(2)
+    opt.step()
+    assert a.detach().tolist() == pytest.approx([-0.1, -0.1], rel=1e-5)
+    assert b.detach().tolist() == pytest.approx([-0.01, -0.01], rel=1e-5)
+
+
+@pytest.mark.parametrize("fused,backend", [(None, None), (True, "triton"), (False, "torch")])
+def test_fused_flag_selects_the_seam_backend(monkeypatch, fused, backend):
+    calls = []
+
+    def spy(params, grads, exp_avgs, exp_avg_sqs, **kwargs):
+        calls.append((len(params), kwargs))
+
+    monkeypatch.setattr(ops, "adamw_step_", spy)
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    AdamW(params, lr=0.5, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2, fused=fused).step()
+    assert calls == [(2, dict(step=1, lr=0.5, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.2,
+                              backend=backend))]
+
+
+def test_invalid_hyperparameters_are_rejected():
+    p = [torch.nn.Parameter(torch.ones(1))]
+    with pytest.raises(ValueError, match="lr"):
+        AdamW(p, lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        AdamW(p, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="weight_decay"):
+        AdamW(p, weight_decay=-0.1)
+    with pytest.raises(ValueError, match="fused"):
+        AdamW(p, fused="yes")
+
+
+def test_closure_is_evaluated_with_grad():
+    p = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = AdamW([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 4.0
+    assert p.item() < 2.0
+
+
+def test_cosine_schedule_key_points():
+    max_lr, min_lr, warm, cycle = 1.0, 0.1, 10, 110
+    f = lambda it: lr_cosine_schedule(it, max_lr, min_lr, warm, cycle)
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(max_lr)
+    assert f(60) == pytest.approx((max_lr + min_lr) / 2)  # half way through the cosine
+    assert f(35) == pytest.approx(min_lr + 0.5 * (1 + math.cos(math.pi / 4)) * (max_lr - min_lr))
+    assert f(110) == pytest.approx(min_lr)
+    assert f(111) == min_lr and f(10_000) == min_lr
+    values = [f(it) for it in range(0, 120)]
+    assert all(a <= b for a, b in zip(values[:10], values[1:11]))  # rising warm-up
+    assert all(a >= b for a, b in zip(values[10:110], values[11:111]))  # falling cosine
+
+
+def test_cosine_schedule_edge_cases():
+    assert lr_cosine_schedule(0, 1.0, 0.1, 0, 10) == pytest.approx(1.0)  # no warm-up
+    assert lr_cosine_schedule(5, 1.0, 0.1, 5, 5) == pytest.approx(1.0)
+    assert lr_cosine_schedule(6, 1.0, 0.1, 5, 5) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="warmup_iters"):
+        lr_cosine_schedule(0, 1.0, 0.1, 20, 10)
