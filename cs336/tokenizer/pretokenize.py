@@ -1,7 +1,12 @@
 """Pre-tokenization: split text on special tokens, then into GPT-2 pre-tokens.
 
 The pattern is GPT-2's (Radford et al. 2019, as given in the CS336 handout). ``pretokenize`` is
-the one entry point the trainer and the encoder use; the regex version here is the definition.
+the one entry point the trainer and the encoder use. ``pretokenize_regex`` (``regex.findall``) is
+the definition; ``pretokenize`` returns the same list, computed by the numba scanner in
+``pretok_numba`` for texts of ``FAST_MIN_CHARS`` characters or more (about 8x faster on
+shakespeare.txt) and by the regex below that, where the scanner's fixed cost of a few
+microseconds per call is larger than the regex's work. ``pretok_numba`` (and with it numba) is
+imported on the first long text only, so short-text users do not pay for it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import regex
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _GPT2_RE = regex.compile(GPT2_PATTERN)
 
+FAST_MIN_CHARS = 64
+"""Texts at least this long go to the numba scanner: below it ``regex.findall`` is faster (on
+this project's CPU: 1.4 us vs 3.7 us at 10 characters, 6.7 us vs 4.4 us at 100)."""
+
 
 def pretokenize_regex(text: str) -> list[str]:
     """The reference: ``regex.findall(GPT2_PATTERN, text)``."""
@@ -20,8 +29,13 @@ def pretokenize_regex(text: str) -> list[str]:
 
 
 def pretokenize(text: str) -> list[str]:
-    """GPT-2 pre-tokens of ``text`` (which must not contain special tokens)."""
-    return _GPT2_RE.findall(text)
+    """GPT-2 pre-tokens of ``text`` (which must not contain special tokens); always equal to
+    ``pretokenize_regex(text)``."""
+    if len(text) < FAST_MIN_CHARS:
+        return _GPT2_RE.findall(text)
+    from .pretok_numba import pretokenize_fast
+
+    return pretokenize_fast(text)
 
 
 def special_token_regex(special_tokens: Iterable[str]) -> regex.Pattern | None:
