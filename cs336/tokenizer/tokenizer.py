@@ -5,23 +5,24 @@ ordinary segment is split into GPT-2 pre-tokens, and each pre-token's UTF-8 byte
 applying the merge list in order. For the GPT-2 vocabulary this gives the same ids as tiktoken's
 ``gpt2`` encoding and OpenAI's ``encoder.py``.
 
-Where the time goes and what is done about it: pre-tokenization is ``pretokenize`` (owned by
-``pretokenize.py``); merging runs in numba (``encode_numba.encode_pieces``), once per distinct
-pre-token: ids are cached in a dict from pre-token string to a tuple of ids, the cache misses of
-a whole text are encoded in one numba call, and the output list is assembled by
-``itertools.chain`` over cache lookups, so a cache hit costs one dict lookup and no Python-level
-loop iteration. The cache holds at most ``CACHE_LIMIT`` pre-tokens; it is cleared when full.
+Where the time goes and what is done about it: the text is encoded to UTF-8 once and split into
+pre-tokens by byte offsets (the numba scanner in ``pretok_numba`` when present, else
+``pretokenize``, the regex definition), with no Python string per pre-token. One numba call
+(``encode_numba.encode_pieces``) then merges every pre-token of the text, each distinct
+pre-token once (a hash table inside the call maps repeats to the first occurrence's ids), and
+returns one int32 array; ``encode`` converts it to a list. Special tokens split the text first
+(``split_on_special``); all ordinary segments still go through a single numba call.
 
-Deviations: lone surrogates in ``str`` input (which have no UTF-8 encoding) are replaced with
-U+FFFD before merging, as tiktoken does. A vocabulary holding the same bytes under several ids
-encodes them as the lowest of those ids.
+Deviations: lone surrogates in ``str`` input (which have no UTF-8 encoding) are encoded as their
+``surrogatepass`` bytes, so they decode to U+FFFD; tiktoken replaces them with U+FFFD before
+encoding. A vocabulary holding the same bytes under several ids encodes them as the lowest of
+those ids.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from itertools import chain
 
 import numpy as np
 import regex
@@ -30,8 +31,10 @@ from .encode_numba import build_pair_table, encode_pieces
 from .gpt2_files import load_vocab_merges
 from .pretokenize import pretokenize, special_token_regex, split_on_special
 
-CACHE_LIMIT = 1 << 20
-"""Most pre-tokens kept in the encode cache (about 100-200 MB for typical pre-tokens)."""
+try:
+    from .pretok_numba import utf8_bounds
+except ImportError:
+    utf8_bounds = None
 
 # A safe place to cut a stream: after a non-whitespace character that is followed by whitespace.
 # No alternative of the GPT-2 pattern matches across such a point or looks past it.
@@ -102,7 +105,6 @@ class Tokenizer:
         self._decode_table: list[bytes | None] = [None] * size
         for idx, token in self.vocab.items():
             self._decode_table[idx] = token
-        self._cache: dict[str, tuple[int, ...]] = {}
 
     @classmethod
     def from_files(
@@ -130,17 +132,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
-        if self._special_re is None:
-            return self._encode_ordinary(text)
-        out: list[int] = []
-        for segment, is_special in split_on_special(text, self.special_tokens):
-            if is_special:
-                out.append(self._special_ids[segment])
-            else:
-                out.extend(self._encode_ordinary(segment))
-        return out
+        return self.encode_array(text).tolist()
 
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
         """Lazily yield the ids of the concatenation of ``iterable`` (e.g. an open text file).
@@ -166,7 +158,7 @@ class Tokenizer:
             if held < threshold:
                 continue
             buf = "".join(parts)
-            cut = self._safe_cut(buf)
+            cut = self.safe_cut(buf)
             if cut > 0:
                 yield from self.encode(buf[:cut])
                 buf = buf[cut:]
@@ -198,7 +190,7 @@ class Tokenizer:
             raise
         return data.decode("utf-8", errors="replace")
 
-    def _safe_cut(self, buf: str) -> int:
+    def safe_cut(self, buf: str) -> int:
         """Largest position p > 0 such that encoding buf[:p] and the text after p separately
         equals encoding them together, whatever text follows ``buf``; 0 when there is none."""
         limit = len(buf) - 1 - self._max_special_len
@@ -217,36 +209,62 @@ class Tokenizer:
                     return sm.start()
         return cut
 
-    def _encode_ordinary(self, text: str) -> list[int]:
-        pieces = pretokenize(text)
-        cache = self._cache
-        try:
-            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
-        except KeyError:
-            pass
-        missing = set(pieces).difference(cache)
-        if len(cache) + len(missing) > CACHE_LIMIT:
-            cache.clear()
-        self._encode_missing(list(missing))
-        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` as an int32 array (``encode`` without the list conversion)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        if self._special_re is None:
+            segments = [(text, False)] if text else []
+        else:
+            segments = split_on_special(text, self.special_tokens)
+        # All ordinary segments go through one numba call (so its pre-token cache spans them);
+        # `layout` records, in text order, a special id or a range of pre-token indices.
+        datas: list[bytes] = []
+        starts: list[np.ndarray] = []
+        layout: list[tuple[int, int]] = []
+        n_bytes = 0
+        n_pieces = 0
+        for segment, is_special in segments:
+            if is_special:
+                layout.append((-1, self._special_ids[segment]))
+                continue
+            data, bounds = pretoken_bounds(segment)
+            datas.append(data)
+            starts.append(bounds[:-1] + n_bytes)
+            layout.append((n_pieces, n_pieces + len(bounds) - 1))
+            n_bytes += len(data)
+            n_pieces += len(bounds) - 1
+        starts.append(np.array([n_bytes], dtype=np.int64))
+        out, out_bounds = encode_pieces(
+            np.frombuffer(b"".join(datas), dtype=np.uint8),
+            np.concatenate(starts),
+            self._byte_ids,
+            self._pair_keys,
+            self._pair_ranks,
+            self._pair_ids,
+        )
+        if all(first >= 0 for first, _ in layout):
+            return out
+        parts = []
+        for first, last in layout:
+            if first < 0:
+                parts.append(np.array([last], dtype=np.int32))
+            else:
+                parts.append(out[out_bounds[first] : out_bounds[last]])
+        return np.concatenate(parts)
 
-    def _encode_missing(self, keys: list[str]) -> None:
-        """Merge the pre-tokens ``keys`` in one numba call and add them to the cache."""
-        encoded = []
-        for key in keys:
-            try:
-                encoded.append(key.encode("utf-8"))
-            except UnicodeEncodeError:
-                fixed = key.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                encoded.append(fixed.encode("utf-8"))
-        offsets = np.zeros(len(keys) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-        data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        out, out_offsets = encode_pieces(
-            data, offsets, self._byte_ids, self._pair_keys, self._pair_ranks, self._pair_ids
-        )
-        ids = out.tolist()
-        bounds = out_offsets.tolist()
-        self._cache.update(
-            zip(keys, (tuple(ids[a:b]) for a, b in zip(bounds, bounds[1:])))
-        )
+
+def pretoken_bounds(text: str) -> tuple[bytes, np.ndarray]:
+    """UTF-8 bytes of ``text`` and the int64 byte offsets where its GPT-2 pre-tokens start, plus
+    ``len(bytes)`` at the end. Uses the numba scanner when present, else ``pretokenize``."""
+    if utf8_bounds is not None:
+        return utf8_bounds(text)
+    return pretoken_bounds_regex(text)
+
+
+def pretoken_bounds_regex(text: str) -> tuple[bytes, np.ndarray]:
+    """``pretoken_bounds`` computed from ``pretokenize`` (the definition)."""
+    encoded = [piece.encode("utf-8", "surrogatepass") for piece in pretokenize(text)]
+    bounds = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=bounds[1:])
+    return b"".join(encoded), bounds
