@@ -1,0 +1,139 @@
+"""Resource accounting for a model config, printed as tables or JSON.
+
+    python -m cs336.accounting --model gpt2-xl [--context-length 16384] [--batch-size 4] \
+        [--device-memory 80GiB] [--device h100] [--mfu 0.5] [--steps 400000] [--json]
+
+Prints the trainable parameters by tensor, forward matmul FLOPs by component with their
+fractions, training FLOPs (3 x forward), AdamW training memory (fp32 parameters, gradients,
+m and v, and activations by component for ``--batch-size`` sequences), the largest batch that
+fits ``--device-memory`` (default: the ``--device`` table entry), and the time to train
+``--steps`` steps at ``--mfu`` of the device's dense BF16 peak. Architecture overrides
+(``--d-model`` etc.) apply on top of the preset. The conventions are those of ``cs336.flops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+
+from cs336 import flops, hardware
+from cs336.config import FFN_TYPES, MODEL_PRESETS, ConfigError, model_preset
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_OVERRIDES = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``80GB``, ``8e10`` or a plain byte count -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"--device-memory {text!r} is not a size; write e.g. 80GiB, 80GB or "
+                          f"85899345920 (units: {', '.join(u for u in _UNITS if u)})")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConfigError(f"--device-memory must be positive, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cs336.accounting", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tinystories",
+                   help=f"preset: {', '.join(MODEL_PRESETS)} (default tinystories)")
+    for name in _OVERRIDES:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"override the preset's {name}")
+    p.add_argument("--ffn-type", default=None, help=f"override ffn_type: {', '.join(FFN_TYPES)}")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--device", default=None,
+                   help=f"device for time and memory: {', '.join([*hardware.DEVICES, *hardware.ALIASES])}")
+    p.add_argument("--device-memory", default=None,
+                   help="memory for the largest-batch answer, e.g. 80GiB (default: the --device entry)")
+    p.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilization (default 0.5)")
+    p.add_argument("--steps", type=int, default=None, help="steps to time (needs --device)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return p
+
+
+def account(args: argparse.Namespace) -> dict:
+    """Every figure for the parsed arguments (raises ConfigError / UnknownDeviceError)."""
+    cfg = model_preset(args.model)
+    changes = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
+    if args.ffn_type is not None:
+        changes["ffn_type"] = args.ffn_type
+    cfg = dataclasses.replace(cfg, **changes)
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    spec = hardware.lookup(args.device) if args.device else None
+    out: dict = {"model": args.model, "config": dataclasses.asdict(cfg),
+                 "batch_size": args.batch_size, "seq_len": cfg.context_length}
+    params = flops.param_counts(cfg)
+    fwd = flops.forward_flops(cfg, args.batch_size)
+    memory = flops.training_memory(cfg, args.batch_size)
+    out.update(params=sum(params.values()), params_by_component=params,
+               forward_flops=sum(fwd.values()), forward_flops_by_component=fwd,
+               training_flops=flops.training_flops(cfg, args.batch_size),
+               memory_bytes=sum(memory.values()), memory_by_component=memory)
+    mem_limit = parse_bytes(args.device_memory) if args.device_memory else (spec.memory if spec else None)
+    if mem_limit is not None:
+        out["device_memory_bytes"] = mem_limit
+        out["max_batch_size"] = flops.max_batch_size(cfg, mem_limit)
+    if args.steps is not None:
+        if spec is None:
+            raise ConfigError("--steps needs --device to know the peak FLOP/s; valid choices: "
+                              f"{', '.join([*hardware.DEVICES, *hardware.ALIASES])}")
+        out.update(device=spec.key, peak_flops=spec.bf16_flops, mfu=args.mfu, steps=args.steps,
+                   training_time_s=flops.training_time_seconds(
+                       cfg, args.batch_size, args.steps, spec.bf16_flops, args.mfu))
+    return out
+
+
+def _table(title: str, rows: dict[str, int], unit: str, base: int = 1000) -> list[str]:
+    total = sum(rows.values())
+    width = max(len(k) for k in rows) + 2
+    lines = [title, f"  {'component':<{width}}{'value':>14}{'share':>9}"]
+    for name, value in rows.items():
+        lines.append(f"  {name:<{width}}{flops.humanize(value, unit, base):>14}"
+                     f"{100 * value / total:>8.2f}%")
+    lines.append(f"  {'total':<{width}}{flops.humanize(total, unit, base):>14}  ({total:,})")
+    return lines
+
+
+def render(out: dict) -> str:
+    cfg = out["config"]
+    lines = [f"model {out['model']}: d_model={cfg['d_model']} layers={cfg['num_layers']} "
+             f"heads={cfg['num_heads']} d_ff={cfg['d_ff']} vocab={cfg['vocab_size']} "
+             f"ffn={cfg['ffn_type']}; batch {out['batch_size']} x {out['seq_len']} tokens", ""]
+    lines += _table("trainable parameters (layers.* summed over layers)", out["params_by_component"], "")
+    lines += [""] + _table("forward matmul FLOPs (2mnp)", out["forward_flops_by_component"], "FLOP")
+    lines += ["", f"training FLOPs per step (forward + 2x backward): "
+                  f"{flops.humanize(out['training_flops'], 'FLOP')} ({out['training_flops']:,})", ""]
+    lines += _table("AdamW training memory (fp32)", out["memory_by_component"], "B", 1024)
+    if "max_batch_size" in out:
+        lines += ["", f"largest batch fitting {flops.humanize(out['device_memory_bytes'], 'B', 1024)}: "
+                      f"{out['max_batch_size']}"]
+    if "training_time_s" in out:
+        seconds = out["training_time_s"]
+        lines += ["", f"{out['steps']:,} steps on {out['device']} at MFU {out['mfu']:g} "
+                      f"(peak {flops.humanize(out['peak_flops'], 'FLOP/s')}): {seconds:,.0f} s = "
+                      f"{seconds / 3600:,.1f} h = {seconds / 86400:,.2f} days"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        out = account(args)
+    except (ConfigError, hardware.UnknownDeviceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(out, indent=2) if args.json else render(out))
+
+
+if __name__ == "__main__":
+    main()

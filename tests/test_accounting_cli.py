@@ -1,0 +1,92 @@
+"""python -m cs336.accounting: JSON figures, the human table, and errors (exit 2, no traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cs336 import accounting, flops, hardware
+from cs336.config import model_preset
+
+
+def _run_json(capsys, *args):
+    accounting.main([*args, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_fields_match_library(capsys):
+    out = _run_json(capsys, "--model", "gpt2-xl", "--batch-size", "2")
+    cfg = model_preset("gpt2-xl")
+    assert out["params"] == flops.num_params(cfg) == sum(out["params_by_component"].values())
+    assert out["forward_flops"] == flops.total_forward_flops(cfg, 2)
+    assert out["forward_flops"] == sum(out["forward_flops_by_component"].values())
+    assert out["training_flops"] == 3 * out["forward_flops"]
+    assert out["memory_bytes"] == sum(out["memory_by_component"].values())
+    assert "max_batch_size" not in out and "training_time_s" not in out
+
+
+def test_context_length_memory_and_time(capsys):
+    out = _run_json(capsys, "--model", "gpt2-xl", "--context-length", "16384", "--device", "h100",
+                    "--steps", "1000", "--mfu", "0.4")
+    cfg = model_preset("gpt2-xl")
+    cfg.context_length = 16384
+    assert out["seq_len"] == 16384
+    assert out["forward_flops"] == flops.total_forward_flops(cfg, 1)
+    spec = hardware.DEVICES["h100-sxm"]
+    assert out["device_memory_bytes"] == spec.memory
+    assert out["max_batch_size"] == flops.max_batch_size(cfg, spec.memory)
+    assert out["training_time_s"] == pytest.approx(1000 * out["training_flops"] / (0.4 * spec.bf16_flops))
+
+
+def test_device_memory_parsing(capsys):
+    out = _run_json(capsys, "--model", "gpt2-small", "--device-memory", "80GiB")
+    assert out["device_memory_bytes"] == 80 * 2**30
+    assert out["max_batch_size"] == flops.max_batch_size(model_preset("gpt2-small"), 80 * 2**30)
+    assert accounting.parse_bytes("1.5GB") == 1_500_000_000
+    assert accounting.parse_bytes("4096") == 4096
+
+
+def test_overrides_apply(capsys):
+    out = _run_json(capsys, "--model", "tinystories", "--d-model", "256", "--num-heads", "8",
+                    "--ffn-type", "silu")
+    assert out["config"]["d_model"] == 256 and out["config"]["ffn_type"] == "silu"
+    assert "layers.*.ffn.w3.weight" not in out["params_by_component"]
+
+
+def test_human_table_lists_components_and_total(capsys):
+    accounting.main(["--model", "tinystories", "--device", "a100", "--steps", "5000", "--batch-size", "32"])
+    text = capsys.readouterr().out
+    for needle in ("layers.*.attn.q_proj.weight", "lm_head", "attn.qk", "ffn.w3",
+                   "activations.layers.*.attn.softmax", "largest batch", "5,000 steps on a100"):
+        assert needle in text
+    assert f"({flops.num_params(model_preset('tinystories')):,})" in text
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "gpt3"], "valid choices: tinystories, gpt2-small"),
+    (["--num-heads", "7"], "not divisible by model.num_heads=7"),
+    (["--d-model", "48", "--num-heads", "16"], "head dim d_model/num_heads = 3 is odd"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--num-layers", "-1"], "model.num_layers must be a positive integer"),
+    (["--device-memory", "lots"], "--device-memory 'lots' is not a size"),
+    (["--device", "tpu"], "valid choices: h100-sxm"),
+    (["--steps", "10"], "--steps needs --device"),
+    (["--ffn-type", "relu"], "valid choices: swiglu, silu"),
+])
+def test_bad_input_exits_2(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        accounting.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "cs336.accounting", "--model", "nope"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "unknown model preset 'nope'" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "cs336.accounting", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--context-length" in done.stdout
