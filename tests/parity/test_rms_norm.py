@@ -1,0 +1,92 @@
+"""RMSNorm Triton kernel vs ``cs336.ops.rms_norm_reference``, forward and backward.
+
+Under TRITON_INTERPRET=1 on the CPU (tests/conftest.py) and, marked ``gpu``, with real CUDA.
+"""
+
+import pytest
+import torch
+
+from cs336.ops import rms_norm_reference
+from kernels._common import KernelInputError, max_block_size
+from kernels.rms_norm import rms_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+
+# Every rank the op accepts; widths that are not powers of two; rows not a multiple of anything.
+SHAPES = [(123,), (37, 123), (5, 7, 96), (2, 3, 5, 67)]
+
+
+def run_both(parity, x, weight, block_cap=None):
+    """Forward + backward through the kernel and the fp32 reference; compare y, dx, dweight."""
+    dy = parity.random_like_grad(x)
+    xk, wk = parity.leaf(x), parity.leaf(weight)
+    if block_cap is None:
+        y = rms_norm(xk, wk, EPS)
+    else:
+        with max_block_size(block_cap):
+            y = rms_norm(xk, wk, EPS)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if block_cap is None:
+        y.backward(dy)
+    else:
+        with max_block_size(block_cap):
+            y.backward(dy)
+    xr, wr = parity.leaf(x, torch.float32), parity.leaf(weight, torch.float32)
+    yr = rms_norm_reference(xr, wr, EPS)
+    yr.backward(dy.to(torch.float32))
+    parity.assert_close(y, yr, "rms_norm y", dtype=x.dtype)
+    parity.assert_close(xk.grad, xr.grad, "rms_norm dx", dtype=x.dtype)
+    assert wk.grad.dtype == weight.dtype
+    parity.assert_close(wk.grad, wr.grad, "rms_norm dweight", dtype=weight.dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("block_cap", [None, 32], ids=["one_block", "column_loop"])
+def test_rms_norm_matches_reference(parity, shape, dtype, block_cap):
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    weight = (1 + 0.5 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    run_both(parity, x, weight, block_cap)
+
+
+def test_rms_norm_wide_row_and_large_values(parity):
+    # d_model = 16K in one block; values of size 1e3 so mean(x**2) is large.
+    x = 1e3 * torch.randn(3, 16384, device=DEVICE)
+    run_both(parity, x, torch.randn(16384, device=DEVICE))
+
+
+def test_rms_norm_non_contiguous_and_mixed_dtypes(parity):
+    x = torch.randn(2, 75, 9, device=DEVICE).transpose(1, 2)  # (2, 9, 75), not contiguous
+    assert not x.is_contiguous()
+    run_both(parity, x, torch.randn(75, device=DEVICE))
+    # bf16 activations with an fp32 weight: y in bf16, dweight in fp32.
+    run_both(parity, torch.randn(6, 40, device=DEVICE).bfloat16(), torch.randn(40, device=DEVICE))
+
+
+def test_rms_norm_more_rows_than_programs(parity):
+    # The backward's persistent grid gives each program several rows; 203 rows is not a multiple.
+    run_both(parity, torch.randn(7, 29, 24, device=DEVICE), torch.randn(24, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_rms_norm_rejects_unsupported_dtype(dtype):
+    x = torch.ones(4, 8, dtype=dtype, device=DEVICE)
+    with pytest.raises(KernelInputError, match="supports float32, bfloat16, float16"):
+        rms_norm(x, torch.ones(8, dtype=dtype, device=DEVICE), EPS)
+
+
+def test_rms_norm_rejects_bad_device_and_shape():
+    with pytest.raises(KernelInputError, match="is on meta"):
+        rms_norm(torch.ones(2, 8, device="meta"), torch.ones(8, device="meta"), EPS)
+    with pytest.raises(KernelInputError, match=r"length x.shape\[-1\]"):
+        rms_norm(torch.ones(2, 8, device=DEVICE), torch.ones(7, device=DEVICE), EPS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("shape", [(4, 2048, 4096), (8192, 1600), (64, 65536), (3, 100_003)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_cuda_large(parity, shape, dtype):
+    x = torch.randn(shape, device="cuda").to(dtype)
+    run_both(parity, x, torch.randn(shape[-1], device="cuda").to(dtype))
