@@ -14,6 +14,7 @@ directory, then ``os.replace``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -189,3 +190,66 @@ def load_vocab_merges(
     """Read and cross-check a ``vocab.json`` / ``merges.txt`` pair."""
     vocab = load_vocab(vocab_path)
     return vocab, load_merges(merges_path, vocab)
+
+
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+META_FILE = "tokenizer.json"
+"""A tokenizer directory holds these three files; ``tokenizer.json`` lists the special tokens."""
+
+
+def save_tokenizer_dir(
+    directory: str | os.PathLike,
+    vocab: dict[int, bytes],
+    merges: list[tuple[bytes, bytes]],
+    special_tokens: list[str],
+) -> None:
+    """Write ``vocab.json``, ``merges.txt`` and ``tokenizer.json`` into ``directory``."""
+    out = Path(directory)
+    save_vocab_merges(vocab, merges, out / VOCAB_FILE, out / MERGES_FILE)
+    meta = {
+        "format": "gpt2-byte-level-bpe",
+        "special_tokens": list(special_tokens),
+        "vocab_size": len(vocab),
+        "num_merges": len(merges),
+    }
+    _atomic_write_text(out / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
+
+
+def load_special_tokens(directory: str | os.PathLike) -> list[str]:
+    """The special tokens listed in ``directory/tokenizer.json`` ([] when the file is absent)."""
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        return []
+    try:
+        meta = json.loads(_read_text(path, META_FILE))
+    except json.JSONDecodeError as exc:
+        raise TokenizerFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    specials = meta.get("special_tokens", []) if isinstance(meta, dict) else None
+    if not isinstance(specials, list) or not all(isinstance(t, str) and t for t in specials):
+        raise TokenizerFileError(
+            f'{path}: expected an object with "special_tokens": a list of non-empty strings'
+        )
+    return specials
+
+
+def load_tokenizer_dir(
+    directory: str | os.PathLike,
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]], list[str]]:
+    """Read a directory written by ``save_tokenizer_dir``: (vocab, merges, special_tokens)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise TokenizerFileError(
+            f"{path}: not a directory; pass the --out directory of `python -m cs336.tokenizer train`"
+        )
+    vocab, merges = load_vocab_merges(path / VOCAB_FILE, path / MERGES_FILE)
+    return vocab, merges, load_special_tokens(path)
+
+
+def tokenizer_hash(directory: str | os.PathLike) -> str:
+    """SHA-256 (hex) of ``vocab.json`` followed by ``merges.txt``: names the tokenizer a token
+    file was made with."""
+    digest = hashlib.sha256()
+    for name in (VOCAB_FILE, MERGES_FILE):
+        digest.update((Path(directory) / name).read_bytes())
+    return digest.hexdigest()
