@@ -2,7 +2,7 @@
 
     python -m cs336.experiments sgd-toy [--lrs 1e1,1e2,1e3] [--steps 10] [--seed 0]
     python -m cs336.experiments list
-    python -m cs336.experiments run lr|batch|norm|rope|ffn [--out DIR] [--set key=value ...]
+    python -m cs336.experiments run lr|batch|norm|rope|ffn [--base CONFIG] [--out DIR] [--set key=value ...]
 
 ``sgd-toy`` is the learning-rate toy of the handout (section 4.2): a 10x10 weight tensor drawn as
 ``5 * randn`` (seeded), loss ``mean(w ** 2)``, and plain SGD whose step decays as
@@ -11,9 +11,9 @@ the loss is ``2 w / 100``, so one step multiplies w by ``1 - lr / (50 sqrt(t + 1
 shrinks w slowly, 1e2 flips it at t = 0 and then converges fast, and 1e3 multiplies |w| by 19 at
 the first step and diverges.
 
-``run NAME`` runs one of the named small-scale sweeps recorded in EXPERIMENTS.md through
-``cs336.sweep`` (a grid over one config field on the default config, at a scale that fits a
-2-core CPU); ``list`` prints them with their grids.
+``run NAME`` runs one of the named small-scale comparisons recorded in EXPERIMENTS.md through
+``cs336.sweep`` (a few points on the default config, shortened by ``SCALE`` so one experiment
+fits in minutes on a 2-core CPU) into ``runs/experiments/NAME``; ``list`` prints them.
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from cs336 import config as cfglib
+from cs336 import sweep
 
 
 class SGD(torch.optim.Optimizer):
@@ -78,6 +83,62 @@ def format_sgd_toy(results: dict[float, list[float]]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
 
 
+Points = Callable[[cfglib.TrainConfig], list[dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    question: str
+    """What the runs compare."""
+    points: Points
+    """The sweep points, computed from the base config (after the common and --set overrides)."""
+
+
+SCALE = ("train.max_steps=150", "train.eval_interval=25", "train.eval_batches=8",
+         "train.log_interval=5", "train.checkpoint_interval=150", "train.sample_tokens=0",
+         "train.progress=false")
+"""Common overrides of every experiment: short runs of the default (demo) model, so that one
+experiment takes a few minutes on a 2-core CPU; give --set train.max_steps=... for longer ones."""
+
+
+def _axis(key: str, *values: str) -> Points:
+    return lambda base: [{key: v} for v in values]
+
+
+def _ffn_points(base: cfglib.TrainConfig) -> list[dict[str, str]]:
+    # SwiGLU has three d_model x d_ff matrices, the SiLU FFN two: d_ff x 1.5 matches the parameters
+    # (the handout's 8/3 d_model versus 4 d_model).
+    return [{"model.ffn_type": "swiglu"},
+            {"model.ffn_type": "silu", "model.d_ff": str(round(1.5 * base.model.d_ff))}]
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "lr": Experiment("learning rate, up to the edge of stability",
+                     _axis("optim.lr", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1")),
+    "batch": Experiment("batch size at a fixed token budget (steps scaled by the sweep)",
+                        _axis("train.batch_size", "8", "16", "32", "64")),
+    "norm": Experiment("pre-norm versus post-norm versus no RMSNorm",
+                       lambda base: [{"model.use_post_norm": post, "model.remove_rmsnorm": off}
+                                     for post, off in (("false", "false"), ("true", "false"),
+                                                       ("false", "true"))]),
+    "rope": Experiment("RoPE versus no positional encoding (NoPE)",
+                       _axis("model.remove_rope", "false", "true")),
+    "ffn": Experiment("SwiGLU versus a SiLU FFN with matched parameter count", _ffn_points),
+}
+
+
+def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out: Path) -> int:
+    """Run experiment ``name`` as a sweep into ``out``; returns the sweep's exit status."""
+    sweep.check_out(out)
+    try:
+        scaled = cfglib.apply_overrides(base, [*SCALE, *sets])
+    except cfglib.ConfigError as exc:
+        raise sweep.SweepError(f"--set: {exc}") from None
+    points = EXPERIMENTS[name].points(scaled)
+    planned = sweep.plan_sweep(scaled, points, [], out)
+    return sweep.run_and_report(planned, out)
+
+
 def _parse_lrs(text: str) -> list[float]:
     try:
         lrs = [float(v) for v in text.split(",") if v.strip()]
@@ -108,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated learning rates (default 1e1,1e2,1e3)")
     toy.add_argument("--steps", type=_positive_int, default=10, help="SGD steps (default 10)")
     toy.add_argument("--seed", type=int, default=0, help="seed for the initial weights (default 0)")
+    sub.add_parser("list", help="list the named experiments")
+    run = sub.add_parser("run", help="run one named experiment as a sweep")
+    run.add_argument("name", choices=sorted(EXPERIMENTS), help="experiment")
+    run.add_argument("--base", type=Path, help="base config file (default: the default config)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                     help="override applied to every run, after the experiment's scale settings")
+    run.add_argument("--out", type=Path, help="sweep directory (default runs/experiments/NAME)")
     return parser
 
 
@@ -123,7 +191,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 verdicts.append(f"lr={lr:g} {losses[0]:.3g} -> {losses[-1]:.3g}")
         print("summary: " + "; ".join(verdicts))
-    sys.stdout.flush()
+    elif args.command == "list":
+        base = cfglib.apply_overrides(cfglib.default_config(), list(SCALE))
+        for name, exp in EXPERIMENTS.items():
+            points = [sweep.point_name(p) for p in exp.points(base)]
+            print(f"{name}: {exp.question}\n    points: {'; '.join(points)}")
+        print("common settings: " + " ".join(SCALE))
+    elif args.command == "run":
+        out = args.out or Path("runs") / "experiments" / args.name
+        try:
+            base = cfglib.load_config(args.base) if args.base else cfglib.default_config()
+            status = run_experiment(args.name, base, args.sets, out)
+        except (sweep.SweepError, cfglib.ConfigError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        if status:
+            sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ error), and every point is validated before the first run starts.
 
 Runs go one after another in this process; with several CUDA devices visible they go one per
 device in subprocesses (``CUDA_VISIBLE_DEVICES``). A run that diverges (``TrainingDiverged``, a
-non-finite loss, or a final train loss above the first one logged) is marked as diverged and the
-sweep goes on; a run that fails for another reason is marked ``error`` with its message and the
+non-finite loss, or a final train or val loss above the loss at step 0) is marked as diverged
+and the sweep goes on; a run that fails for another reason is marked ``error`` with its message and the
 sweep exits with status 1 at the end. After every run the sweep rewrites ``summary.json``,
 ``summary.csv`` and ``summary.md`` (point, steps, final train/val loss, best val loss, tokens/s,
 wallclock, status) and ``curves.png`` (val loss of every run against step and against
@@ -120,14 +120,18 @@ def scale_steps(cfg: Any, base_batch: int, batch: int) -> Any:
     return cfg
 
 
-def plan_sweep(base: Any, axes: Sequence[Axis], sets: Sequence[str], out: Path) -> list[PlannedRun]:
-    """Resolve every point's config (raising on any bad key or value) before anything runs."""
+def plan_sweep(base: Any, points: Sequence[dict[str, str]], sets: Sequence[str],
+               out: Path) -> list[PlannedRun]:
+    """Resolve every point's config (raising on any bad key or value) before anything runs.
+
+    ``points`` are override dicts, usually ``grid_points(axes)``; ``sets`` apply to all of them.
+    """
     try:
         base = cfglib.apply_overrides(copy.deepcopy(base), list(sets))
     except cfglib.ConfigError as exc:
         raise SweepError(f"--set: {exc}") from None
     planned = []
-    for point in grid_points(axes):
+    for point in points:
         name = point_name(point)
         try:
             cfg = cfglib.apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in point.items()])
@@ -146,14 +150,26 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def starting_loss(rows: Sequence[dict]) -> float | None:
+    """The loss at initialization: the step-0 validation loss, else the first train loss logged."""
+    for r in rows:
+        if r.get("step") == 0 and _finite(r.get("val_loss")):
+            return r["val_loss"]
+    return next((r["train_loss"] for r in rows if _finite(r.get("train_loss"))), None)
+
+
 def classify(summary: dict, run_dir: Path) -> tuple[str, str]:
-    """(status, reason) of a finished run: ``ok`` or ``diverged`` (non-finite or rising loss)."""
-    final = summary.get("final_train_loss")
-    if not _finite(final) or not _finite(summary.get("final_val_loss", 0.0)):
+    """(status, reason) of a finished run: ``ok``, ``interrupted`` or ``diverged`` (a non-finite
+    final loss, or a final train or val loss above the starting loss)."""
+    if summary.get("interrupted"):
+        return "interrupted", "stopped by a signal"
+    final_train, final_val = summary.get("final_train_loss"), summary.get("final_val_loss")
+    if not _finite(final_train) or (final_val is not None and not _finite(final_val)):
         return "diverged", "non-finite loss"
-    losses = [r["train_loss"] for r in read_metrics(run_dir) if r.get("train_loss") is not None]
-    if losses and final > losses[0]:
-        return "diverged", f"final train loss {final:.4g} above the first logged {losses[0]:.4g}"
+    start = starting_loss(read_metrics(run_dir))
+    for name, final in (("train", final_train), ("val", final_val)):
+        if start is not None and _finite(final) and final > start:
+            return "diverged", f"final {name} loss {final:.4g} above the starting loss {start:.4g}"
     return "ok", ""
 
 
@@ -225,17 +241,18 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
             if result.is_file():
                 rows[index] = json.loads(result.read_text())
             else:
-                rows[index] = _row(planned[index], {}, "error", f"worker exited with status {proc.returncode}")
+                reason = f"worker exited with status {proc.returncode}"
+                rows[index] = _row(planned[index], {}, "error", reason)
             on_row(rows[index], planned)
     return [r for r in rows if r is not None]
 
 
-def run_sweep(planned: Sequence[PlannedRun], out: Path, axes: Sequence[Axis],
-              devices: Sequence[str] | None = None) -> list[dict]:
+def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] | None = None) -> list[dict]:
     """Run every planned point, rewriting the reports in ``out`` after each one."""
     out.mkdir(parents=True, exist_ok=True)
     done: list[dict] = []
-    batch_axis = any(a.key == BATCH_KEY for a in axes)
+    keys = list(dict.fromkeys(k for run in planned for k in run.point))
+    batch_axis = BATCH_KEY in keys
 
     def on_row(row: dict, plan: Sequence[PlannedRun]) -> None:
         done.append(row)
@@ -243,7 +260,7 @@ def run_sweep(planned: Sequence[PlannedRun], out: Path, axes: Sequence[Axis],
               f" final val {_fmt(row['final_val_loss'])}" + (f" ({row['reason']})" if row["reason"] else ""),
               flush=True)
         order = {r.name: i for i, r in enumerate(plan)}
-        write_reports(sorted(done, key=lambda r: order[r["name"]]), out, [a.key for a in axes],
+        write_reports(sorted(done, key=lambda r: order[r["name"]]), out, keys,
                       x_tokens=batch_axis, configs={r.name: r.config for r in plan})
 
     if devices and len(devices) > 1:
@@ -251,6 +268,9 @@ def run_sweep(planned: Sequence[PlannedRun], out: Path, axes: Sequence[Axis],
     for i, run in enumerate(planned):
         print(f"[{i + 1}/{len(planned)}] running {run.name}", flush=True)
         on_row(run_point(run), planned)
+        if done[-1]["status"] == "interrupted":
+            print("sweep stopped by a signal; the remaining points did not run", flush=True)
+            break
     return done
 
 
@@ -367,6 +387,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out(out: Path) -> None:
+    """Refuse a sweep directory that already holds files (nothing of an earlier sweep is lost)."""
+    if out.exists() and any(out.iterdir()):
+        raise SweepError(f"--out {out} already holds files; choose a new directory or remove it")
+
+
+def run_and_report(planned: Sequence[PlannedRun], out: Path) -> int:
+    """Run the sweep, print its one-line summary, and return the exit status (1 if a run failed)."""
+    rows = run_sweep(planned, out, default_devices())
+    ok = [r for r in rows if r["status"] == "ok" and _finite(r["final_val_loss"])]
+    best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
+    n_div = sum(r["diverged"] for r in rows)
+    n_err = sum(r["status"] == "error" for r in rows)
+    print(f"sweep: {len(rows)} runs, {n_div} diverged, {n_err} failed"
+          + (f"; best {best['name']} final val {best['final_val_loss']:.4f}" if best else "")
+          + f"; summary in {out / 'summary.md'}")
+    return 1 if n_err else 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -379,22 +418,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         base = cfglib.load_config(args.base) if args.base else cfglib.default_config()
         keys = "-".join(a.key.split(".")[-1] for a in axes)
         out = args.out or Path("runs") / f"sweep-{keys}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if out.exists() and any(out.iterdir()):
-            raise SweepError(f"--out {out} already holds files; choose a new directory or remove it")
-        planned = plan_sweep(base, axes, args.sets, out)
+        check_out(out)
+        planned = plan_sweep(base, grid_points(axes), args.sets, out)
     except (SweepError, cfglib.ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    rows = run_sweep(planned, out, axes, default_devices())
-    ok = [r for r in rows if r["status"] == "ok" and _finite(r["final_val_loss"])]
-    best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
-    n_div = sum(r["diverged"] for r in rows)
-    n_err = sum(r["status"] == "error" for r in rows)
-    print(f"sweep: {len(rows)} runs, {n_div} diverged, {n_err} failed"
-          + (f"; best {best['name']} final val {best['final_val_loss']:.4f}" if best else "")
-          + f"; summary in {out / 'summary.md'}")
-    if n_err:
-        sys.exit(1)
+    status = run_and_report(planned, out)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":
