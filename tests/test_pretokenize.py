@@ -222,7 +222,9 @@ def test_shakespeare(shared_dir):
 
 
 # Characters the pattern treats specially, weighted up against the rest of Unicode.
-_SPECIAL = list(" '\t\n\r\x0b\x0c\x1c\x85\u00a0\u2009\u3000sdmtlvreSDLVR0\u0661\u00b2.,!?\u0301\u2019")
+_SPECIAL = list(
+    " '\t\n\r\x0b\x0c\x1c\x85\u00a0\u2009\u3000sdmtlvreSDLVR0\u0661\u00b2.,!?\u0301\u2019\ud800\udfff\x00"
+)
 _ALPHABET = st.one_of(
     st.sampled_from(_SPECIAL),
     st.sampled_from([" ", " ", "'", "a", "1", "."]),
@@ -235,7 +237,7 @@ _TEXT = st.lists(
 ).map("".join)
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_TEXT)
 def test_fuzz_unicode(text):
     _fast_paths(text)
