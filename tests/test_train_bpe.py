@@ -1,0 +1,267 @@
+"""Tests for ``cs336.tokenizer.train_bpe``: the CS336 reference merges, agreement with the slow
+trainer in tests/bpe_slow_reference.py, exact file splitting, errors, and the CS336 speed check."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cs336.tokenizer import train_bpe as tb
+from cs336.tokenizer.pretokenize import pretokenize, split_on_special
+from cs336.tokenizer.train_bpe import count_pretokens, next_split, train_bpe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bpe_slow_reference import train_bpe_slow  # noqa: E402
+
+EOT = "<|endoftext|>"
+
+
+def gpt2_unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-unicode table: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes map in increasing order to U+0100, U+0101, ..."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in set(printable)]
+    table.update({chr(0x100 + k): b for k, b in enumerate(others)})
+    return table
+
+
+def gpt2_token_bytes(token: str) -> bytes:
+    u2b = gpt2_unicode_to_byte()
+    return bytes(u2b[ch] for ch in token)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def test_gpt2_byte_table_is_a_bijection():
+    u2b = gpt2_unicode_to_byte()
+    assert sorted(u2b.values()) == list(range(256))
+    assert u2b["Ġ"] == ord(" ") and u2b["Ċ"] == ord("\n") and u2b["!"] == ord("!")
+
+
+def test_matches_cs336_reference(fixtures_dir):
+    vocab, merges = train_bpe(fixtures_dir / "corpus.en", 500, [EOT])
+    ref_merges = []
+    for line in (fixtures_dir / "train-bpe-reference-merges.txt").read_text(encoding="utf-8").splitlines():
+        if line:
+            left, right = line.split(" ")
+            ref_merges.append((gpt2_token_bytes(left), gpt2_token_bytes(right)))
+    assert merges == ref_merges
+
+    ref_vocab = {
+        i: gpt2_token_bytes(t) if t != EOT else t.encode()
+        for t, i in json.loads((fixtures_dir / "train-bpe-reference-vocab.json").read_text(encoding="utf-8")).items()
+    }
+    assert set(vocab) == set(ref_vocab) == set(range(500))
+    assert set(vocab.values()) == set(ref_vocab.values())
+    assert vocab[0] == ref_vocab[0] == EOT.encode()
+    # The reference file lists the single bytes in GPT-2's table order; ours are in byte order.
+    # Every merged token has the same id in both.
+    assert {i: vocab[i] for i in range(257, 500)} == {i: ref_vocab[i] for i in range(257, 500)}
+    assert all(vocab[1 + b] == bytes([b]) for b in range(256))
+
+
+def test_special_tokens_are_never_merged_into(fixtures_dir):
+    path = fixtures_dir / "tinystories_sample.txt"
+    vocab, merges = train_bpe(path, 1000, [EOT])
+    assert [t for t in vocab.values() if b"<|" in t] == [EOT.encode()]
+    assert (vocab, merges) == train_bpe_slow(path, 1000, [EOT])
+
+
+def test_tie_goes_to_lexicographically_greater_pair(tmp_path):
+    # Pre-tokens "xy", " xy", " zw", " zw": (x,y), (' ',z) and (z,w) all count 2.
+    path = write(tmp_path / "ties.txt", "xy xy zw zw")
+    vocab, merges = train_bpe(path, 259, [])
+    assert merges == [(b"z", b"w"), (b"x", b"y"), (b" ", b"zw")]
+    assert vocab[258] == b" zw"
+
+
+def test_ties_compare_bytes_not_ids(tmp_path):
+    # Pre-tokens "AB" x5, "ABc" x2, "bc" x2. After (A,B) -> "AB" (id 256), (AB,c) and (b,c) both
+    # count 2: b"b" > b"AB", so (b,c) comes first although "AB" has the larger id.
+    path = write(tmp_path / "ids.txt", "\n".join(["AB"] * 5 + ["ABc"] * 2 + ["bc"] * 2))
+    vocab, merges = train_bpe(path, 259, [])
+    assert merges == [(b"A", b"B"), (b"b", b"c"), (b"AB", b"c")]
+
+
+def _random_corpus(rng: random.Random, n_words: int, alphabet: str, specials: list[str]) -> str:
+    parts = []
+    for _ in range(n_words):
+        word = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        parts.append(rng.choice(["", " ", "  ", "\n", "\n\n", "\t", "'s ", ", "]) + word)
+        if specials and rng.random() < 0.05:
+            parts.append(rng.choice(specials))
+    return "".join(parts)
+
+
+@pytest.mark.parametrize(
+    "alphabet, specials, vocab_size",
+    [
+        ("abcde", [EOT], 400),
+        ("aab", [], 300),  # long repeated runs: (a, a) merges overlap
+        ("xyz0123.,!?", ["<|a|>", "<|a|><|b|>"], 350),  # overlapping special tokens
+        ("αβγ日本語😀é", ["<s>"], 420),  # multi-byte characters
+    ],
+)
+def test_agrees_with_slow_trainer(tmp_path, alphabet, specials, vocab_size):
+    rng = random.Random(len(alphabet))
+    path = write(tmp_path / "corpus.txt", _random_corpus(rng, 3000, alphabet, specials))
+    assert train_bpe(path, vocab_size, specials) == train_bpe_slow(path, vocab_size, specials)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=300),
+    n_merges=st.integers(0, 40),
+    with_special=st.booleans(),
+)
+def test_agrees_with_slow_trainer_on_unicode(tmp_path, text, n_merges, with_special):
+    specials = ["<|endoftext|>"] if with_special else []
+    if with_special:
+        text = text[: len(text) // 2] + EOT + text[len(text) // 2 :]
+    path = write(tmp_path / "u.txt", text * 3)
+    size = 256 + len(specials) + n_merges
+    assert train_bpe(path, size, specials) == train_bpe_slow(path, size, specials)
+
+
+def test_stops_when_no_pair_is_left(tmp_path):
+    path = write(tmp_path / "short.txt", "abc abc")
+    vocab, merges = train_bpe(path, 10_000, [])
+    assert (vocab, merges) == train_bpe_slow(path, 10_000, [])
+    assert merges == [(b"b", b"c"), (b"a", b"bc"), (b" ", b"abc")] and len(vocab) == 259
+
+
+def test_empty_file_gives_bytes_and_specials(tmp_path):
+    vocab, merges = train_bpe(write(tmp_path / "empty.txt", ""), 300, [EOT])
+    assert merges == [] and len(vocab) == 257 and vocab[0] == EOT.encode() and vocab[256] == b"\xff"
+
+
+def test_progress_and_workers_do_not_change_the_result(tmp_path, monkeypatch, capsys):
+    rng = random.Random(7)
+    path = write(tmp_path / "c.txt", _random_corpus(rng, 20_000, "abcdefgh é", [EOT]))
+    expected = train_bpe(path, 600, [EOT])
+    monkeypatch.setattr(tb, "PIECE_BYTES", 5_000)  # several pieces per worker task
+    assert train_bpe(path, 600, [EOT], num_workers=2, progress=True) == expected
+    assert "merge" in capsys.readouterr().err
+
+
+def _pretokens(data: bytes, specials: list[str]) -> list[str]:
+    out = []
+    for segment, is_special in split_on_special(data.decode("utf-8"), specials):
+        out.extend([segment] if is_special else pretokenize(segment))
+    return out
+
+
+SPLIT_ALPHABET = ["a", "b", " ", "  ", "\n", "\n\n", "\t", "é", "1", "!", "'s", "<|", "|>", "x\ny", "\u00a0", "\u3000"]
+SPLIT_SPECIALS = [EOT, "<|a\nb|>", "|><|", "\n<|"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(SPLIT_ALPHABET + SPLIT_SPECIALS), max_size=80),
+    specials=st.lists(st.sampled_from(SPLIT_SPECIALS), unique=True, max_size=3),
+    targets=st.lists(st.floats(0, 1), min_size=1, max_size=5),
+)
+def test_split_points_preserve_pretokens(pieces, specials, targets):
+    data = "".join(pieces).encode("utf-8")
+    whole = _pretokens(data, specials)
+    special_bytes = [s.encode("utf-8") for s in specials]
+    old = tb.SCAN_BYTES
+    tb.SCAN_BYTES = 7  # force several read windows per search
+    try:
+        for fraction in targets:
+            target = int(fraction * len(data))
+            cut = next_split(io.BytesIO(data), target, len(data), special_bytes)
+            assert target <= cut <= len(data)
+            assert _pretokens(data[:cut], specials) + _pretokens(data[cut:], specials) == whole, cut
+    finally:
+        tb.SCAN_BYTES = old
+
+
+def test_parallel_counts_equal_whole_file_counts(tmp_path):
+    rng = random.Random(3)
+    text = _random_corpus(rng, 30_000, "abcdefg日本", [EOT, "<pad>"])
+    path = write(tmp_path / "p.txt", text)
+    expected = Counter(t for t in _pretokens(text.encode(), [EOT, "<pad>"]) if t not in (EOT, "<pad>"))
+    assert count_pretokens(path, [EOT, "<pad>"], num_workers=3) == expected
+    assert count_pretokens(path, [EOT, "<pad>"], num_workers=1) == expected
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        train_bpe(tmp_path / "missing.txt", 300, [])
+
+
+def test_directory_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="not a regular file"):
+        train_bpe(tmp_path, 300, [])
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files regardless of permissions")
+def test_unreadable_file(tmp_path):
+    path = write(tmp_path / "secret.txt", "abc")
+    path.chmod(0)
+    with pytest.raises(ValueError, match="cannot read input file .*secret.txt"):
+        train_bpe(path, 300, [])
+
+
+def test_vocab_size_too_small(tmp_path):
+    path = write(tmp_path / "a.txt", "abc")
+    with pytest.raises(ValueError, match=r"vocab_size=256 .* use vocab_size >= 257"):
+        train_bpe(path, 256, [EOT])
+    with pytest.raises(ValueError, match="vocab_size must be an integer"):
+        train_bpe(path, 300.0, [])
+
+
+def test_non_utf8_input_names_file_and_offset(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf".encode() + "é".encode("latin-1") + b" ok")
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 \(byte offset 3"):
+        train_bpe(path, 300, [])
+
+
+def test_bad_special_tokens_and_workers(tmp_path):
+    path = write(tmp_path / "a.txt", "abc")
+    with pytest.raises(ValueError, match="duplicates"):
+        train_bpe(path, 300, [EOT, EOT])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        train_bpe(path, 300, [""])
+    with pytest.raises(ValueError, match="num_workers"):
+        train_bpe(path, 300, [], num_workers=0)
+
+
+SPEED_SCRIPT = """
+import sys, time
+from cs336.tokenizer.train_bpe import train_bpe
+vocab, merges = train_bpe(sys.argv[1], 500, ["<|endoftext|>"])
+assert len(vocab) == 500
+"""
+
+
+def test_cs336_speed_in_a_fresh_process(fixtures_dir, tmp_path):
+    """The CS336 speed check, stricter: a whole fresh interpreter (imports and numba's on-disk
+    cache load included) must finish in under 1.5 s. A first run fills the cache (and
+    compiles when it is cold); the best of three timed runs is kept, because this 2-core machine
+    is shared with other jobs."""
+    cmd = [sys.executable, "-c", SPEED_SCRIPT, str(fixtures_dir / "corpus.en")]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=300)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=tmp_path, timeout=60)
+        times.append(time.perf_counter() - start)
+    assert min(times) < 1.5, f"fresh-process train_bpe(corpus.en, 500) took {times} s"
