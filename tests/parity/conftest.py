@@ -25,19 +25,20 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float16: {"rtol": 1e-3, "atol": 1e-5},
 }
 
-# Loosened entries, each with its reason.
+# Loosened entries, each with its reason. "atol_of_max" makes atol a fraction of max|expected|,
+# for results that are sums of many terms which cancel (the error scales with the terms).
 LOOSE: dict[str, dict[torch.dtype, dict[str, float]]] = {
-    # The fused LM head rounds its logits and logit gradients to bf16 before the matmuls (as the
-    # unfused bf16 path does), and accumulates grad_W once per chunk in bf16. The bf16 matmul
-    # sums of V terms of softmax - onehot cancel, so errors are relative to the terms, not the
-    # result: atol scaled to the gradient magnitude (about 1 / n_tokens per logit).
+    # The fused LM head rounds logits and logit gradients to bf16 before the bf16 matmuls (as the
+    # unfused bf16 path does) and rounds grad_W once per chunk. grad_h and grad_W are sums over V
+    # (or tokens) of softmax - onehot terms that cancel: measured on 30 random (21 x 24 x 203)
+    # cases, the unfused bf16 path is off from fp32 by up to 0.5% of max|grad|, this kernel by up
+    # to 1% (the interpreter truncates bf16 casts, see above). 2% leaves a 2x margin.
     "linear_cross_entropy": {
-        torch.float32: {"rtol": 1e-5, "atol": 1e-5},  # matmul summation order differs per chunk
-        torch.bfloat16: {"rtol": 3.2e-2, "atol": 2e-3},
+        torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-5, "atol_of_max": 2e-2},
     },
-    # A whole model stacks tens of kernels; fp32 rounding differences (summation order in the
-    # norms, the log-sum-exp) compound through the layers and matmuls.
-    "model": {torch.float32: {"rtol": 1e-4, "atol": 1e-5}},
+    # A whole model stacks tens of kernels and matmuls; fp32 rounding differences (summation
+    # order in the norms, the log-sum-exp) compound through the layers.
+    "model": {torch.float32: {"rtol": 1e-4, "atol": 1e-5, "atol_of_max": 1e-5}},
 }
 
 SEED: list[int] = [0]
@@ -56,14 +57,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to(torch.float32)
     e = expected.detach().to(torch.float32)
-    close = torch.isclose(a, e, rtol=tol["rtol"], atol=tol["atol"], equal_nan=True)
+    atol = tol["atol"]
+    if "atol_of_max" in tol and e.numel():
+        atol = max(atol, tol["atol_of_max"] * e.abs().max().item())
+    close = torch.isclose(a, e, rtol=tol["rtol"], atol=atol, equal_nan=True)
     if bool(close.all()):
         return
     err = (a - e).abs()
     finite = torch.isfinite(err)
     rel = err / e.abs().clamp_min(1e-30)
     raise AssertionError(
-        f"{what} ({dtype}, rtol={tol['rtol']}, atol={tol['atol']}): "
+        f"{what} ({dtype}, rtol={tol['rtol']}, atol={atol:.3g}): "
         f"{int((~close).sum())}/{close.numel()} elements off; "
         f"max abs err {err[finite].max().item() if finite.any() else float('nan'):.3e}, "
         f"mean abs err {err[finite].mean().item() if finite.any() else float('nan'):.3e}, "

@@ -1,0 +1,150 @@
+"""Cross-entropy and fused linear-cross-entropy Triton kernels vs the reference definitions.
+
+References: ``cs336.nn_utils.cross_entropy`` (mean over non-ignored targets, fp32) and
+``cs336.ops.linear_cross_entropy_reference`` (``h @ W.T`` then that loss).
+"""
+
+import pytest
+import torch
+
+from cs336.nn_utils import cross_entropy as cross_entropy_reference
+from cs336.ops import linear_cross_entropy_reference
+from kernels._common import KernelInputError, max_block_size
+from kernels.cross_entropy import cross_entropy, linear_cross_entropy
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -100
+
+# (leading shape, vocab): ranks 2-4 of logits (1-3 of targets); vocab not a power of two.
+CASES = [((11,), 123), ((3, 7), 250), ((2, 3, 5), 97)]
+
+
+def make_targets(lead, V, ignore_fraction=0.2):
+    targets = torch.randint(0, V, lead, device=DEVICE)
+    ignored = torch.rand(lead, device=DEVICE) < ignore_fraction
+    targets[ignored] = IGNORE
+    targets.view(-1)[0] = 0  # at least one valid target
+    return targets
+
+
+def run_ce(parity, logits, targets, block_cap=None, grad_scale=1.7):
+    lk = parity.leaf(logits)
+    g = torch.tensor(grad_scale, device=logits.device)
+    with max_block_size(block_cap or 65536):
+        loss = cross_entropy(lk, targets, IGNORE)
+        loss.backward(g)
+    lr = parity.leaf(logits, torch.float32)
+    loss_r = cross_entropy_reference(lr, targets, ignore_index=IGNORE)
+    loss_r.backward(g)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    parity.assert_close(loss, loss_r, "cross_entropy loss", dtype=torch.float32)
+    assert lk.grad.dtype == logits.dtype
+    parity.assert_close(lk.grad, lr.grad, "cross_entropy dlogits", dtype=logits.dtype)
+
+
+@pytest.mark.parametrize("lead,V", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("block_cap", [None, 32], ids=["one_block", "vocab_loop"])
+def test_cross_entropy_matches_reference(parity, lead, V, dtype, block_cap):
+    logits = (4 * torch.randn(*lead, V, device=DEVICE)).to(dtype)
+    run_ce(parity, logits, make_targets(lead, V), block_cap)
+
+
+def test_cross_entropy_large_logits_and_ignored_rows(parity):
+    # Logits of size 1e4: the max must be subtracted; ignored rows get exactly zero gradient.
+    logits = 1e4 + torch.randn(9, 300, device=DEVICE)
+    targets = make_targets((9,), 300, ignore_fraction=0.5)
+    run_ce(parity, logits, targets, block_cap=64)
+    lk = parity.leaf(logits)
+    cross_entropy(lk, targets, IGNORE).backward()
+    assert torch.equal(lk.grad[targets == IGNORE], torch.zeros_like(lk.grad[targets == IGNORE]))
+
+
+def test_cross_entropy_all_ignored_is_nan_with_zero_grad():
+    logits = torch.randn(4, 10, device=DEVICE, requires_grad=True)
+    targets = torch.full((4,), IGNORE, device=DEVICE)
+    loss = cross_entropy(logits, targets, IGNORE)
+    assert torch.isnan(loss) and torch.isnan(cross_entropy_reference(logits, targets, ignore_index=IGNORE))
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_non_contiguous_and_int32_targets(parity):
+    logits = torch.randn(130, 6, device=DEVICE).t()  # (6, 130) transposed view
+    targets = make_targets((6,), 130).to(torch.int32)
+    run_ce(parity, logits, targets)
+
+
+def test_cross_entropy_rejects_bad_inputs():
+    logits = torch.randn(4, 10, device=DEVICE)
+    with pytest.raises(KernelInputError, match="outside \\[0, 10\\)"):
+        cross_entropy(logits, torch.tensor([1, 2, 10, 3], device=DEVICE), IGNORE)
+    with pytest.raises(KernelInputError, match="needs targets of shape \\(4,\\)"):
+        cross_entropy(logits, torch.zeros(5, dtype=torch.long, device=DEVICE), IGNORE)
+    with pytest.raises(KernelInputError, match="integer class ids"):
+        cross_entropy(logits, torch.zeros(4, device=DEVICE), IGNORE)
+    with pytest.raises(KernelInputError, match="dtype float64"):
+        cross_entropy(logits.double(), torch.zeros(4, dtype=torch.long, device=DEVICE), IGNORE)
+
+
+def run_lce(parity, h, weight, targets, chunk_rows):
+    hk, wk = parity.leaf(h), parity.leaf(weight)
+    loss = linear_cross_entropy(hk, wk, targets, IGNORE, chunk_rows=chunk_rows)
+    g = torch.tensor(0.6, device=h.device)
+    loss.backward(g)
+    # The unfused path in fp32 is the definition.
+    hr, wr = parity.leaf(h, torch.float32), parity.leaf(weight, torch.float32)
+    loss_r = linear_cross_entropy_reference(hr, wr, targets, IGNORE)
+    loss_r.backward(g)
+    op = "linear_cross_entropy"
+    parity.assert_close(loss, loss_r, "linear_cross_entropy loss", dtype=h.dtype, op=op)
+    parity.assert_close(hk.grad, hr.grad, "linear_cross_entropy dh", dtype=h.dtype, op=op)
+    parity.assert_close(wk.grad, wr.grad, "linear_cross_entropy dweight", dtype=h.dtype, op=op)
+
+
+@pytest.mark.parametrize("lead", [(13,), (3, 7), (2, 3, 4)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["default_chunk", "chunk5"])
+def test_linear_cross_entropy_matches_unfused(parity, lead, dtype, chunk_rows):
+    C, V = 24, 203
+    h = torch.randn(*lead, C, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, C, device=DEVICE) / C**0.5).to(dtype)
+    run_lce(parity, h, weight, make_targets(lead, V), chunk_rows)
+
+
+def test_linear_cross_entropy_without_grad_and_weight_only_grad(parity):
+    h = torch.randn(10, 16, device=DEVICE)
+    weight = torch.randn(50, 16, device=DEVICE)
+    targets = make_targets((10,), 50)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, weight, targets, IGNORE, chunk_rows=3)
+    parity.assert_close(loss, linear_cross_entropy_reference(h, weight, targets, IGNORE), "no-grad loss",
+                        op="linear_cross_entropy")
+    wk = parity.leaf(weight)
+    linear_cross_entropy(h, wk, targets, IGNORE, chunk_rows=4).backward()
+    wr = parity.leaf(weight)
+    linear_cross_entropy_reference(h, wr, targets, IGNORE).backward()
+    parity.assert_close(wk.grad, wr.grad, "dweight only", op="linear_cross_entropy")
+
+
+def test_linear_cross_entropy_rejects_bad_inputs():
+    h = torch.randn(4, 8, device=DEVICE)
+    targets = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    with pytest.raises(KernelInputError, match="must be \\(vocab, 8\\)"):
+        linear_cross_entropy(h, torch.randn(10, 7, device=DEVICE), targets)
+    with pytest.raises(KernelInputError, match="h's dtype"):
+        linear_cross_entropy(h, torch.randn(10, 8, device=DEVICE).bfloat16(), targets)
+    with pytest.raises(KernelInputError, match="outside \\[0, 10\\)"):
+        linear_cross_entropy(h, torch.randn(10, 8, device=DEVICE), targets - 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_cuda_large(parity, dtype):
+    V = 50257
+    logits = (3 * torch.randn(4, 1024, V, device="cuda")).to(dtype)
+    run_ce(parity, logits, make_targets((4, 1024), V))
+    h = torch.randn(4, 512, 768, device="cuda").to(dtype)
+    weight = (torch.randn(V, 768, device="cuda") / 768**0.5).to(dtype)
+    run_lce(parity, h, weight, make_targets((4, 512), V), chunk_rows=None)
