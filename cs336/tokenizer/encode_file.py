@@ -16,6 +16,7 @@ The file is read with ``newline=""``, so ``\\r\\n`` line ends are encoded as the
 
 from __future__ import annotations
 
+import codecs
 import json
 import multiprocessing
 import os
@@ -81,12 +82,31 @@ def iter_chunks(path: str | os.PathLike, tokenizer: Tokenizer, chunk_chars: int)
                 else:
                     retry_at = 2 * len(buf)  # no cut point yet: wait for twice as much text
     except UnicodeDecodeError as exc:
+        offset = _first_invalid_utf8(path)
         raise ValueError(
-            f"{path}: not UTF-8 text ({exc.reason} near byte {exc.start} of a block); "
-            "convert the file to UTF-8"
+            f"{path}: not UTF-8 text ({exc.reason} at byte {offset}); convert the file to UTF-8"
         ) from None
     if buf:
         yield buf
+
+
+def _first_invalid_utf8(path: str | os.PathLike) -> int:
+    """File offset of the first byte that is not valid UTF-8 (-1 when there is none)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pos = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            held = len(decoder.getstate()[0])  # bytes of an unfinished character
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                return pos - held + exc.start
+            pos += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        return pos - len(decoder.getstate()[0]) + exc.start
+    return -1
 
 
 _WORKER_TOKENIZER: Tokenizer | None = None

@@ -1,0 +1,155 @@
+"""``python -m cs336.tokenizer train|encode`` and the multi-worker file encoder behind ``encode``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cs336.tokenizer import Tokenizer
+from cs336.tokenizer.__main__ import main
+from cs336.tokenizer.encode_file import encode_file, iter_chunks, token_dtype
+from cs336.tokenizer.gpt2_files import load_tokenizer_dir, save_tokenizer_dir, tokenizer_hash
+
+EOT = "<|endoftext|>"
+DOC = (
+    "Lily found a shiny stone by the river. She showed it to her mom, who smiled.\n"
+    "\"It's beautiful!\" said Mom. They took it home and put it on the shelf.\n\n"
+    "Größe 東京 🙂  two  spaces\tand a tab, numbers 12345 and 3.14.\r\n"
+)
+
+
+def _read(path) -> str:
+    with open(path, encoding="utf-8", newline="") as f:  # keep \r\n, as the encoder does
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "corpus.txt"
+    docs = [DOC.replace("Lily", name) * (1 + i % 3) for i, name in enumerate(["Lily", "Tom", "Ann", "Max"] * 30)]
+    path.write_text(EOT.join(docs) + "\n\n  trailing  \n", encoding="utf-8", newline="")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokdir(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tok"
+    main(["train", "--input", str(corpus), "--vocab-size", "400", "--special-token", EOT, "--out", str(out)])
+    return out
+
+
+def test_train_writes_tokenizer_dir(tokdir, capsys):
+    vocab, merges, specials = load_tokenizer_dir(tokdir)
+    assert specials == [EOT]
+    # the corpus runs out of pairs before 400 tokens; every merge adds one token
+    assert len(vocab) == 257 + len(merges) and 100 < len(merges) <= 400 - 257
+    assert vocab[0] == EOT.encode()
+    meta = json.loads((tokdir / "tokenizer.json").read_text(encoding="utf-8"))
+    assert meta["special_tokens"] == [EOT] and meta["vocab_size"] == len(vocab)
+
+
+def test_train_prints_summary(corpus, tmp_path, capsys):
+    main(["train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "in " in line and "peak memory" in line and "longest token" in line
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_encode_matches_tokenizer(tokdir, corpus, tmp_path, workers, capsys):
+    out = tmp_path / "corpus.bin"
+    main(["encode", "--tokenizer", str(tokdir), "--input", str(corpus), "--out", str(out),
+          "--workers", str(workers), "--quiet"])
+    tok = Tokenizer(*load_tokenizer_dir(tokdir))
+    expected = tok.encode(_read(corpus))
+    ids = np.fromfile(out, dtype=np.uint16)
+    assert ids.tolist() == expected
+    meta = json.loads((tmp_path / "corpus.bin.json").read_text(encoding="utf-8"))
+    assert meta["dtype"] == "uint16" and meta["count"] == len(expected)
+    assert meta["tokenizer_hash"] == tokenizer_hash(tokdir)
+    report = capsys.readouterr().out
+    assert "bytes/token" in report and "MB/s" in report
+    assert f"{corpus.stat().st_size / len(expected):.2f} bytes/token" in report
+
+
+@pytest.mark.parametrize("chunk_chars", [5, 37, 500, 1 << 16])
+def test_multi_worker_output_identical_to_single(tokdir, corpus, tmp_path, chunk_chars):
+    tok = Tokenizer(*load_tokenizer_dir(tokdir))
+    chunks = list(iter_chunks(corpus, tok, chunk_chars))
+    assert "".join(chunks) == _read(corpus)
+    if chunk_chars < 1000:
+        assert len(chunks) > 10
+    encode_file(corpus, tmp_path / "one.bin", tok, workers=1, chunk_chars=chunk_chars)
+    encode_file(corpus, tmp_path / "three.bin", tok, workers=3, chunk_chars=chunk_chars)
+    assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "three.bin").read_bytes()
+    assert np.fromfile(tmp_path / "one.bin", dtype=np.uint16).tolist() == tok.encode(_read(corpus))
+
+
+def test_uint32_above_65536_ids(tmp_path):
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    vocab = {b: bytes([b]) for b in range(256)}
+    vocab[70000] = b"ab"
+    save_tokenizer_dir(tmp_path / "big", vocab, [(b"a", b"b")], [])
+    (tmp_path / "in.txt").write_text("abba cab", encoding="utf-8")
+    main(["encode", "--tokenizer", str(tmp_path / "big"), "--input", str(tmp_path / "in.txt"),
+          "--out", str(tmp_path / "in.bin"), "--quiet"])
+    assert np.fromfile(tmp_path / "in.bin", dtype=np.uint32).tolist() == [70000, 98, 97, 32, 99, 70000]
+    assert json.loads((tmp_path / "in.bin.json").read_text())["dtype"] == "uint32"
+
+
+def _exit_2(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv + (["--quiet"] if argv[0] == "encode" else []))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_exit_2(tokdir, corpus, tmp_path, capsys):
+    missing = tmp_path / "missing.txt"
+    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(missing), "--out", str(tmp_path / "x.bin")], capsys)
+    assert str(missing) in err
+    assert not (tmp_path / "x.bin").exists()
+    err = _exit_2(["encode", "--tokenizer", str(tmp_path / "nodir"), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    assert "nodir" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "vocab.json").write_text('{"a": 0,', encoding="utf-8")
+    (broken / "merges.txt").write_text("", encoding="utf-8")
+    err = _exit_2(["encode", "--tokenizer", str(broken), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    assert "vocab.json:1" in err
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 10)
+    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(latin1), "--out", str(tmp_path / "y.bin")], capsys)
+    assert str(latin1) in err and "at byte 3" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "latin1.txt"]
+    err = _exit_2(["train", "--input", str(corpus), "--vocab-size", "200", "--out", str(tmp_path / "t")], capsys)
+    assert "--vocab-size 200" in err
+    err = _exit_2(["train", "--input", str(missing), "--vocab-size", "300", "--out", str(tmp_path / "t")], capsys)
+    assert str(missing) in err
+    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(corpus), "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
+    assert "workers" in err
+
+
+def test_module_entry_point(tokdir, corpus, tmp_path):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "cs336.tokenizer", "encode", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--workers" in help_text
+    run = subprocess.run(
+        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tokdir), "--input", str(corpus),
+         "--out", str(tmp_path / "c.bin"), "--workers", "2", "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "bytes/token" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tokdir), "--input",
+         str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d.bin")],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "nope.txt" in bad.stderr and "Traceback" not in bad.stderr
