@@ -247,15 +247,15 @@ class DataConfig:
 class RunConfig:
     out_dir: str | None = None
     """Run directory; None means runs/<UTC timestamp>."""
-    max_steps: int = 600
+    max_steps: int = 400
     """Optimizer steps of the run."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Global batch (sequences per step), split evenly over data-parallel ranks."""
     context_length: int | None = None
     """Training sequence length; None means model.context_length (it may not exceed it)."""
     eval_interval: int = 100
     """Validate every N steps (and at the last step)."""
-    eval_batches: int = 16
+    eval_batches: int = 8
     """Validation batches per evaluation, taken in order from the start of the valid file."""
     log_interval: int = 10
     """Write a metrics line every N steps."""
@@ -349,7 +349,7 @@ SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "tra
 
 def demo_model() -> ModelConfig:
     """The main job's model: small enough to learn the embedded corpus on 2 CPU cores in minutes."""
-    return ModelConfig(vocab_size=2048, context_length=128, d_model=128, num_layers=4, num_heads=4,
+    return ModelConfig(vocab_size=1024, context_length=128, d_model=128, num_layers=4, num_heads=4,
                        d_ff=384, rope_theta=10_000.0)
 
 

@@ -1,0 +1,145 @@
+"""Data preparation for a training run: corpus, tokenizer, token files, and their checks.
+
+``prepare_data(cfg, run_dir, info, say)`` returns ``(train_tokens, valid_tokens, tokenizer)``.
+Rank 0 does the work, the other ranks wait at a barrier and then open the same files:
+
+1. Text: the embedded story corpus (``cs336.corpus``, written to ``DIR/data``), the user's
+   ``--train-text/--valid-text`` files, or ``--dataset`` downloads (``cs336.datasets``).
+   Pre-encoded ``data.train_tokens/valid_tokens`` skip steps 1-3.
+2. Tokenizer: ``data.tokenizer_dir`` if given, else byte-level BPE trained with
+   ``model.vocab_size`` entries on the first ``data.tokenizer_sample_mb`` MB of the training
+   text (cut after a document separator); saved as ``DIR/tokenizer/{vocab.json,merges.txt}``.
+3. Encoding: ``cs336.tokenizer.encode_file.encode_file`` writes ``DIR/data/{train,valid}.bin``
+   with their ``.json`` sidecars (worker processes for texts above ``PARALLEL_ENCODE_BYTES``).
+4. Checks, on every rank: each token file is non-empty, holds at least one training window, and
+   no id reaches ``model.vocab_size`` (a file encoded with another tokenizer or read with the
+   wrong dtype fails here with a message naming it).
+
+A resumed run finds the tokenizer and token files in ``DIR`` and reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cs336 import corpus
+from cs336 import distributed as dist_utils
+from cs336.config import ConfigError, TrainConfig
+from cs336.data import TokenFileError, load_tokens, sidecar_path
+from cs336.run_dir import RunDir
+from cs336.tokenizer import Tokenizer
+from cs336.tokenizer.encode_file import encode_file
+from cs336.tokenizer.gpt2_files import load_vocab_merges, save_vocab_merges
+
+PARALLEL_ENCODE_BYTES = 64_000_000
+"""Texts larger than this are encoded by one worker process per CPU (up to 8); smaller ones
+finish in seconds in this process, where starting workers would cost more than it saves."""
+
+
+def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
+    source = cfg.data.source
+    if source == "text":
+        paths = (Path(cfg.data.train_text), Path(cfg.data.valid_text))
+        for flag, p in zip(("--train-text", "--valid-text"), paths):
+            if not p.is_file():
+                raise ConfigError(f"{flag} {p} does not exist; pass the path of a UTF-8 text file")
+            if p.stat().st_size == 0:
+                raise ConfigError(f"{flag} {p} is empty; pass a file with text in it")
+        return paths
+    if source == "embedded":
+        train, valid = rd.data / "train.txt", rd.data / "valid.txt"
+        if not (train.is_file() and valid.is_file()):
+            say(f"writing the embedded story corpus ({cfg.data.corpus_mb} MB) to {rd.data}")
+            corpus.write_corpus(rd.data, cfg.data.corpus_mb, cfg.data.corpus_seed)
+        return train, valid
+    from cs336.datasets import fetch
+
+    return fetch(source, cfg.data.data_dir, base_url=cfg.data.dataset_base_url)
+
+
+def _tokenizer_sample(train_text: Path, rd: RunDir, megabytes: float | None, separator: str) -> Path:
+    """The training text itself, or its first ``megabytes`` MB cut after a document separator."""
+    limit = None if megabytes is None else int(megabytes * 1_000_000)
+    if limit is None or train_text.stat().st_size <= limit:
+        return train_text
+    with open(train_text, encoding="utf-8", errors="replace") as fh:
+        head = fh.read(limit)
+    cut = head.rfind(separator)
+    sample = head[: cut + len(separator)] if cut > 0 else head
+    out = rd.data / "tokenizer_sample.txt"
+    out.write_text(sample, encoding="utf-8")
+    return out
+
+
+def _tokenizer(cfg: TrainConfig, rd: RunDir, train_text: Path | None, say) -> Tokenizer:
+    specials = list(cfg.data.special_tokens)
+    if cfg.data.tokenizer_dir is not None:
+        src = Path(cfg.data.tokenizer_dir)
+        for name in ("vocab.json", "merges.txt"):
+            if not (src / name).is_file():
+                raise ConfigError(f"data.tokenizer_dir {src} has no {name}; point it at a directory "
+                                  "holding vocab.json and merges.txt")
+            if (src / name).resolve() != (rd.tokenizer / name).resolve():
+                shutil.copyfile(src / name, rd.tokenizer / name)
+    elif not (rd.vocab_path.is_file() and rd.merges_path.is_file()):
+        from cs336.tokenizer.train_bpe import train_bpe
+
+        sample = _tokenizer_sample(train_text, rd, cfg.data.tokenizer_sample_mb, specials[0])
+        say(f"training a {cfg.model.vocab_size}-token BPE tokenizer on {sample} "
+            f"({sample.stat().st_size / 1e6:.1f} MB)")
+        vocab, merges = train_bpe(str(sample), cfg.model.vocab_size, specials)
+        save_vocab_merges(vocab, merges, rd.vocab_path, rd.merges_path)
+    vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
+    tokenizer = Tokenizer(vocab, merges, specials)
+    if len(tokenizer.vocab) > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer in {rd.tokenizer} has {len(tokenizer.vocab)} tokens but "
+                          f"model.vocab_size is {cfg.model.vocab_size}; set --model.vocab_size="
+                          f"{len(tokenizer.vocab)} or use a smaller tokenizer")
+    return tokenizer
+
+
+def check_tokens(tokens: np.ndarray, path: Path, cfg: TrainConfig) -> None:
+    """Raise TokenFileError if ``tokens`` cannot feed this model (see the module docstring)."""
+    need = cfg.context_length + 1
+    if len(tokens) < need:
+        raise TokenFileError(f"token file {path} holds {len(tokens)} tokens, fewer than one window of "
+                             f"context_length + 1 = {need}; use more text or a shorter "
+                             "--train.context_length")
+    top = 0
+    for start in range(0, len(tokens), 1 << 24):
+        top = max(top, int(np.asarray(tokens[start:start + (1 << 24)]).max()))
+    if top >= cfg.model.vocab_size:
+        raise TokenFileError(f"token file {path} holds id {top}, beyond model.vocab_size="
+                             f"{cfg.model.vocab_size}: it was encoded with another tokenizer or is read "
+                             "with the wrong dtype; re-encode it or fix its .json sidecar")
+
+
+def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
+    if cfg.data.source == "tokens":
+        paths = (Path(cfg.data.train_tokens), Path(cfg.data.valid_tokens))
+        if info.is_main:
+            _tokenizer(cfg, rd, None, say)
+    else:
+        paths = (rd.data / "train.bin", rd.data / "valid.bin")
+        if info.is_main:
+            train_text, valid_text = _text_paths(cfg, rd, say)
+            tokenizer = _tokenizer(cfg, rd, train_text, say)
+            for text, path in zip((train_text, valid_text), paths):
+                if not (path.is_file() and sidecar_path(path).is_file()):
+                    say(f"encoding {text} -> {path}")
+                    big = text.stat().st_size > PARALLEL_ENCODE_BYTES
+                    workers = min(os.cpu_count() or 1, 8) if big else 1
+                    encode_file(text, path, tokenizer, workers=workers, progress=cfg.train.progress)
+    dist_utils.barrier(info)
+    vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
+    tokenizer = Tokenizer(vocab, merges, list(cfg.data.special_tokens))
+    arrays = []
+    for path in paths:
+        tokens = load_tokens(path)
+        check_tokens(tokens, path, cfg)
+        arrays.append(tokens)
+    return arrays[0], arrays[1], tokenizer
