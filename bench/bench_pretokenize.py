@@ -6,12 +6,14 @@ Providers: ``regex`` (``pretokenize_regex``, the definition), ``numba`` (``preto
 scanner plus building the list of ``str``), ``numba-bounds`` (``utf8_bounds``: the scanner alone,
 the form a byte-level encoder consumes). ``extra_info`` holds MB/s (UTF-8 bytes of input per
 second, at the fastest round) and ``speedup_vs_regex``, against a regex timing taken in the same
-session.
+session. The counting benchmark compares ``Counter(regex.findall(...))`` with ``pretoken_counts``
+(what a BPE trainer needs).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -60,4 +62,28 @@ def test_pretokenize_shakespeare(benchmark, provider, text, regex_seconds):
         input_bytes=n_bytes,
         mb_per_s=n_bytes / best / 1e6,
         speedup_vs_regex=regex_seconds / best,
+    )
+
+
+COUNTERS = {
+    "regex-counter": lambda text: Counter(pretokenize_regex(text)),
+    "numba-counts": pretok_numba.pretoken_counts,
+}
+
+
+@pytest.mark.parametrize("provider", list(COUNTERS))
+def test_count_pretokens_shakespeare(benchmark, provider, text):
+    fn = COUNTERS[provider]
+    fn(text)  # warm-up
+    start = time.perf_counter()
+    COUNTERS["regex-counter"](text)
+    baseline = time.perf_counter() - start
+    benchmark.pedantic(fn, args=(text,), rounds=5, iterations=1)
+    n_bytes = len(text.encode("utf-8"))
+    best = benchmark.stats.stats.min
+    benchmark.extra_info.update(
+        provider=provider,
+        input_bytes=n_bytes,
+        mb_per_s=n_bytes / best / 1e6,
+        speedup_vs_regex_counter=baseline / best,
     )

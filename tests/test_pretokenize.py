@@ -1,4 +1,5 @@
-"""The numba pre-tokenizer against ``regex.findall(GPT2_PATTERN, text)``.
+"""The numba pre-tokenizer against ``regex.findall(GPT2_PATTERN, text)`` (and its counts against
+``collections.Counter`` of that list).
 
 Hand-picked cases cover each alternative of the pattern and its interplay with the others; the
 shared fixtures and shakespeare.txt cover real text; hypothesis covers the rest of Unicode.
@@ -7,6 +8,7 @@ shared fixtures and shakespeare.txt cover real text; hypothesis covers the rest 
 from __future__ import annotations
 
 import os
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +107,9 @@ def _fast_paths(text: str) -> None:
     spans = [data[a:b] for a, b in zip(bounds.tolist(), bounds[1:].tolist())]
     assert spans == [t.encode("utf-8", "surrogatepass") for t in ref]
     assert pretok_numba.pretokenize_bytes(text) == spans
+    counts = pretok_numba.pretoken_counts(text)
+    assert counts == Counter(ref)
+    assert list(counts) == list(dict.fromkeys(ref))
 
 
 def test_reference_is_regex_findall():
@@ -137,6 +142,18 @@ def test_bounds_partition_the_bytes():
     assert bounds[0] == 0 and bounds[-1] == len(data)
     assert np.all(np.diff(bounds) > 0)
     assert pretok_numba.utf8_bounds("")[1].tolist() == [0]
+
+
+def test_counts_with_many_distinct_pretokens():
+    """Enough distinct pre-tokens to grow the hash table and its arena several times."""
+    rng = np.random.default_rng(1)
+    alphabet = list("abcdefgh\u00e9\u4e2d'0 ")
+    words = ["".join(rng.choice(alphabet, size=rng.integers(1, 9))) for _ in range(30000)]
+    text = " ".join(words + words[:5000])
+    ref = pretokenize_regex(text)
+    assert len(set(ref)) > 5000
+    assert pretok_numba.pretoken_counts(text) == Counter(ref)
+    assert pretokenize(text) == ref
 
 
 def test_kind_table_matches_regex_on_sampled_code_points():
@@ -179,7 +196,8 @@ def test_fresh_process_uses_caches(tmp_path):
     code = (
         "from cs336.tokenizer import pretok_numba as P;"
         "assert P.pretokenize_fast('a b ' * 40) == ['a'] + [' b', ' a'] * 39 + [' b', ' '];"
-        "print(sum(P.scan_bounds.stats.cache_misses.values()), sum(P._join.stats.cache_misses.values()))"
+        "assert P.pretoken_counts('a b ' * 40) == {'a': 1, ' b': 40, ' a': 39, ' ': 1};"
+        "print(*(sum(f.stats.cache_misses.values()) for f in (P.scan_bounds, P._join, P.count_spans)))"
     )
     env = dict(os.environ, CS336_CACHE_DIR=str(tmp_path))
     run = lambda: subprocess.run(  # noqa: E731
@@ -188,7 +206,7 @@ def test_fresh_process_uses_caches(tmp_path):
     )
     run()
     assert len(list(tmp_path.glob("*.npy"))) == 1
-    assert run().stdout.split() == ["0", "0"], "numba recompiled instead of loading its cache"
+    assert run().stdout.split() == ["0", "0", "0"], "numba recompiled instead of loading its cache"
 
 
 def test_split_on_special_then_pretokenize():
@@ -218,7 +236,9 @@ def test_shakespeare(shared_dir):
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     text = path.read_text(encoding="utf-8")
-    assert pretokenize(text) == pretokenize_regex(text)
+    ref = pretokenize_regex(text)
+    assert pretokenize(text) == ref
+    assert pretok_numba.pretoken_counts(text) == Counter(ref)
 
 
 # Characters the pattern treats specially, weighted up against the rest of Unicode.

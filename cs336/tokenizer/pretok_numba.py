@@ -26,8 +26,12 @@ code point, 1.1 MB) is built in about 30 ms and cached as ``.npy`` under ``$CS33
 (default ``$XDG_CACHE_HOME/cs336`` or ``~/.cache/cs336``), keyed by the ``regex`` version.
 
 The scanner reads the UTF-8 encoding of the text and returns byte boundaries, the form a byte
-level encoder needs. Strings with lone surrogates (which ``regex`` accepts) are encoded with
-``surrogatepass``, so those boundaries still fall between characters.
+level encoder needs (``utf8_bounds``). Strings with lone surrogates (which ``regex`` accepts) are
+encoded with ``surrogatepass``, so those boundaries still fall between characters. The list of
+``str`` (``pretokenize_fast``) is made by inserting a separator character absent from the text
+at every boundary and calling ``str.split``, which builds the strings in C. ``pretoken_counts``
+counts the distinct pre-tokens in numba (a hash table over the byte spans), so only distinct
+pre-tokens become Python strings: the form a BPE trainer needs.
 """
 
 from __future__ import annotations
@@ -212,6 +216,89 @@ def _join(buf, bounds, sep):
     return out
 
 
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)  # 64-bit FNV-1a constants (Fowler, Noll, Vo)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+@njit(cache=True, nogil=True)
+def _grow(arr, need):
+    """``arr`` itself when it holds ``need`` items, else a copy with at least twice the room."""
+    if need <= arr.shape[0]:
+        return arr
+    out = np.empty(max(need, 2 * arr.shape[0]), dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+@njit(cache=True, nogil=True)
+def count_spans(buf, bounds):
+    """``(first, counts)``: for each distinct byte string among the spans
+    ``buf[bounds[k]:bounds[k + 1]]``, the index k of its first occurrence and its number of
+    occurrences, in order of first occurrence.
+
+    An open-addressing hash table (FNV-1a hashes, linear probing) that doubles when half full;
+    the distinct spans are copied into a compact arena so that comparisons stay in cache. Memory
+    is proportional to the distinct spans, not to the text.
+    """
+    n_tok = bounds.shape[0] - 1
+    cap = 1024
+    slots = np.full(cap, -1, dtype=np.int64)  # unique index per slot, -1 when empty
+    first = np.empty(256, dtype=np.int64)
+    counts = np.empty(256, dtype=np.int64)
+    hashes = np.empty(256, dtype=np.uint64)
+    arena_at = np.empty(257, dtype=np.int64)  # unique u is arena[arena_at[u]:arena_at[u + 1]]
+    arena = np.empty(4096, dtype=np.uint8)
+    arena_at[0] = 0
+    n_uniq = 0
+    for k in range(n_tok):
+        a = bounds[k]
+        b = bounds[k + 1]
+        h = _FNV_OFFSET
+        for p in range(a, b):
+            h = (h ^ np.uint64(buf[p])) * _FNV_PRIME
+        pos = np.int64(h & np.uint64(cap - 1))
+        found = -1
+        while slots[pos] >= 0:
+            u = slots[pos]
+            if hashes[u] == h:
+                c = arena_at[u]
+                if arena_at[u + 1] - c == b - a:
+                    same = True
+                    for q in range(b - a):
+                        if arena[c + q] != buf[a + q]:
+                            same = False
+                            break
+                    if same:
+                        found = u
+                        break
+            pos = (pos + 1) & (cap - 1)
+        if found >= 0:
+            counts[found] += 1
+            continue
+        first = _grow(first, n_uniq + 1)
+        counts = _grow(counts, n_uniq + 1)
+        hashes = _grow(hashes, n_uniq + 1)
+        arena_at = _grow(arena_at, n_uniq + 2)
+        end = arena_at[n_uniq] + b - a
+        arena = _grow(arena, end)
+        arena[arena_at[n_uniq]:end] = buf[a:b]
+        arena_at[n_uniq + 1] = end
+        first[n_uniq] = k
+        counts[n_uniq] = 1
+        hashes[n_uniq] = h
+        slots[pos] = n_uniq
+        n_uniq += 1
+        if 2 * n_uniq > cap:
+            cap *= 2
+            slots = np.full(cap, -1, dtype=np.int64)
+            for v in range(n_uniq):
+                pos = np.int64(hashes[v] & np.uint64(cap - 1))
+                while slots[pos] >= 0:
+                    pos = (pos + 1) & (cap - 1)
+                slots[pos] = v
+    return first[:n_uniq].copy(), counts[:n_uniq].copy()
+
+
 def encode_utf8(text: str) -> bytes:
     """UTF-8 bytes of ``text``; lone surrogates are kept with ``surrogatepass``."""
     try:
@@ -253,3 +340,16 @@ def pretokenize_fast(text: str) -> list[str]:
             return joined.decode("utf-8", "surrogatepass").split(sep)
     edges = bounds.tolist()
     return [data[a:b].decode("utf-8", "surrogatepass") for a, b in zip(edges, edges[1:])]
+
+
+def pretoken_counts(text: str) -> dict[str, int]:
+    """Occurrences of each GPT-2 pre-token of ``text``, equal to
+    ``collections.Counter(regex.findall(GPT2_PATTERN, text))``; keys in order of first occurrence.
+    Only the distinct pre-tokens become Python strings."""
+    data, bounds = utf8_bounds(text)
+    first, counts = count_spans(np.frombuffer(data, dtype=np.uint8), bounds)
+    starts = bounds[first].tolist()
+    ends = bounds[first + 1].tolist()
+    return {
+        data[a:b].decode("utf-8", "surrogatepass"): c for a, b, c in zip(starts, ends, counts.tolist())
+    }
