@@ -41,6 +41,21 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """fp32 x rounded to nearest-even in DTYPE, returned as fp32 (exactly representable in DTYPE).
+
+    bf16 is rounded with integer ops because Triton's CPU interpreter truncates fp32 -> bf16
+    casts; on a GPU this equals ``x.to(tl.bfloat16)``. NaN and inf are preserved.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _adamw_kernel(
     table_ptr,  # (T, 4) int64: addresses of p, g, m, v of each tensor
     first_block_ptr,  # (T + 1,) int64: index of each tensor's first block; last entry = total
@@ -78,18 +93,20 @@ def _adamw_kernel(
     mask = offs < tl.load(numel_ptr + t)
 
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(M_DTYPE).to(tl.float32)
+    g = _round(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), M_DTYPE)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = (beta1 * m + one_minus_beta1 * g).to(M_DTYPE)
-    v = (beta2 * v + one_minus_beta2 * g * g).to(V_DTYPE)
-    update = tl.div_rn(m.to(tl.float32), tl.sqrt_rn(v.to(tl.float32)) + eps)
-    # Round where the reference's in-place ops on p round: the step, p, then the decay term.
-    p = (p - (step_size * update).to(P_DTYPE).to(tl.float32)).to(P_DTYPE).to(tl.float32)
-    p = p - (p * decay).to(P_DTYPE).to(tl.float32)
+    # Round wherever the reference's tensor ops round (no-ops for fp32 state), so half-precision
+    # state and parameters follow the same trajectory.
+    m = _round(_round(beta1 * m, M_DTYPE) + one_minus_beta1 * g, M_DTYPE)
+    v = _round(_round(beta2 * v, V_DTYPE) + one_minus_beta2 * g * g, V_DTYPE)
+    denom = _round(_round(tl.sqrt_rn(v), V_DTYPE) + eps, V_DTYPE)
+    update = _round(step_size * _round(tl.div_rn(m, denom), M_DTYPE), M_DTYPE)
+    p = _round(p - _round(update, P_DTYPE), P_DTYPE)
+    p = _round(p - _round(p * decay, P_DTYPE), P_DTYPE)
     tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(m_ptr + offs, m.to(M_DTYPE), mask=mask)
+    tl.store(v_ptr + offs, v.to(V_DTYPE), mask=mask)
 
 
 @torch.library.custom_op("cs336_kernels::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))

@@ -1,0 +1,112 @@
+"""Multi-tensor AdamW Triton kernel vs ``cs336.ops.adamw_step_reference_`` over several steps."""
+
+import pytest
+import torch
+
+from cs336.ops import adamw_step_reference_
+from kernels._common import KernelInputError
+from kernels.adamw import BLOCK_SIZE, adamw_step_
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+# Tensors of many sizes: scalars, smaller than a block, a block boundary +- 1, several blocks,
+# an empty one, and ranks 0-4.
+SHAPES = [(), (1,), (5,), (BLOCK_SIZE - 1,), (BLOCK_SIZE + 1,), (37, 29), (0,), (3, 4, 5), (2, 3, 4, 5),
+          (3 * BLOCK_SIZE + 7,)]
+
+
+def make_state(shapes, p_dtype, state_dtype):
+    params = [torch.randn(s, device=DEVICE).to(p_dtype) for s in shapes]
+    exp_avgs = [torch.zeros(s, device=DEVICE, dtype=state_dtype) for s in shapes]
+    exp_avg_sqs = [torch.zeros(s, device=DEVICE, dtype=state_dtype) for s in shapes]
+    return params, exp_avgs, exp_avg_sqs
+
+
+def clone_all(tensors):
+    return [t.clone() for t in tensors]
+
+
+def run_steps(parity, p_dtype, state_dtype, steps, shapes=SHAPES, hyper=HYPER, op=None):
+    params, ms, vs = make_state(shapes, p_dtype, state_dtype)
+    ref_params, ref_ms, ref_vs = clone_all(params), clone_all(ms), clone_all(vs)
+    for step in range(1, steps + 1):
+        grads = [torch.randn(p.shape, device=DEVICE).to(p_dtype) for p in params]
+        adamw_step_(params, grads, ms, vs, step=step, **hyper)
+        adamw_step_reference_(ref_params, grads, ref_ms, ref_vs, step=step, **hyper)
+    for i in range(len(params)):
+        shape = tuple(params[i].shape)
+        parity.assert_close(ms[i], ref_ms[i], f"adamw exp_avg {i} {shape}", dtype=state_dtype, op=op)
+        parity.assert_close(vs[i], ref_vs[i], f"adamw exp_avg_sq {i} {shape}", dtype=state_dtype, op=op)
+        parity.assert_close(params[i], ref_params[i], f"adamw param {i} {shape} after {steps} steps",
+                            dtype=p_dtype, op=op)
+    return params
+
+
+def test_adamw_fp32_tracks_reference_over_steps(parity):
+    params = run_steps(parity, torch.float32, torch.float32, steps=5)
+    assert all(p.isfinite().all() for p in params)
+
+
+@pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_adamw_half_params_fp32_state_track_reference(parity, p_dtype):
+    run_steps(parity, p_dtype, torch.float32, steps=3)
+
+
+def test_adamw_bf16_state(parity):
+    run_steps(parity, torch.bfloat16, torch.bfloat16, steps=3, op="adamw_bf16_state")
+
+
+def test_adamw_mixed_dtype_groups_in_one_call(parity):
+    # Tensors of different dtypes are grouped into one launch per dtype combination.
+    p32, p16 = torch.randn(50, device=DEVICE), torch.randn(30, device=DEVICE).bfloat16()
+    params = [p32, p16]
+    ms = [torch.zeros_like(p32), torch.zeros(30, device=DEVICE)]
+    vs = [torch.zeros_like(p32), torch.zeros(30, device=DEVICE)]
+    ref = clone_all(params), clone_all(ms), clone_all(vs)
+    grads = [torch.randn_like(p32), torch.randn(30, device=DEVICE).bfloat16()]
+    adamw_step_(params, grads, ms, vs, step=1, **HYPER)
+    adamw_step_reference_(*ref[:1], grads, *ref[1:], step=1, **HYPER)
+    for a, b, name in zip(params + ms + vs, ref[0] + ref[1] + ref[2], ["p32", "p16", "m32", "m16", "v32", "v16"]):
+        parity.assert_close(a, b, f"adamw mixed {name}")
+
+
+def test_adamw_decay_applies_to_updated_param(parity):
+    # With a zero gradient, m = v = 0 and the update is 0: p becomes p * (1 - lr * wd) exactly.
+    p = torch.randn(100, device=DEVICE)
+    expected = p - p * (HYPER["lr"] * HYPER["weight_decay"])
+    adamw_step_([p], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)], step=1, **HYPER)
+    parity.assert_close(p, expected, "adamw decay-only step")
+
+
+def test_adamw_non_contiguous_tensors_are_updated_in_place(parity):
+    base = torch.randn(40, 30, device=DEVICE)
+    p = base.t()  # (30, 40) transposed view of base
+    m, v = torch.zeros(40, 30, device=DEVICE).t(), torch.zeros(40, 30, device=DEVICE).t()
+    ref_p, ref_m, ref_v = p.clone(), m.clone(), v.clone()
+    g = torch.randn(30, 40, device=DEVICE)
+    adamw_step_([p], [g], [m], [v], step=3, **HYPER)
+    adamw_step_reference_([ref_p], [g], [ref_m], [ref_v], step=3, **HYPER)
+    parity.assert_close(base.t(), ref_p, "adamw non-contiguous param (through its base)")
+    parity.assert_close(m, ref_m, "adamw non-contiguous exp_avg")
+    parity.assert_close(v, ref_v, "adamw non-contiguous exp_avg_sq")
+
+
+def test_adamw_rejects_bad_inputs():
+    p = torch.zeros(4, device=DEVICE)
+    with pytest.raises(KernelInputError, match="equal lengths"):
+        adamw_step_([p], [], [p.clone()], [p.clone()], step=1, **HYPER)
+    with pytest.raises(KernelInputError, match="must match param 0"):
+        adamw_step_([p], [torch.zeros(5, device=DEVICE)], [p.clone()], [p.clone()], step=1, **HYPER)
+    with pytest.raises(KernelInputError, match="dtype float64"):
+        adamw_step_([p.double()], [p.double()], [p.double()], [p.double()], step=1, **HYPER)
+    with pytest.raises(KernelInputError, match="step counts from 1"):
+        adamw_step_([p], [p.clone()], [p.clone()], [p.clone()], step=0, **HYPER)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_adamw_cuda_many_tensors(parity):
+    shapes = [(768, 768)] * 24 + [(768,)] * 48 + [(50257, 768), (3, 5), ()]
+    run_steps(parity, torch.float32, torch.float32, steps=10, shapes=shapes)
+    run_steps(parity, torch.bfloat16, torch.float32, steps=1, shapes=shapes)
