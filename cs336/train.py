@@ -330,7 +330,7 @@ def _finish(cfg: TrainConfig, rd: RunDir, model, tokenizer, summary: dict, say) 
 
     if rd.metrics_file.is_file():
         plot_losses(rd.metrics_file, rd.plot_file, title=rd.path.name)
-    if cfg.train.sample_tokens > 0:
+    if cfg.train.sample_tokens > 0 and not summary["interrupted"]:
         text = generate_text(model, tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
                              temperature=cfg.train.sample_temperature, top_p=cfg.train.sample_top_p,
                              seed=cfg.train.seed)
