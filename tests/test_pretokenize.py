@@ -171,6 +171,18 @@ def test_kind_table_matches_regex_on_sampled_code_points():
         assert expected_kind[kind].fullmatch(chr(cp)), f"U+{cp:04X} classified as kind {kind}"
 
 
+def test_kind_table_other_class_over_all_code_points():
+    """KIND_OTHER is exactly regex's ``[^\\s\\p{L}\\p{N}]`` (the class of alternative 4)."""
+    every = np.arange(pretok_numba.N_CODE_POINTS, dtype=np.uint32).tobytes().decode(
+        "utf-32-le", "surrogatepass"
+    )
+    other = np.zeros(pretok_numba.N_CODE_POINTS, dtype=bool)
+    for m in regex.finditer(r"[^\s\p{L}\p{N}]+", every):
+        other[m.start():m.end()] = True
+    assert np.array_equal(pretok_numba.kind_table() == pretok_numba.KIND_OTHER, other)
+    assert 0.5 < other.mean() < 0.95  # unassigned and private-use code points are "other"
+
+
 def test_kind_table_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CS336_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(pretok_numba, "_TABLE", None)
@@ -200,10 +212,13 @@ def test_fresh_process_uses_caches(tmp_path):
         "print(*(sum(f.stats.cache_misses.values()) for f in (P.scan_bounds, P._join, P.count_spans)))"
     )
     env = dict(os.environ, CS336_CACHE_DIR=str(tmp_path))
-    run = lambda: subprocess.run(  # noqa: E731
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-        cwd=Path(pretok_numba.__file__).parents[2],
-    )
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+            cwd=Path(pretok_numba.__file__).parents[2],
+        )
+
     run()
     assert len(list(tmp_path.glob("*.npy"))) == 1
     assert run().stdout.split() == ["0", "0", "0"], "numba recompiled instead of loading its cache"

@@ -3,7 +3,7 @@
 The pattern is GPT-2's (Radford et al. 2019, as given in the CS336 handout). ``pretokenize`` is
 the one entry point the trainer and the encoder use. ``pretokenize_regex`` (``regex.findall``) is
 the definition; ``pretokenize`` returns the same list, computed by the numba scanner in
-``pretok_numba`` for texts of ``FAST_MIN_CHARS`` characters or more (about 8x faster on
+``pretok_numba`` for texts of ``FAST_MIN_CHARS`` characters or more (3-4x faster on
 shakespeare.txt) and by the regex below that, where the scanner's fixed cost of a few
 microseconds per call is larger than the regex's work. ``pretok_numba`` (and with it numba) is
 imported on the first long text only, so short-text users do not pay for it.
