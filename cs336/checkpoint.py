@@ -79,12 +79,14 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- RNG
 
 def rng_state() -> dict[str, Any]:
-    """Torch (CPU and CUDA), numpy and Python RNG states, as weights_only-loadable values."""
+    """Torch (CPU and current CUDA device), numpy and Python RNG states, weights_only-loadable."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only the current device: touching the others would create a CUDA context on every
+        # GPU from every data-parallel rank.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
                   "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
@@ -94,7 +96,7 @@ def rng_state() -> dict[str, Any]:
 
 def restore_rng_state(d: dict[str, Any]) -> None:
     """Restore the RNG states saved by ``save_checkpoint``; ``d`` is the loaded checkpoint dict
-    or its ``"rng"`` entry. CUDA states are restored for as many devices as both sides have."""
+    or its ``"rng"`` entry. The CUDA state is that of the current device on both sides."""
     rng = d.get("rng", d) if isinstance(d, dict) else None
     if not isinstance(rng, dict) or "torch" not in rng:
         raise CheckpointError("restore_rng_state: no RNG states in this checkpoint (it was not written "
@@ -102,8 +104,7 @@ def restore_rng_state(d: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"].to(torch.uint8))
     cuda_states = rng.get("cuda") or []
     if cuda_states and torch.cuda.is_available():
-        for i, state in enumerate(cuda_states[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, device=i)
+        torch.cuda.set_rng_state(cuda_states[0].to(torch.uint8))
     nps = rng.get("numpy")
     if nps is not None:
         np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"],
