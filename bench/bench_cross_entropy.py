@@ -1,0 +1,53 @@
+"""Cross-entropy over given logits, and the fused LM head + cross-entropy.
+
+``cross_entropy``: mean loss of (M, V) logits (memory-bound). ``linear_cross_entropy``: the loss
+of ``h @ W.T`` for h (M, K) and W (V, K); the reference materializes the (M, V) logits, the
+Triton path does not, and the matmul makes it compute-bound at model sizes.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPE, PASSES, PROVIDERS, provider_fn, skip_unavailable
+
+from cs336 import nn_utils, ops
+
+pytestmark = pytest.mark.bench
+
+# name: (rows M, vocab V, GPU only). small: 8 x 256 TinyStories tokens, vocab 10,000.
+CE_SHAPES = {"tiny": (64, 1000, False), "small": (2048, 10_000, False), "large": (8192, 50_257, True)}
+# name: (rows M, hidden K, vocab V, GPU only). large: 8 x 1024 GPT-2-small tokens.
+LCE_SHAPES = {"tiny": (64, 64, 1000, False), "small": (1024, 512, 10_000, False),
+              "large": (8192, 768, 50_257, True)}
+
+
+def _targets(M: int, V: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, V, (M,), generator=gen).to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", list(CE_SHAPES))
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_cross_entropy(bench, peak, provider, which, shape):
+    M, V, gpu_only = CE_SHAPES[shape]
+    skip_unavailable(provider, gpu_only)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    logits = (4 * torch.randn(M, V, generator=gen)).to(DEVICE, DTYPE).requires_grad_()
+    targets = _targets(M, V, gen)
+    forward = provider_fn(provider, lambda z: nn_utils.cross_entropy(z, targets),
+                          lambda z: ops.cross_entropy(z, targets))
+    bench.op("cross_entropy", provider, which, shape, forward, (logits,), peak, M=M, N=V)
+
+
+@pytest.mark.parametrize("shape", list(LCE_SHAPES))
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_linear_cross_entropy(bench, peak, provider, which, shape):
+    M, K, V, gpu_only = LCE_SHAPES[shape]
+    skip_unavailable(provider, gpu_only)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(M, K, generator=gen).to(DEVICE, DTYPE).requires_grad_()
+    weight = (torch.randn(V, K, generator=gen) / K**0.5).to(DEVICE, DTYPE).requires_grad_()
+    targets = _targets(M, V, gen)
+    forward = provider_fn(provider, lambda h, w: ops.linear_cross_entropy_reference(h, w, targets),
+                          lambda h, w: ops.linear_cross_entropy(h, w, targets))
+    bench.op("linear_cross_entropy", provider, which, shape, forward, (h, weight), peak, M=M, N=V, K=K)
