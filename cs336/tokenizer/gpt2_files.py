@@ -55,10 +55,23 @@ def token_to_str(token: bytes) -> str:
     return "".join(table[b] for b in token)
 
 
+@lru_cache(maxsize=1)
+def _to_latin1_table() -> dict[int, str]:
+    """str.translate table: alphabet character -> chr(its byte); any other character below 256
+    -> U+FFFF, which latin-1 cannot encode (so such characters fail instead of passing through)."""
+    table = {ord(c): chr(b) for c, b in unicode_to_bytes().items()}
+    for code in range(256):
+        table.setdefault(code, "\uffff")
+    return table
+
+
 def str_to_token(text: str) -> bytes:
     """Bytes of a GPT-2 file spelling; KeyError on a character outside the 256-character map."""
-    table = unicode_to_bytes()
-    return bytes(table[c] for c in text)
+    try:
+        return text.translate(_to_latin1_table()).encode("latin-1")
+    except UnicodeEncodeError:
+        table = unicode_to_bytes()
+        return bytes(table[c] for c in text)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
