@@ -19,7 +19,8 @@ logits = h_c @ W.T (cuBLAS); the kernel computes the loss and overwrites the chu
 their gradient in place; then grad_h_c = grad_logits @ W and grad_W += grad_logits.T @ h_c. The
 gradients are computed in the forward and scaled by the upstream gradient in the backward.
 grad_W accumulates across chunks in W's dtype (one rounding per chunk in bf16, as Liger).
-Launchers are ``torch.library.triton_op`` custom ops.
+Launchers are ``torch.library.triton_op`` custom ops; the fused op carries a FLOP formula so
+``FlopCounterMode`` counts its three matmuls.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from torch.utils.flop_counter import register_flop_formula
 
 from kernels._common import KernelInputError, calculate_settings, check_same_device, check_tensor
 
@@ -182,6 +184,14 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
     return loss.sum() / n_valid, grad_h, grad_w
 
 
+@register_flop_formula(torch.ops.cs336_kernels.linear_cross_entropy_fwd, get_raw=True)
+def _linear_cross_entropy_flops(h, weight, targets, ignore_index, chunk_rows, with_grad, *, out_val=None) -> int:
+    """Matmul FLOPs of the op for FlopCounterMode: logits, plus grad_h and grad_W with the grads."""
+    M, C = h.shape
+    V = weight.shape[0]
+    return (6 if with_grad else 2) * M * C * V
+
+
 def _flatten(logits_or_h: torch.Tensor, targets: torch.Tensor, op: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous (M, last) view of the input and (M,) int64 targets, after validation."""
     check_tensor(logits_or_h, name, op)
@@ -224,8 +234,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                chunk_rows: int) -> torch.Tensor:
-        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+                chunk_rows: int, with_grad: bool) -> torch.Tensor:
         loss, grad_h, grad_w = linear_cross_entropy_fwd(h2, weight, targets, ignore_index, chunk_rows, with_grad)
         ctx.save_for_backward(grad_h, grad_w)
         return loss
@@ -236,7 +245,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad = grad.to(grad_h.dtype)
         dh = grad_h * grad if ctx.needs_input_grad[0] else None
         dw = grad_w * grad if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -266,4 +275,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(M, V, C)
     if rows < 1:
         raise KernelInputError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
-    return LinearCrossEntropyFunction.apply(h2, weight.contiguous(), targets1, ignore_index, rows)
+    # Under no_grad (evaluation) the chunks compute the loss only.
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return LinearCrossEntropyFunction.apply(h2, weight.contiguous(), targets1, ignore_index, rows, with_grad)
