@@ -158,9 +158,7 @@ class TransformerLM(nn.Module):
     def forward(self, token_ids: torch.Tensor,
                 token_positions: torch.Tensor | None = None) -> torch.Tensor:
         """token_ids: (..., T) with T <= context_length -> logits (..., T, vocab_size)."""
-        h = self.hidden_states(token_ids, token_positions)
-        with ops.use_backend(self.kernels):
-            return self.lm_head(h)
+        return self.lm_head(self.hidden_states(token_ids, token_positions))
 
     def loss(self, token_ids: torch.Tensor, targets: torch.Tensor,
              ignore_index: int = -100) -> torch.Tensor:
