@@ -209,7 +209,8 @@ def test_fresh_process_uses_caches(tmp_path):
         "from cs336.tokenizer import pretok_numba as P;"
         "assert P.pretokenize_fast('a b ' * 40) == ['a'] + [' b', ' a'] * 39 + [' b', ' '];"
         "assert P.pretoken_counts('a b ' * 40) == {'a': 1, ' b': 40, ' a': 39, ' ': 1};"
-        "print(*(sum(f.stats.cache_misses.values()) for f in (P.scan_bounds, P._join, P.count_spans)))"
+        "fns = (P.scan_bounds, P._join, P.count_spans);"
+        "print(*(sum(f.stats.cache_misses.values()) for f in fns))"
     )
     env = dict(os.environ, CS336_CACHE_DIR=str(tmp_path))
 
@@ -258,7 +259,8 @@ def test_shakespeare(shared_dir):
 
 # Characters the pattern treats specially, weighted up against the rest of Unicode.
 _SPECIAL = list(
-    " '\t\n\r\x0b\x0c\x1c\x85\u00a0\u2009\u3000sdmtlvreSDLVR0\u0661\u00b2.,!?\u0301\u2019\ud800\udfff\x00"
+    " '\t\n\r\x0b\x0c\x1c\x85\u00a0\u2009\u3000sdmtlvreSDLVR0\u0661\u00b2.,!?\u0301\u2019"
+    "\ud800\udfff\x00"
 )
 _ALPHABET = st.one_of(
     st.sampled_from(_SPECIAL),
@@ -267,7 +269,10 @@ _ALPHABET = st.one_of(
     st.characters(),  # includes lone surrogates
 )
 _TEXT = st.lists(
-    st.one_of(st.text(_ALPHABET, max_size=6), st.sampled_from(["'s", "'ll", " 've", "  ", " \n", "\r\n"])),
+    st.one_of(
+        st.text(_ALPHABET, max_size=6),
+        st.sampled_from(["'s", "'ll", " 've", "  ", " \n", "\r\n"]),
+    ),
     max_size=40,
 ).map("".join)
 

@@ -110,7 +110,8 @@ def kind_table() -> np.ndarray:
     table = None
     try:
         loaded = np.load(path, allow_pickle=False)
-        if loaded.dtype == np.uint8 and loaded.shape == (N_CODE_POINTS,) and loaded.max() <= KIND_SPACE:
+        valid = loaded.dtype == np.uint8 and loaded.shape == (N_CODE_POINTS,)
+        if valid and loaded.max() <= KIND_SPACE:
             table = loaded
     except (OSError, ValueError):
         table = None
@@ -133,7 +134,11 @@ def _decode(buf, i):
     if b0 < 0xE0:
         return ((b0 & 0x1F) << 6) | (np.int64(buf[i + 1]) & 0x3F), 2
     if b0 < 0xF0:
-        return ((b0 & 0x0F) << 12) | ((np.int64(buf[i + 1]) & 0x3F) << 6) | (np.int64(buf[i + 2]) & 0x3F), 3
+        return (
+            ((b0 & 0x0F) << 12)
+            | ((np.int64(buf[i + 1]) & 0x3F) << 6)
+            | (np.int64(buf[i + 2]) & 0x3F)
+        ), 3
     return (
         ((b0 & 0x07) << 18)
         | ((np.int64(buf[i + 1]) & 0x3F) << 12)
@@ -144,7 +149,11 @@ def _decode(buf, i):
 
 @njit(cache=True, nogil=True)
 def scan_bounds(buf, kinds):
-    """Byte boundaries of the pre-tokens: int64 array [0, e1, e2, ..., len(buf)]."""
+    """Byte boundaries of the pre-tokens of ``buf``: int64 array [0, e1, e2, ..., len(buf)].
+
+    ``buf`` is a uint8 array of UTF-8 as ``encode_utf8`` makes it (a truncated or invalid
+    sequence is read past), ``kinds`` is ``kind_table()``. Callable from other numba code.
+    """
     n = buf.shape[0]
     bounds = np.empty(n + 1, dtype=np.int64)
     bounds[0] = 0
@@ -161,13 +170,17 @@ def scan_bounds(buf, kinds):
                 end = i + 2
             elif i + 2 < n:
                 c2 = buf[i + 2]
-                if (c1 == 0x6C and c2 == 0x6C) or (c1 == 0x76 and c2 == 0x65) or (c1 == 0x72 and c2 == 0x65):
-                    end = i + 3  # ll ve re
+                if (
+                    (c1 == 0x6C and c2 == 0x6C)  # ll
+                    or (c1 == 0x76 and c2 == 0x65)  # ve
+                    or (c1 == 0x72 and c2 == 0x65)  # re
+                ):
+                    end = i + 3
         if end < 0:
             j = i
             if cp == _SPACE and i + 1 < n:
                 # 2.-4. a U+0020 joins the run that the next character starts, if any
-                cp1, w1 = _decode(buf, i + 1)
+                cp1 = _decode(buf, i + 1)[0]
                 if kinds[cp1] != KIND_SPACE:
                     kind = kinds[cp1]
                     j = i + 1
@@ -351,5 +364,6 @@ def pretoken_counts(text: str) -> dict[str, int]:
     starts = bounds[first].tolist()
     ends = bounds[first + 1].tolist()
     return {
-        data[a:b].decode("utf-8", "surrogatepass"): c for a, b, c in zip(starts, ends, counts.tolist())
+        data[a:b].decode("utf-8", "surrogatepass"): c
+        for a, b, c in zip(starts, ends, counts.tolist())
     }
