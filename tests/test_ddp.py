@@ -1,0 +1,58 @@
+"""Two gloo ranks on the CPU train exactly like one process on the same global batch."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from cs336.config import apply_overrides, smoke_config
+from cs336.train import run
+
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(out_dir, data_dir):
+    return apply_overrides(smoke_config(), [
+        f"train.out_dir={out_dir}", f"train.max_steps={STEPS}", "train.log_interval=1",
+        f"train.eval_interval={STEPS}", "train.eval_batches=4", "train.batch_size=8",
+        "train.sample_tokens=0", "train.device=cpu", "train.threads=1",
+        f"data.train_tokens={data_dir}/data/train.bin", f"data.valid_tokens={data_dir}/data/valid.bin",
+        f"data.tokenizer_dir={data_dir}/tokenizer"])
+
+
+def _rank(rank: int, world: int, port: int, out_dir: str, data_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run(_cfg(out_dir, data_dir))
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("train_loss"), r.get("val_loss"), r.get("grad_norm")) for r in rows]
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    data = tmp_path / "data_run"
+    run(apply_overrides(smoke_config(), [f"train.out_dir={data}", "train.max_steps=1",
+                                         "train.sample_tokens=0", "data.corpus_mb=0.1"]))
+    single = tmp_path / "single"
+    run(_cfg(single, data))
+    ddp = tmp_path / "ddp"
+    mp.spawn(_rank, args=(2, _free_port(), str(ddp), str(data)), nprocs=2, join=True)
+    a, b = _losses(single), _losses(ddp)
+    assert [r[0] for r in a] == [r[0] for r in b] == list(range(STEPS + 1))
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra[1:], rb[1:]):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert y == pytest.approx(x, rel=1e-5), (ra, rb)
+    assert a[-1][1] < a[1][1]  # it trained
+    assert not (ddp / "checkpoints").exists() or (ddp / "checkpoints" / "latest").is_file()
