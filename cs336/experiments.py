@@ -135,7 +135,7 @@ def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out
     except cfglib.ConfigError as exc:
         raise sweep.SweepError(f"--set: {exc}") from None
     points = EXPERIMENTS[name].points(scaled)
-    planned = sweep.plan_sweep(scaled, points, [], out)
+    planned = sweep.share_data(sweep.plan_sweep(scaled, points, [], out), out)
     return sweep.run_and_report(planned, out)
 
 

@@ -15,7 +15,9 @@ and the sweep goes on; a run that fails for another reason is marked ``error`` w
 sweep exits with status 1 at the end. After every run the sweep rewrites ``summary.json``,
 ``summary.csv`` and ``summary.md`` (point, steps, final train/val loss, best val loss, tokens/s,
 wallclock, status) and ``curves.png`` (val loss of every run against step and against
-wallclock) in DIR. When wandb is enabled the runs share one wandb group (the sweep's directory
+wallclock) in DIR. Unless a point varies ``data.*`` or ``model.vocab_size``, the corpus, tokenizer and
+token files are prepared once, in ``DIR/_data``, and every run reads them (``--no-share-data``
+turns this off). When wandb is enabled the runs share one wandb group (the sweep's directory
 name unless the config names a group).
 
 A grid over ``train.batch_size`` keeps the number of training tokens fixed: the step counts
@@ -28,12 +30,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
-import io
 import itertools
 import json
-import math
 import os
 import re
 import subprocess
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cs336 import config as cfglib
+from cs336.sweep_report import finite, fmt, read_metrics, write_json, write_reports
 
 class SweepError(ValueError):
     """A sweep argument is invalid; the message names it and the fix."""
@@ -146,16 +146,40 @@ def plan_sweep(base: Any, points: Sequence[dict[str, str]], sets: Sequence[str],
     return planned
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+def varies_data(points: Sequence[dict[str, str]]) -> bool:
+    """Whether some point changes what the data preparation produces (corpus or tokenizer)."""
+    return any(k.startswith("data.") or k == "model.vocab_size" for p in points for k in p)
+
+
+def share_data(planned: Sequence[PlannedRun], out: Path, say=print) -> list[PlannedRun]:
+    """Prepare corpus, tokenizer and token files once in ``out/_data`` and point every run at them.
+
+    Returns the runs unchanged when they already train on token files or a point varies the data
+    (then each run prepares its own).
+    """
+    base = planned[0].config
+    if base.data.source == "tokens" or varies_data([r.point for r in planned]):
+        return list(planned)
+    from cs336.distributed import DistInfo
+    from cs336.prepare import prepare_data
+    from cs336.run_dir import RunDir
+
+    rd = RunDir(out / "_data")
+    rd.create()
+    prepare_data(base, rd, DistInfo(), say)
+    overrides = {"dataset": "embedded", "train_text": None, "valid_text": None,
+                 "train_tokens": str(rd.data / "train.bin"), "valid_tokens": str(rd.data / "valid.bin"),
+                 "tokenizer_dir": str(rd.tokenizer)}
+    return [dataclasses.replace(r, config=dataclasses.replace(
+        r.config, data=dataclasses.replace(r.config.data, **overrides))) for r in planned]
 
 
 def starting_loss(rows: Sequence[dict]) -> float | None:
     """The loss at initialization: the step-0 validation loss, else the first train loss logged."""
     for r in rows:
-        if r.get("step") == 0 and _finite(r.get("val_loss")):
+        if r.get("step") == 0 and finite(r.get("val_loss")):
             return r["val_loss"]
-    return next((r["train_loss"] for r in rows if _finite(r.get("train_loss"))), None)
+    return next((r["train_loss"] for r in rows if finite(r.get("train_loss"))), None)
 
 
 def classify(summary: dict, run_dir: Path) -> tuple[str, str]:
@@ -164,11 +188,11 @@ def classify(summary: dict, run_dir: Path) -> tuple[str, str]:
     if summary.get("interrupted"):
         return "interrupted", "stopped by a signal"
     final_train, final_val = summary.get("final_train_loss"), summary.get("final_val_loss")
-    if not _finite(final_train) or (final_val is not None and not _finite(final_val)):
+    if not finite(final_train) or (final_val is not None and not finite(final_val)):
         return "diverged", "non-finite loss"
     start = starting_loss(read_metrics(run_dir))
     for name, final in (("train", final_train), ("val", final_val)):
-        if start is not None and _finite(final) and final > start:
+        if start is not None and finite(final) and final > start:
             return "diverged", f"final {name} loss {final:.4g} above the starting loss {start:.4g}"
     return "ok", ""
 
@@ -194,7 +218,7 @@ def _row(run: PlannedRun, summary: dict, status: str, reason: str) -> dict:
     for key in ("steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
                 "wallclock_s"):
         value = summary.get(key)
-        row[key] = value if value is None or _finite(value) or isinstance(value, int) else None
+        row[key] = value if value is None or finite(value) or isinstance(value, int) else None
     return row
 
 
@@ -204,13 +228,7 @@ def _worker(spec_path: str) -> None:
     run = PlannedRun(spec["name"], spec["point"], cfglib.config_from_dict(spec["config"]),
                      Path(spec["run_dir"]))
     row = run_point(run)
-    _write_json(Path(spec["result"]), row)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(spec["result"]), row)
 
 
 def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Path,
@@ -228,7 +246,7 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
             index, run = pending.pop(0)
             spec = specs_dir / f"{index}.json"
             result = specs_dir / f"{index}.result.json"
-            _write_json(spec, {"name": run.name, "point": run.point, "run_dir": str(run.run_dir),
+            write_json(spec, {"name": run.name, "point": run.point, "run_dir": str(run.run_dir),
                                "config": cfglib.config_to_dict(run.config), "result": str(result)})
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
             proc = subprocess.Popen([sys.executable, "-m", "cs336.sweep", "--worker", str(spec)], env=env)
@@ -257,7 +275,7 @@ def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] |
     def on_row(row: dict, plan: Sequence[PlannedRun]) -> None:
         done.append(row)
         print(f"[{len(done)}/{len(plan)}] {row['name']}: {row['status']}"
-              f" final val {_fmt(row['final_val_loss'])}" + (f" ({row['reason']})" if row["reason"] else ""),
+              f" final val {fmt(row['final_val_loss'])}" + (f" ({row['reason']})" if row["reason"] else ""),
               flush=True)
         order = {r.name: i for i, r in enumerate(plan)}
         write_reports(sorted(done, key=lambda r: order[r["name"]]), out, keys,
@@ -274,104 +292,10 @@ def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] |
     return done
 
 
-def _fmt(x: Any) -> str:
-    return f"{x:.4f}" if _finite(x) else "-"
-
-
 def default_devices() -> list[str]:
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
-
-
-# ---- reports -------------------------------------------------------------------------------
-
-COLUMNS = ("steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s", "wallclock_s")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of ``run_dir/metrics.jsonl``; a missing file or a torn last line yields what parses."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_reports(rows: Sequence[dict], out: Path, keys: Sequence[str], *, x_tokens: bool = False,
-                  configs: dict[str, Any] | None = None) -> None:
-    """summary.json / .csv / .md and curves.png for the rows so far."""
-    _write_json(out / "summary.json", {"grid": list(keys), "runs": list(rows)})
-    header = ["name", *keys, *COLUMNS, "status"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    for r in rows:
-        writer.writerow([r["name"], *(r["point"].get(k, "") for k in keys), *(r[c] for c in COLUMNS),
-                         r["status"]])
-    _write_text(out / "summary.csv", buf.getvalue())
-    md = ["| " + " | ".join([*keys, "steps", "final train", "final val", "best val", "tokens/s",
-                             "wallclock s", "status"]) + " |",
-          "|" + " --- |" * (len(keys) + 7)]
-    for r in rows:
-        cells = [*(r["point"].get(k, "") for k in keys), str(r["steps"] if r["steps"] is not None else "-"),
-                 _fmt(r["final_train_loss"]), _fmt(r["final_val_loss"]), _fmt(r["best_val_loss"]),
-                 f"{r['tokens_per_s']:.0f}" if _finite(r["tokens_per_s"]) else "-",
-                 f"{r['wallclock_s']:.1f}" if _finite(r["wallclock_s"]) else "-",
-                 r["status"] + (f" ({r['reason']})" if r["reason"] and r["status"] != "ok" else "")]
-        md.append("| " + " | ".join(cells) + " |")
-    _write_text(out / "summary.md", "\n".join(md) + "\n")
-    plot_curves(rows, out / "curves.png", x_tokens=x_tokens, configs=configs or {})
-
-
-def _tokens_per_step(cfg: Any) -> int | None:
-    return None if cfg is None else cfg.train.batch_size * cfg.context_length
-
-
-def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
-                configs: dict[str, Any]) -> None:
-    """Val loss of every run against step (tokens for batch sweeps) and against wallclock."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in rows:
-        evals = [m for m in read_metrics(Path(r["run_dir"])) if _finite(m.get("val_loss"))]
-        if not evals:
-            continue
-        per_step = _tokens_per_step(configs.get(r["name"])) if x_tokens else None
-        xs = [m["step"] * per_step for m in evals] if per_step else [m["step"] for m in evals]
-        ys = [m["val_loss"] for m in evals]
-        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["point"].items())
-        style = "--" if r["status"] != "ok" else "-"
-        ax_step.plot(xs, ys, style, label=label + (f" [{r['status']}]" if r["status"] != "ok" else ""))
-        ax_time.plot([m.get("wallclock_s", math.nan) for m in evals], ys, style)
-    ax_step.set_xlabel("tokens" if x_tokens else "step")
-    ax_time.set_xlabel("wallclock (s)")
-    for ax in (ax_step, ax_time):
-        ax.set_ylabel("val loss")
-        ax.grid(alpha=0.3)
-    if ax_step.lines:
-        ax_step.legend(fontsize=7)
-    fig.suptitle(path.parent.name, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                         help="override applied to every point (before the grid values)")
     parser.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-<keys>-<time>)")
+    parser.add_argument("--no-share-data", action="store_false", dest="share_data",
+                        help="let every run prepare its own corpus, tokenizer and token files "
+                             "(by default they are prepared once in DIR/_data when no point varies them)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -396,7 +323,7 @@ def check_out(out: Path) -> None:
 def run_and_report(planned: Sequence[PlannedRun], out: Path) -> int:
     """Run the sweep, print its one-line summary, and return the exit status (1 if a run failed)."""
     rows = run_sweep(planned, out, default_devices())
-    ok = [r for r in rows if r["status"] == "ok" and _finite(r["final_val_loss"])]
+    ok = [r for r in rows if r["status"] == "ok" and finite(r["final_val_loss"])]
     best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
     n_div = sum(r["diverged"] for r in rows)
     n_err = sum(r["status"] == "error" for r in rows)
@@ -420,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = args.out or Path("runs") / f"sweep-{keys}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_out(out)
         planned = plan_sweep(base, grid_points(axes), args.sets, out)
+        if args.share_data:
+            planned = share_data(planned, out)
     except (SweepError, cfglib.ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,12 +1,15 @@
-"""Tests for cs336.experiments: the handout's SGD learning-rate toy and its command line."""
+"""Tests for cs336.experiments: the handout's SGD learning-rate toy, its command line, and the
+named experiments (with training replaced by a fake)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from cs336 import config as cfglib
 from cs336 import experiments
 
 
@@ -97,3 +100,64 @@ def test_cli_options_and_errors(capsys):
             experiments.main(bad)
         assert exc.value.code == 2
         assert "Traceback" not in capsys.readouterr().err
+
+
+# ---- named experiments (training replaced by a fake; the sweep itself is tested in test_sweep) --
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    from cs336 import train
+
+    calls = []
+
+    def fake_run(cfg, *, resume=False):
+        calls.append(cfg)
+        return {"run_dir": cfg.train.out_dir, "steps": cfg.train.max_steps, "final_train_loss": 3.0,
+                "final_val_loss": 3.1, "best_val_loss": 3.1, "tokens_per_s": 1.0, "wallclock_s": 1.0}
+
+    monkeypatch.setattr(train, "run", fake_run)
+    # Data preparation is cs336.prepare's job (its sharing is tested in test_sweep); skipped here.
+    monkeypatch.setattr(experiments.sweep, "share_data", lambda planned, out: list(planned))
+    return calls
+
+
+def test_list_names_every_experiment(capsys):
+    experiments.main(["list"])
+    text = capsys.readouterr().out
+    for name in experiments.EXPERIMENTS:
+        assert f"{name}: " in text
+    assert "model.ffn_type=silu__model.d_ff=576" in text  # 1.5 x the default d_ff of 384
+
+
+def test_ffn_experiment_matches_parameter_counts(tmp_path, fake_train, capsys):
+    from cs336.model import TransformerLM
+
+    experiments.main(["run", "ffn", "--out", str(tmp_path / "ffn"), "--set", "train.max_steps=7"])
+    assert "2 runs, 0 diverged" in capsys.readouterr().out
+    swiglu, silu = fake_train
+    assert (swiglu.model.ffn_type, silu.model.ffn_type) == ("swiglu", "silu")
+    counts = [sum(p.numel() for p in TransformerLM.from_config(c.model).parameters()) for c in fake_train]
+    assert counts[0] == counts[1]
+    for cfg in fake_train:
+        assert cfg.train.max_steps == 7  # --set applies after the experiment's scale settings
+        assert cfg.train.sample_tokens == 0 and Path(cfg.train.out_dir).parent == tmp_path / "ffn"
+    assert (tmp_path / "ffn" / "summary.md").is_file()
+
+
+def test_norm_experiment_points(tmp_path, fake_train):
+    status = experiments.run_experiment("norm", cfglib.default_config(), [], tmp_path / "n")
+    assert status == 0
+    assert [(c.model.use_post_norm, c.model.remove_rmsnorm) for c in fake_train] == [
+        (False, False), (True, False), (False, True)]
+
+
+def test_run_rejects_bad_set_and_used_out(tmp_path, fake_train, capsys):
+    with pytest.raises(SystemExit) as exc:
+        experiments.main(["run", "lr", "--out", str(tmp_path / "a"), "--set", "optim.nope=1"])
+    assert exc.value.code == 2 and "nope" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        experiments.main(["run", "rope", "--out", str(tmp_path / "b")])
+    assert exc.value.code == 2 and "already holds files" in capsys.readouterr().err
+    assert not fake_train

@@ -1,0 +1,117 @@
+"""Reports of a sweep (``cs336.sweep``): summary.json / summary.csv / summary.md and curves.png.
+
+Every file is rewritten atomically after each run, so an interrupted sweep leaves a readable
+summary of the runs that finished. ``curves.png`` overlays the validation loss of every run
+against step (tokens for a batch-size sweep) and against wallclock; runs that diverged or failed
+are dashed. Reads each run's ``metrics.jsonl`` as ``cs336.train`` writes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def fmt(x: Any) -> str:
+    return f"{x:.4f}" if finite(x) else "-"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+COLUMNS = ("steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s", "wallclock_s")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Rows of ``run_dir/metrics.jsonl``; a missing file or a torn last line yields what parses."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_reports(rows: Sequence[dict], out: Path, keys: Sequence[str], *, x_tokens: bool = False,
+                  configs: dict[str, Any] | None = None) -> None:
+    """summary.json / .csv / .md and curves.png for the rows so far."""
+    write_json(out / "summary.json", {"grid": list(keys), "runs": list(rows)})
+    header = ["name", *keys, *COLUMNS, "status"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([r["name"], *(r["point"].get(k, "") for k in keys), *(r[c] for c in COLUMNS),
+                         r["status"]])
+    _write_text(out / "summary.csv", buf.getvalue())
+    md = ["| " + " | ".join([*keys, "steps", "final train", "final val", "best val", "tokens/s",
+                             "wallclock s", "status"]) + " |",
+          "|" + " --- |" * (len(keys) + 7)]
+    for r in rows:
+        cells = [*(r["point"].get(k, "") for k in keys), str(r["steps"] if r["steps"] is not None else "-"),
+                 fmt(r["final_train_loss"]), fmt(r["final_val_loss"]), fmt(r["best_val_loss"]),
+                 f"{r['tokens_per_s']:.0f}" if finite(r["tokens_per_s"]) else "-",
+                 f"{r['wallclock_s']:.1f}" if finite(r["wallclock_s"]) else "-",
+                 r["status"] + (f" ({r['reason']})" if r["reason"] and r["status"] != "ok" else "")]
+        md.append("| " + " | ".join(cells) + " |")
+    _write_text(out / "summary.md", "\n".join(md) + "\n")
+    plot_curves(rows, out / "curves.png", x_tokens=x_tokens, configs=configs or {})
+
+
+def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
+                configs: dict[str, Any]) -> None:
+    """Val loss of every run against step (tokens for batch sweeps) and against wallclock."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in rows:
+        evals = [m for m in read_metrics(Path(r["run_dir"])) if finite(m.get("val_loss"))]
+        if not evals:
+            continue
+        cfg = configs.get(r["name"])
+        per_step = cfg.train.batch_size * cfg.context_length if x_tokens and cfg is not None else None
+        xs = [m["step"] * per_step for m in evals] if per_step else [m["step"] for m in evals]
+        ys = [m["val_loss"] for m in evals]
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["point"].items())
+        style = "--" if r["status"] != "ok" else "-"
+        ax_step.plot(xs, ys, style, label=label + (f" [{r['status']}]" if r["status"] != "ok" else ""))
+        ax_time.plot([m.get("wallclock_s", math.nan) for m in evals], ys, style)
+    ax_step.set_xlabel("tokens" if x_tokens else "step")
+    ax_time.set_xlabel("wallclock (s)")
+    for ax in (ax_step, ax_time):
+        ax.set_ylabel("val loss")
+        ax.grid(alpha=0.3)
+    if ax_step.lines:
+        ax_step.legend(fontsize=7)
+    fig.suptitle(path.parent.name, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
