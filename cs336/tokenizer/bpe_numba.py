@@ -18,8 +18,8 @@ subtracted and the pairs that touch a new ``t`` are added; all other pairs are u
 byte strings live in a byte pool so that ties compare bytes (a prefix sorts first), as Python's
 ``max`` over ``(count, (bytes, bytes))`` does in the CS336 handout's reference algorithm.
 
-The loop keeps its state in arrays that persist between calls (``MergeState`` in train_bpe.py), so
-the caller can run it in blocks and report progress.
+The loop keeps its state in arrays that persist between calls, so the caller (``train_bpe._merge``)
+can run it in blocks and report progress.
 """
 
 from __future__ import annotations
@@ -185,12 +185,12 @@ def init_state(sym, word_start, word_len, word_count, pool, tok_off, tok_len):
 
     Returns (pairs, table, nodes, heap, meta).
     """
-    total = 0
+    total = np.int64(0)
     for w in range(word_start.shape[0]):
         total += max(word_len[w] - 1, 0)
     pairs = np.empty((max(total, 16), PAIR_COLS), np.int64)
     nodes = np.empty((max(total, 16), 2), np.int64)
-    table = _rehash(np.full((16, 2), -1, np.int64), pairs, 0, total)
+    table = _rehash(np.full((16, 2), -1, np.int64), pairs, np.int64(0), total)
     meta = np.zeros(META_LEN, np.int64)
     meta[M_POOL] = pool.shape[0]
     for w in range(word_start.shape[0]):
@@ -235,15 +235,16 @@ def run_merges(sym, word_start, word_len, word_count, pool, tok_off, tok_len,
         max_len = max(max_len, word_len[w])
     site = np.zeros(max_len, np.bool_)  # per position of the word being rewritten: in a merge site
     dirty = np.empty(64, np.int64)
+    root = np.int64(0)  # typed index: a literal 0 would make numba compile the heap helpers twice
     while meta[M_DONE] < stop:
         # Pop the best entry that is still current.
         best = -1
         while meta[M_HEAP] > 0:
             n = meta[M_HEAP] - 1
             count, p = heap[0, 0], heap[0, 1]
-            _swap(heap, 0, n)
+            _swap(heap, root, n)
             meta[M_HEAP] = n
-            _sift_down(heap, 0, n, pairs, pool, tok_off, tok_len)
+            _sift_down(heap, root, n, pairs, pool, tok_off, tok_len)
             if count > 0 and pairs[p, PCOUNT] == count:
                 best = p
                 break
@@ -261,7 +262,7 @@ def run_merges(sym, word_start, word_len, word_count, pool, tok_off, tok_len,
         tok_off[t], tok_len[t] = start, la + lb
         meta[M_POOL] = start + la + lb
 
-        n_dirty = 0
+        n_dirty = np.int64(0)
         node = pairs[best, PHEAD]
         while node != -1:
             w = nodes[node, 0]
