@@ -1,0 +1,74 @@
+"""cs336.profile: traces that parse, a top-ops table, the schedule, and errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cs336 import profile
+from cs336.config import ConfigError
+
+TINY = ["--d-model", "32", "--num-heads", "2", "--num-layers", "1", "--d-ff", "64",
+        "--vocab-size", "100", "--context-length", "16", "--batch-size", "2"]
+
+
+def test_cli_writes_trace_and_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--out", str(out), "--row-limit", "10"])
+    printed = capsys.readouterr().out
+    trace = json.loads((out / "step5.json").read_text())  # wait 1 + warmup 1 + active 3
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"zero_grad", "forward", "backward", "optimizer"} <= names
+    assert "aten::mm" in names
+    table = (out / "key_averages.txt").read_text()
+    assert "aten::mm" in table and "Input Shapes" in table
+    assert table.strip() in printed and "step5.json" in printed
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_profile_steps_schedule(tmp_path):
+    calls = []
+    a = torch.randn(16, 16)
+
+    def step():
+        calls.append(1)
+        return a @ a
+
+    result = profile.profile_steps(step, tmp_path / "p", wait=1, warmup=1, active=2, row_limit=5)
+    assert len(calls) == 4
+    assert [p.name for p in result.traces] == ["step4.json"]
+    events = json.loads(result.traces[0].read_text())["traceEvents"]
+    # Only the two active steps are recorded: two matmuls, not four.
+    assert sum(1 for e in events if e.get("name") == "aten::mm") == 2
+    assert "aten::mm" in result.table_path.read_text()
+
+
+def test_profile_steps_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="active must be an integer >= 1"):
+        profile.profile_steps(lambda: None, tmp_path, active=0)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        profile.profile_steps(lambda: None, blocker)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "gpt5"], "valid choices: tinystories"),
+    (["--d-model", "30", "--num-heads", "4"], "not divisible"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--device", "tpu"], "valid choices: auto, cpu, cuda"),
+    (["--kernels", "fast"], "valid choices: auto, torch, triton"),
+])
+def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        profile.main([*args, "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help():
+    done = subprocess.run([sys.executable, "-m", "cs336.profile", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "--warmup" in done.stdout
