@@ -237,6 +237,15 @@ def test_non_utf8_input_names_file_and_offset(tmp_path):
         train_bpe(path, 300, [])
 
 
+def test_non_utf8_offset_from_a_worker(tmp_path, monkeypatch):
+    good = "some text\nmore text\n" * 2000  # 40,000 bytes, split points after each newline
+    path = tmp_path / "bad.txt"
+    path.write_bytes(good.encode() + b"x\xff\xfe" + good.encode())
+    monkeypatch.setattr(tb, "PIECE_BYTES", 3_000)
+    with pytest.raises(ValueError, match=rf"bad.txt is not UTF-8 \(byte offset {len(good) + 1}:"):
+        train_bpe(path, 300, [], num_workers=2)
+
+
 def test_bad_special_tokens_and_workers(tmp_path):
     path = write(tmp_path / "a.txt", "abc")
     with pytest.raises(ValueError, match="duplicates"):

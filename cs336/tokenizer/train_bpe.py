@@ -181,7 +181,7 @@ def count_pretokens(
     """Counts of the distinct pre-tokens of the file (special tokens excluded)."""
     path = Path(path)
     size = path.stat().st_size
-    n_tasks = 1 if num_workers == 1 else max(num_workers, -(-size // TASK_BYTES))
+    n_tasks = max(num_workers, -(-size // TASK_BYTES))
     special_bytes = [s.encode("utf-8") for s in specials]
     with open(path, "rb") as f:
         cuts = sorted({0, size} | {next_split(f, k * size // n_tasks, size, special_bytes) for k in range(1, n_tasks)})
@@ -194,8 +194,7 @@ def count_pretokens(
     total: Counter[str] = Counter()
     try:
         if num_workers == 1 or len(jobs) <= 1:
-            results = map(_count_range, jobs)
-            _accumulate(total, results, bar)
+            _accumulate(total, map(_count_range, jobs), bar)
         else:
             import multiprocessing
 
