@@ -287,3 +287,16 @@ def test_pickle_roundtrip(tok):
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode(TRAIN_TEXT) == tok.encode(TRAIN_TEXT)
     assert clone.special_tokens == tok.special_tokens
+
+
+def test_short_text_cache_path_equals_numba_path(trained, monkeypatch):
+    import cs336.tokenizer.tokenizer as tokenizer_module
+
+    vocab, merges = trained
+    monkeypatch.setattr(tokenizer_module, "CACHE_LIMIT", 8)  # forces the cache to be cleared
+    tok = Tokenizer(vocab, merges, [EOT])
+    lines = (TRAIN_TEXT + TRAIN_TEXT.upper()).splitlines(keepends=True)
+    for line in lines + lines:
+        assert len(line) <= tokenizer_module.SHORT_TEXT_CHARS
+        assert tok.encode(line) == tok.encode_array(line).tolist()
+        assert len(tok._cache) <= 8 + len(set(tokenizer_module.pretokenize(line)))

@@ -160,8 +160,8 @@ def _merge_piece(data, start, n, byte_ids, keys, mask, ranks, ids, sym, nxt, prv
 
 
 CACHE_SLOTS_MAX = 1 << 21
-"""Most slots of the per-call pre-token cache; it starts at 1024 slots and doubles when half
-full, so at most 1M distinct pre-tokens (80 MB) are cached per call."""
+"""Most slots of the per-call pre-token cache; it starts at 16 slots (cheap for short texts) and
+doubles when half full, so at most 1M distinct pre-tokens (80 MB) are cached per call."""
 
 
 @numba.njit(cache=True, nogil=True)
@@ -190,7 +190,7 @@ def encode_pieces(data, bounds, byte_ids, keys, ranks, ids):
     out_bounds = np.empty(n_pieces + 1, dtype=np.int64)
 
     # Cache: slot -> first occurrence (its byte start, byte length, ids start, id count) + hash.
-    slots = 1024
+    slots = 16
     c_start = np.full(slots, -1, dtype=np.int64)
     c_len = np.empty(slots, dtype=np.int64)
     c_out = np.empty(slots, dtype=np.int64)

@@ -11,7 +11,10 @@ pre-tokens by byte offsets (the numba scanner in ``pretok_numba`` when present, 
 (``encode_numba.encode_pieces``) then merges every pre-token of the text, each distinct
 pre-token once (a hash table inside the call maps repeats to the first occurrence's ids), and
 returns one int32 array; ``encode`` converts it to a list. Special tokens split the text first
-(``split_on_special``); all ordinary segments still go through a single numba call.
+(``split_on_special``, called only when one occurs); all ordinary segments still go through a
+single numba call. Short texts (``SHORT_TEXT_CHARS``), where the fixed cost of a numba call
+(about 10 us) would dominate, look their pre-tokens up in a dict that persists across calls and
+send only the misses to numba.
 
 Deviations: lone surrogates in ``str`` input (which have no UTF-8 encoding) are encoded as their
 ``surrogatepass`` bytes, so they decode to U+FFFD; tiktoken replaces them with U+FFFD before
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from itertools import chain
 
 import numpy as np
 import regex
@@ -35,6 +39,14 @@ try:
     from .pretok_numba import utf8_bounds
 except ImportError:
     utf8_bounds = None
+
+SHORT_TEXT_CHARS = 2048
+"""Texts up to this long (without special tokens) are encoded through a dict from pre-token bytes
+to ids that persists across calls: a call then costs a few microseconds plus one dict lookup per
+pre-token, instead of a numba call's fixed cost. Longer texts go to one numba call."""
+
+CACHE_LIMIT = 1 << 17
+"""Most pre-tokens in the cross-call cache (a few tens of MB); it is cleared when full."""
 
 # A safe place to cut a stream: after a non-whitespace character that is followed by whitespace.
 # No alternative of the GPT-2 pattern matches across such a point or looks past it.
@@ -105,6 +117,7 @@ class Tokenizer:
         self._decode_table: list[bytes | None] = [None] * size
         for idx, token in self.vocab.items():
             self._decode_table[idx] = token
+        self._cache: dict[bytes, tuple[int, ...]] = {}
 
     @classmethod
     def from_files(
@@ -132,6 +145,12 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
+        if (
+            isinstance(text, str)
+            and len(text) <= SHORT_TEXT_CHARS
+            and not any(tok in text for tok in self.special_tokens)
+        ):
+            return self._encode_short(*pretoken_bounds(text))
         return self.encode_array(text).tolist()
 
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
@@ -190,6 +209,38 @@ class Tokenizer:
             raise
         return data.decode("utf-8", errors="replace")
 
+    def _encode_short(self, data: bytes, bounds: np.ndarray) -> list[int]:
+        """Ids of the pre-tokens of a short text through the cross-call cache; the misses are
+        merged in one numba call."""
+        edges = bounds.tolist()
+        pieces = [data[a:b] for a, b in zip(edges, edges[1:])]
+        cache = self._cache
+        try:
+            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+        except KeyError:
+            pass
+        missing = [p for p in set(pieces) if p not in cache]
+        if len(cache) + len(missing) > CACHE_LIMIT:
+            cache.clear()
+            missing = list(set(pieces))
+        miss_bounds = np.zeros(len(missing) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in missing], out=miss_bounds[1:])
+        out, out_bounds = self._encode_bounds(b"".join(missing), miss_bounds)
+        ids = out.tolist()
+        ends = out_bounds.tolist()
+        cache.update(zip(missing, (tuple(ids[a:b]) for a, b in zip(ends, ends[1:]))))
+        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+
+    def _encode_bounds(self, data: bytes, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return encode_pieces(
+            np.frombuffer(data, dtype=np.uint8),
+            bounds,
+            self._byte_ids,
+            self._pair_keys,
+            self._pair_ranks,
+            self._pair_ids,
+        )
+
     def safe_cut(self, buf: str) -> int:
         """Largest position p > 0 such that encoding buf[:p] and the text after p separately
         equals encoding them together, whatever text follows ``buf``; 0 when there is none."""
@@ -213,10 +264,11 @@ class Tokenizer:
         """Token ids of ``text`` as an int32 array (``encode`` without the list conversion)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        if self._special_re is None:
-            segments = [(text, False)] if text else []
-        else:
+        if self._special_re is not None and any(tok in text for tok in self.special_tokens):
             segments = split_on_special(text, self.special_tokens)
+        else:
+            data, bounds = pretoken_bounds(text)  # no special token: one ordinary segment
+            return self._encode_bounds(data, bounds)[0]
         # All ordinary segments go through one numba call (so its pre-token cache spans them);
         # `layout` records, in text order, a special id or a range of pre-token indices.
         datas: list[bytes] = []
@@ -235,16 +287,7 @@ class Tokenizer:
             n_bytes += len(data)
             n_pieces += len(bounds) - 1
         starts.append(np.array([n_bytes], dtype=np.int64))
-        out, out_bounds = encode_pieces(
-            np.frombuffer(b"".join(datas), dtype=np.uint8),
-            np.concatenate(starts),
-            self._byte_ids,
-            self._pair_keys,
-            self._pair_ranks,
-            self._pair_ids,
-        )
-        if all(first >= 0 for first, _ in layout):
-            return out
+        out, out_bounds = self._encode_bounds(b"".join(datas), np.concatenate(starts))
         parts = []
         for first, last in layout:
             if first < 0:
