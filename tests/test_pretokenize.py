@@ -190,11 +190,13 @@ def test_kind_table_cache(tmp_path, monkeypatch):
     files = list((tmp_path / "cache").glob("*.npy"))
     assert len(files) == 1 and regex.__version__ in files[0].name
     assert np.array_equal(np.load(files[0]), built)
-    # a damaged cache file is rebuilt, not trusted
-    files[0].write_bytes(b"not a numpy file")
-    monkeypatch.setattr(pretok_numba, "_TABLE", None)
-    assert np.array_equal(pretok_numba.kind_table(), built)
-    assert np.array_equal(np.load(files[0]), built)
+    # a damaged cache file (garbage, truncated, wrong values) is rebuilt, not trusted
+    whole = files[0].read_bytes()
+    for damaged in (b"not a numpy file", whole[: len(whole) // 2], whole[:-1] + b"\x07"):
+        files[0].write_bytes(damaged)
+        monkeypatch.setattr(pretok_numba, "_TABLE", None)
+        assert np.array_equal(pretok_numba.kind_table(), built)
+        assert np.array_equal(np.load(files[0]), built)
     # an unwritable cache location still yields the table
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -100,27 +100,35 @@ def _save_atomic(table: np.ndarray, path: Path) -> None:
         raise
 
 
+def _load_cached(path: Path) -> np.ndarray | None:
+    """The table stored at ``path``, or None when it is missing or not a kind table."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if loaded.dtype != np.uint8 or loaded.shape != (N_CODE_POINTS,) or loaded.max() > KIND_SPACE:
+        return None
+    return loaded
+
+
 def kind_table() -> np.ndarray:
     """The kind table, from memory, the on-disk cache, or built (and then cached if the cache
     directory is writable; an unwritable cache only costs the rebuild next time)."""
     global _TABLE
     if _TABLE is not None:
         return _TABLE
-    path = cache_dir() / f"gpt2_kinds_regex-{regex.__version__}.npy"
-    table = None
     try:
-        loaded = np.load(path, allow_pickle=False)
-        valid = loaded.dtype == np.uint8 and loaded.shape == (N_CODE_POINTS,)
-        if valid and loaded.max() <= KIND_SPACE:
-            table = loaded
-    except (OSError, ValueError):
-        table = None
+        path = cache_dir() / f"gpt2_kinds_regex-{regex.__version__}.npy"
+    except RuntimeError:  # Path.home(): no home directory to hold the cache
+        path = None
+    table = _load_cached(path) if path is not None else None
     if table is None:
         table = build_kind_table()
-        try:
-            _save_atomic(table, path)
-        except OSError:
-            pass
+        if path is not None:
+            try:
+                _save_atomic(table, path)
+            except OSError:
+                pass
     _TABLE = table
     return table
 
