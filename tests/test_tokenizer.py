@@ -296,7 +296,9 @@ def test_short_text_cache_path_equals_numba_path(trained, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "CACHE_LIMIT", 8)  # forces the cache to be cleared
     tok = Tokenizer(vocab, merges, [EOT])
     lines = (TRAIN_TEXT + TRAIN_TEXT.upper()).splitlines(keepends=True)
+    most_distinct = max(len(set(tokenizer_module.pretokenize(line))) for line in lines)
     for line in lines + lines:
         assert len(line) <= tokenizer_module.SHORT_TEXT_CHARS
         assert tok.encode(line) == tok.encode_array(line).tolist()
-        assert len(tok._cache) <= 8 + len(set(tokenizer_module.pretokenize(line)))
+        # cleared when a call would pass the limit; one call's misses may overshoot it
+        assert len(tok._cache) <= 8 + most_distinct
