@@ -4,6 +4,7 @@ The default test run does not time anything (benchmarks live in bench/, outside 
 this runs ``pytest bench`` in subprocesses the way a user would.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,3 +55,12 @@ def test_tiny_cases_run_and_record_extra_info(tmp_path):
     assert lce["measured_flops"] == lce["analytic_matmul_flops"] == 2 * lce["M"] * lce["K"] * lce["N"]
     if rms["device_type"] == "cpu":
         assert rms["peak_source"].startswith("CPU measured in-session")
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    report.main([str(out), "--png", str(tmp_path / "roof.png"), "--md", str(tmp_path / "table.md")])
+    table = (tmp_path / "table.md").read_text()
+    assert "| rms_norm | tiny | fwd | torch |" in table
+    assert f"{lce['measured_flops']:,} / {lce['measured_flops']:,}" in table
+    assert (tmp_path / "roof.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
