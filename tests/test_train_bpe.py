@@ -169,15 +169,20 @@ def _pretokens(data: bytes, specials: list[str]) -> list[str]:
     return out
 
 
-SPLIT_ALPHABET = ["a", "b", " ", "  ", "\n", "\n\n", "\t", "é", "1", "!", "'s", "<|", "|>", "x\ny", "\u00a0", "\u3000"]
+# Newlines next to ASCII, multi-byte and white-space characters (U+0085, U+00A0, U+2028 and U+3000
+# are white space to the GPT-2 pattern; U+001C is not, though str.isspace says it is).
+SPLIT_ALPHABET = [
+    "a", "b", " ", "  ", "\n", "\n\n", "\t", "é", "日", "😀", "1", "!", "'s", "<|", "|>", "x\ny", "日\n本",
+    "\x85", "\u00a0", "\u2028", "\u3000", "\x1c",
+]
 SPLIT_SPECIALS = [EOT, "<|a\nb|>", "|><|", "\n<|"]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     pieces=st.lists(st.sampled_from(SPLIT_ALPHABET + SPLIT_SPECIALS), max_size=80),
     specials=st.lists(st.sampled_from(SPLIT_SPECIALS), unique=True, max_size=3),
-    targets=st.lists(st.floats(0, 1), min_size=1, max_size=5),
+    targets=st.lists(st.floats(0, 1), min_size=1, max_size=10),
 )
 def test_split_points_preserve_pretokens(pieces, specials, targets):
     data = "".join(pieces).encode("utf-8")
@@ -193,6 +198,24 @@ def test_split_points_preserve_pretokens(pieces, specials, targets):
             assert _pretokens(data[:cut], specials) + _pretokens(data[cut:], specials) == whole, cut
     finally:
         tb.SCAN_BYTES = old
+
+
+@pytest.mark.parametrize(
+    "text, specials, target, expected",
+    [
+        ("ab<|a\nb|>cd", ["<|a\nb|>"], 0, 2),  # the special token's start
+        ("ab<|a\nb|>cd", ["<|a\nb|>"], 3, 11),  # not the newline inside the special token
+        ("ab<|a\nb|>cd", [], 3, 6),  # ... which is a split point when it is ordinary text
+        ("x<|endoftext|><|endoftext|>", [EOT, "|><|"], 2, 27),  # "|><|" inside the first EOT
+        ("a\u3000\nb c\nd", [], 0, 9),  # U+3000 is white space: the first newline is no split
+        ("a\x1c\nb", [], 0, 3),  # U+001C is not white space to the GPT-2 pattern
+        ("日\n本", [], 0, 4),
+    ],
+)
+def test_split_point_examples(text, specials, target, expected):
+    data = text.encode("utf-8")
+    assert next_split(io.BytesIO(data), target, len(data), [s.encode() for s in specials]) == expected
+    assert _pretokens(data[:expected], specials) + _pretokens(data[expected:], specials) == _pretokens(data, specials)
 
 
 def test_parallel_counts_equal_whole_file_counts(tmp_path):

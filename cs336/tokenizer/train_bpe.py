@@ -10,8 +10,10 @@ creation order. No merge crosses a pre-token or special-token boundary.
 
 Counting runs in worker processes over byte ranges of the file. A range ends where splitting the
 file leaves every pre-token and special token intact: at the start of a special token, or after a
-newline that sits between two printable ASCII characters (the GPT-2 pattern always ends a
-pre-token there: ``\\n`` followed by a non-space character is a pre-token of its own). Each worker
+newline that sits between two non-space characters x and y. There the GPT-2 pattern gives the
+same pre-tokens with or without the split: no alternative continues a pre-token from x into a
+newline, ``\\s+(?!\\S)`` cannot match a newline followed by y, so ``\\s+`` makes it a pre-token of
+its own, which ``\\s+(?!\\S)`` also matches at the end of the left part. Each worker
 reads its range in pieces of about ``PIECE_BYTES``, so memory grows with the number of distinct
 pre-tokens, not with the file size. Inputs below ``SMALL_INPUT_BYTES`` are counted in this process,
 which is faster than starting workers. The merge loop is ``cs336.tokenizer.bpe_numba``.
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import regex
 
 from cs336.tokenizer.pretokenize import pretokenize, split_on_special
 
@@ -32,7 +35,7 @@ SMALL_INPUT_BYTES = 1 << 20  # below this, starting worker processes costs more 
 PIECE_BYTES = 4 << 20  # bytes decoded and pre-tokenized at a time (about 1M pre-tokens of English)
 TASK_BYTES = 64 << 20  # bytes per worker task (one progress-bar step)
 SCAN_BYTES = 1 << 16  # read size while searching for a split point
-_ASCII_SPLIT = rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])"
+_SPACE = regex.compile(r"\s")  # the GPT-2 pattern's notion of white space (Unicode White_Space)
 
 
 def train_bpe(
@@ -113,21 +116,42 @@ def _check_workers(num_workers: int | None, size: int) -> int:
 
 
 def _split_pattern(special_bytes: list[bytes]) -> re.Pattern[bytes]:
-    """Zero-width matches at candidate split points: special-token starts and ASCII ``x\\ny``."""
-    alternatives = [_ASCII_SPLIT]
+    """Zero-width matches at candidate split points: special-token starts and newline ends."""
+    alternatives = [rb"(?<=\n)"]
     if special_bytes:
         alternatives.insert(0, b"(?=" + b"|".join(re.escape(s) for s in special_bytes) + b")")
     return re.compile(b"|".join(alternatives))
 
 
+def _is_solid(char: bytes) -> bool:
+    """True for one whole UTF-8 character that the GPT-2 pattern's ``\\s`` does not match."""
+    try:
+        text = char.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(text) == 1 and _SPACE.match(text) is None
+
+
+def _newline_split(buf: bytes, rel: int) -> bool:
+    """``buf[rel - 1]`` is a newline between two non-space characters (see the module docstring)."""
+    if rel < 2 or rel >= len(buf) or buf[rel - 1] != 0x0A:
+        return False
+    start = rel - 2
+    while start > 0 and rel - 1 - start < 4 and 0x80 <= buf[start] < 0xC0:  # back over continuation bytes
+        start -= 1
+    lead = buf[rel]
+    width = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return _is_solid(buf[start : rel - 1]) and _is_solid(buf[rel : rel + width])
+
+
 def next_split(f, target: int, end: int, special_bytes: list[bytes]) -> int:
     """The first offset in ``[target, end]`` of the binary file ``f`` where the file can be split
-    without changing its pre-tokens or special tokens (``end`` when there is none).
-
-    A candidate is rejected when an occurrence of a special token straddles it.
+    without changing its pre-tokens or special tokens (``end`` when there is none): the start of a
+    special token, or just after a newline with a non-space character on each side; in both cases
+    no occurrence of a special token may straddle the offset.
     """
     pattern = _split_pattern(special_bytes)
-    reach = max([len(s) for s in special_bytes] + [2])  # bytes needed on either side of a candidate
+    reach = max([len(s) for s in special_bytes] + [5])  # bytes needed on either side of a candidate
     pos = target
     while pos < end:
         lo = max(pos - reach, 0)
@@ -139,6 +163,8 @@ def next_split(f, target: int, end: int, special_bytes: list[bytes]) -> int:
             rel = m.start()
             if rel > limit or lo + rel >= end:
                 break
+            if not (any(buf.startswith(s, rel) for s in special_bytes) or _newline_split(buf, rel)):
+                continue
             if not any(0 <= buf.find(s, max(rel - len(s) + 1, 0), rel + len(s) - 1) < rel for s in special_bytes):
                 return lo + rel
         if len(buf) < want:
