@@ -231,27 +231,36 @@ def _worker(spec_path: str) -> None:
     write_json(Path(spec["result"]), row)
 
 
-def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Path,
-                 on_row) -> list[dict]:
-    """Run the points in subprocesses, one per device (``CUDA_VISIBLE_DEVICES=device``)."""
+def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Path, on_row,
+                 worker_cmd: Sequence[str] | None = None) -> list[dict]:
+    """Run the points in subprocesses, one at a time per device (``CUDA_VISIBLE_DEVICES=device``).
+
+    Each subprocess runs ``worker_cmd + [spec.json]`` (default ``python -m cs336.sweep --worker``),
+    which trains the point described in the spec and writes its result row. After an interrupted
+    run or Ctrl-C no further points start; the running ones finish (they save a checkpoint).
+    """
+    cmd = list(worker_cmd or [sys.executable, "-m", "cs336.sweep", "--worker"])
     specs_dir = out / ".specs"
     specs_dir.mkdir(parents=True, exist_ok=True)
     pending = list(enumerate(planned))
     running: dict[str, tuple[subprocess.Popen, int, Path]] = {}
     rows: list[dict | None] = [None] * len(planned)
     while pending or running:
-        for device in devices:
-            if device in running or not pending:
-                continue
-            index, run = pending.pop(0)
-            spec = specs_dir / f"{index}.json"
-            result = specs_dir / f"{index}.result.json"
-            write_json(spec, {"name": run.name, "point": run.point, "run_dir": str(run.run_dir),
-                               "config": cfglib.config_to_dict(run.config), "result": str(result)})
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
-            proc = subprocess.Popen([sys.executable, "-m", "cs336.sweep", "--worker", str(spec)], env=env)
-            running[device] = (proc, index, result)
-        time.sleep(0.2)
+        try:
+            for device in devices:
+                if device in running or not pending:
+                    continue
+                index, run = pending.pop(0)
+                spec = specs_dir / f"{index}.json"
+                result = specs_dir / f"{index}.result.json"
+                write_json(spec, {"name": run.name, "point": run.point, "run_dir": str(run.run_dir),
+                                  "config": cfglib.config_to_dict(run.config), "result": str(result)})
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+                running[device] = (subprocess.Popen([*cmd, str(spec)], env=env), index, result)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            print("interrupted: no further points start; waiting for the running ones", flush=True)
+            pending.clear()
         for device, (proc, index, result) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -261,12 +270,16 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
             else:
                 reason = f"worker exited with status {proc.returncode}"
                 rows[index] = _row(planned[index], {}, "error", reason)
+            if rows[index]["status"] == "interrupted":
+                pending.clear()
             on_row(rows[index], planned)
     return [r for r in rows if r is not None]
 
 
-def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] | None = None) -> list[dict]:
-    """Run every planned point, rewriting the reports in ``out`` after each one."""
+def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] | None = None, *,
+              worker_cmd: Sequence[str] | None = None) -> list[dict]:
+    """Run every planned point, rewriting the reports in ``out`` after each one; with more than
+    one device, in parallel subprocesses (``run_parallel``)."""
     out.mkdir(parents=True, exist_ok=True)
     done: list[dict] = []
     keys = list(dict.fromkeys(k for run in planned for k in run.point))
@@ -282,7 +295,7 @@ def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] |
                       x_tokens=batch_axis, configs={r.name: r.config for r in plan})
 
     if devices and len(devices) > 1:
-        return run_parallel(planned, devices, out, on_row)
+        return run_parallel(planned, devices, out, on_row, worker_cmd)
     for i, run in enumerate(planned):
         print(f"[{i + 1}/{len(planned)}] running {run.name}", flush=True)
         on_row(run_point(run), planned)

@@ -126,7 +126,7 @@ def test_list_names_every_experiment(capsys):
     text = capsys.readouterr().out
     for name in experiments.EXPERIMENTS:
         assert f"{name}: " in text
-    assert "model.ffn_type=silu__model.d_ff=576" in text  # 1.5 x the default d_ff of 384
+    assert "model.ffn_type=silu__model.d_ff=288" in text  # 1.5 x the SCALE d_ff of 192
 
 
 def test_ffn_experiment_matches_parameter_counts(tmp_path, fake_train, capsys):

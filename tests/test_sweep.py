@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,63 @@ def test_share_data_prepares_once_and_points_runs_at_it(tmp_path, fake_train):
     varied = sweep.plan_sweep(base, points("model.vocab_size=300,320"), [], tmp_path / "v")
     assert sweep.share_data(varied, tmp_path / "v") == varied  # each run trains its own tokenizer
     assert not (tmp_path / "v" / "_data").exists()
+
+
+@pytest.mark.slow
+def test_real_sweep_marks_a_huge_learning_rate_as_diverged(tmp_path, capsys):
+    """Real training (no fake) of a tiny model: lr 1e4 blows up, lr 3e-3 trains, the sweep ends.
+
+    Slow: corpus generation, tokenizer training and numba compilation take 30-50 s on 2 cores.
+    """
+    out = tmp_path / "real"
+    sweep.main(["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=3e-3,1e4", "--out", str(out),
+                "--set", "data.corpus_mb=0.05", "--set", "model.vocab_size=300",
+                "--set", "model.context_length=16", "--set", "train.batch_size=4",
+                "--set", "train.max_steps=6", "--set", "train.eval_interval=3",
+                "--set", "train.log_interval=1", "--set", "train.eval_batches=1",
+                "--set", "train.sample_tokens=0", "--set", "optim.warmup_iters=0"])
+    assert "2 runs, 1 diverged, 0 failed" in capsys.readouterr().out
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["ok", "diverged"]
+    assert runs[0]["steps"] == 6 and runs[0]["final_val_loss"] < runs[0]["best_val_loss"] + 1e-9
+    assert sweep.read_metrics(out / "optim.lr=3e-3")[-1]["step"] == 6
+    assert (out / "curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+FAKE_WORKER = """
+import json, os, sys, time
+spec = json.load(open(sys.argv[1]))
+start = time.time()
+time.sleep(0.4)
+if spec["point"]["optim.lr"] == "0.25":
+    sys.exit(3)
+device = os.environ["CUDA_VISIBLE_DEVICES"]
+with open(sys.argv[0] + ".events", "a") as f:
+    f.write(json.dumps([device, start, time.time()]) + "\\n")
+row = {"name": spec["name"], "point": spec["point"], "run_dir": spec["run_dir"], "status": "ok",
+       "diverged": False, "reason": "", "steps": spec["config"]["train"]["max_steps"],
+       "final_train_loss": 3.0, "final_val_loss": float(spec["point"]["optim.lr"]),
+       "best_val_loss": 3.0, "tokens_per_s": 1.0, "wallclock_s": 0.4}
+with open(spec["result"], "w") as f:
+    json.dump(row, f)
+"""
+
+
+def test_parallel_runs_one_point_per_device_at_a_time(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER)
+    out = tmp_path / "par"
+    plan = sweep.plan_sweep(tiny_config(), points("optim.lr=1e-3,2e-3,0.25,4e-3,5e-3"), [], out)
+    rows = sweep.run_sweep(plan, out, ["0", "1"], worker_cmd=[sys.executable, str(script)])
+    assert [r["name"] for r in rows] == [p.name for p in plan]  # plan order, not finishing order
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok", "ok"]
+    assert "status 3" in rows[2]["reason"]
+    assert [r["final_val_loss"] for r in rows if r["status"] == "ok"] == [1e-3, 2e-3, 4e-3, 5e-3]
+    events = [json.loads(line) for line in Path(str(script) + ".events").read_text().splitlines()]
+    assert {e[0] for e in events} == {"0", "1"}
+    for device in ("0", "1"):
+        spans = sorted((s, e) for d, s, e in events if d == device)
+        assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))  # never two at once
+    spans = sorted((s, e) for _, s, e in events)
+    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # the two devices overlapped
+    assert len(json.loads((out / "summary.json").read_text())["runs"]) == 5
