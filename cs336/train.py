@@ -13,7 +13,9 @@ a random batch, forward/backward (bf16 autocast optional), gradient clipping, op
 Every ``eval_interval`` steps it measures the validation loss on the first ``eval_batches``
 batches of the valid file; every ``checkpoint_interval`` steps it writes a checkpoint. At the end
 it plots ``loss.png``, prints a sample and a one-line summary. ``cs336.run_dir`` describes the
-run directory.
+run directory. ``--profile`` records the first five steps with ``cs336.profile.profile_steps``
+(trace and op table in ``DIR/profile``); ``--wandb`` logs the metrics to Weights & Biases
+(offline files under DIR unless ``--train.wandb_mode=online``).
 
 Exact resume: a checkpoint holds model, optimizer, step, the batch sampler's generator state and
 the process RNG states, so a resumed run draws the same batches and reaches the same losses as
@@ -55,6 +57,10 @@ from cs336.optim import AdamW, lr_cosine_schedule
 from cs336.prepare import prepare_data
 from cs336.run_dir import RunDir, RunDirError
 from cs336.tokenizer.gpt2_files import TokenizerFileError
+
+
+PROFILE_STEPS = 5
+"""Steps recorded by --profile at the start of the run: 1 skipped, 1 warm-up, 3 traced."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -238,63 +244,82 @@ def _run(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.
         row = {"step": 0, "wallclock_s": 0.0}
         do_eval(0, row)
         log(row)
-    last_t, window_loss, window_n, window_tokens = time.perf_counter(), 0.0, 0, 0
-    stopped_by, step = None, start
+    window = {"t": time.perf_counter(), "loss": 0.0, "n": 0, "tokens": 0}
+    done = {"step": start, "stopped_by": None}
     bar = tqdm(total=max_steps, initial=start, disable=not (cfg.train.progress and info.is_main),
                desc="train", unit="step", dynamic_ncols=True)
+
+    def step_once(it: int, stop: _StopRequest) -> bool:
+        """Optimizer step ``it`` (0-based) with its logging and checkpoint; True means stop."""
+        lr = lr_cosine_schedule(it, cfg.optim.lr, cfg.optim.floor_lr, warmup, cycle)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(train_tokens, B, ctx, device, generator=gen)
+        with autocast():
+            loss = step_fn(x[rows], y[rows])
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(clip_gradients(params, clip))
+        loss_value = float(dist_utils.mean_across_ranks(loss.float(), info))
+        if not math.isfinite(loss_value):
+            bar.close()
+            tracker["train_loss"] = loss_value
+            last = rd.latest_checkpoint() if info.is_main else None
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {it + 1} (lr {lr:.3g}, grad norm {grad_norm:.3g}); "
+                f"stopped before the optimizer step. Last good checkpoint: {last or 'none'}. "
+                "Lower --optim.lr, raise --optim.warmup_iters, or use --train.autocast=none.",
+                _summary(rd, it, tracker))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step = done["step"] = it + 1
+        window["loss"] += loss_value
+        window["n"] += 1
+        window["tokens"] += B * ctx
+        bar.update(1)
+        is_eval = step % cfg.train.eval_interval == 0 or step == max_steps
+        stop_now = dist_utils.any_rank(stop.signal is not None, info, device)
+        if step % cfg.train.log_interval == 0 or is_eval or stop_now:
+            now = time.perf_counter()
+            tracker["wallclock_s"] += now - window["t"]
+            tracker["train_loss"] = window["loss"] / window["n"]
+            tracker["tokens_per_s"] = window["tokens"] / max(now - window["t"], 1e-9)
+            row = {"step": step, "train_loss": tracker["train_loss"], "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tracker["tokens_per_s"], "wallclock_s": tracker["wallclock_s"]}
+            if is_eval:
+                do_eval(step, row)
+            log(row)
+            bar.set_postfix(loss=f"{tracker['train_loss']:.3f}")
+            window.update(t=time.perf_counter(), loss=0.0, n=0, tokens=0)
+        if step % cfg.train.checkpoint_interval == 0 or step == max_steps or stop_now:
+            checkpoint(step)
+        if stop_now:
+            done["stopped_by"] = stop.signal or signal.SIGTERM
+            say(f"stopped by signal {done['stopped_by']} at step {step}; checkpoint saved, continue "
+                f"with --out-dir {rd.path} --resume")
+        return stop_now
+
     with _StopRequest() as stop:
-        for it in range(start, max_steps):
-            lr = lr_cosine_schedule(it, cfg.optim.lr, cfg.optim.floor_lr, warmup, cycle)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = get_batch(train_tokens, B, ctx, device, generator=gen)
-            with autocast():
-                loss = step_fn(x[rows], y[rows])
-            loss.backward()
-            params = [p for p in model.parameters() if p.grad is not None]
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(clip_gradients(params, clip))
-            loss_value = float(dist_utils.mean_across_ranks(loss.float(), info))
-            if not math.isfinite(loss_value):
-                bar.close()
-                tracker["train_loss"] = loss_value
-                summary = _summary(rd, it, tracker)
-                last = rd.latest_checkpoint() if info.is_main else None
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {it + 1} (lr {lr:.3g}, grad norm {grad_norm:.3g}); "
-                    f"stopped before the optimizer step. Last good checkpoint: {last or 'none'}. "
-                    "Lower --optim.lr, raise --optim.warmup_iters, or use --train.autocast=none.", summary)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step = it + 1
-            window_loss += loss_value
-            window_n += 1
-            window_tokens += B * ctx
-            bar.update(1)
-            is_eval = step % cfg.train.eval_interval == 0 or step == max_steps
-            stop_now = dist_utils.any_rank(stop.signal is not None, info, device)
-            if step % cfg.train.log_interval == 0 or is_eval or stop_now:
-                now = time.perf_counter()
-                tracker["wallclock_s"] += now - last_t
-                tracker["train_loss"] = window_loss / window_n
-                tracker["tokens_per_s"] = window_tokens / max(now - last_t, 1e-9)
-                row = {"step": step, "train_loss": tracker["train_loss"], "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tracker["tokens_per_s"], "wallclock_s": tracker["wallclock_s"]}
-                if is_eval:
-                    do_eval(step, row)
-                log(row)
-                bar.set_postfix(loss=f"{tracker['train_loss']:.3f}")
-                last_t, window_loss, window_n, window_tokens = time.perf_counter(), 0.0, 0, 0
-            if step % cfg.train.checkpoint_interval == 0 or step == max_steps or stop_now:
-                checkpoint(step)
-            if stop_now:
-                stopped_by = stop.signal or signal.SIGTERM
-                say(f"stopped by signal {stopped_by} at step {step}; checkpoint saved, continue with "
-                    f"--out-dir {rd.path} --resume")
+        its = iter(range(start, max_steps))
+        stopped = False
+        if cfg.train.profile and info.is_main and max_steps - start >= PROFILE_STEPS:
+            from cs336.profile import profile_steps
+
+            flags = []
+            def profiled() -> None:
+                if not any(flags):
+                    flags.append(step_once(next(its), stop))
+
+            result = profile_steps(profiled, rd.path / "profile", wait=1, warmup=1, active=PROFILE_STEPS - 2)
+            stopped = any(flags)
+            say(f"profile of steps {start + 3}-{start + PROFILE_STEPS}: {result.traces[-1]}, {result.table_path}")
+        for it in its:
+            if stopped or step_once(it, stop):
                 break
     bar.close()
-    summary = _summary(rd, step, tracker)
-    summary["interrupted"] = stopped_by is not None
+    summary = _summary(rd, done["step"], tracker)
+    summary["interrupted"] = done["stopped_by"] is not None
     if info.is_main:
         _finish(cfg, rd, model, tokenizer, summary, say)
     if wandb_run is not None:

@@ -64,3 +64,12 @@ def test_resume_continues_exactly(tmp_path):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)
     assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-6)
     assert resumed["steps"] == 24
+
+
+def test_profile_records_the_first_steps(tmp_path):
+    summary = run(tiny(tmp_path / "p", "train.max_steps=6", "train.profile=true", "train.sample_tokens=0"))
+    assert summary["steps"] == 6
+    prof = tmp_path / "p" / "profile"
+    assert (prof / "key_averages.txt").read_text().count("\n") > 5
+    assert list(prof.glob("step*.json"))
+    assert [r["step"] for r in metrics(tmp_path / "p")] == [0, 4, 6]
