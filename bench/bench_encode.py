@@ -11,6 +11,9 @@ contains that string), both returning a list of ints from an in-memory ``str``.
 ``encode_batch`` with ``num_threads=2`` over the same chunks (``iter_chunks``), concatenated into
 a ``uint16`` array and written.
 
+``test_encode_lines``: one call per line (40,000 lines), ours vs ``encode_ordinary``: the fixed
+cost of a call. ``test_encode_stages``: the parts of one ``encode`` of the whole text.
+
 ``extra_info`` holds MB/s (input bytes per second at the fastest round) and
 ``speedup_vs_tiktoken`` (tiktoken's fastest time / ours, same session, same inputs).
 """
@@ -27,6 +30,7 @@ import pytest
 
 from cs336.tokenizer import Tokenizer
 from cs336.tokenizer.encode_file import encode_file, iter_chunks
+from cs336.tokenizer.tokenizer import pretoken_bounds
 
 pytestmark = pytest.mark.bench
 
@@ -139,3 +143,40 @@ def test_encode_file(benchmark, provider, mode, tmp_path, tokenizers, tiktoken_g
         tiktoken_mb_per_s=n_bytes / 1e6 / tiktoken_s,
         speedup_vs_tiktoken=tiktoken_s / best,
     )
+
+
+@pytest.mark.parametrize("provider", ["ours", "tiktoken"])
+def test_encode_lines(benchmark, provider, text, tokenizers, tiktoken_gpt2):
+    """Many short calls (the first 40,000 lines, one call each): the fixed cost per call."""
+    lines = text.splitlines(keepends=True)[:40_000]
+    ours = tokenizers["ordinary"].encode
+    theirs = tiktoken_gpt2.encode_ordinary
+    fn = ours if provider == "ours" else theirs
+    tiktoken_s = _fastest(lambda: [theirs(line) for line in lines])
+    benchmark.pedantic(lambda: [fn(line) for line in lines], rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    best = benchmark.stats.stats.min
+    n_bytes = sum(len(line.encode("utf-8")) for line in lines)
+    benchmark.extra_info.update(
+        provider=provider,
+        lines=len(lines),
+        input_bytes=n_bytes,
+        mb_per_s=n_bytes / 1e6 / best,
+        us_per_call=best / len(lines) * 1e6,
+        speedup_vs_tiktoken=tiktoken_s / best,
+    )
+
+
+@pytest.mark.parametrize("stage", ["pretokenize", "merge", "to_list"])
+def test_encode_stages(benchmark, stage, text, tokenizers):
+    """Where ``encode`` spends its time: pre-token bounds (numba scanner), the numba merge call
+    (with its in-call cache), and converting the int32 array to a list."""
+    tok = tokenizers["ordinary"]
+    data, bounds = pretoken_bounds(text)
+    out, _ = tok._encode_bounds(data, bounds)
+    fns = {
+        "pretokenize": lambda: pretoken_bounds(text),
+        "merge": lambda: tok._encode_bounds(data, bounds),
+        "to_list": out.tolist,
+    }
+    benchmark.pedantic(fns[stage], rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(stage=stage, pretokens=len(bounds) - 1, seconds=benchmark.stats.stats.min)

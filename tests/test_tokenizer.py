@@ -271,6 +271,10 @@ def test_constructor_errors(trained):
         Tokenizer(vocab, [merges[0], (b"zz", b"qq")])
     with pytest.raises(ValueError, match="non-empty string"):
         Tokenizer(vocab, merges, [""])
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        Tokenizer(vocab, merges, EOT)
+    with pytest.raises(ValueError, match="does not fit in int32"):
+        Tokenizer({**vocab, 2**31: b"big"}, merges)
     with pytest.raises(TypeError, match="expects str"):
         Tokenizer(vocab, merges).encode(b"bytes")
 

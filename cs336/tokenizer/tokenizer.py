@@ -79,6 +79,10 @@ class Tokenizer:
                 f"vocab lacks the single-byte token {bytes([missing_bytes[0]])!r} "
                 f"({len(missing_bytes)} of 256 missing); a byte-level BPE vocab holds all 256 bytes"
             )
+        if max(self.vocab) >= 2**31 - len(special_tokens or ()):
+            raise ValueError(f"vocab id {max(self.vocab)} does not fit in int32; renumber the vocab")
+        if isinstance(special_tokens, (str, bytes)):
+            raise TypeError(f"special_tokens must be a list of strings, got {special_tokens!r}; wrap it in a list")
         self.special_tokens: list[str] = []
         self._special_ids: dict[str, int] = {}
         next_id = max(self.vocab) + 1
