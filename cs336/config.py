@@ -204,7 +204,7 @@ class DataConfig:
     """Where --dataset downloads go (reused when already present)."""
     dataset_base_url: str | None = None
     """Replaces the download location of --dataset files (a mirror, or a local test server)."""
-    corpus_mb: float = 4.0
+    corpus_mb: float = 6.0
     """Size of the embedded corpus in MB (train + valid)."""
     corpus_seed: int = 1234
     """Seed of the embedded corpus generator."""
@@ -247,7 +247,7 @@ class DataConfig:
 class RunConfig:
     out_dir: str | None = None
     """Run directory; None means runs/<UTC timestamp>."""
-    max_steps: int = 400
+    max_steps: int = 800
     """Optimizer steps of the run."""
     batch_size: int = 16
     """Global batch (sequences per step), split evenly over data-parallel ranks."""
