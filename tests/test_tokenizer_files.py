@@ -199,3 +199,16 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"special_tokens": "x"}', encoding="utf-8")
     with pytest.raises(TokenizerFileError, match=r"tokenizer\.json: expected an object"):
         load_tokenizer_dir(tmp_path)
+
+
+def test_written_files_match_cs336_reference_files(fixtures_dir, tmp_path):
+    # The CS336 reference files are in GPT-2 format: our writer must spell every merge the same
+    # way (line for line) and hold the same token strings (ids there follow another order).
+    vocab, merges = train_bpe(fixtures_dir / "corpus.en", 500, [EOT])
+    save_vocab_merges(vocab, merges, tmp_path / "vocab.json", tmp_path / "merges.txt")
+    ours = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    reference = (fixtures_dir / "train-bpe-reference-merges.txt").read_text(encoding="utf-8").splitlines()
+    assert ours[0].startswith("#version") and ours[1:] == reference
+    ours_vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    reference_vocab = json.loads((fixtures_dir / "train-bpe-reference-vocab.json").read_text(encoding="utf-8"))
+    assert set(ours_vocab) == set(reference_vocab)
