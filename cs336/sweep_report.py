@@ -3,8 +3,8 @@
 Every file is rewritten atomically after each run, so an interrupted sweep leaves a readable
 summary of the runs that finished. ``curves.png`` overlays the validation loss of every run
 against step (tokens for a batch-size sweep) and against wallclock; runs that diverged or failed
-are dashed. Reads each run's ``metrics.jsonl`` as ``cs336.train`` writes it.
-"""
+are dashed, and the loss axis stops 5% above the highest starting loss. Reads each run's
+``metrics.jsonl`` as ``cs336.train`` writes it."""
 
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
     import matplotlib.pyplot as plt
 
     fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    starts, highest = [], -math.inf
     for r in rows:
         evals = [m for m in read_metrics(Path(r["run_dir"])) if finite(m.get("val_loss"))]
         if not evals:
@@ -98,15 +99,22 @@ def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
         per_step = cfg.train.batch_size * cfg.context_length if x_tokens and cfg is not None else None
         xs = [m["step"] * per_step for m in evals] if per_step else [m["step"] for m in evals]
         ys = [m["val_loss"] for m in evals]
+        starts.append(ys[0])
+        highest = max(highest, *ys)
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["point"].items())
         style = "--" if r["status"] != "ok" else "-"
-        ax_step.plot(xs, ys, style, label=label + (f" [{r['status']}]" if r["status"] != "ok" else ""))
-        ax_time.plot([m.get("wallclock_s", math.nan) for m in evals], ys, style)
+        ax_step.plot(xs, ys, style, marker="o", markersize=2.5,
+                     label=label + (f" [{r['status']}]" if r["status"] != "ok" else ""))
+        ax_time.plot([m.get("wallclock_s", math.nan) for m in evals], ys, style, marker="o", markersize=2.5)
     ax_step.set_xlabel("tokens" if x_tokens else "step")
     ax_time.set_xlabel("wallclock (s)")
+    # A diverged run can reach losses far above the start; clip there so the others stay readable.
+    top = 1.05 * max(starts) if starts else None
     for ax in (ax_step, ax_time):
         ax.set_ylabel("val loss")
         ax.grid(alpha=0.3)
+        if top is not None and highest > top:
+            ax.set_ylim(top=top)
     if ax_step.lines:
         ax_step.legend(fontsize=7)
     fig.suptitle(path.parent.name, fontsize=9)
