@@ -91,7 +91,10 @@ def _tokenizer(cfg: TrainConfig, rd: RunDir, train_text: Path | None, say) -> To
         sample = _tokenizer_sample(train_text, rd, cfg.data.tokenizer_sample_mb, specials[0])
         say(f"training a {cfg.model.vocab_size}-token BPE tokenizer on {sample} "
             f"({sample.stat().st_size / 1e6:.1f} MB)")
-        vocab, merges = train_bpe(str(sample), cfg.model.vocab_size, specials)
+        try:
+            vocab, merges = train_bpe(str(sample), cfg.model.vocab_size, specials)
+        except (ValueError, OSError) as exc:  # unreadable or non-UTF-8 input; the message names it
+            raise ConfigError(str(exc)) from None
         save_vocab_merges(vocab, merges, rd.vocab_path, rd.merges_path)
     vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
     tokenizer = Tokenizer(vocab, merges, specials)
@@ -133,7 +136,10 @@ def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
                     say(f"encoding {text} -> {path}")
                     big = text.stat().st_size > PARALLEL_ENCODE_BYTES
                     workers = min(os.cpu_count() or 1, 8) if big else 1
-                    encode_file(text, path, tokenizer, workers=workers, progress=cfg.train.progress)
+                    try:
+                        encode_file(text, path, tokenizer, workers=workers, progress=cfg.train.progress)
+                    except (ValueError, OSError) as exc:  # e.g. non-UTF-8 text; the message names it
+                        raise ConfigError(str(exc)) from None
     dist_utils.barrier(info)
     vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
     tokenizer = Tokenizer(vocab, merges, list(cfg.data.special_tokens))

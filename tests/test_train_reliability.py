@@ -194,3 +194,12 @@ def test_missing_text_files(capsys, tmp_path):
     err = cli_error(capsys, ["--out-dir", str(tmp_path / "o"), "--train-text", str(tmp_path / "nope.txt"),
                              "--valid-text", str(tmp_path / "nope2.txt")])
     assert "--train-text" in err and "nope.txt" in err
+
+
+def test_text_that_is_not_utf8(capsys, tmp_path):
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_bytes(b"a fine start " * 50 + b"\xff\xfe broken " * 5)
+    valid.write_text("fine text " * 50)
+    err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(tmp_path / "o"), "--train.progress=false",
+                             "--train-text", str(train), "--valid-text", str(valid)])
+    assert str(train) in err and "UTF-8" in err
