@@ -73,3 +73,27 @@ def test_profile_records_the_first_steps(tmp_path):
     assert (prof / "key_averages.txt").read_text().count("\n") > 5
     assert list(prof.glob("step*.json"))
     assert [r["step"] for r in metrics(tmp_path / "p")] == [0, 4, 6]
+
+
+def test_embedded_corpus_is_seeded_and_split_into_documents(tmp_path):
+    from cs336.corpus import EOT, corpus_text, write_corpus
+
+    text = corpus_text(50_000, seed=3)
+    assert text == corpus_text(50_000, seed=3) and text != corpus_text(50_000, seed=4)
+    docs = [d.strip() for d in text.split(EOT) if d.strip()]
+    assert len(docs) > 50 and len(set(docs)) > 0.9 * len(docs)
+    assert all(d[0].isupper() and d.rstrip()[-1] in '.!"' for d in docs)
+    train, valid = write_corpus(tmp_path, 0.2, seed=1)
+    t, v = train.read_text(), valid.read_text()
+    assert 150_000 < len(t) < 200_000 and len(v) >= 10_000
+    assert not t.startswith(v[:200])
+
+
+def test_help_shows_the_commands_and_generated_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--resume", "--out-dir", "--max-steps", "--kernels", "--optim.lr", "--model.d_model",
+                 "--train-text", "--dataset", "--wandb", "--compile"):
+        assert flag in out, flag
