@@ -40,6 +40,12 @@ LOOSE: dict[str, dict[torch.dtype, dict[str, float]]] = {
     # bf16 (0.1 -> 0.10009765625; CUDA keeps it in fp32), which the kernel does not copy. Where
     # beta1 * m and (1 - beta1) * g cancel, that error is relative to the terms (~|g|/10), not m.
     "adamw_bf16_state": {torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-5, "atol_of_max": 1e-2}},
+    # Parameters after several AdamW steps: Adam divides by sqrt(v), so for a weight whose
+    # gradients are tiny or cancel across steps, fp32 rounding differences in the gradients (1e-7
+    # relative) become relative differences in its update, whose size is lr per step. Measured:
+    # up to 1.7e-5 after 4 steps at lr 3e-3 (1 element in ~30K, 1 run in 6); 1e-4 is under 1% of
+    # the largest possible cumulative update (4 * lr).
+    "model_training": {torch.float32: {"rtol": 1.3e-6, "atol": 1e-4}},
 }
 
 SEED: list[int] = [0]
