@@ -11,19 +11,22 @@ error), and every point is validated before the first run starts.
 Runs go one after another in this process; with several CUDA devices visible they go one per
 device in subprocesses (``CUDA_VISIBLE_DEVICES``). A run that diverges (``TrainingDiverged``, a
 non-finite loss, or a final train or val loss above the loss at step 0) is marked as diverged
-and the sweep goes on; a run that fails for another reason is marked ``error`` with its message and the
-sweep exits with status 1 at the end. After every run the sweep rewrites ``summary.json``,
-``summary.csv`` and ``summary.md`` (point, steps, final train/val loss, best val loss, tokens/s,
-wallclock, status) and ``curves.png`` (val loss of every run against step and against
-wallclock) in DIR. Unless a point varies ``data.*`` or ``model.vocab_size``, the corpus, tokenizer and
+and the sweep goes on; a run that fails for another reason is marked ``error`` with its message,
+and the sweep exits with status 1 at the end. A run stopped by SIGINT/SIGTERM (it saves a
+checkpoint) ends the sweep. After every run the sweep rewrites ``summary.json``, ``summary.csv``
+and ``summary.md`` (point, steps, final train/val loss, best val loss, tokens/s, wallclock,
+status) and ``curves.png`` (val loss of every run against step and against wallclock) in DIR;
+``tokens/s`` is the training throughput of the run's last logging window, as ``cs336.train``
+reports it. Unless a point varies ``data.*`` or ``model.vocab_size``, the corpus, tokenizer and
 token files are prepared once, in ``DIR/_data``, and every run reads them (``--no-share-data``
 turns this off). When wandb is enabled the runs share one wandb group (the sweep's directory
 name unless the config names a group).
 
 A grid over ``train.batch_size`` keeps the number of training tokens fixed: the step counts
 (``train.max_steps``, ``train.eval_interval``, ``train.log_interval``, ``optim.warmup_iters`` and
-``optim.cosine_cycle_iters`` when set) are scaled by ``base_batch_size / batch_size`` (unless the
-grid also sets ``train.max_steps``), and the step axis of the plot becomes tokens.
+``optim.cosine_cycle_iters`` when set) and ``train.eval_batches`` (so every run validates on the
+same tokens) are scaled by ``base_batch_size / batch_size``, unless the grid also sets
+``train.max_steps``; the step axis of the plot becomes tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Any
 
 from cs336 import config as cfglib
 from cs336.sweep_report import finite, fmt, read_metrics, write_json, write_reports
+
 
 class SweepError(ValueError):
     """A sweep argument is invalid; the message names it and the fix."""
@@ -96,8 +100,8 @@ def point_name(point: dict[str, str]) -> str:
 
 BATCH_KEY = "train.batch_size"
 STEP_KEYS = ("train.max_steps", "train.eval_interval", "train.log_interval", "optim.warmup_iters",
-             "optim.cosine_cycle_iters")
-"""Step counts scaled by base_batch / batch in a batch-size sweep (None / 0 entries stay)."""
+             "optim.cosine_cycle_iters", "train.eval_batches")
+"""Counts scaled by base_batch / batch in a batch-size sweep (None / 0 entries stay)."""
 
 
 def get_path(cfg: Any, path: str) -> Any:
@@ -108,11 +112,13 @@ def get_path(cfg: Any, path: str) -> Any:
 def set_path(cfg: Any, path: str, value: Any) -> Any:
     """A copy of cfg with one field replaced (the section's validation runs again)."""
     section, name = path.split(".")
-    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+    updated = dataclasses.replace(getattr(cfg, section), **{name: value})
+    return dataclasses.replace(cfg, **{section: updated})
 
 
 def scale_steps(cfg: Any, base_batch: int, batch: int) -> Any:
-    """Scale the step counts by base_batch / batch so the number of training tokens stays fixed."""
+    """Scale the step counts (and validation batches) by base_batch / batch so the number of
+    training and validation tokens stays fixed."""
     for path in STEP_KEYS:
         steps = get_path(cfg, path)
         if steps:

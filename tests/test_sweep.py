@@ -109,13 +109,15 @@ def test_plan_rejects_bad_set(tmp_path):
 
 
 def test_batch_size_grid_keeps_tokens_fixed(tmp_path):
-    base = tiny_config()  # batch 8, 40 steps, eval every 20, log every 5, warmup 4
+    # batch 8, 40 steps, eval every 20, log every 5, warmup 4, 8 eval batches
+    base = cfglib.apply_overrides(tiny_config(), ["train.eval_batches=8"])
     plan = sweep.plan_sweep(base, points("train.batch_size=4,8,16,32"), [], tmp_path)
     steps = [p.config.train.max_steps for p in plan]
     assert steps == [80, 40, 20, 10]
     assert {p.config.train.max_steps * p.config.train.batch_size for p in plan} == {320}
     assert [p.config.train.eval_interval for p in plan] == [40, 20, 10, 5]
     assert [p.config.optim.warmup_iters for p in plan] == [8, 4, 2, 1]
+    assert [p.config.train.eval_batches * p.config.train.batch_size for p in plan] == [64] * 4
 
 
 def test_batch_size_grid_leaves_an_explicit_max_steps(tmp_path):
