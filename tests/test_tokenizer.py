@@ -293,16 +293,21 @@ def test_pickle_roundtrip(tok):
     assert clone.special_tokens == tok.special_tokens
 
 
-def test_short_text_cache_path_equals_numba_path(trained, monkeypatch):
-    import cs336.tokenizer.tokenizer as tokenizer_module
+@pytest.mark.parametrize("slots, key_bytes, ids", [(16, 1 << 20, 1 << 20), (1 << 10, 40, 1 << 20), (1 << 10, 1 << 20, 12)])
+def test_cache_fills_and_clears(trained, monkeypatch, slots, key_bytes, ids):
+    # A cache too small for the text (by slots, key bytes or ids) fills within a call, is cleared
+    # after it, and never changes the ids.
+    from cs336.tokenizer import encode_numba
 
+    monkeypatch.setattr(encode_numba, "CACHE_SLOTS", slots)
+    monkeypatch.setattr(encode_numba, "CACHE_KEY_BYTES", key_bytes)
+    monkeypatch.setattr(encode_numba, "CACHE_IDS", ids)
     vocab, merges = trained
-    monkeypatch.setattr(tokenizer_module, "CACHE_LIMIT", 8)  # forces the cache to be cleared
     tok = Tokenizer(vocab, merges, [EOT])
+    fresh = Tokenizer(vocab, merges, [EOT])
     lines = (TRAIN_TEXT + TRAIN_TEXT.upper()).splitlines(keepends=True)
-    most_distinct = max(len(set(tokenizer_module.pretokenize(line))) for line in lines)
     for line in lines + lines:
-        assert len(line) <= tokenizer_module.SHORT_TEXT_CHARS
-        assert tok.encode(line) == tok.encode_array(line).tolist()
-        # cleared when a call would pass the limit; one call's misses may overshoot it
-        assert len(tok._cache) <= 8 + most_distinct
+        assert tok.encode(line) == reference_encode(line, vocab, merges, [EOT])
+        entries, used_keys, used_ids, full = tok._cache[3]
+        assert full == 0 and 2 * entries <= slots and used_keys <= key_bytes and used_ids <= ids
+    assert tok.encode(TRAIN_TEXT) == fresh.encode(TRAIN_TEXT)

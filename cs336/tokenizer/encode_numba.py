@@ -10,9 +10,12 @@ order does.
 
 Per pre-token the work is O(n log n) for n bytes: a doubly linked list of symbols and a binary
 min-heap of (rank, position) entries with lazy deletion. The pair -> (rank, new id) table is an
-open-addressing hash table in flat arrays (keys ``left << 32 | right``, linear probing), built
-once per tokenizer. Many pre-tokens are encoded in one call: bytes concatenated, with offsets.
-Compiled functions are cached on disk (``cache=True``), so later processes skip compilation.
+open-addressing hash table of int64 rows (key ``left << 32 | right``, rank, new id; linear
+probing), built once per tokenizer. Many pre-tokens are encoded in one call: bytes concatenated,
+with offsets. A pre-token cache that persists across calls (``new_cache``: an open-addressing
+table keyed by an FNV-1a hash of the bytes, plus arenas for the key bytes and the ids) makes a
+repeated pre-token cost one hash lookup and a copy. Compiled functions are cached on disk
+(``cache=True``), so later processes skip compilation.
 """
 
 from __future__ import annotations
@@ -31,38 +34,38 @@ def _hash(key: np.int64, mask: np.int64) -> np.int64:
 
 
 @numba.njit(cache=True)
-def build_pair_table(left: np.ndarray, right: np.ndarray, new_id: np.ndarray):
+def build_pair_table(left: np.ndarray, right: np.ndarray, new_id: np.ndarray) -> np.ndarray:
     """Hash table from pair (left, right) to (rank, new id); rank = index in the merge list.
 
     A pair listed twice keeps its first rank (later duplicates can never apply).
-    Returns (keys int64[S], ranks int32[S], ids int32[S]) with S a power of two >= 2 * merges.
+    Returns int64[S, 3] rows (key, rank, new id), key -1 when empty, S a power of two
+    >= 2 * merges; one row per probe keeps a lookup to one cache line.
     """
     n = left.shape[0]
     size = 16
     while size < 2 * n:
         size *= 2
     mask = np.int64(size - 1)
-    keys = np.full(size, _EMPTY, dtype=np.int64)
-    ranks = np.zeros(size, dtype=np.int32)
-    ids = np.zeros(size, dtype=np.int32)
+    table = np.full((size, 3), _EMPTY, dtype=np.int64)
     for r in range(n):
         key = (np.int64(left[r]) << 32) | np.int64(right[r])
         slot = _hash(key, mask)
-        while keys[slot] != _EMPTY and keys[slot] != key:
+        while table[slot, 0] != _EMPTY and table[slot, 0] != key:
             slot = (slot + 1) & mask
-        if keys[slot] == _EMPTY:
-            keys[slot] = key
-            ranks[slot] = r
-            ids[slot] = new_id[r]
-    return keys, ranks, ids
+        if table[slot, 0] == _EMPTY:
+            table[slot, 0] = key
+            table[slot, 1] = r
+            table[slot, 2] = new_id[r]
+    return table
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _lookup(keys, mask, a, b):
+def _lookup(pairs, mask, a, b):
+    """Row of pair (a, b) in ``pairs``, or -1."""
     key = (np.int64(a) << 32) | np.int64(b)
     slot = _hash(key, mask)
     while True:
-        k = keys[slot]
+        k = pairs[slot, 0]
         if k == key:
             return slot
         if k == _EMPTY:
@@ -105,7 +108,7 @@ def _heap_pop(hr, hp, size):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _merge_piece(data, start, n, byte_ids, keys, mask, ranks, ids, sym, nxt, prv, prank, hr, hp, out, n_out):
+def _merge_piece(data, start, n, byte_ids, pairs, mask, sym, nxt, prv, prank, hr, hp, out, n_out):
     """Merge the pre-token ``data[start:start+n]``; write its ids at ``out[n_out:]``; return the
     new end of ``out``."""
     for j in range(n):
@@ -114,10 +117,10 @@ def _merge_piece(data, start, n, byte_ids, keys, mask, ranks, ids, sym, nxt, prv
         prv[j] = j - 1
     size = 0
     for j in range(n - 1):
-        slot = _lookup(keys, mask, sym[j], sym[j + 1])
+        slot = _lookup(pairs, mask, sym[j], sym[j + 1])
         if slot >= 0:
-            prank[j] = ranks[slot]
-            size = _heap_push(hr, hp, size, ranks[slot], j)
+            prank[j] = pairs[slot, 1]
+            size = _heap_push(hr, hp, size, prank[j], j)
         else:
             prank[j] = -1
     if n > 0:
@@ -131,8 +134,8 @@ def _merge_piece(data, start, n, byte_ids, keys, mask, ranks, ids, sym, nxt, prv
             continue  # stale: the pair at pos changed since this entry was pushed
         floor = rank
         right = nxt[pos]
-        slot = _lookup(keys, mask, sym[pos], sym[right])
-        sym[pos] = ids[slot]
+        slot = _lookup(pairs, mask, sym[pos], sym[right])
+        sym[pos] = pairs[slot, 2]
         after = nxt[right]
         nxt[pos] = after
         if after >= 0:
@@ -140,17 +143,17 @@ def _merge_piece(data, start, n, byte_ids, keys, mask, ranks, ids, sym, nxt, prv
         prank[right] = -1
         prank[pos] = -1
         if after >= 0:
-            slot = _lookup(keys, mask, sym[pos], sym[after])
-            if slot >= 0 and ranks[slot] >= floor:
-                prank[pos] = ranks[slot]
-                size = _heap_push(hr, hp, size, ranks[slot], pos)
+            slot = _lookup(pairs, mask, sym[pos], sym[after])
+            if slot >= 0 and pairs[slot, 1] >= floor:
+                prank[pos] = pairs[slot, 1]
+                size = _heap_push(hr, hp, size, prank[pos], pos)
         before = prv[pos]
         if before >= 0:
             prank[before] = -1
-            slot = _lookup(keys, mask, sym[before], sym[pos])
-            if slot >= 0 and ranks[slot] >= floor:
-                prank[before] = ranks[slot]
-                size = _heap_push(hr, hp, size, ranks[slot], before)
+            slot = _lookup(pairs, mask, sym[before], sym[pos])
+            if slot >= 0 and pairs[slot, 1] >= floor:
+                prank[before] = pairs[slot, 1]
+                size = _heap_push(hr, hp, size, prank[before], before)
     j = 0 if n > 0 else -1
     while j >= 0:
         out[n_out] = sym[j]
@@ -159,23 +162,44 @@ def _merge_piece(data, start, n, byte_ids, keys, mask, ranks, ids, sym, nxt, prv
     return n_out
 
 
-CACHE_SLOTS_MAX = 1 << 21
-"""Most slots of the per-call pre-token cache; it starts at 16 slots (cheap for short texts) and
-doubles when half full, so at most 1M distinct pre-tokens (80 MB) are cached per call."""
+CACHE_SLOTS = 1 << 18
+"""Slots of the pre-token cache; at most half are filled (131,072 distinct pre-tokens)."""
+CACHE_KEY_BYTES = 1 << 22
+"""Bytes of pre-token text the cache holds (4 MB)."""
+CACHE_IDS = 1 << 20
+"""Token ids the cache holds (4 MB)."""
+
+
+def new_cache() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An empty pre-token cache for ``encode_pieces``: (table int64[S, 5] rows (hash, key
+    start, key length, ids start, id count) with key length -1 when empty; key bytes uint8[K];
+    ids int32[I]; state int64[4] = (entries, key bytes used, ids used, full flag))."""
+    table = np.zeros((CACHE_SLOTS, 5), dtype=np.int64)
+    table[:, 2] = -1
+    return (table, np.empty(CACHE_KEY_BYTES, dtype=np.uint8), np.empty(CACHE_IDS, dtype=np.int32),
+            np.zeros(4, dtype=np.int64))
+
+
+def clear_cache(cache) -> None:
+    """Empty ``cache`` in place."""
+    table, _, _, state = cache
+    table[:, 2] = -1
+    state[:] = 0
 
 
 @numba.njit(cache=True, nogil=True)
-def encode_pieces(data, bounds, byte_ids, keys, ranks, ids):
+def encode_pieces(data, bounds, byte_ids, pairs, c_table, c_keys, c_ids, c_state):
     """Encode the pre-tokens ``data[bounds[i]:bounds[i+1]]`` (uint8) to token ids.
 
-    Each distinct pre-token is merged once: an open-addressing table keyed by an FNV-1a hash of
-    its bytes points at its first occurrence, whose ids are copied for later ones. The table
-    grows with the number of distinct pre-tokens, so it stays cache-resident for typical text.
+    The cache (see ``new_cache``) persists across calls: an open-addressing table keyed by an
+    FNV-1a hash of a pre-token's bytes gives its ids; a pre-token not found is merged and added
+    while there is room, else ``c_state[3]`` is set (the caller then clears the cache).
     Returns (out int32[T], out_bounds int64[P+1]): pre-token i's ids are
     ``out[out_bounds[i]:out_bounds[i+1]]``.
     """
     n_pieces = bounds.shape[0] - 1
-    mask = np.int64(keys.shape[0] - 1)
+    mask = np.int64(pairs.shape[0] - 1)
+    cmask = np.uint64(c_table.shape[0] - 1)
     longest = 0
     for i in range(n_pieces):
         longest = max(longest, bounds[i + 1] - bounds[i])
@@ -189,15 +213,6 @@ def encode_pieces(data, bounds, byte_ids, keys, ranks, ids):
     out = np.empty(bounds[n_pieces] - bounds[0], dtype=np.int32)
     out_bounds = np.empty(n_pieces + 1, dtype=np.int64)
 
-    # Cache: slot -> first occurrence (its byte start, byte length, ids start, id count) + hash.
-    slots = 16
-    c_start = np.full(slots, -1, dtype=np.int64)
-    c_len = np.empty(slots, dtype=np.int64)
-    c_out = np.empty(slots, dtype=np.int64)
-    c_nout = np.empty(slots, dtype=np.int64)
-    c_hash = np.empty(slots, dtype=np.uint64)
-    filled = 0
-
     n_out = 0
     for i in range(n_pieces):
         out_bounds[i] = n_out
@@ -206,61 +221,47 @@ def encode_pieces(data, bounds, byte_ids, keys, ranks, ids):
         h = np.uint64(0xCBF29CE484222325)  # FNV-1a 64-bit offset basis
         for j in range(n):
             h = (h ^ np.uint64(data[start + j])) * np.uint64(0x100000001B3)  # FNV prime
-        cmask = np.uint64(slots - 1)
+        hkey = np.int64(h)
         slot = h & cmask
         hit = False
-        while c_start[slot] >= 0:
-            if c_hash[slot] == h and c_len[slot] == n:
-                o = c_start[slot]
+        while c_table[slot, 2] >= 0:
+            if c_table[slot, 0] == hkey and c_table[slot, 2] == n:
+                o = c_table[slot, 1]
                 hit = True
                 for j in range(n):
-                    if data[o + j] != data[start + j]:
+                    if c_keys[o + j] != data[start + j]:
                         hit = False
                         break
                 if hit:
                     break
             slot = (slot + np.uint64(1)) & cmask
         if hit:
-            first = c_out[slot]
-            for j in range(c_nout[slot]):
-                out[n_out + j] = out[first + j]
-            n_out += c_nout[slot]
+            first = c_table[slot, 3]
+            for j in range(c_table[slot, 4]):
+                out[n_out + j] = c_ids[first + j]
+            n_out += c_table[slot, 4]
             continue
         first = n_out
-        n_out = _merge_piece(
-            data, start, n, byte_ids, keys, mask, ranks, ids, sym, nxt, prv, prank, hr, hp, out, n_out
-        )
-        if 2 * (filled + 1) > slots:
-            if 2 * slots > CACHE_SLOTS_MAX:
-                continue  # full: later new pre-tokens are merged without being cached
-            # grow: rehash every entry into a table twice the size
-            new_slots = 2 * slots
-            nmask = np.uint64(new_slots - 1)
-            n_start = np.full(new_slots, -1, dtype=np.int64)
-            n_len = np.empty(new_slots, dtype=np.int64)
-            n_outs = np.empty(new_slots, dtype=np.int64)
-            n_nout = np.empty(new_slots, dtype=np.int64)
-            n_hash = np.empty(new_slots, dtype=np.uint64)
-            for s in range(slots):
-                if c_start[s] >= 0:
-                    t = c_hash[s] & nmask
-                    while n_start[t] >= 0:
-                        t = (t + np.uint64(1)) & nmask
-                    n_start[t] = c_start[s]
-                    n_len[t] = c_len[s]
-                    n_outs[t] = c_out[s]
-                    n_nout[t] = c_nout[s]
-                    n_hash[t] = c_hash[s]
-            slots = new_slots
-            c_start, c_len, c_out, c_nout, c_hash = n_start, n_len, n_outs, n_nout, n_hash
-            slot = h & nmask
-            while c_start[slot] >= 0:
-                slot = (slot + np.uint64(1)) & nmask
-        c_start[slot] = start
-        c_len[slot] = n
-        c_out[slot] = first
-        c_nout[slot] = n_out - first
-        c_hash[slot] = h
-        filled += 1
+        n_out = _merge_piece(data, start, n, byte_ids, pairs, mask, sym, nxt, prv, prank, hr, hp, out, n_out)
+        count = n_out - first
+        if (
+            2 * (c_state[0] + 1) > c_table.shape[0]
+            or c_state[1] + n > c_keys.shape[0]
+            or c_state[2] + count > c_ids.shape[0]
+        ):
+            c_state[3] = 1  # full: later new pre-tokens of this call are merged, not cached
+            continue
+        c_table[slot, 0] = hkey
+        c_table[slot, 1] = c_state[1]
+        c_table[slot, 2] = n
+        c_table[slot, 3] = c_state[2]
+        c_table[slot, 4] = count
+        for j in range(n):
+            c_keys[c_state[1] + j] = data[start + j]
+        for j in range(count):
+            c_ids[c_state[2] + j] = out[first + j]
+        c_state[0] += 1
+        c_state[1] += n
+        c_state[2] += count
     out_bounds[n_pieces] = n_out
     return out[:n_out], out_bounds

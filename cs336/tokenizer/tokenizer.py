@@ -8,13 +8,13 @@ applying the merge list in order. For the GPT-2 vocabulary this gives the same i
 Where the time goes and what is done about it: the text is encoded to UTF-8 once and split into
 pre-tokens by byte offsets (the numba scanner in ``pretok_numba`` when present, else
 ``pretokenize``, the regex definition), with no Python string per pre-token. One numba call
-(``encode_numba.encode_pieces``) then merges every pre-token of the text, each distinct
-pre-token once (a hash table inside the call maps repeats to the first occurrence's ids), and
-returns one int32 array; ``encode`` converts it to a list. Special tokens split the text first
-(``split_on_special``, called only when one occurs); all ordinary segments still go through a
-single numba call. Short texts (``SHORT_TEXT_CHARS``), where the fixed cost of a numba call
-(about 10 us) would dominate, look their pre-tokens up in a dict that persists across calls and
-send only the misses to numba.
+(``encode_numba.encode_pieces``) then produces the ids of every pre-token as one int32 array;
+``encode`` converts it to a list. Pre-tokens seen before are copied from a cache that persists
+across calls (hash table and arenas in numpy arrays, about 18 MB, cleared when full), so a
+repeated pre-token costs one hash lookup and a new one a heap-driven merge. Special tokens
+split the text first (``split_on_special``, called only when one occurs); all ordinary segments
+still go through a single numba call. Calls on one ``Tokenizer`` from several threads are
+serialized by a lock (the cache is shared).
 
 Deviations: lone surrogates in ``str`` input (which have no UTF-8 encoding) are encoded as their
 ``surrogatepass`` bytes, so they decode to U+FFFD; tiktoken replaces them with U+FFFD before
@@ -25,13 +25,13 @@ those ids.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Iterator
-from itertools import chain
 
 import numpy as np
 import regex
 
-from .encode_numba import build_pair_table, encode_pieces
+from .encode_numba import build_pair_table, clear_cache, encode_pieces, new_cache
 from .gpt2_files import load_vocab_merges
 from .pretokenize import pretokenize, special_token_regex, split_on_special
 
@@ -39,14 +39,6 @@ try:
     from .pretok_numba import utf8_bounds
 except ImportError:
     utf8_bounds = None
-
-SHORT_TEXT_CHARS = 2048
-"""Texts up to this long (without special tokens) are encoded through a dict from pre-token bytes
-to ids that persists across calls: a call then costs a few microseconds plus one dict lookup per
-pre-token, instead of a numba call's fixed cost. Longer texts go to one numba call."""
-
-CACHE_LIMIT = 1 << 17
-"""Most pre-tokens in the cross-call cache (a few tens of MB); it is cleared when full."""
 
 # A safe place to cut a stream: after a non-whitespace character that is followed by whitespace.
 # No alternative of the GPT-2 pattern matches across such a point or looks past it.
@@ -115,13 +107,14 @@ class Tokenizer:
                     )
             left[r], right[r], new_id[r] = token_id[a], token_id[b], token_id[a + b]
         self._byte_ids = np.array([token_id[bytes([b])] for b in range(256)], dtype=np.int32)
-        self._pair_keys, self._pair_ranks, self._pair_ids = build_pair_table(left, right, new_id)
+        self._pairs = build_pair_table(left, right, new_id)
 
         size = max(self.vocab) + 1
         self._decode_table: list[bytes | None] = [None] * size
         for idx, token in self.vocab.items():
             self._decode_table[idx] = token
-        self._cache: dict[bytes, tuple[int, ...]] = {}
+        self._cache = None  # encode_numba.new_cache(), made on first use
+        self._lock = threading.Lock()
 
     @classmethod
     def from_files(
@@ -149,12 +142,6 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
-        if (
-            isinstance(text, str)
-            and len(text) <= SHORT_TEXT_CHARS
-            and not any(tok in text for tok in self.special_tokens)
-        ):
-            return self._encode_short(*pretoken_bounds(text))
         return self.encode_array(text).tolist()
 
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
@@ -213,37 +200,14 @@ class Tokenizer:
             raise
         return data.decode("utf-8", errors="replace")
 
-    def _encode_short(self, data: bytes, bounds: np.ndarray) -> list[int]:
-        """Ids of the pre-tokens of a short text through the cross-call cache; the misses are
-        merged in one numba call."""
-        edges = bounds.tolist()
-        pieces = [data[a:b] for a, b in zip(edges, edges[1:])]
-        cache = self._cache
-        try:
-            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
-        except KeyError:
-            pass
-        missing = [p for p in set(pieces) if p not in cache]
-        if len(cache) + len(missing) > CACHE_LIMIT:
-            cache.clear()
-            missing = list(set(pieces))
-        miss_bounds = np.zeros(len(missing) + 1, dtype=np.int64)
-        np.cumsum([len(p) for p in missing], out=miss_bounds[1:])
-        out, out_bounds = self._encode_bounds(b"".join(missing), miss_bounds)
-        ids = out.tolist()
-        ends = out_bounds.tolist()
-        cache.update(zip(missing, (tuple(ids[a:b]) for a, b in zip(ends, ends[1:]))))
-        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
-
     def _encode_bounds(self, data: bytes, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return encode_pieces(
-            np.frombuffer(data, dtype=np.uint8),
-            bounds,
-            self._byte_ids,
-            self._pair_keys,
-            self._pair_ranks,
-            self._pair_ids,
-        )
+        with self._lock:  # the numba call updates the cache arrays without the GIL
+            if self._cache is None:
+                self._cache = new_cache()
+            result = encode_pieces(np.frombuffer(data, dtype=np.uint8), bounds, self._byte_ids, self._pairs, *self._cache)
+            if self._cache[3][3]:
+                clear_cache(self._cache)
+        return result
 
     def safe_cut(self, buf: str) -> int:
         """Largest position p > 0 such that encoding buf[:p] and the text after p separately
