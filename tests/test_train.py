@@ -97,3 +97,11 @@ def test_help_shows_the_commands_and_generated_flags(capsys):
     for flag in ("--resume", "--out-dir", "--max-steps", "--kernels", "--optim.lr", "--model.d_model",
                  "--train-text", "--dataset", "--wandb", "--compile"):
         assert flag in out, flag
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_into_the_run_dir(tmp_path):
+    pytest.importorskip("wandb")
+    run(tiny(tmp_path / "w", "train.max_steps=4", "train.wandb=true", "train.sample_tokens=0"))
+    offline = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
