@@ -190,7 +190,7 @@ def _run(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.
     torch.manual_seed(cfg.train.seed)
     model = TransformerLM.from_config(cfg.model, device=device)
     opt = AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                       weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
+                weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     tracker: dict = {"best_val_loss": None, "wallclock_s": 0.0}
     start = 0
@@ -228,7 +228,7 @@ def _run(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.
         if info.is_main:
             path = rd.checkpoint_path(step)
             save_checkpoint(model, opt, step, path, config=json.loads(rd.config_file.read_text()),
-                                   data_rng=gen.get_state(), tracker=dict(tracker))
+                            data_rng=gen.get_state(), tracker=dict(tracker))
             rd.mark_latest(path, cfg.train.keep_last)
         dist_utils.barrier(info)
 
