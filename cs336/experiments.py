@@ -117,7 +117,7 @@ def _ffn_points(base: cfglib.TrainConfig) -> list[dict[str, str]]:
 
 EXPERIMENTS: dict[str, Experiment] = {
     "lr": Experiment("learning rate, up to the edge of stability",
-                     _axis("optim.lr", "1e-3", "3e-3", "1e-2", "1e-1")),
+                     _axis("optim.lr", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1", "1")),
     "batch": Experiment("batch size at a fixed token budget (steps scaled by the sweep)",
                         _axis("train.batch_size", "8", "16", "32", "64")),
     "norm": Experiment("pre-norm versus post-norm versus no RMSNorm",
