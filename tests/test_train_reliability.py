@@ -203,3 +203,11 @@ def test_text_that_is_not_utf8(capsys, tmp_path):
     err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(tmp_path / "o"), "--train.progress=false",
                              "--train-text", str(train), "--valid-text", str(valid)])
     assert str(train) in err and "UTF-8" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no CUDA device exists")
+def test_triton_kernels_without_a_gpu(base_run, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    err = cli_error(capsys, _token_args(base_run, base_run / "data" / "train.bin", base_run / "data" / "valid.bin",
+                                        tmp_path / "o") + ["--kernels", "triton"])
+    assert "--kernels triton needs a CUDA device" in err
