@@ -118,7 +118,8 @@ def _init_worker(tokenizer: Tokenizer) -> None:
 
 
 def _encode_chunk(text: str, dtype: str) -> np.ndarray:
-    assert _WORKER_TOKENIZER is not None, "worker used before _init_worker"
+    if _WORKER_TOKENIZER is None:
+        raise RuntimeError("encode worker used before _init_worker set its tokenizer")
     return _WORKER_TOKENIZER.encode_array(text).astype(dtype)
 
 
@@ -157,6 +158,7 @@ def encode_file(
 
     start = time.perf_counter()
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    tmp_meta = None
     tokens = 0
     try:
         with os.fdopen(fd, "wb") as out:
@@ -200,8 +202,8 @@ def encode_file(
         os.replace(tmp, dst)
         os.replace(tmp_meta, meta_path)
     except BaseException:
-        for leftover in (tmp, locals().get("tmp_meta")):
-            if leftover and os.path.exists(leftover):
+        for leftover in (tmp, tmp_meta):
+            if leftover is not None and os.path.exists(leftover):
                 os.unlink(leftover)
         raise
     finally:
