@@ -6,6 +6,10 @@ reads them and joins the process group (nccl for CUDA devices, gloo for CPU). Wi
 unconditionally. Every rank draws the same global batch from an identically seeded generator and
 keeps its own contiguous slice of rows (``rank_rows``), so N ranks see exactly the batch one
 process would, and DistributedDataParallel's gradient average equals the single-process gradient.
+
+The collective timeout is two hours because the other ranks wait at a barrier while rank 0
+prepares the data, which for a first TinyStories or OWT run includes the download, tokenizer
+training and encoding of gigabytes of text.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def init_distributed(device_type: str) -> DistInfo:
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(minutes=30))
+                            timeout=datetime.timedelta(hours=2))
     return info
 
 
