@@ -311,3 +311,17 @@ def test_cache_fills_and_clears(trained, monkeypatch, slots, key_bytes, ids):
         entries, used_keys, used_ids, full = tok._cache[3]
         assert full == 0 and 2 * entries <= slots and used_keys <= key_bytes and used_ids <= ids
     assert tok.encode(TRAIN_TEXT) == fresh.encode(TRAIN_TEXT)
+
+
+@pytest.mark.parametrize("size", [1, 3, 8])
+def test_encode_iterable_special_tokens_with_whitespace(trained, size):
+    # Special tokens that contain a cut point (non-space then space) or are whitespace must
+    # never be split across buffered pieces.
+    vocab, merges = trained
+    specials = [EOT, "big red", "\n\n", "red ball"]
+    tok = Tokenizer(vocab, merges, specials)
+    text = ("a big red ball.\n\n\nthe big red dog " + EOT + " red ball\n\n x\n") * 20
+    chunks = [text[i : i + size] for i in range(0, len(text), size)]
+    expected = tok.encode(text)
+    assert expected == reference_encode(text, tok.vocab, merges, specials)
+    assert list(tok.encode_iterable(chunks, buffer_chars=5)) == expected
