@@ -18,9 +18,13 @@ over tokens so that only one chunk of logits exists at a time (Liger-Kernel's
 logits = h_c @ W.T (cuBLAS); the kernel computes the loss and overwrites the chunk's logits with
 their gradient in place; then grad_h_c = grad_logits @ W and grad_W += grad_logits.T @ h_c. The
 gradients are computed in the forward and scaled by the upstream gradient in the backward.
-grad_W accumulates across chunks in W's dtype (one rounding per chunk in bf16, as Liger).
-Launchers are ``torch.library.triton_op`` custom ops; the fused op carries a FLOP formula so
-``FlopCounterMode`` counts its three matmuls.
+grad_W accumulates across chunks in W's dtype (one rounding per chunk in bf16, as Liger). Per
+chunk the kernel reads the logits twice (log-sum-exp, then gradient) and overwrites them once.
+
+The public functions check that every target id is in [0, V) or ignore_index before launching
+(one host sync per call, skipped while torch.compile traces): the kernels would otherwise read
+out of bounds. Launchers are ``torch.library.triton_op`` custom ops; the fused op carries a
+FLOP formula so ``FlopCounterMode`` counts its three matmuls.
 """
 
 from __future__ import annotations

@@ -142,8 +142,3 @@ class Parity:
 @pytest.fixture
 def parity() -> type[Parity]:
     return Parity
-
-
-def cuda_only():
-    """Marks for real-CUDA variants: ``gpu`` and a skip with the reason when CUDA is absent."""
-    return [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]

@@ -34,12 +34,21 @@ def run_steps(parity, p_dtype, state_dtype, steps, shapes=SHAPES, hyper=HYPER, o
         grads = [torch.randn(p.shape, device=DEVICE).to(p_dtype) for p in params]
         adamw_step_(params, grads, ms, vs, step=step, **hyper)
         adamw_step_reference_(ref_params, grads, ref_ms, ref_vs, step=step, **hyper)
+    if op is not None:
+        # A loosened entry scales atol by max|expected|: take that over all tensors together, so
+        # a one-element tensor whose m cancels is held to the scale of the whole state.
+        def flat(ts):
+            return torch.cat([t.reshape(-1).float() for t in ts])
+
+        parity.assert_close(flat(ms), flat(ref_ms), "adamw exp_avg (all tensors)", dtype=state_dtype, op=op)
+        parity.assert_close(flat(vs), flat(ref_vs), "adamw exp_avg_sq (all tensors)", dtype=state_dtype, op=op)
+        parity.assert_close(flat(params), flat(ref_params), "adamw params (all tensors)", dtype=p_dtype, op=op)
+        return params
     for i in range(len(params)):
         shape = tuple(params[i].shape)
-        parity.assert_close(ms[i], ref_ms[i], f"adamw exp_avg {i} {shape}", dtype=state_dtype, op=op)
-        parity.assert_close(vs[i], ref_vs[i], f"adamw exp_avg_sq {i} {shape}", dtype=state_dtype, op=op)
-        parity.assert_close(params[i], ref_params[i], f"adamw param {i} {shape} after {steps} steps",
-                            dtype=p_dtype, op=op)
+        parity.assert_close(ms[i], ref_ms[i], f"adamw exp_avg {i} {shape}", dtype=state_dtype)
+        parity.assert_close(vs[i], ref_vs[i], f"adamw exp_avg_sq {i} {shape}", dtype=state_dtype)
+        parity.assert_close(params[i], ref_params[i], f"adamw param {i} {shape} after {steps} steps", dtype=p_dtype)
     return params
 
 
