@@ -237,7 +237,7 @@ class Tokenizer:
         else:
             data, bounds = pretoken_bounds(text)  # no special token: one ordinary segment
             return self._encode_bounds(data, bounds)[0]
-        # All ordinary segments go through one numba call (so its pre-token cache spans them);
+        # All ordinary segments go through one numba call (one fixed call cost per text);
         # `layout` records, in text order, a special id or a range of pre-token indices.
         datas: list[bytes] = []
         starts: list[np.ndarray] = []
