@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -124,6 +125,43 @@ def test_agrees_with_slow_trainer(tmp_path, alphabet, specials, vocab_size):
     rng = random.Random(len(alphabet))
     path = write(tmp_path / "corpus.txt", _random_corpus(rng, 3000, alphabet, specials))
     assert train_bpe(path, vocab_size, specials) == train_bpe_slow(path, vocab_size, specials)
+
+
+def test_ties_between_tokens_longer_than_eight_bytes(tmp_path):
+    # Words of 9-16 letters over {a, b} grow tokens that share their first 8 bytes, where the
+    # heap's 8-byte keys are equal and the full byte comparison decides.
+    rng = random.Random(11)
+    words = ["".join(rng.choice("ab") for _ in range(rng.randint(9, 16))) for _ in range(60)]
+    path = write(tmp_path / "long.txt", "\n".join(rng.choice(words) for _ in range(400)))
+    vocab, merges = train_bpe(path, 600, [])
+    assert (vocab, merges) == train_bpe_slow(path, 600, [])
+    assert max(len(a) for a, _ in merges) > 8
+
+
+@pytest.mark.parametrize(
+    "low, high",
+    [(b"abcdefghX", b"abcdefghY"), (b"abcdefgh", b"abcdefgh\x00"), (b"ab", b"abc"), (b"a\xff", b"b")],
+)
+def test_heap_order_compares_whole_byte_strings(low, high):
+    """The heap's comparison of two equal-count pairs (low, c) and (high, c), both ways round:
+    equal 8-byte keys must fall back to comparing the whole byte strings."""
+    from cs336.tokenizer import bpe_numba as bn
+
+    tokens = [low, high, b"c"]
+    pool = np.frombuffer(b"".join(tokens), np.uint8).copy()
+    tok_len = np.array([len(t) for t in tokens], np.int64)
+    tok_off = np.concatenate([[0], np.cumsum(tok_len)[:-1]]).astype(np.int64)
+    tok_key = np.array([bn.token_key(pool, o, n) for o, n in zip(tok_off, tok_len)], np.int64)
+    for order in ([0, 1], [1, 0]):  # pair ids in either order, so the id cannot decide
+        pairs = np.zeros((2, bn.PAIR_COLS), np.int64)
+        pairs[:, bn.PA], pairs[:, bn.PB], pairs[:, bn.PCOUNT] = order, 2, 5
+        heap = np.zeros((2, bn.H_COLS), np.int64)
+        for h in range(2):
+            heap[h] = [5, tok_key[order[h]], tok_key[2], h]
+        high_entry = order.index(1)
+        args = (pairs, pool, tok_off, tok_len, tok_key)
+        assert bn._before(heap, high_entry, 1 - high_entry, *args)
+        assert not bn._before(heap, 1 - high_entry, high_entry, *args)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

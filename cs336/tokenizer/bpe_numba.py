@@ -9,9 +9,10 @@ touches, not to the corpus:
   row ``(a, b, count, list head, last word appended, dirty stamp)``;
 - word index: per pair, a singly linked list of the words that have contained it (entries go
   stale when a word loses the pair; the rewrite step skips words without an occurrence);
-- priority: a binary max-heap of ``(count, pair id)`` entries with lazy invalidation: an entry is
-  used only if its count still equals the pair's count; every pair whose count changed in a merge
-  gets one fresh entry after that merge.
+- priority: a binary max-heap of ``(count, key of a, key of b, pair id)`` entries with lazy
+  invalidation: an entry is used only if its count still equals the pair's count; every pair whose
+  count changed in a merge gets one fresh entry after that merge. A token's key holds its first 8
+  bytes, so ties between pairs mostly resolve inside the heap array.
 
 Per merge of ``(a, b) -> t``, in every word containing it, the pairs that overlap a merge site are
 subtracted and the pairs that touch a new ``t`` are added; all other pairs are unchanged. Token
@@ -30,11 +31,15 @@ from numba import njit
 # Columns of the pair-row array.
 PA, PB, PCOUNT, PHEAD, PLAST, PSTAMP = 0, 1, 2, 3, 4, 5
 PAIR_COLS = 6
+# Columns of the heap: count, 8-byte keys of the two tokens (see token_key), pair id.
+H_COUNT, H_KA, H_KB, H_PID = 0, 1, 2, 3
+H_COLS = 4
 # Slots of the scalar-state array.
 M_PAIRS, M_NODES, M_HEAP, M_POOL, M_DONE = 0, 1, 2, 3, 4
 META_LEN = 5
 
 _FIB = np.uint64(11400714819323198485)  # 2**64 / golden ratio: Fibonacci hashing multiplier
+_SIGN = np.uint64(1 << 63)
 
 
 @njit(cache=True)
@@ -106,12 +111,26 @@ def _cmp_tokens(x, y, pool, tok_off, tok_len):
 
 
 @njit(cache=True)
-def _before(heap, i, j, pairs, pool, tok_off, tok_len):
-    """True when heap entry i ranks above entry j: higher count, then greater (bytes, bytes)."""
-    ci, cj = heap[i, 0], heap[j, 0]
-    if ci != cj:
-        return ci > cj
-    pi, pj = heap[i, 1], heap[j, 1]
+def token_key(pool, off, length):
+    """The token's first 8 bytes as a big-endian integer (zero-padded), with the sign bit flipped
+    so that signed comparison of keys orders them as the byte strings; equal keys need a full
+    comparison."""
+    key = np.uint64(0)
+    for k in range(8):
+        key <<= np.uint64(8)
+        if k < length:
+            key |= np.uint64(pool[off + k])
+    return np.int64(key ^ _SIGN)
+
+
+@njit(cache=True)
+def _before(heap, i, j, pairs, pool, tok_off, tok_len, tok_key):
+    """True when heap entry i ranks above entry j: higher count, then greater (bytes, bytes).
+    Entries carry the two tokens' 8-byte keys, so most ties resolve without touching the pool."""
+    for col in range(H_PID):  # count, key of a, key of b
+        if heap[i, col] != heap[j, col]:
+            return heap[i, col] > heap[j, col]
+    pi, pj = heap[i, H_PID], heap[j, H_PID]
     c = _cmp_tokens(pairs[pi, PA], pairs[pj, PA], pool, tok_off, tok_len)
     if c == 0:
         c = _cmp_tokens(pairs[pi, PB], pairs[pj, PB], pool, tok_off, tok_len)
@@ -120,19 +139,26 @@ def _before(heap, i, j, pairs, pool, tok_off, tok_len):
 
 @njit(cache=True)
 def _swap(heap, i, j):
-    c, p = heap[i, 0], heap[i, 1]
-    heap[i, 0], heap[i, 1] = heap[j, 0], heap[j, 1]
-    heap[j, 0], heap[j, 1] = c, p
+    for col in range(H_COLS):
+        heap[i, col], heap[j, col] = heap[j, col], heap[i, col]
 
 
 @njit(cache=True)
-def _sift_down(heap, i, n, pairs, pool, tok_off, tok_len):
+def _set_entry(heap, h, p, pairs, tok_key):
+    heap[h, H_COUNT] = pairs[p, PCOUNT]
+    heap[h, H_KA] = tok_key[pairs[p, PA]]
+    heap[h, H_KB] = tok_key[pairs[p, PB]]
+    heap[h, H_PID] = p
+
+
+@njit(cache=True)
+def _sift_down(heap, i, n, pairs, pool, tok_off, tok_len, tok_key):
     while True:
         best = i
         left, right = 2 * i + 1, 2 * i + 2
-        if left < n and _before(heap, left, best, pairs, pool, tok_off, tok_len):
+        if left < n and _before(heap, left, best, pairs, pool, tok_off, tok_len, tok_key):
             best = left
-        if right < n and _before(heap, right, best, pairs, pool, tok_off, tok_len):
+        if right < n and _before(heap, right, best, pairs, pool, tok_off, tok_len, tok_key):
             best = right
         if best == i:
             return
@@ -141,10 +167,10 @@ def _sift_down(heap, i, n, pairs, pool, tok_off, tok_len):
 
 
 @njit(cache=True)
-def _sift_up(heap, i, pairs, pool, tok_off, tok_len):
+def _sift_up(heap, i, pairs, pool, tok_off, tok_len, tok_key):
     while i > 0:
         parent = (i - 1) // 2
-        if not _before(heap, i, parent, pairs, pool, tok_off, tok_len):
+        if not _before(heap, i, parent, pairs, pool, tok_off, tok_len, tok_key):
             return
         _swap(heap, i, parent)
         i = parent
@@ -180,7 +206,7 @@ def _link(p, w, pairs, nodes, meta):
 
 
 @njit(cache=True)
-def init_state(sym, word_start, word_len, word_count, pool, tok_off, tok_len):
+def init_state(sym, word_start, word_len, word_count, pool, tok_off, tok_len, tok_key):
     """Count every adjacent pair, index the words containing each, and heapify.
 
     Returns (pairs, table, nodes, heap, meta).
@@ -200,12 +226,11 @@ def init_state(sym, word_start, word_len, word_count, pool, tok_off, tok_len):
             pairs[p, PCOUNT] += c
             _link(p, w, pairs, nodes, meta)
     n_pairs = meta[M_PAIRS]
-    heap = np.empty((max(2 * n_pairs, 16), 2), np.int64)
+    heap = np.empty((max(2 * n_pairs, 16), H_COLS), np.int64)
     for p in range(n_pairs):
-        heap[p, 0] = pairs[p, PCOUNT]
-        heap[p, 1] = p
+        _set_entry(heap, p, p, pairs, tok_key)
     for i in range(n_pairs // 2 - 1, -1, -1):
-        _sift_down(heap, i, n_pairs, pairs, pool, tok_off, tok_len)
+        _sift_down(heap, i, n_pairs, pairs, pool, tok_off, tok_len, tok_key)
     meta[M_HEAP] = n_pairs
     return pairs, table, nodes, heap, meta
 
@@ -221,7 +246,7 @@ def _mark(p, m, pairs, dirty, n_dirty):
 
 
 @njit(cache=True)
-def run_merges(sym, word_start, word_len, word_count, pool, tok_off, tok_len,
+def run_merges(sym, word_start, word_len, word_count, pool, tok_off, tok_len, tok_key,
                pairs, table, nodes, heap, meta, first_new_id, merges, stop):
     """Perform merges until ``meta[M_DONE] == stop`` or no pair is left.
 
@@ -241,10 +266,10 @@ def run_merges(sym, word_start, word_len, word_count, pool, tok_off, tok_len,
         best = -1
         while meta[M_HEAP] > 0:
             n = meta[M_HEAP] - 1
-            count, p = heap[0, 0], heap[0, 1]
+            count, p = heap[0, H_COUNT], heap[0, H_PID]
             _swap(heap, root, n)
             meta[M_HEAP] = n
-            _sift_down(heap, root, n, pairs, pool, tok_off, tok_len)
+            _sift_down(heap, root, n, pairs, pool, tok_off, tok_len, tok_key)
             if count > 0 and pairs[p, PCOUNT] == count:
                 best = p
                 break
@@ -260,6 +285,7 @@ def run_merges(sym, word_start, word_len, word_count, pool, tok_off, tok_len,
         pool[start : start + la] = pool[tok_off[a] : tok_off[a] + la]
         pool[start + la : start + la + lb] = pool[tok_off[b] : tok_off[b] + lb]
         tok_off[t], tok_len[t] = start, la + lb
+        tok_key[t] = token_key(pool, start, la + lb)
         meta[M_POOL] = start + la + lb
 
         n_dirty = np.int64(0)
@@ -321,8 +347,7 @@ def run_merges(sym, word_start, word_len, word_count, pool, tok_off, tok_len,
             p = dirty[k]
             if pairs[p, PCOUNT] > 0:
                 h = meta[M_HEAP]
-                heap[h, 0] = pairs[p, PCOUNT]
-                heap[h, 1] = p
+                _set_entry(heap, h, p, pairs, tok_key)
                 meta[M_HEAP] = h + 1
-                _sift_up(heap, h, pairs, pool, tok_off, tok_len)
+                _sift_up(heap, h, pairs, pool, tok_off, tok_len, tok_key)
     return pool, pairs, table, nodes, heap

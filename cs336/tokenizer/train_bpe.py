@@ -258,9 +258,11 @@ def _merge(counts: Counter[str], n_special: int, num_merges: int, progress: bool
     tok_len = np.zeros(n_tokens, np.int64)
     tok_off[n_special : n_special + 256] = np.arange(256)
     tok_len[n_special : n_special + 256] = 1
+    tok_key = np.zeros(n_tokens, np.int64)
+    tok_key[n_special : n_special + 256] = [bpe_numba.token_key(pool, b, 1) for b in range(256)]
 
     pairs, table, nodes, heap, meta = bpe_numba.init_state(
-        sym, word_start, word_len, word_count, pool, tok_off, tok_len
+        sym, word_start, word_len, word_count, pool, tok_off, tok_len, tok_key
     )
     merges = np.zeros((num_merges, 2), np.int64)
     bar = None
@@ -273,7 +275,7 @@ def _merge(counts: Counter[str], n_special: int, num_merges: int, progress: bool
         done = 0
         while done < num_merges:
             pool, pairs, table, nodes, heap = bpe_numba.run_merges(
-                sym, word_start, word_len, word_count, pool, tok_off, tok_len,
+                sym, word_start, word_len, word_count, pool, tok_off, tok_len, tok_key,
                 pairs, table, nodes, heap, meta, n_special + 256, merges, min(done + step, num_merges),
             )
             now = int(meta[bpe_numba.M_DONE])
