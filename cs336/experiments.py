@@ -3,8 +3,9 @@
     python -m cs336.experiments sgd-toy [--lrs 1e1,1e2,1e3] [--steps 10] [--seed 0]
     python -m cs336.experiments list
     python -m cs336.experiments run lr|batch|norm|rope|ffn [--base CONFIG] [--out DIR] [--set key=value ...]
+        [--grid KEY=V1,V2,...]
 
-``sgd-toy`` is the learning-rate toy of the handout (section 4.2): a 10x10 weight tensor drawn as
+``sgd-toy`` is the handout's learning-rate toy (problem learning_rate_tuning): a 10x10 weight tensor drawn as
 ``5 * randn`` (seeded), loss ``mean(w ** 2)``, and plain SGD whose step decays as
 ``lr / sqrt(t + 1)``; it prints the loss at every step for each learning rate. The gradient of
 the loss is ``2 w / 100``, so one step multiplies w by ``1 - lr / (50 sqrt(t + 1))``: lr 1e1
@@ -13,7 +14,8 @@ the first step and diverges.
 
 ``run NAME`` runs one of the named small-scale comparisons recorded in EXPERIMENTS.md through
 ``cs336.sweep`` (a few points on the default config, shortened by ``SCALE`` so one experiment
-fits in minutes on a 2-core CPU) into ``runs/experiments/NAME``; ``list`` prints them.
+fits in minutes on a 2-core CPU) into ``runs/experiments/NAME``; ``--grid`` replaces the named
+points by a grid at the same scale; ``list`` prints them.
 """
 
 from __future__ import annotations
@@ -130,14 +132,19 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
-def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out: Path) -> int:
-    """Run experiment ``name`` as a sweep into ``out``; returns the sweep's exit status."""
+def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out: Path,
+                   grids: Sequence[str] = ()) -> int:
+    """Run experiment ``name`` as a sweep into ``out``; ``grids`` (``KEY=V1,V2`` strings) replace
+    its points. Returns the sweep's exit status."""
     sweep.check_out(out)
     try:
         scaled = cfglib.apply_overrides(base, [*SCALE, *sets])
     except cfglib.ConfigError as exc:
         raise sweep.SweepError(f"--set: {exc}") from None
-    points = EXPERIMENTS[name].points(scaled)
+    if grids:
+        points = sweep.grid_points([sweep.parse_grid(g) for g in grids])
+    else:
+        points = EXPERIMENTS[name].points(scaled)
     planned = sweep.share_data(sweep.plan_sweep(scaled, points, [], out), out)
     return sweep.run_and_report(planned, out)
 
@@ -178,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base", type=Path, help="base config file (default: the default config)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                      help="override applied to every run, after the experiment's scale settings")
+    run.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="replace the experiment's points by this grid (repeatable, as in cs336.sweep)")
     run.add_argument("--out", type=Path, help="sweep directory (default runs/experiments/NAME)")
     return parser
 
@@ -204,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = args.out or Path("runs") / "experiments" / args.name
         try:
             base = cfglib.load_config(args.base) if args.base else cfglib.default_config()
-            status = run_experiment(args.name, base, args.sets, out)
+            status = run_experiment(args.name, base, args.sets, out, args.grid)
         except (sweep.SweepError, cfglib.ConfigError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

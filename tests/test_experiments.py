@@ -161,3 +161,9 @@ def test_run_rejects_bad_set_and_used_out(tmp_path, fake_train, capsys):
         experiments.main(["run", "rope", "--out", str(tmp_path / "b")])
     assert exc.value.code == 2 and "already holds files" in capsys.readouterr().err
     assert not fake_train
+
+
+def test_run_grid_replaces_the_points(tmp_path, fake_train):
+    experiments.main(["run", "lr", "--grid", "optim.lr=3,10", "--out", str(tmp_path / "hi")])
+    assert [c.optim.lr for c in fake_train] == [3.0, 10.0]
+    assert all(c.model.d_model == 64 for c in fake_train)  # still at the experiments' scale
