@@ -5,9 +5,9 @@
     python -m cs336.experiments run lr|batch|norm|rope|ffn [--base CONFIG] [--out DIR] [--set key=value ...]
         [--grid KEY=V1,V2,...]
 
-``sgd-toy`` is the handout's learning-rate toy (problem learning_rate_tuning): a 10x10 weight tensor drawn as
-``5 * randn`` (seeded), loss ``mean(w ** 2)``, and plain SGD whose step decays as
-``lr / sqrt(t + 1)``; it prints the loss at every step for each learning rate. The gradient of
+``sgd-toy`` is the handout's learning-rate toy (problem learning_rate_tuning): a 10x10 weight
+tensor drawn as ``5 * randn`` (seeded), loss ``mean(w ** 2)``, and plain SGD whose step decays
+as ``lr / sqrt(t + 1)``; it prints the loss at every step for each learning rate. The gradient of
 the loss is ``2 w / 100``, so one step multiplies w by ``1 - lr / (50 sqrt(t + 1))``: lr 1e1
 shrinks w slowly, 1e2 flips it at t = 0 and then converges fast, and 1e3 multiplies |w| by 19 at
 the first step and diverges.
