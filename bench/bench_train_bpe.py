@@ -1,6 +1,6 @@
 """BPE training on shakespeare.txt, vocabulary 10,000: ``train_bpe`` vs HF ``tokenizers``.
 
-Run: ``pytest bench/bench_train_bpe.py -m bench --benchmark-json out.json``.
+Run: ``pytest bench -k train_bpe --benchmark-json out.json``.
 
 Providers: ``ours`` (``cs336.tokenizer.train_bpe`` with its default workers: one process per
 usable CPU) and ``hf`` (``tokenizers`` ``BpeTrainer`` behind the ``ByteLevel`` pre-tokenizer, the
