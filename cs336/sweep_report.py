@@ -3,8 +3,9 @@
 Every file is rewritten atomically after each run, so an interrupted sweep leaves a readable
 summary of the runs that finished. ``curves.png`` overlays the validation loss of every run
 against step (tokens for a batch-size sweep) and against wallclock; runs that diverged or failed
-are dashed, and the loss axis stops 5% above the highest starting loss. Reads each run's
-``metrics.jsonl`` as ``cs336.train`` writes it."""
+are dashed; the loss axis is logarithmic and stops 5% above the highest starting loss. Reads
+each run's ``metrics.jsonl`` as ``cs336.train`` writes it.
+"""
 
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
     starts, highest = [], -math.inf
@@ -111,8 +113,11 @@ def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
     # A diverged run can reach losses far above the start; clip there so the others stay readable.
     top = 1.05 * max(starts) if starts else None
     for ax in (ax_step, ax_time):
-        ax.set_ylabel("val loss")
-        ax.grid(alpha=0.3)
+        ax.set_ylabel("val loss (log scale)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.grid(alpha=0.3, which="both")
         if top is not None and highest > top:
             ax.set_ylim(top=top)
     if ax_step.lines:
