@@ -3,7 +3,7 @@
 Every file is rewritten atomically after each run, so an interrupted sweep leaves a readable
 summary of the runs that finished. ``curves.png`` overlays the validation loss of every run
 against step (tokens for a batch-size sweep) and against wallclock; runs that diverged or failed
-are dashed; the loss axis is logarithmic and stops 5% above the highest starting loss. Reads
+are dashed; the loss axis is logarithmic and stops at 10x the highest starting loss. Reads
 each run's ``metrics.jsonl`` as ``cs336.train`` writes it.
 """
 
@@ -110,8 +110,9 @@ def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
         ax_time.plot([m.get("wallclock_s", math.nan) for m in evals], ys, style, marker="o", markersize=2.5)
     ax_step.set_xlabel("tokens" if x_tokens else "step")
     ax_time.set_xlabel("wallclock (s)")
-    # A diverged run can reach losses far above the start; clip there so the others stay readable.
-    top = 1.05 * max(starts) if starts else None
+    # A diverged run can reach losses orders of magnitude above the start; clip one decade above
+    # it so the other runs stay readable.
+    top = 10 * max(starts) if starts else None
     for ax in (ax_step, ax_time):
         ax.set_ylabel("val loss (log scale)")
         ax.set_yscale("log")
