@@ -29,7 +29,7 @@ STEP_ROUNDS = (3, 20) if ON_CUDA else (1, 3)
 MODELS = {
     "tiny": (dataclasses.replace(model_preset("tinystories"), vocab_size=1000, d_model=128,
                                  num_layers=2, num_heads=4, d_ff=344, context_length=64), 4, 32, False),
-    "tinystories": (model_preset("tinystories"), 4, 32, False),
+    "tinystories": (model_preset("tinystories"), 2, 32, False),
     "gpt2-small": (model_preset("gpt2-small"), 1, 8, True),
 }
 

@@ -46,8 +46,10 @@ def pytest_configure(config) -> None:
 
 def pytest_collect_file(file_path, parent):
     # pyproject's python_files is the default test_*.py; the suite's modules are bench_*.py.
+    # Files named on the command line are collected by pytest itself whatever their name.
     patterns = parent.config.getini("python_files")
     if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)
             and not any(fnmatch.fnmatch(file_path.name, p) for p in patterns)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
