@@ -64,7 +64,7 @@ class Axis:
 class PlannedRun:
     name: str
     point: dict[str, str]
-    config: Any
+    config: cfglib.TrainConfig
     run_dir: Path
 
 
