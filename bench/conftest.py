@@ -15,7 +15,6 @@ the CPU so a CPU run of the suite ends in minutes.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,26 +32,6 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
 # pedantic() settings: (warm-up rounds, timed rounds, calls per round when no setup is needed).
 ROUNDS = (5, 30, 10) if ON_CUDA else (1, 5, 1)
-
-
-def pytest_configure(config) -> None:
-    # pyproject's addopts deselect the ``bench`` marker so the default test run skips timings;
-    # ``pytest bench`` without its own ``-m`` is an explicit request for them, so keep only the
-    # slow/gpu filters there.
-    user_args = [str(a) for a in config.invocation_params.args]
-    if "bench" in (config.option.markexpr or "") and not any(a.startswith("-m") for a in user_args):
-        config.option.markexpr = "not slow and not gpu"
-
-
-def pytest_collect_file(file_path, parent):
-    # pyproject's python_files is the default test_*.py; the suite's modules are bench_*.py.
-    # Files named on the command line are collected by pytest itself whatever their name.
-    patterns = parent.config.getini("python_files")
-    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
-            and not parent.session.isinitpath(file_path)
-            and not any(fnmatch.fnmatch(file_path.name, p) for p in patterns)):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 def cuda_sync() -> None:
