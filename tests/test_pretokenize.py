@@ -290,3 +290,12 @@ def test_fuzz_unicode(text):
 @given(st.lists(_TEXT, max_size=8).map("".join))
 def test_fuzz_unicode_long(text):
     _fast_paths(text)
+
+
+@pytest.mark.parametrize("text", ["", "a b", "Hello  world, it's 2024!\n\n" * 9, "naïve café  日本語 123 ¾\t\r\n" * 7])
+def test_pretoken_counts_equal_counter_of_regex(text):
+    from collections import Counter
+
+    from cs336.tokenizer.pretokenize import pretoken_counts, pretokenize_regex
+
+    assert pretoken_counts(text) == Counter(pretokenize_regex(text))

@@ -11,6 +11,7 @@ imported on the first long text only, so short-text users do not pay for it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import regex
@@ -36,6 +37,17 @@ def pretokenize(text: str) -> list[str]:
     from .pretok_numba import pretokenize_fast
 
     return pretokenize_fast(text)
+
+
+def pretoken_counts(text: str) -> dict[str, int]:
+    """Occurrences of each GPT-2 pre-token of ``text``; always equal to
+    ``Counter(pretokenize_regex(text))``. Long texts are counted inside the numba scanner, so only
+    the distinct pre-tokens become Python strings."""
+    if len(text) < FAST_MIN_CHARS:
+        return Counter(_GPT2_RE.findall(text))
+    from .pretok_numba import pretoken_counts as counts_fast
+
+    return counts_fast(text)
 
 
 def special_token_regex(special_tokens: Iterable[str]) -> regex.Pattern | None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from cs336.tokenizer.pretokenize import pretokenize, split_on_special
+from cs336.tokenizer.pretokenize import pretoken_counts, split_on_special
 
 # Below this, worker processes cost more than they save: on this project's 2-core CPU one process
 # counts English at about 50 ms per MiB, and 2 workers add about 60 ms (start the pool, pickle the
@@ -199,7 +199,7 @@ def _count_range(job: tuple[Path, int, int, list[str]]) -> tuple[dict[str, int],
             text = _decode(f.read(stop - pos), path, pos)
             for segment, is_special in split_on_special(text, specials):
                 if not is_special:
-                    counts.update(pretokenize(segment))
+                    counts.update(pretoken_counts(segment))
             pos = stop
     return counts, end - start
 
