@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from collections import OrderedDict
 from dataclasses import asdict
@@ -38,6 +37,8 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+
+from cs336.fileio import atomic_open
 
 FORMAT = "cs336-checkpoint"
 VERSION = 1
@@ -157,18 +158,8 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     if not isinstance(out, (str, os.PathLike)):
         torch.save(payload, out)
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "wb") as f:
+        torch.save(payload, f)
 
 
 # ------------------------------------------------------------------------------------ load

@@ -13,11 +13,12 @@ project's own; the story shape imitates the TinyStories data set (Eldan and Li, 
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from cs336.fileio import atomic_write_text
 
 EOT = "<|endoftext|>"
 
@@ -259,12 +260,6 @@ def corpus_text(n_bytes: int, seed: int) -> str:
     return f"\n{EOT}\n".join(parts) + f"\n{EOT}\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_corpus(out_dir: str | Path, megabytes: float, seed: int,
                  valid_fraction: float = 0.05) -> tuple[Path, Path]:
     """Write ``train.txt`` and ``valid.txt`` (disjoint story streams) under ``out_dir``.
@@ -276,6 +271,6 @@ def write_corpus(out_dir: str | Path, megabytes: float, seed: int,
     out_dir.mkdir(parents=True, exist_ok=True)
     total = int(megabytes * 1_000_000)
     train, valid = out_dir / "train.txt", out_dir / "valid.txt"
-    _write_atomic(train, corpus_text(int(total * (1 - valid_fraction)), seed))
-    _write_atomic(valid, corpus_text(max(int(total * valid_fraction), 10_000), seed + 1_000_003))
+    atomic_write_text(train, corpus_text(int(total * (1 - valid_fraction)), seed))
+    atomic_write_text(valid, corpus_text(max(int(total * valid_fraction), 10_000), seed + 1_000_003))
     return train, valid

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cs336.fileio import atomic_write_bytes
 
 DEFAULT_DTYPE = np.uint16
 
@@ -103,24 +104,10 @@ def save_tokens(path: str | os.PathLike, tokens, dtype=DEFAULT_DTYPE, **meta) ->
     if arr.size and (arr.min() < np.iinfo(dt).min or arr.max() > np.iinfo(dt).max):
         raise ValueError(f"save_tokens: token ids span [{arr.min()}, {arr.max()}], outside {dt.name}; "
                          "use a wider dtype (uint32)")
-    _atomic_write(path, arr.astype(dt, copy=False).tobytes())
+    atomic_write_bytes(path, arr.astype(dt, copy=False).tobytes())
     sidecar = {"dtype": dt.name, "count": int(arr.size), **meta}
-    _atomic_write(sidecar_path(path), (json.dumps(sidecar, indent=1) + "\n").encode())
+    atomic_write_bytes(sidecar_path(path), (json.dumps(sidecar, indent=1) + "\n").encode())
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check(dataset, batch_size: int, context_length: int) -> None:

@@ -17,33 +17,19 @@ after its checkpoint is complete, and old checkpoints are deleted only after tha
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from cs336.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from cs336.fileio import atomic_write_text
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
 class RunDirError(ValueError):
     """A run directory is missing a file or holds an inconsistent one; the message says which."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class RunDir:

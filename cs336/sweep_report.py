@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cs336.fileio import atomic_write_text
+
 
 def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -28,9 +30,7 @@ def fmt(x: Any) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 COLUMNS = ("steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s", "wallclock_s")
@@ -50,12 +50,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_reports(rows: Sequence[dict], out: Path, keys: Sequence[str], *, x_tokens: bool = False,
                   configs: dict[str, Any] | None = None) -> None:
     """summary.json / .csv / .md and curves.png for the rows so far."""
@@ -67,7 +61,7 @@ def write_reports(rows: Sequence[dict], out: Path, keys: Sequence[str], *, x_tok
     for r in rows:
         writer.writerow([r["name"], *(r["point"].get(k, "") for k in keys), *(r[c] for c in COLUMNS),
                          r["status"]])
-    _write_text(out / "summary.csv", buf.getvalue())
+    atomic_write_text(out / "summary.csv", buf.getvalue())
     md = ["| " + " | ".join([*keys, "steps", "final train", "final val", "best val", "tokens/s",
                              "wallclock s", "status"]) + " |",
           "|" + " --- |" * (len(keys) + 7)]
@@ -78,7 +72,7 @@ def write_reports(rows: Sequence[dict], out: Path, keys: Sequence[str], *, x_tok
                  f"{r['wallclock_s']:.1f}" if finite(r["wallclock_s"]) else "-",
                  r["status"] + (f" ({r['reason']})" if r["reason"] and r["status"] != "ok" else "")]
         md.append("| " + " | ".join(cells) + " |")
-    _write_text(out / "summary.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     plot_curves(rows, out / "curves.png", x_tokens=x_tokens, configs=configs or {})
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+from cs336.fileio import atomic_write_text
 
 
 class TokenizerFileError(ValueError):
@@ -74,19 +75,6 @@ def str_to_token(text: str) -> bytes:
         return bytes(table[c] for c in text)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_vocab_merges(
     vocab: dict[int, bytes],
     merges: list[tuple[bytes, bytes]],
@@ -108,8 +96,8 @@ def save_vocab_merges(
             )
         spelled[key] = idx
     lines = [f"{token_to_str(a)} {token_to_str(b)}" for a, b in merges]
-    _atomic_write_text(Path(vocab_path), json.dumps(spelled, ensure_ascii=False, indent=0) + "\n")
-    _atomic_write_text(Path(merges_path), "#version: 0.2\n" + "".join(line + "\n" for line in lines))
+    atomic_write_text(Path(vocab_path), json.dumps(spelled, ensure_ascii=False, indent=0) + "\n")
+    atomic_write_text(Path(merges_path), "#version: 0.2\n" + "".join(line + "\n" for line in lines))
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -226,7 +214,7 @@ def save_tokenizer_dir(
         "vocab_size": len(vocab),
         "num_merges": len(merges),
     }
-    _atomic_write_text(out / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(out / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 
 def load_special_tokens(directory: str | os.PathLike) -> list[str]:

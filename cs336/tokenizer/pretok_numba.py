@@ -37,12 +37,13 @@ pre-tokens become Python strings: the form a BPE trainer needs.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import regex
 from numba import njit
+
+from cs336.fileio import atomic_open
 
 KIND_OTHER = 0  # [^\s\p{L}\p{N}]
 KIND_LETTER = 1  # \p{L}
@@ -89,15 +90,8 @@ def build_kind_table() -> np.ndarray:
 
 
 def _save_atomic(table: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, table)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.save(f, table)
 
 
 def _load_cached(path: Path) -> np.ndarray | None:
