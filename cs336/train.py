@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import signal
@@ -52,7 +53,7 @@ from cs336.data import TokenFileError, get_batch, iter_batches
 from cs336.datasets import DatasetError
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
-from cs336.ops import BackendError
+from cs336.ops import BackendError, resolve_backend
 from cs336.optim import AdamW, lr_cosine_schedule
 from cs336.prepare import prepare_data
 from cs336.run_dir import RunDir, RunDirError
@@ -174,6 +175,10 @@ def _run(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.
     if not resume and rd.checkpoint_files():
         raise RunDirError(f"{rd.path} already holds checkpoints; pass --resume to continue that run or "
                           "choose a new --out-dir")
+    # Fail on an unusable kernel backend before any data is generated or encoded.
+    resolve_backend(cfg.model.kernels)
+    if cfg.optim.fused:
+        resolve_backend("triton")
     say = (lambda msg: tqdm.write(msg)) if info.is_main else (lambda msg: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -374,6 +379,8 @@ def _finish(cfg: TrainConfig, rd: RunDir, model, tokenizer, summary: dict, say) 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cs336.train", description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [--resume] [--preset NAME] [--config FILE] "
+                                      "[--section.field=VALUE ...]  (--help lists every field)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its latest checkpoint (its config.json is "
@@ -398,8 +405,21 @@ def config_for(args: argparse.Namespace) -> TrainConfig:
     return apply_overrides(cfg, overrides)
 
 
+def _reject_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """argparse's error for unknown flags, with the closest valid flags suggested."""
+    flags = [opt for action in parser._actions for opt in action.option_strings]
+    hints = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=3)
+        hints.append(f"{arg} (did you mean {' / '.join(close)}?)" if close else arg)
+    parser.error("unknown arguments: " + ", ".join(hints))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(parser, unknown)
     try:
         run(config_for(args), resume=args.resume)
     except TrainingDiverged as exc:

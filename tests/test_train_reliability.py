@@ -211,3 +211,12 @@ def test_triton_kernels_without_a_gpu(base_run, capsys, tmp_path, monkeypatch):
     err = cli_error(capsys, _token_args(base_run, base_run / "data" / "train.bin", base_run / "data" / "valid.bin",
                                         tmp_path / "o") + ["--kernels", "triton"])
     assert "--kernels triton needs a CUDA device" in err
+    assert not (tmp_path / "o").exists(), "the backend check must come before any file is written"
+
+
+def test_unknown_flag_names_the_closest_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model.d_modle=64"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model.d_modle=64" in err and "--model.d_model" in err
