@@ -83,6 +83,15 @@ def resolve_backend(name: str | None = None) -> str:
     return name
 
 
+def backend_available(name: str) -> bool:
+    """Whether ``resolve_backend(name)`` succeeds here (e.g. ``triton``: CUDA or the interpreter)."""
+    try:
+        resolve_backend(name)
+    except BackendError:
+        return False
+    return True
+
+
 def _kernels_importable() -> bool:
     try:
         _kernels_module("rms_norm")
