@@ -59,7 +59,7 @@ def test_adamw_fp32_tracks_reference_over_steps(parity):
 
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_adamw_half_params_fp32_state_track_reference(parity, p_dtype):
-    run_steps(parity, p_dtype, torch.float32, steps=3)
+    run_steps(parity, p_dtype, torch.float32, steps=3, op="adamw_half_params")
 
 
 def test_adamw_bf16_state(parity):
