@@ -50,19 +50,21 @@ def regex_seconds(text: str) -> float:
     return best
 
 
+def _time_and_record(benchmark, provider: str, fn, text: str, **baseline_seconds: float) -> None:
+    """Time ``fn(text)`` (5 rounds) and record MB/s plus, per ``name=seconds`` baseline, the
+    speedup of the best round against it."""
+    benchmark.pedantic(fn, args=(text,), rounds=5, iterations=1)
+    n_bytes = len(text.encode("utf-8"))
+    best = benchmark.stats.stats.min
+    benchmark.extra_info.update(provider=provider, input_bytes=n_bytes, mb_per_s=n_bytes / best / 1e6,
+                                **{name: seconds / best for name, seconds in baseline_seconds.items()})
+
+
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_pretokenize_shakespeare(benchmark, provider, text, regex_seconds):
     fn = PROVIDERS[provider]
     fn(text)  # warm-up: loads the kind table and the compiled scanner
-    benchmark.pedantic(fn, args=(text,), rounds=5, iterations=1)
-    n_bytes = len(text.encode("utf-8"))
-    best = benchmark.stats.stats.min
-    benchmark.extra_info.update(
-        provider=provider,
-        input_bytes=n_bytes,
-        mb_per_s=n_bytes / best / 1e6,
-        speedup_vs_regex=regex_seconds / best,
-    )
+    _time_and_record(benchmark, provider, fn, text, speedup_vs_regex=regex_seconds)
 
 
 COUNTERS = {
@@ -78,12 +80,4 @@ def test_count_pretokens_shakespeare(benchmark, provider, text):
     start = time.perf_counter()
     COUNTERS["regex-counter"](text)
     baseline = time.perf_counter() - start
-    benchmark.pedantic(fn, args=(text,), rounds=5, iterations=1)
-    n_bytes = len(text.encode("utf-8"))
-    best = benchmark.stats.stats.min
-    benchmark.extra_info.update(
-        provider=provider,
-        input_bytes=n_bytes,
-        mb_per_s=n_bytes / best / 1e6,
-        speedup_vs_regex_counter=baseline / best,
-    )
+    _time_and_record(benchmark, provider, fn, text, speedup_vs_regex_counter=baseline)
