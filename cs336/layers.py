@@ -2,8 +2,8 @@
 
 ``Linear``, ``Embedding``, ``RMSNorm``, the feed-forward networks (``SwiGLU`` and the ``SiLUFFN``
 ablation), ``RotaryPositionalEmbedding``, ``scaled_dot_product_attention`` and
-``MultiHeadSelfAttention``. RMSNorm and the SwiGLU gate go through ``cs336.ops`` (the dispatch
-seam), so the same modules run the reference PyTorch path or the fused Triton kernels; nothing
+``MultiHeadSelfAttention``. RMSNorm, the SwiGLU gate and attention go through ``cs336.ops`` (the
+dispatch seam), so the same modules run the reference PyTorch path or the fused Triton kernels; nothing
 here chooses a backend. No ``torch.nn.functional`` or ``torch.nn`` layer is used; ``nn.Module``,
 ``nn.Parameter`` and ``nn.init.trunc_normal_`` are.
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cs336 import ops
-from cs336.nn_utils import silu, softmax
+from cs336.nn_utils import scaled_dot_product_attention, silu, softmax
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "NoNorm", "SwiGLU", "SiLUFFN", "RotaryPositionalEmbedding",
@@ -168,21 +168,6 @@ class RotaryPositionalEmbedding(nn.Module):
         return f"theta={self.theta}, d_k={self.d_k}, max_seq_len={self.max_seq_len}"
 
 
-def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
-                                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d_k)) V with any number of leading batch dims.
-
-    Q: (..., n, d_k), K: (..., m, d_k), V: (..., m, d_v); mask: boolean, broadcastable to
-    (..., n, m), True where query i may attend to key j. Returns (..., n, d_v). A query whose mask
-    row is all False gets NaN (no key to attend to), as in torch.nn.functional.
-    """
-    d_k = Q.shape[-1]
-    scores = (Q @ K.transpose(-2, -1)) / math.sqrt(d_k)  # (..., n, m)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return softmax(scores, dim=-1).to(V.dtype) @ V
-
-
 class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention (Vaswani et al. 2017, section 3.2.2), optionally with RoPE.
 
@@ -225,7 +210,6 @@ class MultiHeadSelfAttention(nn.Module):
             positions = token_positions.unsqueeze(-2)  # (..., 1, T): broadcast over heads
             q = self.rope(q, positions)
             k = self.rope(k, positions)
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()  # (T, T)
-        out = scaled_dot_product_attention(q, k, v, causal)  # (..., H, T, d_head)
+        out = ops.attention(q, k, v, causal=True)  # (..., H, T, d_head)
         out = out.transpose(-3, -2).flatten(-2)  # (..., T, d_model)
         return self.output_proj(out)

@@ -18,6 +18,7 @@ Source: CS336 assignment 1 handout (Stanford, spring 2025), sections 3.4-3.5 and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -42,6 +43,21 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     shifted = x - x.amax(dim=dim, keepdim=True)
     exp = torch.exp(shifted)
     return (exp / exp.sum(dim=dim, keepdim=True)).to(in_dtype)
+
+
+def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
+                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V with any number of leading batch dims.
+
+    Q: (..., n, d_k), K: (..., m, d_k), V: (..., m, d_v); mask: boolean, broadcastable to
+    (..., n, m), True where query i may attend to key j. Returns (..., n, d_v). A query whose mask
+    row is all False gets NaN (no key to attend to), as in torch.nn.functional.
+    """
+    d_k = Q.shape[-1]
+    scores = (Q @ K.transpose(-2, -1)) / math.sqrt(d_k)  # (..., n, m)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax(scores, dim=-1).to(V.dtype) @ V
 
 
 def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

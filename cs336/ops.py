@@ -1,6 +1,6 @@
 """The dispatch seam: the one place that chooses reference PyTorch or fused Triton kernels.
 
-Model and optimizer code call only the functions here (``rms_norm``, ``swiglu``,
+Model and optimizer code call only the functions here (``rms_norm``, ``swiglu``, ``attention``,
 ``cross_entropy``, ``linear_cross_entropy``, ``adamw_step_``); no other file branches on the
 backend. The torch branch is the definition; the Triton branch (package ``kernels``) must match it
 forward and backward (tests/parity).
@@ -149,6 +149,23 @@ def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return nn_utils.silu(a) * b
 
 
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v (the CS336 ``scaled_dot_product_attention``), causal if asked.
+
+    q: (..., T_q, d), k and v: (..., T_k, d). ``causal`` lets query i see keys j <= i and needs
+    T_q == T_k.
+    """
+    mask = None
+    if causal:
+        t_q, t_k = q.shape[-2], k.shape[-2]
+        if t_q != t_k:
+            raise ValueError(f"causal attention needs as many queries as keys; got T_q={t_q}, "
+                             f"T_k={t_k} (pass causal=False for cross-length attention)")
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()  # (T, T)
+    return nn_utils.scaled_dot_product_attention(q, k, v, mask)
+
+
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    ignore_index: int = -100) -> torch.Tensor:
     """cross_entropy(h @ weight.T, targets): the LM head followed by the mean token loss."""
@@ -191,6 +208,11 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _use_triton(a, b):
         return _kernels_module("swiglu").swiglu(a, b)
     return swiglu_reference(a, b)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs (every backend: the reference, for now)."""
+    return attention_reference(q, k, v, causal)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

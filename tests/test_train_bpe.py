@@ -342,6 +342,7 @@ def _fresh_process_times(corpus: Path, cwd: Path, runs: int = 3) -> tuple[list[f
     return walls, cpus
 
 
+@pytest.mark.slow
 def test_cs336_speed_cpu_time_in_a_fresh_process(fixtures_dir, tmp_path):
     """The CS336 speed check for a whole fresh interpreter (imports and numba's cache load
     included), measured as CPU time so that other jobs on this shared 2-core machine do not
