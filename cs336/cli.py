@@ -99,14 +99,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """``parser.parse_args`` whose error for unknown flags suggests the closest valid flags."""
+    """``parser.parse_args`` whose error for unknown flags suggests the closest valid flags
+    (``--d-model`` -> ``--model.d_model``)."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flags = [opt for action in parser._actions for opt in action.option_strings]
+        by_field = {f.split(".", 1)[1]: f for f in flags if "." in f}
         hints = []
         for arg in unknown:
-            close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=3)
-            hints.append(f"{arg} (did you mean {' / '.join(close)}?)" if close else arg)
+            flag = arg.split("=", 1)[0]
+            bare = flag.lstrip("-").replace("-", "_")
+            close = [by_field[k] for k in difflib.get_close_matches(bare, by_field, n=2)]
+            close += [f for f in difflib.get_close_matches(flag, flags, n=3) if f not in close]
+            hints.append(f"{arg} (did you mean {' / '.join(close[:3])}?)" if close and flag.startswith("-") else arg)
         parser.error("unknown arguments: " + ", ".join(hints))
     return args
 
