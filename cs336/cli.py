@@ -26,8 +26,8 @@ import inspect
 import textwrap
 from collections.abc import Sequence
 
-from cs336.config import (MODEL_PRESETS, PRESETS, SECTIONS, ConfigError, TrainConfig, model_preset,
-                          preset)
+from cs336.config import (MODEL_PRESETS, PRESETS, SECTIONS, ConfigError, TrainConfig, check_positive,
+                          model_preset, preset)
 from cs336.config_io import apply_overrides, load_config
 
 # short flag -> (config key, value for a flag without argument or None when it takes one)
@@ -96,6 +96,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str
                 metavar="BOOL" if is_bool else "VALUE", nargs="?" if is_bool else None,
                 const="true" if is_bool else None,
                 help=f"{docs.get(name, '')} (default: {value!r})".strip())
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for a command's own positive-integer option (``check_positive``)."""
+    try:
+        return check_positive("the value", int(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
