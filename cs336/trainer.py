@@ -305,6 +305,7 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> dict:
 def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.DistInfo) -> dict:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
+    # Fail on a batch the ranks and micro-batches cannot split before anything is written.
     dist_utils.micro_batches(dist_utils.rank_rows(cfg.train.batch_size, info), cfg.train.grad_accum_steps)
     rd, latest = open_run_dir(cfg, resume, info)
     # Fail on an unusable kernel backend before any data is generated or encoded.
