@@ -198,3 +198,19 @@ def test_kernel_choices_are_the_seams():
     assert config.KERNEL_BACKENDS is ops.BACKENDS
     with pytest.raises(ConfigError, match="valid choices: " + ", ".join(ops.BACKENDS)):
         ModelConfig(kernels="fastest")
+
+
+def test_one_device_resolver(monkeypatch):
+    import torch
+
+    from cs336.hardware import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
+    with pytest.raises(ConfigError, match="--train.device='cuda:1' but no CUDA device is visible"):
+        resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="--device='tpu'; valid choices: auto, cpu, cuda, cuda:N, mps"):
+        resolve_device("tpu", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
