@@ -27,7 +27,7 @@ import textwrap
 from collections.abc import Sequence
 
 from cs336.config import (MODEL_PRESETS, PRESETS, SECTIONS, ConfigError, TrainConfig, check_positive,
-                          model_preset, preset)
+                          kernel_backends, model_preset, preset)
 from cs336.config_io import apply_overrides, load_config
 
 # short flag -> (config key, value for a flag without argument or None when it takes one)
@@ -91,11 +91,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str
         docs = field_docs(cls)
         for name, value in vars(getattr(defaults, section)).items():
             is_bool = isinstance(value, bool)
+            doc = docs.get(name, "")
+            if (section, name) == ("model", "kernels"):
+                doc += f" Choices: {', '.join(kernel_backends())}."
             group.add_argument(
                 f"--{section}.{name}", dest=f"long:{section}.{name}", default=None,
                 metavar="BOOL" if is_bool else "VALUE", nargs="?" if is_bool else None,
                 const="true" if is_bool else None,
-                help=f"{docs.get(name, '')} (default: {value!r})".strip())
+                help=f"{doc} (default: {value!r})".strip())
 
 
 def positive_int(text: str) -> int:
