@@ -9,11 +9,17 @@ GPT-2 pattern, with the 256-byte initial alphabet and the same special token, so
 other provider's best time comes from a module fixture timed in the same session, so
 ``extra_info["ratio_vs_hf"]`` (ours / hf, lower is better) compares like with like. The ``ours``
 test also records where its time goes: pre-token counting vs the merge loop.
+
+``test_train_bpe_fresh_process`` is the CS336 speed check, ``train_bpe(corpus.en, 500)`` in a
+fresh interpreter, timed as whole processes (wall and CPU seconds).
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,3 +109,39 @@ def test_train_bpe_shakespeare(benchmark, provider, corpus, baseline_seconds):
         benchmark.extra_info.update(
             count_seconds=counted - start, merge_seconds=merged - counted, distinct_pretokens=len(counts)
         )
+
+
+FRESH_SCRIPT = """
+import sys
+from cs336.tokenizer import train_bpe
+vocab, merges = train_bpe(sys.argv[1], 500, ["<|endoftext|>"])
+assert len(vocab) == 500
+"""
+CS336_CORPUS = SHAKESPEARE.parents[1] / "fixtures" / "corpus.en"
+CS336_BOUND_S = 1.5
+"""The handout's speed check: train_bpe(corpus.en, 500) in at most 1.5 s."""
+
+
+def test_train_bpe_fresh_process(benchmark, tmp_path):
+    """The CS336 speed check in a fresh interpreter, imports and numba's cache load included.
+
+    One untimed run fills numba's on-disk cache (compiling when it is cold); then each round is
+    one ``python -c`` process. Records the best wall and CPU (user + system) seconds; the bound is
+    held on CPU time, which other jobs on a shared machine do not inflate.
+    """
+    if not CS336_CORPUS.is_file():
+        pytest.skip(f"{CS336_CORPUS} is absent (it exists only beside the development checkout)")
+    cmd = [sys.executable, "-c", FRESH_SCRIPT, str(CS336_CORPUS)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=300)
+    cpus = []
+
+    def one_process() -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(cmd, check=True, cwd=tmp_path, timeout=60)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+
+    benchmark.pedantic(one_process, rounds=5, iterations=1)
+    benchmark.extra_info.update(provider="ours", wall_seconds_best=benchmark.stats.stats.min,
+                                cpu_seconds_best=min(cpus), cpu_seconds=cpus)
+    assert min(cpus) < CS336_BOUND_S, f"fresh-process train_bpe(corpus.en, 500): CPU {cpus} s"

@@ -1,14 +1,18 @@
 """Resource accounting for a model config, printed as tables or JSON.
 
     python -m cs336.accounting --model gpt2-xl [--context-length 16384] [--batch-size 4] \
-        [--device-memory 80GiB] [--device h100] [--mfu 0.5] [--steps 400000] [--json]
+        [--model.d_model=2048 ...] [--device-memory 80GiB] [--hardware h100] [--mfu 0.5] \
+        [--steps 400000] [--json]
 
-Prints the trainable parameters by tensor, forward matmul FLOPs by component with their
-fractions, training FLOPs (3 x forward), AdamW training memory (fp32 parameters, gradients,
-m and v, and activations by component for ``--batch-size`` sequences), the largest batch that
-fits ``--device-memory`` (default: the ``--device`` table entry), and the time to train
-``--steps`` steps at ``--mfu`` of the device's dense BF16 peak. Architecture overrides
-(``--d-model`` etc.) apply on top of the preset. The conventions are those of ``cs336.flops``.
+The model and batch come from the same flags as ``python -m cs336.train`` (``cs336.cli``; the
+default preset here is ``accounting``: the TinyStories model, one sequence; ``--model NAME``
+picks a model preset, ``--context-length`` is ``--model.context_length``). Prints the trainable
+parameters by tensor, forward matmul FLOPs by component with their fractions, training FLOPs
+(3 x forward), AdamW training memory (fp32 parameters, gradients, m and v, and activations by
+component for ``train.batch_size`` sequences of ``train.context_length`` tokens), the largest
+batch that fits ``--device-memory`` (default: the ``--hardware`` table entry), and the time to
+train ``--steps`` steps at ``--mfu`` of that hardware's dense BF16 peak. The conventions are those
+of ``cs336.flops``.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ import re
 import sys
 
 from cs336 import flops, hardware
-from cs336.config import FFN_TYPES, MODEL_PRESETS, ConfigError, model_preset
+from cs336.cli import add_config_arguments, config_from_args, parse_args
+from cs336.config import ConfigError, TrainConfig
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_OVERRIDES = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
 
 
 def parse_bytes(text: str) -> int:
@@ -43,53 +47,42 @@ def parse_bytes(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cs336.accounting", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tinystories",
-                   help=f"preset: {', '.join(MODEL_PRESETS)} (default tinystories)")
-    for name in _OVERRIDES:
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"override the preset's {name}")
-    p.add_argument("--ffn-type", default=None, help=f"override ffn_type: {', '.join(FFN_TYPES)}")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--device", default=None,
-                   help=f"device for time and memory: {', '.join([*hardware.DEVICES, *hardware.ALIASES])}")
-    p.add_argument("--device-memory", default=None,
-                   help="memory for the largest-batch answer, e.g. 80GiB (default: the --device entry)")
-    p.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilization (default 0.5)")
-    p.add_argument("--steps", type=int, default=None, help="steps to time (needs --device)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    group = p.add_argument_group("accounting")
+    choices = ", ".join([*hardware.DEVICES, *hardware.ALIASES])
+    group.add_argument("--hardware", default=None, help=f"hardware for time and memory: {choices}")
+    group.add_argument("--device-memory", default=None,
+                       help="memory for the largest-batch answer, e.g. 80GiB (default: the --hardware entry)")
+    group.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilization (default 0.5)")
+    group.add_argument("--steps", type=int, default=None, help="steps to time (needs --hardware)")
+    group.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    add_config_arguments(p, default_preset="accounting")
     return p
 
 
-def account(args: argparse.Namespace) -> dict:
-    """Every figure for the parsed arguments (raises ConfigError / UnknownDeviceError)."""
-    cfg = model_preset(args.model)
-    changes = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
-    if args.ffn_type is not None:
-        changes["ffn_type"] = args.ffn_type
-    cfg = dataclasses.replace(cfg, **changes)
-    if args.batch_size <= 0:
-        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    spec = hardware.lookup(args.device) if args.device else None
-    out: dict = {"model": args.model, "config": dataclasses.asdict(cfg),
-                 "batch_size": args.batch_size, "seq_len": cfg.context_length}
-    params = flops.param_counts(cfg)
-    fwd = flops.forward_flops(cfg, args.batch_size)
-    memory = flops.training_memory(cfg, args.batch_size)
+def account(cfg: TrainConfig, args: argparse.Namespace) -> dict:
+    """Every figure for ``cfg``'s model and batch (raises ConfigError / UnknownDeviceError)."""
+    model, B, T = cfg.model, cfg.train.batch_size, cfg.context_length
+    spec = hardware.lookup(args.hardware) if args.hardware else None
+    name = args.model or args.preset or args.default_preset
+    out: dict = {"model": name, "config": dataclasses.asdict(model), "batch_size": B, "seq_len": T}
+    params = flops.param_counts(model)
+    fwd = flops.forward_flops(model, B, T)
+    memory = flops.training_memory(model, B, T)
     out.update(params=sum(params.values()), params_by_component=params,
                forward_flops=sum(fwd.values()), forward_flops_by_component=fwd,
-               training_flops=flops.training_flops(cfg, args.batch_size),
+               training_flops=flops.training_flops(model, B, T),
                memory_bytes=sum(memory.values()), memory_by_component=memory)
     mem_limit = parse_bytes(args.device_memory) if args.device_memory else (spec.memory if spec else None)
     if mem_limit is not None:
         out["device_memory_bytes"] = mem_limit
-        out["max_batch_size"] = flops.max_batch_size(cfg, mem_limit)
+        out["max_batch_size"] = flops.max_batch_size(model, mem_limit, T)
     if args.steps is not None:
         if spec is None:
-            raise ConfigError("--steps needs --device to know the peak FLOP/s; valid choices: "
+            raise ConfigError("--steps needs --hardware to know the peak FLOP/s; valid choices: "
                               f"{', '.join([*hardware.DEVICES, *hardware.ALIASES])}")
         out.update(device=spec.key, peak_flops=spec.bf16_flops, mfu=args.mfu, steps=args.steps,
-                   training_time_s=flops.training_time_seconds(
-                       cfg, args.batch_size, args.steps, spec.bf16_flops, args.mfu))
+                   training_time_s=flops.training_time_seconds(model, B, args.steps, spec.bf16_flops,
+                                                               args.mfu, T))
     return out
 
 
@@ -126,9 +119,9 @@ def render(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
-        out = account(args)
+        out = account(config_from_args(args), args)
     except (ConfigError, hardware.UnknownDeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,25 +1,34 @@
-"""Command-line arguments generated from the config dataclasses.
+"""Command-line arguments generated from the config dataclasses: one path for every command.
 
-Every field of every section becomes ``--section.field=VALUE`` (``--optim.lr=3e-4``,
-``--model.d_model=128``; a bare ``--train.compile`` means true). Values are parsed and
-type-checked by ``cs336.config.apply_overrides``; an unknown flag is an error (argparse lists the
-choices with ``--help``). A few common fields also have short spellings (``--max-steps``,
-``--out-dir``, ``--kernels``, ...); giving a short and a long spelling of the same field with
-different values is an error, not a silent precedence.
+``train``, ``profile``, ``accounting``, ``sweep`` and ``experiments run`` all call
+``add_config_arguments`` and ``config_from_args``, so they take the same flags. Every field of
+every section becomes ``--section.field=VALUE`` (``--optim.lr=3e-4``, ``--model.d_model=128``; a
+bare ``--train.compile`` means true). Values are parsed and type-checked by
+``cs336.config_io.apply_overrides``; an unknown flag is an error that names the closest valid
+ones (``parse_args``). A few common fields also have short spellings (``--max-steps``,
+``--out-dir``, ``--kernels``, ``--context-length``, ...); giving a short and a long spelling of the
+same field with different values is an error, not a silent precedence.
 
-Precedence of sources, each applied on top of the previous one: ``--preset`` (default: the
-dataclass defaults), ``--config FILE`` (TOML or JSON), then the flags.
+Precedence of sources, each applied on top of the previous one: ``--preset NAME`` (a whole run;
+each command has its own default preset, e.g. ``profile`` for cs336.profile), ``--model NAME``
+(replaces the model section by a model preset such as gpt2-xl), ``--config FILE`` (TOML or
+JSON), then the flags in the order given.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import difflib
 import functools
 import inspect
 import textwrap
+from collections.abc import Sequence
 
-from cs336.config import PRESETS, SECTIONS, ConfigError, TrainConfig, apply_overrides, load_config, preset
+from cs336.config import (MODEL_PRESETS, PRESETS, SECTIONS, ConfigError, TrainConfig, check_positive,
+                          kernel_backends, model_preset, preset)
+from cs336.config_io import apply_overrides, load_config
 
 # short flag -> (config key, value for a flag without argument or None when it takes one)
 SHORTCUTS: dict[str, tuple[str, str | None]] = {
@@ -32,6 +41,7 @@ SHORTCUTS: dict[str, tuple[str, str | None]] = {
     "--wandb": ("train.wandb", "true"),
     "--profile": ("train.profile", "true"),
     "--kernels": ("model.kernels", None),
+    "--context-length": ("model.context_length", None),
     "--train-text": ("data.train_text", None),
     "--valid-text": ("data.valid_text", None),
     "--dataset": ("data.dataset", None),
@@ -55,11 +65,16 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, shortcuts: bool = True) -> None:
-    """Add --preset, --config, the short flags and one --section.field flag per config field."""
+def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str = "default",
+                         shortcuts: bool = True, config_aliases: Sequence[str] = ()) -> None:
+    """Add --preset, --model, --config (plus ``config_aliases``), the short flags and one
+    --section.field flag per config field; ``default_preset`` is the base without --preset."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="start from a named preset instead of the defaults")
-    parser.add_argument("--config", metavar="FILE", default=None,
+                        help=f"start from a named run preset (default: {default_preset})")
+    parser.set_defaults(default_preset=default_preset)
+    parser.add_argument("--model", metavar="NAME", default=None, choices=list(MODEL_PRESETS),
+                        help=f"replace the model section by a model preset: {', '.join(MODEL_PRESETS)}")
+    parser.add_argument("--config", *config_aliases, metavar="FILE", default=None,
                         help="TOML or JSON file of [section] tables applied on top of the preset")
     if shortcuts:
         group = parser.add_argument_group("short flags")
@@ -76,11 +91,40 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, shortcuts: bool = T
         docs = field_docs(cls)
         for name, value in vars(getattr(defaults, section)).items():
             is_bool = isinstance(value, bool)
+            doc = docs.get(name, "")
+            if (section, name) == ("model", "kernels"):
+                doc += f" Choices: {', '.join(kernel_backends())}."
             group.add_argument(
                 f"--{section}.{name}", dest=f"long:{section}.{name}", default=None,
                 metavar="BOOL" if is_bool else "VALUE", nargs="?" if is_bool else None,
                 const="true" if is_bool else None,
-                help=f"{docs.get(name, '')} (default: {value!r})".strip())
+                help=f"{doc} (default: {value!r})".strip())
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for a command's own positive-integer option (``check_positive``)."""
+    try:
+        return check_positive("the value", int(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` whose error for unknown flags suggests the closest valid flags
+    (``--d-model`` -> ``--model.d_model``)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [opt for action in parser._actions for opt in action.option_strings]
+        by_field = {f.split(".", 1)[1]: f for f in flags if "." in f}
+        hints = []
+        for arg in unknown:
+            flag = arg.split("=", 1)[0]
+            bare = flag.lstrip("-").replace("-", "_")
+            close = [by_field[k] for k in difflib.get_close_matches(bare, by_field, n=2)]
+            close += [f for f in difflib.get_close_matches(flag, flags, n=3) if f not in close]
+            hints.append(f"{arg} (did you mean {' / '.join(close[:3])}?)" if close and flag.startswith("-") else arg)
+        parser.error("unknown arguments: " + ", ".join(hints))
+    return args
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -98,9 +142,19 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, (_, value) in chosen.items()]
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Resolve preset, config file and flags into one validated TrainConfig."""
-    cfg = preset(args.preset) if args.preset else TrainConfig()
+def base_config(args: argparse.Namespace) -> TrainConfig:
+    """The preset, with the model section replaced when --model names a model preset."""
+    cfg = preset(args.preset or args.default_preset)
+    if getattr(args, "model", None):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_preset(args.model),
+                                                                 kernels=cfg.model.kernels))
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> TrainConfig:
+    """Resolve preset, model preset, config file, the flags and then ``extra`` overrides into
+    one validated TrainConfig."""
+    cfg = base_config(args)
     if args.config:
         cfg = load_config(args.config, cfg)
-    return apply_overrides(cfg, overrides_from_args(args))
+    return apply_overrides(cfg, [*overrides_from_args(args), *extra])

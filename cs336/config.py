@@ -1,22 +1,57 @@
-"""Configuration dataclasses for cs336.
+"""Configuration dataclasses for cs336: four sections nested in ``TrainConfig``.
 
-Defaults live here and nowhere else. Named presets are plain functions returning a config.
+    model  ModelConfig      the Transformer LM
+    optim  OptimConfig      AdamW and the learning-rate schedule
+    data   DataConfig       corpus, tokenizer and token files
+    train  TrainLoopConfig  the loop: length, batching, evaluation, checkpoints, device, logging
+
+Defaults live here and nowhere else. Named presets are plain functions returning a config
+(``MODEL_PRESETS`` for the model section, ``PRESETS`` for a whole run). Each section validates
+itself in ``__post_init__`` with the one positive-number check, ``check_positive``. Reading files
+and ``section.field=value`` overrides is ``cs336.config_io``; the command-line flags generated
+from the fields are ``cs336.cli``.
 """
 
 from __future__ import annotations
 
-import json
-import tomllib
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
-KERNEL_BACKENDS = ("auto", "torch", "triton")
 FFN_TYPES = ("swiglu", "silu")
 
 
 class ConfigError(ValueError):
     """A user-supplied configuration value is invalid; the message says which and how to fix it."""
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool = True):
+    """``value`` if it is a positive (``allow_zero``: non-negative) integer (``integer=False``: any
+    real number); else ConfigError naming ``name``. Booleans are not numbers here."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        what = "integer" if integer else "number"
+        bound = "non-negative" if allow_zero else "positive"
+        raise ConfigError(f"{name} must be a {bound} {what}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}; valid choices: {', '.join(choices)}")
+
+
+def kernel_backends() -> tuple[str, ...]:
+    """The kernel backends, ``cs336.ops.BACKENDS`` (imported here on use: it imports torch)."""
+    from cs336.ops import BACKENDS
+
+    return BACKENDS
+
+
+def __getattr__(name: str):
+    # ``KERNEL_BACKENDS`` is the name cs336.model imports; it is ops.BACKENDS, not a copy.
+    if name == "KERNEL_BACKENDS":
+        return kernel_backends()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -38,7 +73,7 @@ class ModelConfig:
     eps: float = 1e-5
     """RMSNorm epsilon."""
     kernels: str = "auto"
-    """Kernel backend for RMSNorm / SwiGLU / cross-entropy: auto | torch | triton."""
+    """Kernel backend of the model and its optimizer step (cs336.ops.BACKENDS; auto picks per device)."""
     remove_rmsnorm: bool = False
     """Ablation: drop every RMSNorm in the blocks (the final norm too)."""
     use_post_norm: bool = False
@@ -50,9 +85,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+            check_positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.num_heads != 0:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
@@ -63,14 +96,10 @@ class ModelConfig:
                 f"head dim d_model/num_heads = {self.d_model // self.num_heads} is odd; RoPE rotates "
                 "pairs, so pick num_heads giving an even head dim (or set model.remove_rope=true)"
             )
-        if self.rope_theta <= 0:
-            raise ConfigError(f"model.rope_theta must be positive, got {self.rope_theta!r}")
-        if self.eps <= 0:
-            raise ConfigError(f"model.eps must be positive, got {self.eps!r}")
-        if self.kernels not in KERNEL_BACKENDS:
-            raise ConfigError(f"model.kernels={self.kernels!r}; valid choices: {', '.join(KERNEL_BACKENDS)}")
-        if self.ffn_type not in FFN_TYPES:
-            raise ConfigError(f"model.ffn_type={self.ffn_type!r}; valid choices: {', '.join(FFN_TYPES)}")
+        check_positive("model.rope_theta", self.rope_theta, integer=False)
+        check_positive("model.eps", self.eps, integer=False)
+        check_choice("model.kernels", self.kernels, kernel_backends())
+        check_choice("model.ffn_type", self.ffn_type, FFN_TYPES)
 
     @property
     def d_head(self) -> int:
@@ -131,14 +160,7 @@ def model_preset(name: str) -> ModelConfig:
 DATASETS = ("embedded", "tinystories", "owt")
 AUTOCAST = ("none", "bf16")
 
-
-def _positive(section: str, name: str, value, *, allow_zero: bool = False, integer: bool = True) -> None:
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        what = "integer" if integer else "number"
-        bound = "non-negative" if allow_zero else "positive"
-        raise ConfigError(f"{section}.{name} must be a {bound} {what}, got {value!r}")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 @dataclass
@@ -164,19 +186,19 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        _positive("optim", "lr", self.lr, integer=False)
+        check_positive("optim.lr", self.lr, integer=False)
         if self.min_lr is not None:
-            _positive("optim", "min_lr", self.min_lr, allow_zero=True, integer=False)
+            check_positive("optim.min_lr", self.min_lr, allow_zero=True, integer=False)
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}; lower min_lr")
-        _positive("optim", "warmup_iters", self.warmup_iters, allow_zero=True)
+        check_positive("optim.warmup_iters", self.warmup_iters, allow_zero=True)
         if self.cosine_cycle_iters is not None:
-            _positive("optim", "cosine_cycle_iters", self.cosine_cycle_iters)
+            check_positive("optim.cosine_cycle_iters", self.cosine_cycle_iters)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
-        _positive("optim", "eps", self.eps, integer=False)
-        _positive("optim", "weight_decay", self.weight_decay, allow_zero=True, integer=False)
-        _positive("optim", "grad_clip", self.grad_clip, allow_zero=True, integer=False)
+        check_positive("optim.eps", self.eps, integer=False)
+        check_positive("optim.weight_decay", self.weight_decay, allow_zero=True, integer=False)
+        check_positive("optim.grad_clip", self.grad_clip, allow_zero=True, integer=False)
 
     @property
     def floor_lr(self) -> float:
@@ -213,8 +235,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.special_tokens = tuple(self.special_tokens)
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"data.dataset={self.dataset!r}; valid choices: {', '.join(DATASETS)}")
+        check_choice("data.dataset", self.dataset, DATASETS)
         for a, b in (("train_text", "valid_text"), ("train_tokens", "valid_tokens")):
             if (getattr(self, a) is None) != (getattr(self, b) is None):
                 raise ConfigError(f"data.{a} and data.{b} go together; give both (--{a.replace('_', '-')} "
@@ -229,9 +250,9 @@ class DataConfig:
                               "drop one of them")
         if not self.special_tokens:
             raise ConfigError("data.special_tokens is empty; the first special token separates documents")
-        _positive("data", "corpus_mb", self.corpus_mb, integer=False)
+        check_positive("data.corpus_mb", self.corpus_mb, integer=False)
         if self.tokenizer_sample_mb is not None:
-            _positive("data", "tokenizer_sample_mb", self.tokenizer_sample_mb, integer=False)
+            check_positive("data.tokenizer_sample_mb", self.tokenizer_sample_mb, integer=False)
 
     @property
     def source(self) -> str:
@@ -244,13 +265,16 @@ class DataConfig:
 
 
 @dataclass
-class RunConfig:
+class TrainLoopConfig:
     out_dir: str | None = None
     """Run directory; None means runs/<UTC timestamp>."""
     max_steps: int = 800
     """Optimizer steps of the run."""
     batch_size: int = 16
-    """Global batch (sequences per step), split evenly over data-parallel ranks."""
+    """Global batch (sequences per optimizer step), split evenly over data-parallel ranks."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step: each rank's rows run in this many forward/backward passes
+    of batch_size / (ranks * grad_accum_steps) sequences whose gradients add up (same result)."""
     context_length: int | None = None
     """Training sequence length; None means model.context_length (it may not exceed it)."""
     eval_interval: int = 100
@@ -297,24 +321,26 @@ class RunConfig:
     """Show a tqdm progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "eval_interval", "eval_batches", "log_interval",
-                     "checkpoint_interval", "keep_last"):
-            _positive("train", name, getattr(self, name))
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches",
+                     "log_interval", "checkpoint_interval", "keep_last"):
+            check_positive(f"train.{name}", getattr(self, name))
         if self.context_length is not None:
-            _positive("train", "context_length", self.context_length)
+            check_positive("train.context_length", self.context_length)
         if self.threads is not None:
-            _positive("train", "threads", self.threads)
-        _positive("train", "sample_tokens", self.sample_tokens, allow_zero=True)
-        _positive("train", "sample_temperature", self.sample_temperature, allow_zero=True, integer=False)
+            check_positive("train.threads", self.threads)
+        check_positive("train.sample_tokens", self.sample_tokens, allow_zero=True)
+        check_positive("train.sample_temperature", self.sample_temperature, allow_zero=True, integer=False)
         if not 0.0 < self.sample_top_p <= 1.0:
             raise ConfigError(f"train.sample_top_p must be in (0, 1], got {self.sample_top_p!r}")
-        if self.autocast not in AUTOCAST:
-            raise ConfigError(f"train.autocast={self.autocast!r}; valid choices: {', '.join(AUTOCAST)}")
-        if self.wandb_mode not in ("offline", "online", "disabled"):
-            raise ConfigError(f"train.wandb_mode={self.wandb_mode!r}; valid choices: offline, online, disabled")
+        check_choice("train.autocast", self.autocast, AUTOCAST)
+        check_choice("train.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} does not divide "
+                              f"train.batch_size={self.batch_size}; each optimizer step's batch is split into "
+                              "grad_accum_steps equal micro-batches, so pick a divisor of batch_size")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise ConfigError(f"train.device={dev!r}; valid choices: auto, cpu, cuda, cuda:N, mps")
+            raise ConfigError(f"train.device={dev!r}; valid choices: {DEVICES}")
 
 
 @dataclass
@@ -325,7 +351,7 @@ class TrainConfig:
     """AdamW and the learning-rate schedule."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, tokenizer and token files."""
-    train: RunConfig = field(default_factory=RunConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     """Run length, batching, evaluation, checkpoints, device, logging."""
 
     def __post_init__(self) -> None:
@@ -344,7 +370,7 @@ class TrainConfig:
         return self.train.context_length or self.model.context_length
 
 
-SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig}
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainLoopConfig}
 
 
 def demo_model() -> ModelConfig:
@@ -378,7 +404,7 @@ def tinystories_config(batch_size: int = 128) -> TrainConfig:
         model=model,
         optim=OptimConfig(lr=2e-3, warmup_iters=200, weight_decay=0.1),
         data=DataConfig(tokenizer_sample_mb=None),
-        train=RunConfig(max_steps=steps, batch_size=batch_size, eval_interval=500, eval_batches=50,
+        train=TrainLoopConfig(max_steps=steps, batch_size=batch_size, eval_interval=500, eval_batches=50,
                         log_interval=20, checkpoint_interval=1000, autocast="bf16",
                         sample_tokens=256),
     )
@@ -390,12 +416,23 @@ def smoke_config() -> TrainConfig:
         model=ModelConfig(vocab_size=320, context_length=32, d_model=32, num_layers=1, num_heads=2,
                           d_ff=64),
         data=DataConfig(corpus_mb=0.2),
-        train=RunConfig(max_steps=40, batch_size=8, eval_interval=20, eval_batches=4, log_interval=5,
+        train=TrainLoopConfig(max_steps=40, batch_size=8, eval_interval=20, eval_batches=4, log_interval=5,
                         checkpoint_interval=20, sample_tokens=20, progress=False),
     )
 
 
-PRESETS = {"default": default_config, "tinystories": tinystories_config, "smoke": smoke_config}
+def profile_config() -> TrainConfig:
+    """``python -m cs336.profile`` with no arguments: the TinyStories model, 2 sequences per step."""
+    return TrainConfig(model=tinystories_model(), train=TrainLoopConfig(batch_size=2))
+
+
+def accounting_config() -> TrainConfig:
+    """``python -m cs336.accounting`` with no arguments: the TinyStories model, one sequence."""
+    return TrainConfig(model=tinystories_model(), train=TrainLoopConfig(batch_size=1))
+
+
+PRESETS = {"default": default_config, "tinystories": tinystories_config, "smoke": smoke_config,
+           "profile": profile_config, "accounting": accounting_config}
 
 
 def preset(name: str) -> TrainConfig:
@@ -405,143 +442,13 @@ def preset(name: str) -> TrainConfig:
         raise ConfigError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Dict / file / override round trips.
-# ---------------------------------------------------------------------------------------------
-
-def section_fields(section: str) -> dict[str, typing.Any]:
-    """Field name -> resolved type annotation of one section."""
-    cls = SECTIONS[section]
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value, tp, key: str):
-    """Check ``value`` (from JSON/TOML, or a string from the command line) against type ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], key)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",")] if value else []
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} expects a list, got {value!r}")
-        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(item_types) != len(value):
-            raise ConfigError(f"{key} expects {len(item_types)} values, got {len(value)}: {value!r}")
-        return tuple(coerce(v, t, key) for v, t in zip(value, item_types))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{key} expects true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    number = float(value)
-                except ValueError:
-                    number = None
-                if number is not None and number.is_integer():
-                    return int(number)
-        raise ConfigError(f"{key} expects an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} expects a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} expects a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
-
-
-def _unknown(kind: str, key: str, valid) -> ConfigError:
-    return ConfigError(f"unknown {kind} {key!r}; valid {kind}s: {', '.join(valid)}")
-
-
-def config_to_dict(cfg: TrainConfig) -> dict:
-    """Nested plain dict (tuples become lists), JSON-serializable."""
-    return json.loads(json.dumps(asdict(cfg)))
-
-
-def config_from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """Build a TrainConfig from a nested dict, starting from ``base`` (default: TrainConfig()).
-
-    Missing keys keep the base's values; unknown sections or keys raise ConfigError listing the
-    valid ones; values are type-checked.
-    """
-    base = base or TrainConfig()
-    if not isinstance(d, dict):
-        raise ConfigError(f"a config must be a table of sections, got {type(d).__name__}")
-    sections = {}
-    for name, values in d.items():
-        if name not in SECTIONS:
-            raise _unknown("section", name, SECTIONS)
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section {name!r} must be a table, got {values!r}")
-        types = section_fields(name)
-        updates = {}
-        for key, value in values.items():
-            if key not in types:
-                raise _unknown(f"{name} key", key, types)
-            updates[key] = coerce(value, types[key], f"{name}.{key}")
-        sections[name] = replace(getattr(base, name), **updates)
-    return replace(base, **sections)
-
-
-def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
-    """Read a TOML or JSON file of sections (``[optim] lr = 3e-4``) on top of ``base``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; check the --config path")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".toml":
-            d = tomllib.loads(text)
-        elif path.suffix == ".json":
-            d = json.loads(text)
-        else:
-            raise ConfigError(f"config file {path}: use a .toml or .json file")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"config file {path} does not parse ({exc}); fix its syntax") from None
-    try:
-        return config_from_dict(d, base)
-    except ConfigError as exc:
-        raise ConfigError(f"config file {path}: {exc}") from None
-
-
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply ``["section.field=value", ...]``; values are parsed by the field's type."""
-    nested: dict[str, dict[str, str]] = {}
-    for item in overrides:
-        key, sep, value = item.lstrip("-").partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise ConfigError(f"override {item!r} must look like section.field=value "
-                              f"(sections: {', '.join(SECTIONS)})")
-        if section not in SECTIONS:
-            raise _unknown("section", section, SECTIONS)
-        nested.setdefault(section, {})[name] = value
-    return config_from_dict(nested, cfg)
+# The file and override functions live in cs336.config_io; they are re-exported here so that
+# ``from cs336.config import load_config`` keeps working (config_io imports this module first).
+from cs336.config_io import (  # noqa: E402
+    apply_overrides,
+    coerce,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    section_fields,
+)

@@ -6,6 +6,8 @@ reads them and joins the process group (nccl for CUDA devices, gloo for CPU). Wi
 unconditionally. Every rank draws the same global batch from an identically seeded generator and
 keeps its own contiguous slice of rows (``rank_rows``), so N ranks see exactly the batch one
 process would, and DistributedDataParallel's gradient average equals the single-process gradient.
+With gradient accumulation each rank's rows are split further into equal micro-batches
+(``micro_batches``).
 
 The collective timeout is two hours because the other ranks wait at a barrier while rank 0
 prepares the data, which for a first TinyStories or OWT run includes the download, tokenizer
@@ -79,6 +81,16 @@ def rank_rows(batch_size: int, info: DistInfo) -> slice:
                           "data-parallel ranks; pick a multiple of the rank count")
     per_rank = batch_size // info.world_size
     return slice(info.rank * per_rank, (info.rank + 1) * per_rank)
+
+
+def micro_batches(rows: slice, steps: int) -> list[slice]:
+    """``rows`` split into ``steps`` equal consecutive slices (gradient accumulation)."""
+    n = rows.stop - rows.start
+    if n % steps:
+        raise ConfigError(f"train.grad_accum_steps={steps} does not divide the {n} rows each rank trains "
+                          "on per step (train.batch_size / ranks); pick a divisor of it")
+    size = n // steps
+    return [slice(rows.start + i * size, rows.start + (i + 1) * size) for i in range(steps)]
 
 
 def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
     python -m cs336.experiments sgd-toy [--lrs 1e1,1e2,1e3] [--steps 10] [--seed 0]
     python -m cs336.experiments list
-    python -m cs336.experiments run lr|batch|norm|rope|ffn [--base CONFIG] [--out DIR] [--set key=value ...]
-        [--grid KEY=V1,V2,...]
+    python -m cs336.experiments run lr|batch|norm|rope|ffn [--preset NAME] [--config FILE] [--out DIR]
+        [--section.field=VALUE ...] [--set key=value ...] [--grid KEY=V1,V2,...]
 
 ``sgd-toy`` is the handout's learning-rate toy (problem learning_rate_tuning): a 10x10 weight
 tensor drawn as ``5 * randn`` (seeded), loss ``mean(w ** 2)``, and plain SGD whose step decays
@@ -15,7 +15,10 @@ the first step and diverges.
 ``run NAME`` runs one of the named small-scale comparisons recorded in EXPERIMENTS.md through
 ``cs336.sweep`` (a few points on the default config, shortened by ``SCALE`` so one experiment
 fits in minutes on a 2-core CPU) into ``runs/experiments/NAME``; ``--grid`` replaces the named
-points by a grid at the same scale; ``list`` prints them.
+points by a grid at the same scale; ``list`` prints them. ``run`` takes the config flags of
+``python -m cs336.train`` (``cs336.cli``; ``--base FILE`` is ``--config FILE``): the preset and
+config file give the base, ``SCALE`` applies on top, then the ``--section.field`` flags and the
+``--set KEY=VALUE`` overrides.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 
 from cs336 import config as cfglib
 from cs336 import sweep
+from cs336.cli import add_config_arguments, base_config, overrides_from_args, parse_args, positive_int
 
 
 class SGD(torch.optim.Optimizer):
@@ -161,16 +165,6 @@ def _parse_lrs(text: str) -> list[float]:
     return lrs
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cs336.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("sgd-toy", help="the handout's SGD learning-rate toy")
     toy.add_argument("--lrs", type=_parse_lrs, default=[1e1, 1e2, 1e3],
                      help="comma-separated learning rates (default 1e1,1e2,1e3)")
-    toy.add_argument("--steps", type=_positive_int, default=10, help="SGD steps (default 10)")
+    toy.add_argument("--steps", type=positive_int, default=10, help="SGD steps (default 10)")
     toy.add_argument("--seed", type=int, default=0, help="seed for the initial weights (default 0)")
     sub.add_parser("list", help="list the named experiments")
     run = sub.add_parser("run", help="run one named experiment as a sweep")
     run.add_argument("name", choices=sorted(EXPERIMENTS), help="experiment")
-    run.add_argument("--base", type=Path, help="base config file (default: the default config)")
+    add_config_arguments(run, config_aliases=("--base",))
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                     help="override applied to every run, after the experiment's scale settings")
+                     help="same as --KEY=VALUE: applied to every run, after the experiment's scale settings")
     run.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                      help="replace the experiment's points by this grid (repeatable, as in cs336.sweep)")
     run.add_argument("--out", type=Path, help="sweep directory (default runs/experiments/NAME)")
@@ -193,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     if args.command == "sgd-toy":
         results = {lr: sgd_toy(lr, args.steps, args.seed) for lr in args.lrs}
         print(format_sgd_toy(results))
@@ -213,8 +207,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "run":
         out = args.out or Path("runs") / "experiments" / args.name
         try:
-            base = cfglib.load_config(args.base) if args.base else cfglib.default_config()
-            status = run_experiment(args.name, base, args.sets, out, args.grid)
+            base = base_config(args)
+            if args.config:
+                base = cfglib.load_config(args.config, base)
+            overrides = [*overrides_from_args(args), *args.sets]
+            status = run_experiment(args.name, base, overrides, out, args.grid)
         except (sweep.SweepError, cfglib.ConfigError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

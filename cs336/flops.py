@@ -32,12 +32,7 @@ import math
 from dataclasses import dataclass
 
 from cs336.config import ConfigError, ModelConfig
-
-
-def _positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
+from cs336.config import check_positive as _positive
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -161,8 +156,7 @@ def training_time_seconds(cfg: ModelConfig, batch_size: int, steps: int, peak_fl
     _positive("steps", steps)
     if not 0 < mfu <= 1:
         raise ConfigError(f"mfu must lie in (0, 1], got {mfu!r}")
-    if not peak_flops > 0:
-        raise ConfigError(f"peak_flops must be positive, got {peak_flops!r}")
+    _positive("peak_flops", peak_flops, integer=False)
     return steps * training_flops(cfg, batch_size, seq_len) / (mfu * peak_flops)
 
 

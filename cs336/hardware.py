@@ -1,5 +1,8 @@
 """Peak throughput of the devices we report against, and what this process runs on.
 
+``resolve_device`` is the one place a device name (``auto``, ``cpu``, ``cuda``, ``cuda:N``,
+``mps``) becomes a ``torch.device``, with a clear error when the device is not there.
+
 GPU peaks are dense (no 2:4 sparsity) BF16 tensor-core FLOP/s from the vendor datasheets; the
 datasheets print the sparse figure, which is twice the dense one. A CPU has no datasheet peak we
 can trust across machines, so its "peak" is measured in the same session: the best of a few
@@ -22,6 +25,26 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+
+def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
+    """``auto`` is CUDA, then MPS, then the CPU; an explicit device must be visible (ConfigError
+    naming ``flag`` otherwise)."""
+    from cs336.config import DEVICES, ConfigError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if not (name in ("cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"{flag}={name!r}; valid choices: {DEVICES}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{flag}={name!r} but no CUDA device is visible; use {flag}=cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag}='mps' but MPS is not available; use {flag}=cpu or auto")
+    return torch.device(name)
 
 
 @dataclass(frozen=True)

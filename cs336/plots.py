@@ -7,8 +7,9 @@ evaluation lines ``val_loss``). Uses matplotlib's Agg backend, so no display is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from cs336.fileio import atomic_open
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -47,8 +48,7 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str | Non
         fig.suptitle(title)
     fig.tight_layout()
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(out_path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path

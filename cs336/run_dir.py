@@ -20,8 +20,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from cs336.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from cs336.fileio import atomic_write_text
 
@@ -116,18 +114,11 @@ class RunDir:
                 old.unlink(missing_ok=True)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but no CUDA device is visible; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu")
-    return torch.device(name)
-
-
 def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = None,
                        tokenizer_dir: str | None = None, device: str = "cpu"):
     """(model in eval mode, tokenizer) from a run directory or a checkpoint file."""
     from cs336.checkpoint import CheckpointError, load_checkpoint_full
+    from cs336.hardware import resolve_device
     from cs336.model import TransformerLM
     from cs336.tokenizer import Tokenizer
 
@@ -151,7 +142,7 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
         cfg = config_from_dict(cfg_dict)
     except ConfigError as exc:
         raise CheckpointError(f"{ckpt}: its stored config is invalid ({exc})") from None
-    model = TransformerLM.from_config(cfg.model, device=_resolve_device(device))
+    model = TransformerLM.from_config(cfg.model, device=resolve_device(device, "--device"))
     load_checkpoint_full(ckpt, model)
     model.eval()
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else rd.tokenizer

@@ -1,11 +1,13 @@
 """Hyperparameter sweeps: one training run per point of a cartesian grid of config overrides.
 
-    python -m cs336.sweep [--base CONFIG] --grid "optim.lr=1e-4,3e-4,1e-3,3e-3" [--grid ...] \
-        [--set key=value ...] [--out DIR]
+    python -m cs336.sweep [--preset NAME] [--config FILE] [--section.field=VALUE ...] \
+        --grid "optim.lr=1e-4,3e-4,1e-3,3e-3" [--grid ...] [--set key=value ...] [--out DIR]
 
-Each ``--grid KEY=V1,V2,...`` is one axis; the sweep runs every combination of the axes, each
-with ``--set`` overrides applied first, in its own run directory ``DIR/<key=value__...>``. Keys
-and values use the syntax of ``cs336.config.apply_overrides`` (type-checked; an unknown key is an
+The base config comes from the same flags as ``python -m cs336.train`` (``cs336.cli``;
+``--base FILE`` is ``--config FILE``, and ``--set KEY=VALUE`` is ``--KEY=VALUE`` applied after
+the other flags). Each ``--grid KEY=V1,V2,...`` is one axis; the sweep runs every combination
+of the axes on top of the base, each in its own run directory ``DIR/<key=value__...>``. Keys and
+values use the syntax of ``cs336.config_io.apply_overrides`` (type-checked; an unknown key is an
 error), and every point is validated before the first run starts.
 
 Runs go one after another in this process; with several CUDA devices visible they go one per
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from cs336 import config as cfglib
+from cs336.cli import add_config_arguments, config_from_args, parse_args
 from cs336.sweep_report import finite, fmt, read_metrics, write_json, write_reports
 
 
@@ -320,11 +323,12 @@ def default_devices() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cs336.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, help="base config file (default: the default config)")
+    add_config_arguments(parser, config_aliases=("--base",))
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="one sweep axis; repeat for a cartesian product")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                        help="override applied to every point (before the grid values)")
+                        help="same as --KEY=VALUE: applied to every point, after the other flags and "
+                             "before the grid values")
     parser.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-<keys>-<time>)")
     parser.add_argument("--no-share-data", action="store_false", dest="share_data",
                         help="let every run prepare its own corpus, tokenizer and token files "
@@ -353,7 +357,7 @@ def run_and_report(planned: Sequence[PlannedRun], out: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     if args.worker:
         _worker(args.worker)
         return
@@ -361,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.grid:
             raise SweepError("no --grid given; add at least one, e.g. --grid optim.lr=1e-4,3e-4")
         axes = [parse_grid(g) for g in args.grid]
-        base = cfglib.load_config(args.base) if args.base else cfglib.default_config()
+        base = config_from_args(args)
         keys = "-".join(a.key.split(".")[-1] for a in axes)
         out = args.out or Path("runs") / f"sweep-{keys}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_out(out)

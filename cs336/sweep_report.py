@@ -13,12 +13,11 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cs336.fileio import atomic_write_text
+from cs336.fileio import atomic_open, atomic_write_text
 
 
 def finite(x: Any) -> bool:
@@ -119,7 +118,6 @@ def plot_curves(rows: Sequence[dict], path: Path, *, x_tokens: bool = False,
         ax_step.legend(fontsize=7)
     fig.suptitle(path.parent.name, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -27,7 +27,7 @@ def test_json_fields_match_library(capsys):
 
 
 def test_context_length_memory_and_time(capsys):
-    out = _run_json(capsys, "--model", "gpt2-xl", "--context-length", "16384", "--device", "h100",
+    out = _run_json(capsys, "--model", "gpt2-xl", "--context-length", "16384", "--hardware", "h100",
                     "--steps", "1000", "--mfu", "0.4")
     cfg = model_preset("gpt2-xl")
     cfg.context_length = 16384
@@ -48,14 +48,14 @@ def test_device_memory_parsing(capsys):
 
 
 def test_overrides_apply(capsys):
-    out = _run_json(capsys, "--model", "tinystories", "--d-model", "256", "--num-heads", "8",
-                    "--ffn-type", "silu")
+    out = _run_json(capsys, "--model", "tinystories", "--model.d_model=256", "--model.num_heads", "8",
+                    "--model.ffn_type=silu")
     assert out["config"]["d_model"] == 256 and out["config"]["ffn_type"] == "silu"
     assert "layers.*.ffn.w3.weight" not in out["params_by_component"]
 
 
 def test_human_table_lists_components_and_total(capsys):
-    accounting.main(["--model", "tinystories", "--device", "a100", "--steps", "5000", "--batch-size", "32"])
+    accounting.main(["--model", "tinystories", "--hardware", "a100", "--steps", "5000", "--batch-size", "32"])
     text = capsys.readouterr().out
     for needle in ("layers.*.attn.q_proj.weight", "lm_head", "attn.qk", "ffn.w3",
                    "activations.layers.*.attn.softmax", "largest batch", "5,000 steps on a100"):
@@ -64,15 +64,16 @@ def test_human_table_lists_components_and_total(capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--model", "gpt3"], "valid choices: tinystories, gpt2-small"),
-    (["--num-heads", "7"], "not divisible by model.num_heads=7"),
-    (["--d-model", "48", "--num-heads", "16"], "head dim d_model/num_heads = 3 is odd"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["--num-layers", "-1"], "model.num_layers must be a positive integer"),
+    (["--model", "gpt3"], "invalid choice: 'gpt3' (choose from 'tinystories', 'gpt2-small'"),
+    (["--model.num_heads=7"], "not divisible by model.num_heads=7"),
+    (["--model.d_model=48", "--model.num_heads=16"], "head dim d_model/num_heads = 3 is odd"),
+    (["--batch-size", "0"], "train.batch_size must be a positive integer"),
+    (["--model.num_layers=-1"], "model.num_layers must be a positive integer"),
     (["--device-memory", "lots"], "--device-memory 'lots' is not a size"),
-    (["--device", "tpu"], "valid choices: h100-sxm"),
-    (["--steps", "10"], "--steps needs --device"),
-    (["--ffn-type", "relu"], "valid choices: swiglu, silu"),
+    (["--hardware", "tpu"], "valid choices: h100-sxm"),
+    (["--steps", "10"], "--steps needs --hardware"),
+    (["--model.ffn_type=relu"], "valid choices: swiglu, silu"),
+    (["--d-model", "64"], "unknown arguments: --d-model (did you mean --model.d_model"),
 ])
 def test_bad_input_exits_2(capsys, args, message):
     with pytest.raises(SystemExit) as exc:
@@ -86,7 +87,7 @@ def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "cs336.accounting", "--model", "nope"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "unknown model preset 'nope'" in done.stderr and "Traceback" not in done.stderr
+    assert "invalid choice: 'nope'" in done.stderr and "Traceback" not in done.stderr
     done = subprocess.run([sys.executable, "-m", "cs336.accounting", "--help"],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "--context-length" in done.stdout
+    assert done.returncode == 0 and "--context-length" in done.stdout and "--model.d_model" in done.stdout

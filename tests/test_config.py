@@ -12,7 +12,7 @@ from cs336.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
-    RunConfig,
+    TrainLoopConfig,
     TrainConfig,
     apply_overrides,
     config_from_dict,
@@ -68,13 +68,13 @@ def test_bad_overrides_name_the_key_and_the_choices(item, fragment):
 
 @pytest.mark.parametrize("build, fragment", [
     (lambda: ModelConfig(d_model=100, num_heads=3), "not divisible"),
-    (lambda: TrainConfig(train=RunConfig(context_length=4096)), "exceeds model.context_length"),
+    (lambda: TrainConfig(train=TrainLoopConfig(context_length=4096)), "exceeds model.context_length"),
     (lambda: DataConfig(train_text="a.txt"), "go together"),
     (lambda: DataConfig(train_tokens="a.bin", valid_tokens="b.bin"), "tokenizer_dir"),
     (lambda: DataConfig(dataset="tinystories", train_text="a", valid_text="b"), "conflicts"),
     (lambda: OptimConfig(lr=1e-4, min_lr=1e-3), "exceeds optim.lr"),
-    (lambda: RunConfig(device="gpu"), "valid choices: auto, cpu"),
-    (lambda: RunConfig(batch_size=0), "train.batch_size must be a positive integer"),
+    (lambda: TrainLoopConfig(device="gpu"), "valid choices: auto, cpu"),
+    (lambda: TrainLoopConfig(batch_size=0), "train.batch_size must be a positive integer"),
     (lambda: TrainConfig(model=ModelConfig(vocab_size=200)), "below 256 bytes"),
 ])
 def test_validation_rejects_inconsistent_values(build, fragment):
@@ -162,4 +162,55 @@ def test_help_lists_fields_with_their_docs(capsys):
     out = capsys.readouterr().out
     assert "--optim.weight_decay" in out and "Decoupled weight decay" in out
     assert "--model.rope_theta" in out
-    assert field_docs(RunConfig)["keep_last"].startswith("Checkpoints kept")
+    assert field_docs(TrainLoopConfig)["keep_last"].startswith("Checkpoints kept")
+
+
+def _command_parsers():
+    from cs336 import accounting, experiments, profile, sweep, train
+
+    run_parser = experiments.build_parser()._subparsers._group_actions[0].choices["run"]
+    return {"train": (train.build_parser(), []), "profile": (profile.build_parser(), []),
+            "accounting": (accounting.build_parser(), []), "sweep": (sweep.build_parser(), []),
+            "experiments run": (run_parser, ["lr"])}
+
+
+@pytest.mark.parametrize("command", ["train", "profile", "accounting", "sweep", "experiments run"])
+def test_every_command_reads_the_same_flags(command):
+    """One config path: each CLI parses the same preset, model preset, file and field flags into
+    the same TrainConfig (the command's default preset aside)."""
+    from cs336.cli import parse_args
+
+    parser, positional = _command_parsers()[command]
+    argv = [*positional, "--preset", "smoke", "--model", "gpt2-small", "--model.num_layers=2",
+            "--optim.lr=1e-3", "--batch-size", "4", "--context-length", "64", "--kernels", "torch",
+            "--train.grad_accum_steps=2", "--device", "cpu"]
+    cfg = config_from_args(parse_args(parser, argv))
+    assert (cfg.model.d_model, cfg.model.num_layers, cfg.model.context_length) == (768, 2, 64)
+    assert cfg.model.kernels == "torch" and cfg.optim.lr == 1e-3
+    assert (cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.device) == (4, 2, "cpu")
+    assert cfg.train.max_steps == preset("smoke").train.max_steps
+
+
+def test_kernel_choices_are_the_seams():
+    """The config validates model.kernels against cs336.ops.BACKENDS itself, not a copy."""
+    from cs336 import config, ops
+
+    assert config.KERNEL_BACKENDS is ops.BACKENDS
+    with pytest.raises(ConfigError, match="valid choices: " + ", ".join(ops.BACKENDS)):
+        ModelConfig(kernels="fastest")
+
+
+def test_one_device_resolver(monkeypatch):
+    import torch
+
+    from cs336.hardware import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
+    with pytest.raises(ConfigError, match="--train.device='cuda:1' but no CUDA device is visible"):
+        resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="--device='tpu'; valid choices: auto, cpu, cuda, cuda:N, mps"):
+        resolve_device("tpu", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")

@@ -1,4 +1,5 @@
-"""Two gloo ranks on the CPU train exactly like one process on the same global batch."""
+"""Two gloo ranks on the CPU train exactly like one process on the same global batch, the ranks
+with two micro-batches each (gradient accumulation under DDP)."""
 
 import json
 import os
@@ -19,19 +20,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(out_dir, data_dir):
+def _cfg(out_dir, data_dir, *extra):
     return apply_overrides(smoke_config(), [
         f"train.out_dir={out_dir}", f"train.max_steps={STEPS}", "train.log_interval=1",
         f"train.eval_interval={STEPS}", "train.eval_batches=4", "train.batch_size=8",
         "train.sample_tokens=0", "train.device=cpu", "train.threads=1",
         f"data.train_tokens={data_dir}/data/train.bin", f"data.valid_tokens={data_dir}/data/valid.bin",
-        f"data.tokenizer_dir={data_dir}/tokenizer"])
+        f"data.tokenizer_dir={data_dir}/tokenizer", *extra])
 
 
 def _rank(rank: int, world: int, port: int, out_dir: str, data_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    run(_cfg(out_dir, data_dir))
+    run(_cfg(out_dir, data_dir, "train.grad_accum_steps=2"))
 
 
 def _losses(run_dir):

@@ -10,13 +10,13 @@ import torch
 from cs336 import profile
 from cs336.config import ConfigError
 
-TINY = ["--d-model", "32", "--num-heads", "2", "--num-layers", "1", "--d-ff", "64",
-        "--vocab-size", "100", "--context-length", "16", "--batch-size", "2"]
+TINY = ["--model.d_model=32", "--model.num_heads=2", "--model.num_layers=1", "--model.d_ff=64",
+        "--model.vocab_size=300", "--context-length", "16", "--batch-size", "2"]
 
 
 def test_cli_writes_trace_and_table(tmp_path, capsys):
     out = tmp_path / "run"
-    profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--out", str(out), "--row-limit", "10"])
+    profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--out-dir", str(out), "--row-limit", "10"])
     printed = capsys.readouterr().out
     trace = json.loads((out / "step5.json").read_text())  # wait 1 + warmup 1 + active 3
     names = {event.get("name") for event in trace["traceEvents"]}
@@ -45,8 +45,21 @@ def test_profile_steps_schedule(tmp_path):
     assert "aten::mm" in result.table_path.read_text()
 
 
+def test_step_profiler_is_stepped_by_the_callers_loop(tmp_path):
+    """The context-manager form: the loop runs more steps than the window; the profiler stops
+    after wait + warmup + active and the later steps are not recorded."""
+    a = torch.randn(16, 16)
+    with profile.StepProfiler(tmp_path / "p", wait=0, warmup=1, active=1, row_limit=5) as prof:
+        for _ in range(5):
+            a @ a
+            prof.step()
+    assert prof.result is not None and [p.name for p in prof.result.traces] == ["step2.json"]
+    events = json.loads(prof.result.traces[0].read_text())["traceEvents"]
+    assert sum(1 for e in events if e.get("name") == "aten::mm") == 1
+
+
 def test_profile_steps_bad_arguments(tmp_path):
-    with pytest.raises(ConfigError, match="active must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="profile active must be a positive integer"):
         profile.profile_steps(lambda: None, tmp_path, active=0)
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -55,15 +68,15 @@ def test_profile_steps_bad_arguments(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--model", "gpt5"], "valid choices: tinystories"),
-    (["--d-model", "30", "--num-heads", "4"], "not divisible"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["--device", "tpu"], "valid choices: auto, cpu, cuda"),
-    (["--kernels", "fast"], "valid choices: auto, torch, triton"),
+    (["--model", "gpt5"], "invalid choice: 'gpt5'"),
+    (["--model.d_model=30", "--model.num_heads=4"], "not divisible"),
+    (["--batch-size", "0"], "train.batch_size must be a positive integer"),
+    (["--device", "tpu"], "valid choices: auto, cpu, cuda, cuda:N, mps"),
+    (["--kernels", "fast"], "model.kernels='fast'; valid choices: auto, torch"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
-        profile.main([*args, "--out", str(tmp_path / "x")])
+        profile.main([*args, "--out-dir", str(tmp_path / "x")])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -71,4 +84,4 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
 def test_help():
     done = subprocess.run([sys.executable, "-m", "cs336.profile", "--help"], capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode == 0 and "--warmup" in done.stdout
+    assert done.returncode == 0 and "--warmup" in done.stdout and "--model.d_model" in done.stdout

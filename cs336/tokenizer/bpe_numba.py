@@ -123,6 +123,12 @@ def token_key(pool, off, length):
     return np.int64(key ^ _SIGN)
 
 
+def byte_keys() -> np.ndarray:
+    """``token_key`` of the 256 one-byte tokens, computed in numpy (an entry point fewer for numba
+    to load in a fresh process): byte b is the key ``(b << 56) ^ sign bit``."""
+    return ((np.arange(256, dtype=np.uint64) << np.uint64(56)) ^ _SIGN).view(np.int64)
+
+
 @njit(cache=True)
 def _before(heap, i, j, pairs, pool, tok_off, tok_len, tok_key):
     """True when heap entry i ranks above entry j: higher count, then greater (bytes, bytes).

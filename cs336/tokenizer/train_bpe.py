@@ -262,7 +262,7 @@ def _merge(counts: Counter[str], n_special: int, num_merges: int, progress: bool
     tok_off[n_special : n_special + 256] = np.arange(256)
     tok_len[n_special : n_special + 256] = 1
     tok_key = np.zeros(n_tokens, np.int64)
-    tok_key[n_special : n_special + 256] = [bpe_numba.token_key(pool, b, 1) for b in range(256)]
+    tok_key[n_special : n_special + 256] = bpe_numba.byte_keys()
 
     pairs, table, nodes, heap, meta = bpe_numba.init_state(
         sym, word_start, word_len, word_count, pool, tok_off, tok_len, tok_key
