@@ -61,11 +61,11 @@ class ScriptedLM(torch.nn.Module):
 
 def test_generation_stops_at_the_end_token_and_windows_long_prompts():
     model = ScriptedLM([5, 7, 3, 9])
-    out = generate_ids(model, list(range(12)), 10, temperature=0.0, eos_id=3)
+    out = generate_ids(model, list(range(12)), 10, temperature=0.0, eos_id=3, kv_cache=False)
     assert out == [5, 7]
     assert model.calls == [8, 8, 8]  # a 12-token prompt is cut to the 8-token context
     model = ScriptedLM([5, 7, 3, 9])
-    assert generate_ids(model, [1], 4, temperature=0.0, eos_id=None) == [5, 7, 3, 9]
+    assert generate_ids(model, [1], 4, temperature=0.0, eos_id=None, kv_cache=False) == [5, 7, 3, 9]
 
 
 @pytest.fixture(scope="module")
