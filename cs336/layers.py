@@ -294,13 +294,16 @@ class KVCache:
         columns = torch.arange(self.length, self.length + num_new, device=self.device)
         return (columns[None, :] - self.left_pad[:, None]).clamp(min=0)
 
-    def begin(self, num_new: int) -> None:
-        """Start a forward pass over ``num_new`` new columns: check room, build the mask."""
+    def check_room(self, num_new: int) -> None:
         if self.length + num_new > self.max_len:
             raise ValueError(
                 f"the KV cache holds {self.length} of {self.max_len} positions and cannot take "
                 f"{num_new} more; reset it and prefill the last {self.max_len} tokens"
             )
+
+    def begin(self, num_new: int) -> None:
+        """Start a forward pass over ``num_new`` new columns: check room, build the mask."""
+        self.check_room(num_new)
         self._pending = num_new
         self._mask = None
         if self.padded or (self.length > 0 and num_new > 1):

@@ -151,6 +151,8 @@ class TransformerLM(nn.Module):
         if kv_cache is not None and (token_ids.dim() != 2 or token_ids.shape[0] != kv_cache.batch_size):
             raise ValueError(f"with a KV cache of {kv_cache.batch_size} rows the input must be "
                              f"(batch={kv_cache.batch_size}, T); got shape {tuple(token_ids.shape)}")
+        if kv_cache is not None:
+            kv_cache.check_room(seq_len)
         if seq_len > self.context_length:
             raise ValueError(
                 f"input has {seq_len} tokens but the model's context_length is "
