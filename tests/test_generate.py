@@ -129,7 +129,7 @@ def test_kv_cache_samples_equal_recompute_under_a_seed(top_p):
     model = _lm()
 
     def run(kv_cache):
-        return generate_ids(model, [4, 9], 40, temperature=1.2, top_p=top_p, kv_cache=kv_cache,
+        return generate_ids(model, [4, 9], 25, temperature=1.2, top_p=top_p, kv_cache=kv_cache,
                             generator=torch.Generator().manual_seed(5))
 
     assert run(True) == run(False)
@@ -153,11 +153,11 @@ def test_kv_decoding_runs_under_the_model_backend(monkeypatch):
 def test_batched_greedy_equals_each_prompt_alone_with_per_row_stops():
     model = _lm(num_layers=2, num_heads=4)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (5, 1, 12, 20, 5)]
-    unstopped = [generate_ids(model, p, 25, temperature=0.0) for p in prompts]
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (5, 1, 12, 20)]
+    unstopped = [generate_ids(model, p, 20, temperature=0.0) for p in prompts]
     eos = unstopped[1][6]  # every row stops where this id first appears in its output
-    alone = [generate_ids(model, p, 25, temperature=0.0, eos_id=eos) for p in prompts]
-    batched = generate_batch(model, prompts, 25, temperature=0.0, eos_id=eos)
+    alone = [generate_ids(model, p, 20, temperature=0.0, eos_id=eos) for p in prompts]
+    batched = generate_batch(model, prompts, 20, temperature=0.0, eos_id=eos)
     assert batched == alone
     for full, stopped in zip(unstopped, alone):
         assert stopped == full[:full.index(eos)] if eos in full else stopped == full
