@@ -270,7 +270,7 @@ class KVCache:
         """Empty the cache (the buffers are reused) and set each row's left padding."""
         self.length = 0
         self._pending = 0
-        self._mask: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
         pad = torch.zeros(self.batch_size, dtype=torch.long) if left_pad is None else \
             torch.as_tensor(left_pad, dtype=torch.long)
         if pad.shape != (self.batch_size,) or int(pad.min()) < 0:
@@ -305,13 +305,13 @@ class KVCache:
         """Start a forward pass over ``num_new`` new columns: check room, build the mask."""
         self.check_room(num_new)
         self._pending = num_new
-        self._mask = None
+        self.attention_mask = None
         if self.padded or (self.length > 0 and num_new > 1):
             total = self.length + num_new
             keys = torch.arange(total, device=self.device)  # (S,)
             queries = keys[self.length:, None]  # (T, 1)
             sees = (keys[None, :] <= queries) & (self.valid[:, None, :total] | (keys[None, :] == queries))
-            self._mask = sees[:, None]  # (B, 1, T, S): broadcast over heads
+            self.attention_mask = sees[:, None]  # (B, 1, T, S): broadcast over heads
 
     def commit(self) -> None:
         """End the forward pass: the new columns become part of the cache."""
@@ -335,7 +335,7 @@ class LayerKVCache:
 
     def mask(self) -> torch.Tensor | None:
         """(B, 1, T, start + T) boolean mask, or None when ``ops.attention`` needs none."""
-        return self.cache._mask
+        return self.cache.attention_mask
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, d_head) at the cache's next T columns; return all keys and values
