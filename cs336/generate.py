@@ -1,15 +1,42 @@
-"""Decode text from a trained model: temperature, nucleus (top-p) sampling, greedy at T=0.
+"""Decode text from a trained model: temperature, nucleus (top-p) sampling, greedy at T=0, with a
+KV cache, several prompts decoded together.
 
     python -m cs336.generate --run runs/DIR --prompt "Once upon a time" --max-tokens 256 \
         --temperature 0.7 --top-p 0.9 --seed 0
     python -m cs336.generate --checkpoint runs/DIR/checkpoints/step_000600.pt --prompt "..."
+    python -m cs336.generate --run runs/DIR --prompt-file prompts.txt --temperature 0
+    python -m cs336.generate --run runs/DIR --prompt "Once" --num-samples 4 --seed 0 --jsonl
 
 ``--run DIR`` loads the checkpoint named by ``DIR/checkpoints/latest``; ``--checkpoint FILE``
 loads that file (its run directory, two levels up, supplies the tokenizer unless
 ``--tokenizer-dir`` is given). The model configuration comes from the checkpoint itself.
 Generation stops after ``--max-tokens`` new tokens or at the first ``<|endoftext|>``, which is
-not printed. Prompts longer than the model's context are cut to their last ``context_length``
-tokens, and so is the running sequence (no KV cache: each step reruns the window).
+not printed. ``--prompt-file`` holds one prompt per line; ``--num-samples N`` decodes N samples
+of every prompt. Results print in input order (one block per result, or one JSON object per line
+with ``--jsonl``).
+
+The reference (``kv_cache=False``, ``--no-kv-cache``) reruns the model over the window for every
+new token: the last ``context_length`` tokens at positions 0..context_length-1. The KV cache path
+(the default) runs the prompt once (prefill), then one token per step against the cached keys and
+values of every layer, and gives the same logits up to summation order. Once a sequence is longer
+than the context, dropping its oldest token changes every cached key (all positions shift, and
+deeper layers saw the dropped token), so to equal the reference the cache is refilled from the new
+window at every such step: past the context length the cache saves nothing.
+
+Batches (``generate_batch``): rows are left-padded to a common width and decoded in lockstep in
+one ``KVCache``. Padding columns are masked out as keys and each row's positions count from its
+first real token (``KVCache`` docstring), so a row computes what it would alone (up to summation
+order); a padded batch runs attention through the masked reference path, an unpadded one through
+``ops.attention``. A row that emits the stop token, or reaches its limit, leaves the batch (its
+cache rows are dropped). When the widest row fills the context, all rows are refilled from their
+windows.
+
+What is guaranteed: greedy ids equal the reference's (for every row of a batch, ids equal those of
+the row decoded alone), unless two logits tie to within rounding. Sampling draws one number per
+row per step from the row's generator (``generators[i]``, or the global RNG when None), the same
+draws as the reference makes, so with per-row generators seeded alike the sampled ids are equal
+too, unless a draw falls within rounding of a boundary of the cumulative distribution. The CLI
+seeds row i's generator with ``--seed + i``.
 
 Nucleus sampling follows Holtzman et al. (2020): keep the smallest set of most probable tokens
 whose total probability reaches ``top_p``, renormalize, sample.
@@ -18,7 +45,9 @@ whose total probability reaches ``top_p``, renormalize, sample.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -60,41 +89,161 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float,
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-@torch.no_grad()
-def generate_ids(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, *,
-                 temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
-                 generator: torch.Generator | None = None) -> list[int]:
-    """New token ids after ``prompt_ids`` (the stop token, if reached, is not included)."""
-    if not prompt_ids:
-        raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
-    device = next(model.parameters()).device
-    ctx = model.context_length
-    seq = list(prompt_ids)
-    out: list[int] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            window = torch.tensor(seq[-ctx:], dtype=torch.long, device=device)[None]  # (1, T)
-            logits = model(window)[0, -1]  # (V,)
-            tok = next_token(logits, temperature, top_p, generator)
-            if eos_id is not None and tok == eos_id:
-                break
-            out.append(tok)
-            seq.append(tok)
-    finally:
-        model.train(was_training)
+Picker = Callable[[int, torch.Tensor], int]  # (row, logits (V,)) -> next id
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _recompute(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, pick: Picker,
+               row: int, eos_id: int | None) -> list[int]:
+    """The reference: one full forward over the last ``context_length`` tokens per new token."""
+    ctx, device = model.context_length, _device(model)
+    seq, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        window = torch.tensor(seq[-ctx:], dtype=torch.long, device=device)[None]  # (1, T)
+        tok = pick(row, model(window)[0, -1])
+        if eos_id is not None and tok == eos_id:
+            break
+        out.append(tok)
+        seq.append(tok)
     return out
 
 
+def _prefill(model: torch.nn.Module, cache, seqs: list[list[int]]) -> torch.Tensor:
+    """Reset ``cache`` and run each row's window (last ``max_len`` tokens), left-padded to a
+    common width; returns the last position's logits (B, V)."""
+    windows = [s[-cache.max_len:] for s in seqs]
+    width = max(len(w) for w in windows)
+    pads = [width - len(w) for w in windows]
+    # Padding columns hold id 0: any id does, they are masked out as keys.
+    tokens = torch.tensor([[0] * p + w for p, w in zip(pads, windows)], dtype=torch.long,
+                          device=_device(model))  # (B, width)
+    cache.reset(pads)
+    return model(tokens, kv_cache=cache)[:, -1]
+
+
+def _decode_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                   pick: Picker, eos_id: int | None) -> list[list[int]]:
+    """All rows in one KV cache: prefill, then one token per step (module docstring)."""
+    if not hasattr(model, "new_kv_cache"):
+        raise TypeError(f"{type(model).__name__} has no KV cache (new_kv_cache); pass kv_cache=False")
+    outs: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens <= 0:
+        return outs
+    seqs = [list(p) for p in prompts]
+    rows = list(range(len(prompts)))  # original index of each cache row
+    cache = model.new_kv_cache(len(rows))
+    logits = _prefill(model, cache, seqs)  # (B, V)
+    for step in range(max_new_tokens):
+        kept, new_ids = [], []
+        for i, row in enumerate(rows):
+            tok = pick(row, logits[i])
+            if eos_id is not None and tok == eos_id:
+                continue
+            outs[row].append(tok)
+            seqs[row].append(tok)
+            kept.append(i)
+            new_ids.append(tok)
+        if not kept or step == max_new_tokens - 1:
+            break
+        if len(kept) < len(rows):
+            cache.keep_rows(kept)
+            rows = [rows[i] for i in kept]
+        if cache.length < cache.max_len:
+            tokens = torch.tensor(new_ids, dtype=torch.long, device=_device(model))[:, None]  # (B, 1)
+            logits = model(tokens, kv_cache=cache)[:, -1]
+        else:
+            logits = _prefill(model, cache, [seqs[row] for row in rows])
+    return outs
+
+
+@torch.no_grad()
+def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, *,
+                   temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
+                   generators: Sequence[torch.Generator | None] | None = None,
+                   kv_cache: bool = True) -> list[list[int]]:
+    """New token ids after each prompt, in input order (a row's stop token is not included).
+
+    ``generators[i]`` draws row i's samples (None: the global RNG). ``kv_cache=False`` decodes
+    each row alone with the recompute reference.
+    """
+    prompts = [list(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            raise ValueError(f"{which} encodes to no tokens; give a non-empty prompt")
+    if generators is not None and len(generators) != len(prompts):
+        raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts; give one per prompt")
+
+    def pick(row: int, logits: torch.Tensor) -> int:
+        return next_token(logits, temperature, top_p, generators[row] if generators else None)
+
+    was_training = model.training
+    model.eval()
+    try:
+        if kv_cache:
+            return _decode_cached(model, prompts, max_new_tokens, pick, eos_id)
+        return [_recompute(model, p, max_new_tokens, pick, i, eos_id) for i, p in enumerate(prompts)]
+    finally:
+        model.train(was_training)
+
+
+def generate_ids(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, *,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
+                 generator: torch.Generator | None = None, kv_cache: bool = True) -> list[int]:
+    """New token ids after ``prompt_ids`` (the stop token, if reached, is not included)."""
+    return generate_batch(model, [prompt_ids], max_new_tokens, temperature=temperature,
+                          top_p=top_p, eos_id=eos_id, generators=[generator],
+                          kv_cache=kv_cache)[0]
+
+
+def _eos_id(tokenizer) -> int | None:
+    return tokenizer.token_id(EOT.encode("utf-8")) if hasattr(tokenizer, "token_id") else None
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+                   temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                   kv_cache: bool = True) -> list[str]:
+    """Each prompt plus its continuation as text; row i samples with a generator seeded
+    ``seed + i`` (the global RNG when ``seed`` is None)."""
+    generators = None
+    if seed is not None:
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    ids = generate_batch(model, [tokenizer.encode(p) for p in prompts], max_new_tokens,
+                         temperature=temperature, top_p=top_p, eos_id=_eos_id(tokenizer),
+                         generators=generators, kv_cache=kv_cache)
+    return [p + tokenizer.decode(out) for p, out in zip(prompts, ids)]
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 1.0,
-                  top_p: float = 1.0, seed: int | None = None) -> str:
+                  top_p: float = 1.0, seed: int | None = None, kv_cache: bool = True) -> str:
     """Prompt plus continuation as text, sampling with a generator seeded by ``seed``."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    eos_id = tokenizer.token_id(EOT.encode("utf-8")) if hasattr(tokenizer, "token_id") else None
-    ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature,
-                       top_p=top_p, eos_id=eos_id, generator=generator)
-    return prompt + tokenizer.decode(ids)
+    return generate_texts(model, tokenizer, [prompt], max_new_tokens, temperature=temperature,
+                          top_p=top_p, seed=seed, kv_cache=kv_cache)[0]
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per line (``\\n`` or ``\\r\\n``); an empty line or file is an error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--prompt-file {path} does not exist; pass a text file with one prompt per line") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--prompt-file {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"--prompt-file {path}: cannot read it ({exc.strerror})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline ending the last line
+    prompts = [line.removesuffix("\r") for line in lines]
+    if not prompts:
+        raise ConfigError(f"--prompt-file {path} is empty; write one prompt per line")
+    for lineno, prompt in enumerate(prompts, start=1):
+        if not prompt:
+            raise ConfigError(f"{path}:{lineno}: empty line; every line is one prompt, so remove it")
+    return prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,35 +252,65 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", metavar="DIR", help="run directory (uses checkpoints/latest)")
     src.add_argument("--checkpoint", metavar="FILE", help="checkpoint file")
     p.add_argument("--tokenizer-dir", metavar="DIR", help="vocab.json + merges.txt (default: the run's)")
-    p.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="one prompt per line, decoded together")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--batch-size", type=int, default=16, help="most rows decoded together")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (reproducible output; result i uses seed + i)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="rerun the whole window for every token (the reference; slow)")
+    p.add_argument("--jsonl", action="store_true", help="one JSON object per result")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     return p
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_tokens < 0:
+        raise ConfigError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from cs336.checkpoint import CheckpointError
-    from cs336.run_dir import RunDirError, load_for_inference
+    from cs336.inference import load_for_inference
+    from cs336.run_dir import RunDirError
 
     args = build_parser().parse_args(argv)
     try:
-        if args.max_tokens < 0:
-            raise ConfigError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-        if args.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-        if not 0.0 < args.top_p <= 1.0:
-            raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+        _check_args(args)
+        prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
+        rows = [(i, j) for i in range(len(prompts)) for j in range(args.num_samples)]
         model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
                                               tokenizer_dir=args.tokenizer_dir, device=args.device)
-        text = generate_text(model, tokenizer, args.prompt, args.max_tokens,
-                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        texts: list[str] = []
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start:start + args.batch_size]
+            seed = None if args.seed is None else args.seed + start
+            texts += generate_texts(model, tokenizer, [prompts[i] for i, _ in chunk], args.max_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, seed=seed,
+                                    kv_cache=not args.no_kv_cache)
     except (ConfigError, CheckpointError, RunDirError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(text)
+    for (i, j), text in zip(rows, texts):
+        if args.jsonl:
+            print(json.dumps({"prompt_index": i, "sample": j, "text": text}, ensure_ascii=False))
+        elif len(rows) == 1:
+            print(text)
+        else:
+            print(f"=== prompt {i}" + (f", sample {j}" if args.num_samples > 1 else "") + " ===")
+            print(text)
     return 0
 
 

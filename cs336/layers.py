@@ -1,8 +1,8 @@
 """Building blocks of the Transformer LM, written from tensor ops (CS336 assignment 1, section 3).
 
 ``Linear``, ``Embedding``, ``RMSNorm``, the feed-forward networks (``SwiGLU`` and the ``SiLUFFN``
-ablation), ``RotaryPositionalEmbedding``, ``scaled_dot_product_attention`` and
-``MultiHeadSelfAttention``. RMSNorm, the SwiGLU gate and attention go through ``cs336.ops`` (the
+ablation), ``RotaryPositionalEmbedding``, ``scaled_dot_product_attention``,
+``MultiHeadSelfAttention`` and the ``KVCache`` it appends to when decoding. RMSNorm, the SwiGLU gate and attention go through ``cs336.ops`` (the
 dispatch seam), so the same modules run the reference PyTorch path or the fused Triton kernels; nothing
 here chooses a backend. No ``torch.nn.functional`` or ``torch.nn`` layer is used; ``nn.Module``,
 ``nn.Parameter`` and ``nn.init.trunc_normal_`` are.
@@ -29,7 +29,8 @@ from cs336.nn_utils import scaled_dot_product_attention, silu, softmax
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "NoNorm", "SwiGLU", "SiLUFFN", "RotaryPositionalEmbedding",
-    "scaled_dot_product_attention", "MultiHeadSelfAttention", "silu", "softmax",
+    "scaled_dot_product_attention", "MultiHeadSelfAttention", "KVCache", "LayerKVCache", "silu",
+    "softmax",
 ]
 
 
@@ -198,18 +199,150 @@ class MultiHeadSelfAttention(nn.Module):
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.d_head)).transpose(-3, -2)  # (..., H, T, d_head)
 
-    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., T, d_model); token_positions: (..., T) or (T,), default 0..T-1."""
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        """x: (..., T, d_model); token_positions: (..., T) or (T,), default 0..T-1 (with a cache:
+        the cache's positions for its next T columns).
+
+        With ``kv_cache`` (one layer's slot of a ``KVCache``; x is (B, T, d_model)) the new keys
+        and values are written after the cached ones and the T queries attend to all of them.
+        ``ops.attention`` does the math (causal for a prefill, non-causal for one new query over
+        the cache); a padded batch, or several new tokens after cached ones, needs an explicit
+        mask and goes through the reference ``scaled_dot_product_attention``.
+        """
         seq_len = x.shape[-2]
         q = self._split_heads(self.q_proj(x))  # (..., H, T, d_head)
         k = self._split_heads(self.k_proj(x))
         v = self._split_heads(self.v_proj(x))
         if self.rope is not None:
             if token_positions is None:
-                token_positions = torch.arange(seq_len, device=x.device)
+                token_positions = (kv_cache.positions(seq_len) if kv_cache is not None
+                                   else torch.arange(seq_len, device=x.device))
             positions = token_positions.unsqueeze(-2)  # (..., 1, T): broadcast over heads
             q = self.rope(q, positions)
             k = self.rope(k, positions)
-        out = ops.attention(q, k, v, causal=True)  # (..., H, T, d_head)
+        if kv_cache is None:
+            out = ops.attention(q, k, v, causal=True)  # (..., H, T, d_head)
+        else:
+            k, v = kv_cache.append(k, v)  # (B, H, start + T, d_head)
+            mask = kv_cache.mask()
+            if mask is None:
+                out = ops.attention(q, k, v, causal=kv_cache.start == 0)
+            else:
+                out = scaled_dot_product_attention(q, k, v, mask)
         out = out.transpose(-3, -2).flatten(-2)  # (..., T, d_model)
         return self.output_proj(out)
+
+
+class KVCache:
+    """Keys and values of every attention layer, kept between decoding steps.
+
+    Preallocated per layer as (B, H, max_len, d_head) (``max_len`` defaults to the model's
+    context length); ``length`` columns are filled. A forward pass with the cache writes its T
+    new columns after them and attends to all ``length + T``.
+
+    Left padding: row b may start with ``left_pad[b]`` columns that hold no token (prompts of
+    different lengths decoded together). Those columns are masked out as keys, and positions
+    (for RoPE) count from the row's first real token: column c holds position ``c - left_pad[b]``.
+    So a padded row computes exactly what it would alone, up to summation order. A padding
+    query attends to itself only, which keeps its (unused) output finite.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int,
+                 d_head: int, *, left_pad: torch.Tensor | list[int] | None = None,
+                 device=None, dtype=None):
+        shape = (batch_size, num_heads, max_len, d_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.layers = [LayerKVCache(self, i) for i in range(num_layers)]
+        self.reset(left_pad)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    def reset(self, left_pad: torch.Tensor | list[int] | None = None) -> None:
+        """Empty the cache (the buffers are reused) and set each row's left padding."""
+        self.length = 0
+        self._pending = 0
+        self.attention_mask: torch.Tensor | None = None
+        pad = torch.zeros(self.batch_size, dtype=torch.long) if left_pad is None else \
+            torch.as_tensor(left_pad, dtype=torch.long)
+        if pad.shape != (self.batch_size,) or int(pad.min()) < 0:
+            raise ValueError(f"left_pad must hold {self.batch_size} non-negative counts, got {pad.tolist()}")
+        self.left_pad = pad.to(self.device)
+        self.padded = bool(pad.any())
+        columns = torch.arange(self.max_len, device=self.device)
+        self.valid = columns[None, :] >= self.left_pad[:, None]  # (B, max_len): holds a token
+
+    def keep_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only batch rows ``rows`` (in that order), e.g. dropping finished sequences."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.left_pad = self.left_pad.index_select(0, index)
+        self.valid = self.valid.index_select(0, index)
+        self.padded = bool(self.left_pad.any())
+
+    def positions(self, num_new: int) -> torch.Tensor:
+        """(B, num_new) RoPE positions of the next ``num_new`` columns (0 on padding)."""
+        columns = torch.arange(self.length, self.length + num_new, device=self.device)
+        return (columns[None, :] - self.left_pad[:, None]).clamp(min=0)
+
+    def check_room(self, num_new: int) -> None:
+        if self.length + num_new > self.max_len:
+            raise ValueError(
+                f"the KV cache holds {self.length} of {self.max_len} positions and cannot take "
+                f"{num_new} more; reset it and prefill the last {self.max_len} tokens"
+            )
+
+    def begin(self, num_new: int) -> None:
+        """Start a forward pass over ``num_new`` new columns: check room, build the mask."""
+        self.check_room(num_new)
+        self._pending = num_new
+        self.attention_mask = None
+        if self.padded or (self.length > 0 and num_new > 1):
+            total = self.length + num_new
+            keys = torch.arange(total, device=self.device)  # (S,)
+            queries = keys[self.length:, None]  # (T, 1)
+            sees = (keys[None, :] <= queries) & (self.valid[:, None, :total] | (keys[None, :] == queries))
+            self.attention_mask = sees[:, None]  # (B, 1, T, S): broadcast over heads
+
+    def commit(self) -> None:
+        """End the forward pass: the new columns become part of the cache."""
+        self.length += self._pending
+        self._pending = 0
+
+
+class LayerKVCache:
+    """One layer's slot of a ``KVCache``, handed to that layer's attention."""
+
+    def __init__(self, cache: KVCache, index: int):
+        self.cache = cache
+        self.index = index
+
+    @property
+    def start(self) -> int:
+        return self.cache.length
+
+    def positions(self, num_new: int) -> torch.Tensor:
+        return self.cache.positions(num_new)
+
+    def mask(self) -> torch.Tensor | None:
+        """(B, 1, T, start + T) boolean mask, or None when ``ops.attention`` needs none."""
+        return self.cache.attention_mask
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, d_head) at the cache's next T columns; return all keys and values
+        (B, H, start + T, d_head)."""
+        cache, start = self.cache, self.cache.length
+        end = start + k.shape[-2]
+        keys, values = cache.keys[self.index], cache.values[self.index]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]

@@ -19,6 +19,12 @@ Ablation switches (each off by default; at the defaults the state dict is the st
 setting picks reference PyTorch or Triton for RMSNorm, the SwiGLU gate and the loss. ``loss``
 calls ``ops.linear_cross_entropy`` on the final hidden state, which lets the Triton path avoid
 materializing all logits.
+
+Incremental decoding: ``forward(token_ids, kv_cache=cache)`` with a ``KVCache`` from
+``new_kv_cache`` runs only the new tokens, at the cache's next positions, attending to the cached
+keys and values of every layer (prefill the prompt once, then one token per call; see
+``cs336.generate``). The logits equal those of a full forward over the whole sequence up to
+summation order.
 """
 
 from __future__ import annotations
@@ -30,13 +36,13 @@ from torch import nn
 
 from cs336 import ops
 from cs336.config import KERNEL_BACKENDS, ModelConfig
-from cs336.layers import (Embedding, Linear, MultiHeadSelfAttention, NoNorm, RMSNorm,
-                          RotaryPositionalEmbedding, SiLUFFN, SwiGLU,
+from cs336.layers import (Embedding, KVCache, LayerKVCache, Linear, MultiHeadSelfAttention, NoNorm,
+                          RMSNorm, RotaryPositionalEmbedding, SiLUFFN, SwiGLU,
                           scaled_dot_product_attention, silu, softmax)
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "NoNorm", "SwiGLU", "SiLUFFN", "RotaryPositionalEmbedding",
-    "MultiHeadSelfAttention", "TransformerBlock", "TransformerLM", "silu", "softmax",
+    "MultiHeadSelfAttention", "TransformerBlock", "TransformerLM", "KVCache", "silu", "softmax",
     "scaled_dot_product_attention",
 ]
 
@@ -73,12 +79,13 @@ class TransformerBlock(nn.Module):
             raise ValueError(f"ffn_type={ffn_type!r}; valid choices: swiglu, silu")
         self.ln2 = _norm(d_model, eps, remove_rmsnorm, device, dtype)
 
-    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., T, d_model) -> (..., T, d_model)."""
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        """x: (..., T, d_model) -> (..., T, d_model); ``kv_cache``: this block's cache slot."""
         if self.use_post_norm:
-            z = self.ln1(x + self.attn(x, token_positions))
+            z = self.ln1(x + self.attn(x, token_positions, kv_cache))
             return self.ln2(z + self.ffn(z))
-        h = x + self.attn(self.ln1(x), token_positions)
+        h = x + self.attn(self.ln1(x), token_positions, kv_cache)
         return h + self.ffn(self.ln2(h))
 
 
@@ -129,8 +136,23 @@ class TransformerLM(nn.Module):
     def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> TransformerLM:
         return cls(**asdict(cfg), device=device, dtype=dtype)
 
-    def _check_input(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None) -> None:
+    def new_kv_cache(self, batch_size: int = 1, *, left_pad: list[int] | None = None,
+                     max_len: int | None = None) -> KVCache:
+        """An empty ``KVCache`` for ``batch_size`` rows of up to ``max_len`` (default
+        ``context_length``) positions, on this model's device and in its parameter dtype."""
+        weight = self.lm_head.weight
+        return KVCache(len(self.layers), batch_size, self.config.num_heads,
+                       max_len or self.context_length, self.config.d_head, left_pad=left_pad,
+                       device=weight.device, dtype=weight.dtype)
+
+    def _check_input(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None,
+                     kv_cache: KVCache | None = None) -> None:
         seq_len = token_ids.shape[-1]
+        if kv_cache is not None and (token_ids.dim() != 2 or token_ids.shape[0] != kv_cache.batch_size):
+            raise ValueError(f"with a KV cache of {kv_cache.batch_size} rows the input must be "
+                             f"(batch={kv_cache.batch_size}, T); got shape {tuple(token_ids.shape)}")
+        if kv_cache is not None:
+            kv_cache.check_room(seq_len)
         if seq_len > self.context_length:
             raise ValueError(
                 f"input has {seq_len} tokens but the model's context_length is "
@@ -145,20 +167,32 @@ class TransformerLM(nn.Module):
                     f"{self.context_length}); got positions up to {top}"
                 )
 
-    def hidden_states(self, token_ids: torch.Tensor,
-                      token_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm output (..., T, d_model), the input of the LM head."""
-        self._check_input(token_ids, token_positions)
+        if kv_cache is not None and token_positions is None:
+            token_positions = kv_cache.positions(token_ids.shape[-1])  # (B, T)
+        self._check_input(token_ids, token_positions, kv_cache)
         with ops.use_backend(self.kernels):
             x = self.token_embeddings(token_ids)  # (..., T, d_model)
-            for layer in self.layers:
-                x = layer(x, token_positions)
+            if kv_cache is None:
+                for layer in self.layers:
+                    x = layer(x, token_positions)
+                return self.ln_final(x)
+            kv_cache.begin(token_ids.shape[-1])
+            for layer, slot in zip(self.layers, kv_cache.layers):
+                x = layer(x, token_positions, slot)
+            kv_cache.commit()
             return self.ln_final(x)
 
-    def forward(self, token_ids: torch.Tensor,
-                token_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """token_ids: (..., T) with T <= context_length -> logits (..., T, vocab_size)."""
-        return self.lm_head(self.hidden_states(token_ids, token_positions))
+    def forward(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """token_ids: (..., T) with T <= context_length -> logits (..., T, vocab_size).
+
+        With ``kv_cache`` (from ``new_kv_cache``): token_ids (B, T) are the next T tokens of each
+        row, run at the cache's next positions against everything cached; the cache grows by T.
+        """
+        return self.lm_head(self.hidden_states(token_ids, token_positions, kv_cache))
 
     def loss(self, token_ids: torch.Tensor, targets: torch.Tensor,
              ignore_index: int = -100) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Decoding: top-p math, greedy determinism, the stop token, seeded sampling, and the CLI."""
+"""Decoding: top-p math, greedy determinism, the stop token, seeded sampling, the KV cache against
+the recompute reference (past the context length too), batched prompts, and the CLI."""
 
 import json
 
@@ -7,7 +8,8 @@ import torch
 
 from cs336.checkpoint import save_checkpoint
 from cs336.config import ModelConfig, TrainConfig, config_to_dict
-from cs336.generate import generate_ids, main, next_token, top_p_filter
+from cs336 import ops
+from cs336.generate import generate_batch, generate_ids, main, next_token, top_p_filter
 from cs336.model import TransformerLM
 from cs336.run_dir import RunDir
 from cs336.tokenizer.gpt2_files import save_vocab_merges
@@ -61,11 +63,11 @@ class ScriptedLM(torch.nn.Module):
 
 def test_generation_stops_at_the_end_token_and_windows_long_prompts():
     model = ScriptedLM([5, 7, 3, 9])
-    out = generate_ids(model, list(range(12)), 10, temperature=0.0, eos_id=3)
+    out = generate_ids(model, list(range(12)), 10, temperature=0.0, eos_id=3, kv_cache=False)
     assert out == [5, 7]
     assert model.calls == [8, 8, 8]  # a 12-token prompt is cut to the 8-token context
     model = ScriptedLM([5, 7, 3, 9])
-    assert generate_ids(model, [1], 4, temperature=0.0, eos_id=None) == [5, 7, 3, 9]
+    assert generate_ids(model, [1], 4, temperature=0.0, eos_id=None, kv_cache=False) == [5, 7, 3, 9]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,89 @@ def test_seed_reproduces_samples_and_different_seeds_differ(tiny_model):
     assert sample(1) != sample(2)
 
 
+KV_CONFIGS = {
+    "base": dict(num_layers=2, num_heads=2),
+    "post-norm": dict(num_layers=2, num_heads=4, use_post_norm=True),
+    "nope": dict(num_layers=1, num_heads=2, remove_rope=True),
+    "silu-ffn": dict(num_layers=3, num_heads=1, ffn_type="silu"),
+}
+
+
+def _lm(seed=0, context_length=16, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=50, context_length=context_length, d_model=32, num_layers=2, num_heads=2,
+               d_ff=64, rope_theta=10000.0, kernels="torch")
+    return TransformerLM(**{**cfg, **overrides})
+
+
+@pytest.mark.parametrize("name", list(KV_CONFIGS))
+@pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > context 16: the prompt is cut first
+def test_kv_cache_greedy_equals_recompute_past_the_context(name, prompt_len):
+    model = _lm(**KV_CONFIGS[name])
+    prompt = torch.randint(0, 50, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    cached = generate_ids(model, prompt, 30, temperature=0.0)  # 3 + 30 > 16: the window slides
+    reference = generate_ids(model, prompt, 30, temperature=0.0, kv_cache=False)
+    assert len(cached) == 30 and cached == reference
+    assert len(set(cached)) > 3  # not a degenerate constant output
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_kv_cache_samples_equal_recompute_under_a_seed(top_p):
+    model = _lm()
+
+    def run(kv_cache):
+        return generate_ids(model, [4, 9], 25, temperature=1.2, top_p=top_p, kv_cache=kv_cache,
+                            generator=torch.Generator().manual_seed(5))
+
+    assert run(True) == run(False)
+
+
+def test_kv_decoding_runs_under_the_model_backend(monkeypatch):
+    seen = []
+    original = ops.attention
+
+    def spy(q, k, v, causal=True):
+        seen.append((ops.get_backend(), q.shape[-2], k.shape[-2], causal))
+        return original(q, k, v, causal)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    model = _lm(num_layers=1)
+    generate_ids(model, [1, 2, 3], 3, temperature=0.0)
+    # prefill (3 queries, causal), then one query over 4 and 5 cached keys (not causal)
+    assert seen == [("torch", 3, 3, True), ("torch", 1, 4, False), ("torch", 1, 5, False)]
+
+
+def test_batched_greedy_equals_each_prompt_alone_with_per_row_stops():
+    model = _lm(num_layers=2, num_heads=4)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (5, 1, 12, 20)]
+    unstopped = [generate_ids(model, p, 20, temperature=0.0) for p in prompts]
+    eos = unstopped[1][6]  # every row stops where this id first appears in its output
+    alone = [generate_ids(model, p, 20, temperature=0.0, eos_id=eos) for p in prompts]
+    batched = generate_batch(model, prompts, 20, temperature=0.0, eos_id=eos)
+    assert batched == alone
+    for full, stopped in zip(unstopped, alone):
+        assert stopped == full[:full.index(eos)] if eos in full else stopped == full
+    assert len({len(a) for a in alone}) > 1  # the rows really stopped at different steps
+
+
+def test_batched_samples_equal_alone_with_per_row_generators():
+    model = _lm()
+    prompts = [[1, 2, 3], [7], [5, 5, 5, 5, 5, 5, 5, 5]]
+
+    def gens():
+        return [torch.Generator().manual_seed(10 + i) for i in range(len(prompts))]
+
+    batched = generate_batch(model, prompts, 20, temperature=1.0, top_p=0.9, generators=gens())
+    alone = [generate_ids(model, p, 20, temperature=1.0, top_p=0.9, generator=g)
+             for p, g in zip(prompts, gens())]
+    assert batched == alone
+    with pytest.raises(ValueError, match="prompt 1 encodes to no tokens"):
+        generate_batch(model, [[1], []], 3)
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate_batch(model, prompts, 3, generators=gens()[:1])
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory as cs336.train writes it: config, tokenizer, checkpoint, latest pointer."""
@@ -106,7 +191,7 @@ def run_dir(tmp_path_factory):
     rd = RunDir(root / "run")
     rd.create()
     save_vocab_merges(vocab, merges, rd.vocab_path, rd.merges_path)
-    cfg = TrainConfig(model=ModelConfig(vocab_size=280, context_length=16, d_model=32, num_layers=1,
+    cfg = TrainConfig(model=ModelConfig(vocab_size=len(vocab), context_length=16, d_model=32, num_layers=1,
                                         num_heads=2, d_ff=64))
     rd.write_config(cfg)
     torch.manual_seed(0)
@@ -153,3 +238,48 @@ def test_checkpoint_without_config_is_refused(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(bare), "--tokenizer-dir", str(run_dir.tokenizer)])
     assert "carries no training config" in capsys.readouterr().err
+
+
+def test_cli_prompt_file_decodes_in_input_order(run_dir, tmp_path, capsys):
+    prompts = ["the cat", "a dog ran on the mat and the cat sat", "the"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\r\n".join(prompts) + "\r\n", encoding="utf-8")
+    common = ["--run", str(run_dir.path), "--max-tokens", "20", "--temperature", "0"]
+    singles = []
+    for prompt in prompts:
+        main(common + ["--prompt", prompt, "--jsonl"])
+        singles.append(json.loads(capsys.readouterr().out)["text"])
+    main(common + ["--prompt-file", str(path), "--jsonl", "--batch-size", "2"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt_index"] for r in rows] == [0, 1, 2]
+    assert [r["text"] for r in rows] == singles
+    main(common + ["--prompt-file", str(path)])
+    out = capsys.readouterr().out
+    assert out.index("=== prompt 0 ===") < out.index("=== prompt 1 ===") < out.index("=== prompt 2 ===")
+
+
+def test_cli_num_samples_seeds_each_sample(run_dir, capsys):
+    common = ["--run", str(run_dir.path), "--prompt", "the cat", "--max-tokens", "15",
+              "--temperature", "1.0", "--top-p", "0.95", "--jsonl"]
+    main(common + ["--num-samples", "3", "--seed", "7"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["prompt_index"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (0, 2)]
+    for j, row in enumerate(rows):
+        main(common + ["--seed", str(7 + j), "--no-kv-cache"])
+        assert json.loads(capsys.readouterr().out)["text"] == row["text"]
+    assert len({r["text"] for r in rows}) > 1
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "does not exist"),
+    ("", "is empty"),
+    ("the cat\n\nthe dog\n", "prompts.txt:2: empty line"),
+])
+def test_cli_prompt_file_errors(run_dir, tmp_path, capsys, content, fragment):
+    path = tmp_path / "prompts.txt"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run_dir.path), "--prompt-file", str(path)])
+    assert exc.value.code == 2
+    assert fragment in capsys.readouterr().err

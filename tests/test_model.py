@@ -360,3 +360,64 @@ def test_triton_backend_gives_the_same_loss_and_gradients():
     _close(losses[1], losses[0], **LM_TOL)
     for g_triton, g_torch in zip(grads[1], grads[0]):
         _close(g_triton, g_torch, **LM_TOL)
+
+
+# ----------------------------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("ablation", [{}, {"use_post_norm": True}, {"remove_rope": True},
+                                      {"remove_rmsnorm": True}, {"ffn_type": "silu"}])
+def test_kv_cache_chunks_give_the_full_forward_logits(ablation):
+    """Prefill 5 tokens, then 1, 1, then 5 at once (a mask with an offset): the logits equal one
+    forward over all 12, for every ablation."""
+    model = _model(**ablation)
+    ids = _ids(batch=2)
+    full = model(ids)
+    cache = model.new_kv_cache(2)
+    chunks = [model(ids[:, a:b], kv_cache=cache) for a, b in ((0, 5), (5, 6), (6, 7), (7, 12))]
+    assert cache.length == 12
+    _close(torch.cat(chunks, dim=1), full, **LM_TOL)
+
+
+def test_kv_cache_left_padded_rows_equal_each_row_alone():
+    model = _model()
+    ids = _ids(batch=3, seq=9)
+    pads = [0, 3, 5]
+    padded = ids.clone()
+    for b, p in enumerate(pads):
+        padded[b, :p] = 0
+    cache = model.new_kv_cache(3, left_pad=pads)
+    prefill = model(padded[:, :7], kv_cache=cache)  # (3, 7, V)
+    step = model(padded[:, 7:9], kv_cache=cache)  # two more columns through the offset mask
+    assert torch.isfinite(prefill).all()  # padding queries attend to themselves: no NaN
+    for b, p in enumerate(pads):
+        alone = model(ids[b:b + 1, p:9])[0]  # (9 - p, V)
+        _close(prefill[b, p:], alone[:7 - p], **LM_TOL)
+        _close(step[b], alone[7 - p:], **LM_TOL)
+    assert cache.positions(1)[:, 0].tolist() == [9, 6, 4]
+
+
+def test_kv_cache_keep_rows_and_reset():
+    model = _model()
+    ids = _ids(batch=3, seq=6)
+    cache = model.new_kv_cache(3, left_pad=[0, 2, 1])
+    model(ids[:, :5], kv_cache=cache)
+    cache.keep_rows([2, 0])
+    assert cache.batch_size == 2 and cache.left_pad.tolist() == [1, 0]
+    out = model(ids[[2, 0], 5:6], kv_cache=cache)
+    _close(out[0, 0], model(ids[2:3, 1:6])[0, -1], **LM_TOL)
+    _close(out[1, 0], model(ids[0:1, :6])[0, -1], **LM_TOL)
+    cache.reset()
+    assert cache.length == 0 and not cache.padded
+
+
+def test_kv_cache_errors_name_the_limit():
+    model = _model()
+    cache = model.new_kv_cache(2)
+    model(_ids(batch=2, seq=10), kv_cache=cache)
+    with pytest.raises(ValueError, match="holds 10 of 12 positions and cannot take 3"):
+        model(_ids(batch=2, seq=3), kv_cache=cache)
+    assert cache.length == 10  # the refused call left the cache as it was
+    with pytest.raises(ValueError, match=r"batch=2"):
+        model(_ids(batch=3, seq=1), kv_cache=cache)
+    with pytest.raises(ValueError, match="left_pad"):
+        model.new_kv_cache(2, left_pad=[0, -1])

@@ -1,0 +1,283 @@
+"""Export a trained run to a Hugging Face ``transformers`` Llama directory.
+
+    python -m cs336.export --run runs/DIR --out hf/DIR
+    python -m cs336.export --checkpoint runs/DIR/checkpoints/step_000600.pt --out hf/DIR
+
+Then, with ``pip install -e ".[hf]"``::
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("hf/DIR")      # a LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained("hf/DIR")
+
+The CS336 model (pre-norm RMSNorm, SwiGLU, RoPE, no biases, untied LM head) is a Llama with as
+many key/value heads as query heads. Written files: ``config.json`` (``LlamaConfig``),
+``model.safetensors`` (Llama parameter names), ``generation_config.json``, ``tokenizer.json`` (HF
+``tokenizers`` format: byte-level BPE with our vocabulary and merges, special tokens as added
+tokens), ``tokenizer_config.json`` (``<|endoftext|>`` as bos and eos, no token added to the input)
+and ``cs336_export.json`` (where the weights came from).
+
+Parameter map: ``token_embeddings`` -> ``model.embed_tokens``; per layer ``attn.{q,k,v}_proj`` ->
+``self_attn.{q,k,v}_proj``, ``attn.output_proj`` -> ``self_attn.o_proj``, ``ffn.w1/w3/w2`` ->
+``mlp.gate_proj/up_proj/down_proj`` (both compute ``w2(silu(w1 x) * w3 x)``), ``ln1`` ->
+``input_layernorm``, ``ln2`` -> ``post_attention_layernorm``; ``ln_final`` -> ``model.norm``;
+``lm_head`` -> ``lm_head``.
+
+RoPE: CS336 rotates adjacent pairs ``(x[2k], x[2k+1])`` by ``pos * theta**(-2k/d)``; HF's Llama
+rotates ``(x[k], x[k + d/2])`` by the same angle (``rotate_half``). Reordering each head's
+q and k output rows as ``[0, 2, 4, ..., d-2, 1, 3, ..., d-1]`` turns one into the other, and
+since q and k get the same permutation, ``q . k`` (the attention scores) is unchanged.
+
+Ablations Llama cannot express (post-norm, no RMSNorm, NoPE, the ungated SiLU FFN) are refused
+with an ``ExportError`` naming the switch. The directory is written next to its destination under
+a temporary name and renamed into place; an existing non-empty destination is replaced only if it
+is an earlier export of this tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cs336.config import ConfigError, ModelConfig
+from cs336.fileio import atomic_write_text
+from cs336.tokenizer.gpt2_files import token_to_str
+
+EOT = "<|endoftext|>"
+MARKER = "cs336_export.json"
+FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+         "tokenizer_config.json", MARKER)
+
+
+class ExportError(ValueError):
+    """The model or the destination cannot be exported; the message says why and what to do."""
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise ``ExportError`` naming every ablation switch that Llama cannot express."""
+    problems = []
+    if cfg.use_post_norm:
+        problems.append("model.use_post_norm=true (Llama blocks are pre-norm)")
+    if cfg.remove_rmsnorm:
+        problems.append("model.remove_rmsnorm=true (Llama normalizes with RMSNorm)")
+    if cfg.remove_rope:
+        problems.append("model.remove_rope=true (Llama uses RoPE; NoPE has no equivalent)")
+    if cfg.ffn_type != "swiglu":
+        problems.append(f"model.ffn_type={cfg.ffn_type} (Llama's MLP is SwiGLU)")
+    if problems:
+        raise ExportError("this model cannot be exported as a Llama: " + "; ".join(problems)
+                          + ". Only the default architecture (these switches off) exports")
+
+
+def rope_permutation(d_head: int) -> torch.Tensor:
+    """Row order within a head that maps adjacent-pair RoPE to half-split RoPE."""
+    return torch.cat([torch.arange(0, d_head, 2), torch.arange(1, d_head, 2)])
+
+
+def _permute_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """weight (H * d_head, d_model): reorder each head's rows by ``rope_permutation``."""
+    d_head = weight.shape[0] // num_heads
+    per_head = weight.view(num_heads, d_head, -1)  # (H, d_head, d_model)
+    return per_head[:, rope_permutation(d_head)].reshape(weight.shape)
+
+
+def llama_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our parameters under Llama names (q and k rows permuted per head), contiguous on the CPU."""
+    cfg: ModelConfig = model.config
+    check_exportable(cfg)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": sd["token_embeddings.weight"],
+           "model.norm.weight": sd["ln_final.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        out[theirs + "self_attn.q_proj.weight"] = _permute_heads(sd[ours + "attn.q_proj.weight"], cfg.num_heads)
+        out[theirs + "self_attn.k_proj.weight"] = _permute_heads(sd[ours + "attn.k_proj.weight"], cfg.num_heads)
+        out[theirs + "self_attn.v_proj.weight"] = sd[ours + "attn.v_proj.weight"]
+        out[theirs + "self_attn.o_proj.weight"] = sd[ours + "attn.output_proj.weight"]
+        out[theirs + "mlp.gate_proj.weight"] = sd[ours + "ffn.w1.weight"]
+        out[theirs + "mlp.up_proj.weight"] = sd[ours + "ffn.w3.weight"]
+        out[theirs + "mlp.down_proj.weight"] = sd[ours + "ffn.w2.weight"]
+        out[theirs + "input_layernorm.weight"] = sd[ours + "ln1.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = sd[ours + "ln2.weight"]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def llama_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int | None) -> dict:
+    """``config.json`` of the equivalent ``LlamaForCausalLM``.
+
+    ``rope_theta`` is written both at the top level (transformers 4.x) and in
+    ``rope_parameters`` (5.x)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads,
+        "head_dim": cfg.d_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def generation_config(cfg: ModelConfig, eos_id: int | None) -> dict:
+    """Sampling defaults of ``python -m cs336.generate`` (T=0.7, top-p 0.9), at most
+    ``context_length`` tokens in all (the model never saw later positions)."""
+    return {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+            "do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_length": cfg.context_length}
+
+
+def tokenizer_json(tokenizer) -> dict:
+    """HF ``tokenizers`` file for our byte-level BPE: GPT-2's pre-tokenizer regex and byte
+    alphabet, our merges in order, special tokens as added tokens (never split, never merged)."""
+    vocab = {token_to_str(tok): idx for idx, tok in sorted(tokenizer.vocab.items())}
+    specials = []
+    for text in tokenizer.special_tokens:
+        idx = tokenizer.token_id(text.encode("utf-8"))
+        specials.append({"id": idx, "content": text, "single_word": False, "lstrip": False,
+                         "rstrip": False, "normalized": False, "special": True})
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": specials,
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": None,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+            "ignore_merges": False, "vocab": vocab,
+            "merges": [f"{token_to_str(a)} {token_to_str(b)}" for a, b in tokenizer.merges],
+        },
+    }
+
+
+def tokenizer_config(cfg: ModelConfig, eos: str | None) -> dict:
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+            "model_max_length": cfg.context_length}
+
+
+def _eos(model, tokenizer) -> tuple[str | None, int | None]:
+    if EOT not in tokenizer.special_tokens:
+        return None, None
+    eos_id = tokenizer.token_id(EOT.encode("utf-8"))
+    if eos_id is None or eos_id >= model.config.vocab_size:
+        raise ExportError(f"the tokenizer gives {EOT} id {eos_id}, outside the model's vocab_size "
+                          f"{model.config.vocab_size}; export with the tokenizer the run was trained with")
+    return EOT, eos_id
+
+
+def _is_previous_export(path: Path) -> bool:
+    return (path / MARKER).is_file() and all(p.name in FILES for p in path.iterdir())
+
+
+def _check_destination(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
+        raise ExportError(f"--out {out} exists, is not empty and is not an earlier export of "
+                          "cs336.export; pass a new directory (or empty this one)")
+
+
+def export_hf(model, tokenizer, out: str | os.PathLike, *, source: dict | None = None) -> Path:
+    """Write the HF directory for ``model`` (a ``TransformerLM``) and ``tokenizer`` to ``out``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    cfg: ModelConfig = model.config
+    check_exportable(cfg)
+    _check_destination(out)
+    eos, eos_id = _eos(model, tokenizer)
+    tensors = llama_state_dict(model)
+    dtype = next(iter(tensors.values())).dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        def dump(name: str, obj: dict) -> None:
+            atomic_write_text(tmp / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        dump("config.json", llama_config(cfg, dtype, eos_id))
+        dump("generation_config.json", generation_config(cfg, eos_id))
+        dump("tokenizer.json", tokenizer_json(tokenizer))
+        dump("tokenizer_config.json", tokenizer_config(cfg, eos))
+        dump(MARKER, {"format": "cs336-hf-export", "version": 1, **(source or {})})
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an empty or earlier-export ``out`` is removed only once ``new``
+    is complete (renamed aside, then deleted)."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.replace(out, old / "dir")
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old / "dir", out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cs336.export", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="DIR", help="run directory (uses checkpoints/latest)")
+    src.add_argument("--checkpoint", metavar="FILE", help="checkpoint written by cs336.train")
+    p.add_argument("--tokenizer-dir", metavar="DIR", help="vocab.json + merges.txt (default: the run's)")
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cs336.checkpoint import CheckpointError
+    from cs336.inference import load_for_inference
+    from cs336.run_dir import RunDirError
+
+    args = build_parser().parse_args(argv)
+    try:
+        _check_destination(Path(args.out))
+        model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
+                                              tokenizer_dir=args.tokenizer_dir)
+        source = {"run": args.run, "checkpoint": args.checkpoint, "tokenizer_dir": args.tokenizer_dir}
+        out = export_hf(model, tokenizer, args.out,
+                        source={k: str(Path(v).resolve()) for k, v in source.items() if v})
+    except (ExportError, ConfigError, CheckpointError, RunDirError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {out}: {', '.join(FILES)} ({model.num_parameters():,} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
