@@ -3,6 +3,8 @@
 ``calculate_settings`` picks a power-of-two block covering a row and a warp count for it, in the
 manner of Liger-Kernel's ``ops/utils.py`` (written here independently). ``max_block_size`` caps
 the block so tests can force the column-loop paths (a row wider than one block) at small sizes.
+``simulated_gpu`` lets the launchers run on ``meta`` tensors as if on a GPU with a given SM
+count: ``kernels.gpu_check`` uses it to capture the launches the launchers would make.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ MAX_FUSED_SIZE = 65536
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _block_cap = MAX_FUSED_SIZE
+# SM count assumed for launches on ``meta`` tensors (None: no simulated GPU, see simulated_gpu).
+_meta_sm_count: int | None = None
 
 
 class KernelInputError(ValueError):
@@ -65,6 +69,18 @@ def calculate_settings(n: int) -> tuple[int, int]:
     return block, num_warps
 
 
+@contextlib.contextmanager
+def simulated_gpu(sm_count: int) -> Iterator[None]:
+    """Launchers given ``meta`` tensors size their grids for a GPU with ``sm_count`` SMs."""
+    global _meta_sm_count
+    previous = _meta_sm_count
+    _meta_sm_count = sm_count
+    try:
+        yield
+    finally:
+        _meta_sm_count = previous
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -74,6 +90,8 @@ def num_programs(device: torch.device, work_items: int) -> int:
     """Persistent-grid size: two programs per SM on CUDA (a few in the interpreter), <= work."""
     if device.type == "cuda":
         target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    elif device.type == "meta" and _meta_sm_count is not None:
+        target = 2 * _meta_sm_count
     else:
         target = 4
     return max(1, min(work_items, target))

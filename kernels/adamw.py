@@ -78,7 +78,9 @@ def _adamw_kernel(
     pid = tl.program_id(0).to(tl.int64)
     # Largest t with first_block[t] <= pid (tensors with no blocks are never found).
     lo = tl.zeros((), dtype=tl.int64)
-    hi = T.to(tl.int64)
+    # Not T.to(tl.int64): on a GPU, T == 1 (a one-tensor group) arrives as a compile-time
+    # constant (Triton specializes ints equal to 1), a Python int without .to.
+    hi = lo + T
     for _ in tl.static_range(LOG_T):
         mid = (lo + hi) // 2
         go_right = tl.load(first_block_ptr + mid) <= pid

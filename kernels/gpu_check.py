@@ -1,0 +1,448 @@
+"""GPU compile gate without a GPU: every Triton kernel compiled ahead of time for sm_80 and sm_90a.
+
+    python -m kernels.gpu_check [--full] [--targets sm_80,sm_90a] [--kernels rms_norm,adamw]
+                                [--json out.json]
+
+Triton's CPU interpreter (how tests/parity runs the kernels) never specializes arguments, never
+allocates registers and never checks launch limits, so a kernel can pass every parity test and
+still fail to compile, or spill, on a GPU. This gate closes that gap with what a GPU run would do:
+
+1. **Configurations from the launchers themselves.** Each case below calls the real launchers
+   (the functions in ``kernels/*.py`` that pick BLOCK_SIZE and num_warps and launch) on ``meta``
+   tensors at realistic shapes, with ``JITFunction.run`` replaced by a recorder, so the gate holds
+   no copy of any block-size rule. ``kernels._common.simulated_gpu`` gives the persistent grids
+   the SM count of the target GPU. Meta tensors report addresses ``offset * itemsize`` from 0: a
+   fresh allocation is 16-byte aligned as from the CUDA caching allocator (which aligns to 512).
+2. **The runtime's own specialization.** Signature, constexprs and attributes come from Triton's
+   own binder (``create_function_from_signature`` then ``JITFunction._pack_args``, or the same
+   steps inline on Triton versions without ``_pack_args``): an int equal to 1 becomes a
+   compile-time constant; ints and pointers divisible by 16 carry ``tt.divisibility = 16``.
+3. **Compile and measure.** ``triton.compile`` for ``GPUTarget("cuda", 80 | 90, 32)`` runs the
+   whole pipeline through Triton's bundled ``ptxas`` (results land in Triton's cache, so a second
+   run is fast); registers and local-memory bytes are read from the cubin with the bundled
+   ``cuobjdump -res-usage`` (the same numbers the runtime reports as ``n_regs`` and
+   ``n_spills * 4``), shared memory from the compile metadata.
+4. **Occupancy** (warps resident per SM) from registers (allocated per warp in units of 256, 64K
+   per SM), shared memory (plus 1 KB reserved per block) and the 64-warp / 32-block limits:
+   CUDA C Programming Guide, compute capability 8.0 and 9.0 tables.
+
+The gate exits non-zero on any compile error, any local-memory use (spill) at a realistic shape,
+any configuration that cannot launch (0 warps per SM), or any ``*_kernel`` of the package that no
+case launches. The default selection is a CI-sized subset (every kernel, dtype, constexpr branch
+and the int == 1 cases); ``--full`` runs the whole shape matrix.
+
+Adding a kernel family: write one function decorated ``@case("name")`` that yields ``Case(label,
+thunk)`` objects, each thunk calling the family's launchers on ``meta`` tensors (see the cases at
+the end of this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+import kernels
+from kernels._common import interpreted, simulated_gpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One GPU architecture: compile target and the per-SM limits that bound occupancy."""
+
+    name: str  # ptxas architecture, e.g. sm_90a
+    arch: int  # compute capability as Triton's GPUTarget takes it
+    gpu: str  # the GPU whose SM count sizes persistent grids
+    sm_count: int
+    smem_per_sm: int  # bytes of shared memory per SM usable by blocks
+    smem_per_block: int  # largest shared-memory allocation of one block
+    regs_per_sm: int = 65536
+    max_warps: int = 64
+    max_blocks: int = 32
+    reserved_smem: int = 1024  # per block, taken by the CUDA runtime
+
+
+TARGETS = {
+    "sm_80": Target("sm_80", 80, "A100", 108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),
+    "sm_90a": Target("sm_90a", 90, "H100", 132, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),
+}
+
+
+def warps_per_sm(t: Target, num_warps: int, regs: int, shared: int) -> int:
+    """Warps resident per SM for blocks of ``num_warps`` warps; 0 if such a block cannot launch."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocation unit: 256 registers per warp
+    if num_warps * 32 > 1024 or regs_per_warp * num_warps > t.regs_per_sm or shared > t.smem_per_block:
+        return 0
+    blocks = min(t.regs_per_sm // regs_per_warp // num_warps, t.max_warps // num_warps,
+                 t.smem_per_sm // (shared + t.reserved_smem), t.max_blocks)
+    return blocks * num_warps
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: launchers run on meta tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    label: str  # shape and dtypes, e.g. "d_model=16384 rows=8192 bf16"
+    run: Callable[[], object]  # calls the launchers on meta tensors
+    realistic: bool = True  # a spill here fails the gate
+
+
+CASES: dict[str, Callable[[bool], Iterator[Case]]] = {}
+
+
+def case(name: str):
+    """Register ``fn(full) -> Iterator[Case]`` as the cases of kernel family ``name``."""
+    def register(fn):
+        CASES[name] = fn
+        return fn
+    return register
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: JITFunction
+    args: tuple
+    kwargs: dict
+
+
+def capture(run: Callable[[], object]) -> list[Launch]:
+    """The kernel launches ``run()`` makes, recorded instead of compiled or executed."""
+    launches: list[Launch] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs))
+
+    saved = JITFunction.run
+    JITFunction.run = record
+    try:
+        run()
+    finally:
+        JITFunction.run = saved
+    return launches
+
+
+def launcher(op):
+    """The Python function behind a ``triton_op`` / ``custom_op`` (on meta tensors the op itself
+    would run its fake implementation and launch nothing)."""
+    return getattr(op, "_init_fn", op)
+
+
+# ---------------------------------------------------------------------------------------------
+# Specialization, compilation, measurement.
+# ---------------------------------------------------------------------------------------------
+
+
+def specialize(kernel: JITFunction, backend, args: tuple, kwargs: dict):
+    """(options, signature, constexprs, attrs) as ``JITFunction.run`` computes them on ``backend``."""
+    from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
+
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or triton.knobs.runtime.debug
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    if hasattr(kernel, "_pack_args"):  # triton >= 3.5
+        return kernel._pack_args(backend, kwargs, bound, specialization, options)
+    options = backend.parse_options(kwargs)  # older triton: the same steps, inline in run()
+    sigvals = [x[0] for x in specialization]
+    signature = {p.name: v for p, v in zip(kernel.params, sigvals)}
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
+    attrvals = [x[1] for x in specialization]
+    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k))
+             for k in find_paths_if(attrvals, lambda _, x: isinstance(x, str))}
+    return options, signature, constexprs, attrs
+
+
+def _tool(name: str) -> Path:
+    return Path(importlib.import_module("triton.backends.nvidia").__file__).parent / "bin" / name
+
+
+def toolchain_problem() -> str | None:
+    """Why Triton's NVIDIA backend cannot compile here (None when it can)."""
+    try:
+        from triton.compiler.compiler import make_backend
+        make_backend(GPUTarget("cuda", 80, 32))
+    except Exception as e:  # noqa: BLE001 - any failure means the backend is unusable
+        return f"triton's nvidia backend is unavailable: {type(e).__name__}: {e}"
+    for tool in ("ptxas", "cuobjdump"):
+        if not os.access(_tool(tool), os.X_OK):
+            return f"triton's bundled {tool} is missing at {_tool(tool)}"
+    return None
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Per-thread registers and local memory (stack frame, where ptxas spills, plus local arrays)
+    and static shared memory of the one kernel in ``cubin``, from ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(_tool("cuobjdump")), "-res-usage", f.name], check=True,
+                             capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK/SHARED/LOCAL line:\n{out}")
+    regs, stack, shared, local = map(int, m.groups())
+    return {"regs": regs, "spill_bytes": stack + local, "static_shared": shared}
+
+
+@dataclasses.dataclass
+class Row:
+    """One compiled configuration on one target (cases that specialize alike share a row)."""
+
+    kernel: str
+    target: str
+    config: str
+    num_warps: int
+    cases: list[str]
+    realistic: bool
+    regs: int | None = None
+    spill_bytes: int | None = None
+    shared: int | None = None
+    warps_per_sm: int | None = None
+    error: str | None = None
+
+    def failure(self) -> str | None:
+        if self.error:
+            return f"compile error: {self.error}"
+        if self.warps_per_sm == 0:
+            return "cannot launch (registers, threads or shared memory over the limit)"
+        if self.spill_bytes and self.realistic:
+            return f"spills {self.spill_bytes} B per thread"
+        return None
+
+
+def describe(kernel: JITFunction, signature: dict, constexprs: dict, attrs: dict) -> str:
+    """Pointer dtypes, declared constexprs, ints specialized to constants, ints not divisible by 16."""
+    names = [p.name for p in kernel.params]
+    declared = {p.name for p in kernel.params if p.is_constexpr}
+    ptrs = sorted({v[1:] for v in signature.values() if isinstance(v, str) and v.startswith("*")})
+    parts = ["/".join(ptrs)] if ptrs else []
+    for (i, *_), value in sorted(constexprs.items()):
+        value = getattr(value, "name", value)
+        parts.append(f"{names[i]}={value}" + ("" if names[i] in declared else " (int 1 -> constexpr)"))
+    odd = [names[i] for (i, *_), a in attrs.items()
+           if signature[names[i]][0] == "i" and not any(x[0] == "tt.divisibility" for x in a)]
+    if odd:
+        parts.append("not %16: " + ",".join(odd))
+    return " ".join(parts)
+
+
+def compile_rows(targets: list[Target], families: list[str], full: bool, progress=None) -> list[Row]:
+    """Run the cases per target, specialize every launch, compile each distinct one once."""
+    from triton.compiler.compiler import ASTSource, make_backend
+
+    rows: dict[tuple, Row] = {}
+    work: list[tuple[Row, Target, object]] = []
+    for t in targets:
+        backend = make_backend(GPUTarget("cuda", t.arch, 32))
+        for family in families:
+            for c in CASES[family](full):
+                with simulated_gpu(t.sm_count):
+                    launches = capture(c.run)
+                if not launches:
+                    raise RuntimeError(f"gpu_check case {family}: {c.label} launched no kernel")
+                for launch in launches:
+                    options, signature, constexprs, attrs = specialize(launch.kernel, backend, launch.args,
+                                                                       launch.kwargs)
+                    src = ASTSource(launch.kernel, signature, constexprs, attrs)
+                    key = (t.name, src.hash(), str(options))
+                    if key in rows:
+                        rows[key].cases.append(c.label)
+                        rows[key].realistic |= c.realistic
+                        continue
+                    row = Row(launch.kernel.__name__, t.name, describe(launch.kernel, signature, constexprs, attrs),
+                              options.num_warps, [c.label], c.realistic)
+                    rows[key] = row
+                    work.append((row, t, (src, options)))
+    for row, t, (src, options) in (progress(work) if progress else work):
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", t.arch, 32), options=options.__dict__)
+            usage = resources(compiled.asm["cubin"])
+            row.regs, row.spill_bytes = usage["regs"], usage["spill_bytes"]
+            row.shared = int(compiled.metadata.shared) + usage["static_shared"]
+            row.warps_per_sm = warps_per_sm(t, row.num_warps, row.regs, row.shared)
+        except Exception as e:  # noqa: BLE001 - every compile failure is reported, not raised
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            row.error = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+    return list(rows.values())
+
+
+def package_kernels() -> set[str]:
+    """Names of every ``@triton.jit`` function named ``*_kernel`` in the package's modules."""
+    found = set()
+    for info in pkgutil.iter_modules(kernels.__path__):
+        if info.name in ("gpu_check",):
+            continue
+        module = importlib.import_module(f"kernels.{info.name}")
+        found |= {name for name, obj in vars(module).items()
+                  if name.endswith("_kernel") and isinstance(obj, JITFunction)}
+    return found
+
+
+def format_table(rows: list[Row]) -> str:
+    """Markdown table, one line per kernel / config / target."""
+    lines = ["| kernel | config | target | warps | regs | spill B | smem B | warps/SM | cases |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in sorted(rows, key=lambda r: (r.kernel, r.config, r.target)):
+        more = f" (+{len(r.cases) - 1})" if len(r.cases) > 1 else ""
+        if r.error:
+            cells = ["ERROR", "", "", ""]
+        else:
+            cells = [str(r.regs), str(r.spill_bytes), str(r.shared), str(r.warps_per_sm)]
+        lines.append(f"| {r.kernel} | {r.config} | {r.target} | {r.num_warps} | " + " | ".join(cells)
+                     + f" | {r.cases[0]}{more} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the whole shape matrix (default: CI subset)")
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
+    parser.add_argument("--kernels", default="", help="comma list of kernel families (default: all)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if interpreted():
+        # The kernels were defined as interpreter functions in this process: compile in a fresh one.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "kernels.gpu_check", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env=env).returncode
+    targets = [x for x in args.targets.split(",") if x]
+    families = [x for x in args.kernels.split(",") if x] or list(CASES)
+    for name, valid, kind in ((targets, TARGETS, "--targets"), (families, CASES, "--kernels")):
+        bad = [x for x in name if x not in valid]
+        if bad:
+            parser.error(f"{kind}: unknown {', '.join(bad)}; valid: {', '.join(valid)}")
+    problem = toolchain_problem()
+    if problem:
+        print(f"gpu_check: cannot compile for NVIDIA GPUs here: {problem}", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    from tqdm import tqdm
+
+    rows = compile_rows([TARGETS[t] for t in targets], families, args.full,
+                        progress=lambda w: tqdm(w, desc="compile", unit="kernel", disable=None, file=sys.stderr))
+    print(format_table(rows))
+    failures = [f"{r.kernel} [{r.config}] on {r.target} ({r.cases[0]}): {r.failure()}" for r in rows if r.failure()]
+    if not args.kernels:
+        compiled = {r.kernel for r in rows}
+        failures += [f"{k}: no gpu_check case launches it; add one (@case)" for k in sorted(package_kernels() - compiled)]
+    if args.json:
+        from cs336.fileio import atomic_write_text
+        payload = {"triton": triton.__version__, "torch": torch.__version__, "full": args.full,
+                   "targets": targets, "rows": [dataclasses.asdict(r) for r in rows], "failures": failures}
+        atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
+    for f in failures:
+        print(f"FAIL {f}", file=sys.stderr)
+    print(f"gpu_check: {len(rows)} configurations compiled for {', '.join(targets)}; "
+          f"{len(failures)} failures", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases. Realistic shapes: d_model 512..16384, d_ff 4 x d_model (and TinyStories' 1344),
+# vocabularies 10000 / 32000 / 50257 / 131072, the model presets' parameter lists.
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _meta(shape, dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+@case("rms_norm")
+def rms_norm_cases(full: bool) -> Iterator[Case]:
+    from kernels import rms_norm as k
+
+    widths = (512, 768, 1024, 1280, 1600, 2048, 4096, 5120, 8192, 12288, 16384) if full else (768, 4096, 16384)
+    # Rows: one (decoding), fewer than two per SM (one row per program: rows_per_program == 1),
+    # and training batches.
+    rows = (1, 200, 1000, 8192, 65536) if full else (1, 8192)
+    for N in widths:
+        for M in rows:
+            for name, dtype in DTYPES.items():
+                w_dtypes = (dtype, torch.float32) if full and dtype != torch.float32 else (dtype,)
+                for w_dtype in w_dtypes:
+                    def run(M=M, N=N, dtype=dtype, w_dtype=w_dtype):
+                        x, w = _meta((M, N), dtype), _meta((N,), w_dtype)
+                        y, rstd = launcher(k.rms_norm_fwd)(x, w, 1e-5)
+                        launcher(k.rms_norm_bwd)(torch.empty_like(y), x, w, rstd)
+                    w_name = "" if w_dtype == dtype else " weight fp32"
+                    yield Case(f"d_model={N} rows={M} {name}{w_name}", run)
+
+
+@case("swiglu")
+def swiglu_cases(full: bool) -> Iterator[Case]:
+    from kernels import swiglu as k
+
+    shapes = [(256 * 32, 1344)] + [(8192, 4 * d) for d in ((768, 1600, 4096, 16384) if full else (768,))]
+    for M, d_ff in shapes + ([(1, 1344)] if full else []):
+        for name, dtype in DTYPES.items():
+            def run(M=M, d_ff=d_ff, dtype=dtype):
+                a = _meta((M, d_ff), dtype)
+                launcher(k.swiglu_fwd)(a, a)
+                launcher(k.swiglu_bwd)(a, a, a)
+            yield Case(f"tokens={M} d_ff={d_ff} {name}", run)
+
+
+@case("cross_entropy")
+def cross_entropy_cases(full: bool) -> Iterator[Case]:
+    from kernels import cross_entropy as k
+
+    vocabs = (10000, 32000, 50257, 131072) if full else (32000, 50257)
+    for V in vocabs:
+        for name, dtype in DTYPES.items():
+            def run(V=V, dtype=dtype, M=4096, C=768):
+                logits, targets = _meta((M, V), dtype), _meta((M,), torch.int64)
+                loss, row_max, logsum, n_valid = launcher(k.cross_entropy_fwd)(logits, targets, -100)
+                launcher(k.cross_entropy_bwd)(loss, logits, targets, row_max, logsum, n_valid, -100)
+                h, w = _meta((M, C), dtype), _meta((V, C), dtype)
+                rows = k.default_chunk_rows(M, V, C)
+                launcher(k.linear_cross_entropy_fwd)(h, w, targets, -100, rows, True)
+            yield Case(f"vocab={V} tokens=4096 {name}", run)
+
+
+@case("adamw")
+def adamw_cases(full: bool) -> Iterator[Case]:
+    from cs336.config import MODEL_PRESETS
+    from cs336.model import TransformerLM
+    from kernels import adamw as k
+
+    # (param, grad, exp_avg, exp_avg_sq) storage dtypes the optimizer produces or accepts.
+    combos = {"fp32": ("fp32",) * 4, "bf16": ("bf16",) * 4, "fp16": ("fp16",) * 4,
+              "bf16 p/fp32 state": ("bf16", "bf16", "fp32", "fp32"),
+              "fp16 p/fp32 state": ("fp16", "fp16", "fp32", "fp32")}
+    presets = list(MODEL_PRESETS) if full else ["gpt2-small"]
+    shapes = {"one tensor (768, 768)": [(768, 768)], "one scalar": [()]}
+    for preset in presets:
+        cfg = dataclasses.asdict(MODEL_PRESETS[preset]())
+        model = TransformerLM(**cfg, device="meta")
+        shapes[f"{preset} ({len(list(model.parameters()))} tensors)"] = [tuple(p.shape) for p in model.parameters()]
+    for label, group in shapes.items():
+        for combo, dts in combos.items():
+            def run(group=group, dts=dts):
+                quads = [[_meta(s, DTYPES[d]) for s in group] for d in dts]
+                launcher(k._adamw_group_)(*quads, 1e-3, 0.9, 0.95, 1e-8, 1e-4)
+            yield Case(f"{label} {combo}", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
