@@ -17,13 +17,12 @@ from collections.abc import Iterator
 import torch
 import triton
 
-# 64K elements per block: a 16K-wide fp32 row fits in one block with 16 elements per thread at
-# 32 warps; wider rows take the column-loop path. Same bound as Liger's MAX_FUSED_SIZE.
-MAX_FUSED_SIZE = 65536
+# CUDA's limit: 1024 threads (32 warps) per block.
+MAX_WARPS = 32
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_block_cap = MAX_FUSED_SIZE
+_block_cap: int | None = None
 # SM count assumed for launches on ``meta`` tensors (None: no simulated GPU, see simulated_gpu).
 _meta_sm_count: int | None = None
 
@@ -51,21 +50,18 @@ def max_block_size(cap: int) -> Iterator[None]:
         _block_cap = previous
 
 
-def calculate_settings(n: int) -> tuple[int, int]:
-    """(BLOCK_SIZE, num_warps) for rows of ``n`` elements: next power of two, capped.
+def calculate_settings(n: int, per_thread: int = 16) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for rows of ``n`` elements, at most ``per_thread`` per thread.
 
-    Rows wider than the cap are processed by the kernels in several column blocks.
+    The block is the next power of two of ``n``, capped at ``per_thread`` elements per thread of
+    a 32-warp block (and by ``max_block_size``); the warps give each thread ``per_thread``
+    elements of the block, at least 4 warps. Rows wider than the block are processed by the
+    kernels in several column blocks. A kernel keeping k row-sized fp32 vectors live needs about
+    k * per_thread registers per thread: the caller picks ``per_thread`` for its kernel.
     """
-    block = min(triton.next_power_of_2(max(n, 1)), _block_cap)
-    # One warp is 32 threads; keep 8 to 16 elements per thread on wide blocks.
-    if block >= 32768:
-        num_warps = 32
-    elif block >= 8192:
-        num_warps = 16
-    elif block >= 2048:
-        num_warps = 8
-    else:
-        num_warps = 4
+    block = triton.next_power_of_2(max(n, 1))
+    block = min(block, per_thread * 32 * MAX_WARPS, _block_cap or block)
+    num_warps = min(MAX_WARPS, max(4, block // (32 * per_thread)))
     return block, num_warps
 
 

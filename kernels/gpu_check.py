@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 import kernels
@@ -273,16 +274,21 @@ def compile_rows(targets: list[Target], families: list[str], full: bool, progres
                     rows[key] = row
                     work.append((row, t, (src, options)))
     for row, t, (src, options) in (progress(work) if progress else work):
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", t.arch, 32), options=options.__dict__)
-            usage = resources(compiled.asm["cubin"])
-            row.regs, row.spill_bytes = usage["regs"], usage["spill_bytes"]
-            row.shared = int(compiled.metadata.shared) + usage["static_shared"]
-            row.warps_per_sm = warps_per_sm(t, row.num_warps, row.regs, row.shared)
-        except Exception as e:  # noqa: BLE001 - every compile failure is reported, not raised
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-            row.error = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+        measure(row, t, src, options)
     return list(rows.values())
+
+
+def measure(row: Row, t: Target, src, options) -> None:
+    """Compile ``src`` for ``t`` and fill in ``row``'s resources, or its error."""
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", t.arch, 32), options=options.__dict__)
+        usage = resources(compiled.asm["cubin"])
+        row.regs, row.spill_bytes = usage["regs"], usage["spill_bytes"]
+        row.shared = int(compiled.metadata.shared) + usage["static_shared"]
+        row.warps_per_sm = warps_per_sm(t, row.num_warps, row.regs, row.shared)
+    except Exception as e:  # noqa: BLE001 - every compile failure is reported, not raised
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        row.error = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 def package_kernels() -> set[str]:
@@ -293,7 +299,7 @@ def package_kernels() -> set[str]:
             continue
         module = importlib.import_module(f"kernels.{info.name}")
         found |= {name for name, obj in vars(module).items()
-                  if name.endswith("_kernel") and isinstance(obj, JITFunction)}
+                  if name.endswith("_kernel") and isinstance(obj, (JITFunction, InterpretedFunction))}
     return found
 
 
@@ -319,17 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="", help="comma list of kernel families (default: all)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    targets = [x for x in args.targets.split(",") if x]
+    families = [x for x in args.kernels.split(",") if x] or list(CASES)
+    for given, valid, flag in ((targets, TARGETS, "--targets"), (families, CASES, "--kernels")):
+        bad = [x for x in given if x not in valid]
+        if bad or not given:
+            parser.error(f"{flag}: unknown {', '.join(bad) or 'empty list'}; valid: {', '.join(valid)}")
     if interpreted():
         # The kernels were defined as interpreter functions in this process: compile in a fresh one.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "kernels.gpu_check", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=env).returncode
-    targets = [x for x in args.targets.split(",") if x]
-    families = [x for x in args.kernels.split(",") if x] or list(CASES)
-    for name, valid, kind in ((targets, TARGETS, "--targets"), (families, CASES, "--kernels")):
-        bad = [x for x in name if x not in valid]
-        if bad:
-            parser.error(f"{kind}: unknown {', '.join(bad)}; valid: {', '.join(valid)}")
     problem = toolchain_problem()
     if problem:
         print(f"gpu_check: cannot compile for NVIDIA GPUs here: {problem}", file=sys.stderr)
@@ -372,21 +378,24 @@ def _meta(shape, dtype) -> torch.Tensor:
 def rms_norm_cases(full: bool) -> Iterator[Case]:
     from kernels import rms_norm as k
 
-    widths = (512, 768, 1024, 1280, 1600, 2048, 4096, 5120, 8192, 12288, 16384) if full else (768, 4096, 16384)
-    # Rows: one (decoding), fewer than two per SM (one row per program: rows_per_program == 1),
-    # and training batches.
-    rows = (1, 200, 1000, 8192, 65536) if full else (1, 8192)
-    for N in widths:
-        for M in rows:
-            for name, dtype in DTYPES.items():
-                w_dtypes = (dtype, torch.float32) if full and dtype != torch.float32 else (dtype,)
-                for w_dtype in w_dtypes:
-                    def run(M=M, N=N, dtype=dtype, w_dtype=w_dtype):
-                        x, w = _meta((M, N), dtype), _meta((N,), w_dtype)
-                        y, rstd = launcher(k.rms_norm_fwd)(x, w, 1e-5)
-                        launcher(k.rms_norm_bwd)(torch.empty_like(y), x, w, rstd)
-                    w_name = "" if w_dtype == dtype else " weight fp32"
-                    yield Case(f"d_model={N} rows={M} {name}{w_name}", run)
+    # Widths: every branch (one block and column loop, forward and backward) and, in full, the
+    # model widths of d_model 512..16384 plus two wider rows. Rows: one (decoding: M and
+    # rows_per_program are the constant 1), fewer than two per SM (rows_per_program == 1), and
+    # training batches.
+    if full:
+        shapes = [(M, N) for N in (512, 768, 1024, 1280, 1600, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536)
+                  for M in (1, 200, 1000, 8192, 65536)]
+    else:
+        shapes = [(1, 768), (8192, 768), (8192, 16384), (8192, 32768)]
+    for M, N in shapes:
+        for name, dtype in DTYPES.items():
+            for w_dtype in (dtype, torch.float32) if full and dtype != torch.float32 else (dtype,):
+                def run(M=M, N=N, dtype=dtype, w_dtype=w_dtype):
+                    x, w = _meta((M, N), dtype), _meta((N,), w_dtype)
+                    y, rstd = launcher(k.rms_norm_fwd)(x, w, 1e-5)
+                    launcher(k.rms_norm_bwd)(torch.empty_like(y), x, w, rstd)
+                w_name = "" if w_dtype == dtype else " weight fp32"
+                yield Case(f"d_model={N} rows={M} {name}{w_name}", run)
 
 
 @case("swiglu")
@@ -407,7 +416,7 @@ def swiglu_cases(full: bool) -> Iterator[Case]:
 def cross_entropy_cases(full: bool) -> Iterator[Case]:
     from kernels import cross_entropy as k
 
-    vocabs = (10000, 32000, 50257, 131072) if full else (32000, 50257)
+    vocabs = (10000, 32000, 50257, 131072) if full else (50257,)
     for V in vocabs:
         for name, dtype in DTYPES.items():
             def run(V=V, dtype=dtype, M=4096, C=768):

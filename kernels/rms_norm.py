@@ -9,9 +9,10 @@ Math, per row x of length N (d_model), in fp32 whatever the input dtype:
 HBM traffic for M rows: forward reads M*N (x) + N (w), writes M*N (y) + M (rstd); backward
 reads 2*M*N (x, dy) + N + M, writes M*N (dx) + P*N (per-program dw partial sums, P programs,
 P ~ 2 x SM count), then ``torch.sum`` reduces the P partial rows into dw. A row wider than the
-block (N > MAX_FUSED_SIZE, or a forced small block in tests) is processed in column blocks: the
-forward then reads x twice, the backward reads x and dy twice and read-modify-writes its partial
-dw row once per row it owns.
+block (forward N > 16384, backward N > 8192: see FWD_PER_THREAD / BWD_PER_THREAD; or a forced
+small block in tests) is processed in column blocks: the forward then reads x twice, the backward
+reads x and dy twice and read-modify-writes its partial dw row once per row it owns (the second
+reads come soon after the first, mostly from L2).
 
 Structure after Liger-Kernel ``ops/rms_norm.py`` and triton ``python/tutorials/05-layer-norm.py``
 (persistent backward grid with partial dw rows); code written here. Each launcher is registered
@@ -27,6 +28,29 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from kernels._common import KernelInputError, calculate_settings, check_same_device, check_tensor, num_programs
+
+# Elements per thread the launchers may use, fewest first: the first that holds a row in one
+# block (at most 32 warps) is taken; wider rows loop over blocks of the first. Registers measured
+# with ``python -m kernels.gpu_check`` (sm_80 and sm_90a, fp32/bf16/fp16; bench/RESULTS.md):
+# - forward (x and w live): 25-36 registers at 8 or 16 per thread, no spill; at 32 per thread
+#   (16 warps) 60-63 registers, and a 65536 block at 32 warps (64 per thread) spilled.
+# - backward (x, dy, w and the dw partial live): 4 per thread gives 32 registers (64 warps/SM)
+#   up to 4096 columns and in the column loop; an 8192 row in one block takes 52-60 registers
+#   at 8 per thread (32 warps/SM). At 16 per thread a 4096 row took 106-125 registers (16
+#   warps/SM) and a 16384 row spilled 170 B (half precision) to 1.1 KB (fp32) per thread; the
+#   column loop at 8 per thread spilled 16 B on sm_80 (bf16).
+FWD_PER_THREAD = (8, 16)
+BWD_PER_THREAD = (4, 8)
+
+
+def _settings(N: int, per_thread: tuple[int, ...]) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps): one block at the fewest elements per thread that hold the row,
+    else column blocks at ``per_thread[0]``."""
+    for pt in per_thread:
+        block, num_warps = calculate_settings(N, pt)
+        if N <= block:
+            return block, num_warps
+    return calculate_settings(N, per_thread[0])
 
 
 @triton.jit
@@ -138,7 +162,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return y, rstd
-    block, num_warps = calculate_settings(N)
+    block, num_warps = _settings(N, FWD_PER_THREAD)
     wrap_triton(_rms_norm_fwd_kernel)[(M,)](
         y, x2, weight, rstd, N, N, eps,
         BLOCK_SIZE=block, ONE_BLOCK=N <= block, num_warps=num_warps,
@@ -156,7 +180,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = torch.empty_like(x)
     if M == 0:
         return dx, torch.zeros_like(weight)
-    block, num_warps = calculate_settings(N)
+    block, num_warps = _settings(N, BWD_PER_THREAD)
     one_block = N <= block
     programs = num_programs(x.device, M)
     rows_per_program = triton.cdiv(M, programs)
