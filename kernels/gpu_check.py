@@ -7,9 +7,9 @@ Triton's CPU interpreter (how tests/parity runs the kernels) never specializes a
 allocates registers and never checks launch limits, so a kernel can pass every parity test and
 still fail to compile, or spill, on a GPU. This gate closes that gap with what a GPU run would do:
 
-1. **Configurations from the launchers themselves.** Each case below calls the real launchers
-   (the functions in ``kernels/*.py`` that pick BLOCK_SIZE and num_warps and launch) on ``meta``
-   tensors at realistic shapes, with ``JITFunction.run`` replaced by a recorder, so the gate holds
+1. **Configurations from the launchers themselves.** Each case (``kernels/gpu_cases.py``) calls
+   the real launchers (the functions in ``kernels/*.py`` that pick BLOCK_SIZE and num_warps and
+   launch) on ``meta`` tensors, with ``JITFunction.run`` replaced by a recorder, so the gate holds
    no copy of any block-size rule. ``kernels._common.simulated_gpu`` gives the persistent grids
    the SM count of the target GPU. Meta tensors report addresses ``offset * itemsize`` from 0: a
    fresh allocation is 16-byte aligned as from the CUDA caching allocator (which aligns to 512).
@@ -19,9 +19,9 @@ still fail to compile, or spill, on a GPU. This gate closes that gap with what a
    compile-time constant; ints and pointers divisible by 16 carry ``tt.divisibility = 16``.
 3. **Compile and measure.** ``triton.compile`` for ``GPUTarget("cuda", 80 | 90, 32)`` runs the
    whole pipeline through Triton's bundled ``ptxas`` (results land in Triton's cache, so a second
-   run is fast); registers and local-memory bytes are read from the cubin with the bundled
-   ``cuobjdump -res-usage`` (the same numbers the runtime reports as ``n_regs`` and
-   ``n_spills * 4``), shared memory from the compile metadata.
+   run is fast). Registers, stack frame (where ptxas spills) plus local memory, and static shared
+   memory are read from the cubin with the bundled ``cuobjdump -res-usage``; dynamic shared
+   memory from the compile metadata.
 4. **Occupancy** (warps resident per SM) from registers (allocated per warp in units of 256, 64K
    per SM), shared memory (plus 1 KB reserved per block) and the 64-warp / 32-block limits:
    CUDA C Programming Guide, compute capability 8.0 and 9.0 tables.
@@ -31,9 +31,8 @@ any configuration that cannot launch (0 warps per SM), or any ``*_kernel`` of th
 case launches. The default selection is a CI-sized subset (every kernel, dtype, constexpr branch
 and the int == 1 cases); ``--full`` runs the whole shape matrix.
 
-Adding a kernel family: write one function decorated ``@case("name")`` that yields ``Case(label,
-thunk)`` objects, each thunk calling the family's launchers on ``meta`` tensors (see the cases at
-the end of this file).
+The cases (shapes, per kernel family) live in ``kernels/gpu_cases.py``; a new kernel family adds
+one ``@case`` function there.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,6 +59,7 @@ from triton.runtime.jit import JITFunction
 
 import kernels
 from kernels._common import interpreted, simulated_gpu
+from kernels.gpu_cases import CASES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,29 +94,6 @@ def warps_per_sm(t: Target, num_warps: int, regs: int, shared: int) -> int:
     return blocks * num_warps
 
 
-# ---------------------------------------------------------------------------------------------
-# Cases: launchers run on meta tensors.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    label: str  # shape and dtypes, e.g. "d_model=16384 rows=8192 bf16"
-    run: Callable[[], object]  # calls the launchers on meta tensors
-    realistic: bool = True  # a spill here fails the gate
-
-
-CASES: dict[str, Callable[[bool], Iterator[Case]]] = {}
-
-
-def case(name: str):
-    """Register ``fn(full) -> Iterator[Case]`` as the cases of kernel family ``name``."""
-    def register(fn):
-        CASES[name] = fn
-        return fn
-    return register
-
-
 @dataclasses.dataclass
 class Launch:
     kernel: JITFunction
@@ -138,12 +115,6 @@ def capture(run: Callable[[], object]) -> list[Launch]:
     finally:
         JITFunction.run = saved
     return launches
-
-
-def launcher(op):
-    """The Python function behind a ``triton_op`` / ``custom_op`` (on meta tensors the op itself
-    would run its fake implementation and launch nothing)."""
-    return getattr(op, "_init_fn", op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +266,7 @@ def package_kernels() -> set[str]:
     """Names of every ``@triton.jit`` function named ``*_kernel`` in the package's modules."""
     found = set()
     for info in pkgutil.iter_modules(kernels.__path__):
-        if info.name in ("gpu_check",):
+        if info.name in ("gpu_check", "gpu_cases"):
             continue
         module = importlib.import_module(f"kernels.{info.name}")
         found |= {name for name, obj in vars(module).items()
@@ -315,6 +286,21 @@ def format_table(rows: list[Row]) -> str:
             cells = [str(r.regs), str(r.spill_bytes), str(r.shared), str(r.warps_per_sm)]
         lines.append(f"| {r.kernel} | {r.config} | {r.target} | {r.num_warps} | " + " | ".join(cells)
                      + f" | {r.cases[0]}{more} |")
+    return "\n".join(lines)
+
+
+def format_summary(rows: list[Row]) -> str:
+    """Markdown table, one line per kernel and target: configurations, register range, largest
+    spill, fewest warps per SM, compile errors."""
+    lines = ["| kernel | target | configs | regs | max spill B | min warps/SM | errors |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for kernel, target in sorted({(r.kernel, r.target) for r in rows}):
+        group = [r for r in rows if (r.kernel, r.target) == (kernel, target)]
+        ok = [r for r in group if r.error is None]
+        regs = f"{min(r.regs for r in ok)}-{max(r.regs for r in ok)}" if ok else "-"
+        lines.append(f"| {kernel} | {target} | {len(group)} | {regs} | "
+                     f"{max((r.spill_bytes for r in ok), default='-')} | "
+                     f"{min((r.warps_per_sm for r in ok), default='-')} | {len(group) - len(ok)} |")
     return "\n".join(lines)
 
 
@@ -346,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = compile_rows([TARGETS[t] for t in targets], families, args.full,
                         progress=lambda w: tqdm(w, desc="compile", unit="kernel", disable=None, file=sys.stderr))
     print(format_table(rows))
+    print()
+    print(format_summary(rows))
     failures = [f"{r.kernel} [{r.config}] on {r.target} ({r.cases[0]}): {r.failure()}" for r in rows if r.failure()]
     if not args.kernels:
         compiled = {r.kernel for r in rows}
@@ -360,97 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_check: {len(rows)} configurations compiled for {', '.join(targets)}; "
           f"{len(failures)} failures", file=sys.stderr)
     return 1 if failures else 0
-
-
-# ---------------------------------------------------------------------------------------------
-# The cases. Realistic shapes: d_model 512..16384, d_ff 4 x d_model (and TinyStories' 1344),
-# vocabularies 10000 / 32000 / 50257 / 131072, the model presets' parameter lists.
-# ---------------------------------------------------------------------------------------------
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _meta(shape, dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
-@case("rms_norm")
-def rms_norm_cases(full: bool) -> Iterator[Case]:
-    from kernels import rms_norm as k
-
-    # Widths: every branch (one block and column loop, forward and backward) and, in full, the
-    # model widths of d_model 512..16384 plus two wider rows. Rows: one (decoding: M and
-    # rows_per_program are the constant 1), fewer than two per SM (rows_per_program == 1), and
-    # training batches.
-    if full:
-        shapes = [(M, N) for N in (512, 768, 1024, 1280, 1600, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536)
-                  for M in (1, 200, 1000, 8192, 65536)]
-    else:
-        shapes = [(1, 768), (8192, 768), (8192, 16384), (8192, 32768)]
-    for M, N in shapes:
-        for name, dtype in DTYPES.items():
-            for w_dtype in (dtype, torch.float32) if full and dtype != torch.float32 else (dtype,):
-                def run(M=M, N=N, dtype=dtype, w_dtype=w_dtype):
-                    x, w = _meta((M, N), dtype), _meta((N,), w_dtype)
-                    y, rstd = launcher(k.rms_norm_fwd)(x, w, 1e-5)
-                    launcher(k.rms_norm_bwd)(torch.empty_like(y), x, w, rstd)
-                w_name = "" if w_dtype == dtype else " weight fp32"
-                yield Case(f"d_model={N} rows={M} {name}{w_name}", run)
-
-
-@case("swiglu")
-def swiglu_cases(full: bool) -> Iterator[Case]:
-    from kernels import swiglu as k
-
-    shapes = [(256 * 32, 1344)] + [(8192, 4 * d) for d in ((768, 1600, 4096, 16384) if full else (768,))]
-    for M, d_ff in shapes + ([(1, 1344)] if full else []):
-        for name, dtype in DTYPES.items():
-            def run(M=M, d_ff=d_ff, dtype=dtype):
-                a = _meta((M, d_ff), dtype)
-                launcher(k.swiglu_fwd)(a, a)
-                launcher(k.swiglu_bwd)(a, a, a)
-            yield Case(f"tokens={M} d_ff={d_ff} {name}", run)
-
-
-@case("cross_entropy")
-def cross_entropy_cases(full: bool) -> Iterator[Case]:
-    from kernels import cross_entropy as k
-
-    vocabs = (10000, 32000, 50257, 131072) if full else (50257,)
-    for V in vocabs:
-        for name, dtype in DTYPES.items():
-            def run(V=V, dtype=dtype, M=4096, C=768):
-                logits, targets = _meta((M, V), dtype), _meta((M,), torch.int64)
-                loss, row_max, logsum, n_valid = launcher(k.cross_entropy_fwd)(logits, targets, -100)
-                launcher(k.cross_entropy_bwd)(loss, logits, targets, row_max, logsum, n_valid, -100)
-                h, w = _meta((M, C), dtype), _meta((V, C), dtype)
-                rows = k.default_chunk_rows(M, V, C)
-                launcher(k.linear_cross_entropy_fwd)(h, w, targets, -100, rows, True)
-            yield Case(f"vocab={V} tokens=4096 {name}", run)
-
-
-@case("adamw")
-def adamw_cases(full: bool) -> Iterator[Case]:
-    from cs336.config import MODEL_PRESETS
-    from cs336.model import TransformerLM
-    from kernels import adamw as k
-
-    # (param, grad, exp_avg, exp_avg_sq) storage dtypes the optimizer produces or accepts.
-    combos = {"fp32": ("fp32",) * 4, "bf16": ("bf16",) * 4, "fp16": ("fp16",) * 4,
-              "bf16 p/fp32 state": ("bf16", "bf16", "fp32", "fp32"),
-              "fp16 p/fp32 state": ("fp16", "fp16", "fp32", "fp32")}
-    presets = list(MODEL_PRESETS) if full else ["gpt2-small"]
-    shapes = {"one tensor (768, 768)": [(768, 768)], "one scalar": [()]}
-    for preset in presets:
-        cfg = dataclasses.asdict(MODEL_PRESETS[preset]())
-        model = TransformerLM(**cfg, device="meta")
-        shapes[f"{preset} ({len(list(model.parameters()))} tensors)"] = [tuple(p.shape) for p in model.parameters()]
-    for label, group in shapes.items():
-        for combo, dts in combos.items():
-            def run(group=group, dts=dts):
-                quads = [[_meta(s, DTYPES[d]) for s in group] for d in dts]
-                launcher(k._adamw_group_)(*quads, 1e-3, 0.9, 0.95, 1e-8, 1e-4)
-            yield Case(f"{label} {combo}", run)
 
 
 if __name__ == "__main__":
