@@ -127,7 +127,9 @@ def specialize(kernel: JITFunction, backend, args: tuple, kwargs: dict):
     from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
 
     kwargs = dict(kwargs)
-    kwargs["debug"] = kwargs.get("debug", kernel.debug) or triton.knobs.runtime.debug
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; earlier: the TRITON_DEBUG variable
+    runtime_debug = knobs.runtime.debug if knobs else os.environ.get("TRITON_DEBUG", "0") == "1"
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or runtime_debug
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     if hasattr(kernel, "_pack_args"):  # triton >= 3.5

@@ -97,6 +97,7 @@ def _int_kernel(out_ptr, T, BLOCK: tl.constexpr):
 
 
 @needs_toolchain
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_specialization_follows_the_runtime():
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
