@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = [f"{r.kernel} [{r.config}] on {r.target} ({r.cases[0]}): {r.failure()}" for r in rows if r.failure()]
     if not args.kernels:
         compiled = {r.kernel for r in rows}
-        failures += [f"{k}: no gpu_check case launches it; add one (@case)" for k in sorted(package_kernels() - compiled)]
+        failures += [f"{k}: no case launches it; add one (@case in kernels/gpu_cases.py)"
+                     for k in sorted(package_kernels() - compiled)]
     if args.json:
         from cs336.fileio import atomic_write_text
         payload = {"triton": triton.__version__, "torch": torch.__version__, "full": args.full,
@@ -347,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
     for f in failures:
         print(f"FAIL {f}", file=sys.stderr)
-    print(f"gpu_check: {len(rows)} configurations compiled for {', '.join(targets)}; "
-          f"{len(failures)} failures", file=sys.stderr)
+    names = ", ".join(f"{t} ({TARGETS[t].gpu}, {TARGETS[t].sm_count} SMs)" for t in targets)
+    print(f"gpu_check: {len(rows)} configurations compiled for {names}; {len(failures)} failures", file=sys.stderr)
     return 1 if failures else 0
 
 
