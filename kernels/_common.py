@@ -3,6 +3,8 @@
 ``calculate_settings`` picks a power-of-two block covering a row and a warp count for it, in the
 manner of Liger-Kernel's ``ops/utils.py`` (written here independently). ``max_block_size`` caps
 the block so tests can force the column-loop paths (a row wider than one block) at small sizes.
+``simulated_gpu`` lets the launchers run on ``meta`` tensors as if on a GPU with a given SM
+count: ``kernels.gpu_check`` uses it to capture the launches the launchers would make.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from collections.abc import Iterator
 import torch
 import triton
 
-# 64K elements per block: a 16K-wide fp32 row fits in one block with 16 elements per thread at
-# 32 warps; wider rows take the column-loop path. Same bound as Liger's MAX_FUSED_SIZE.
-MAX_FUSED_SIZE = 65536
+# CUDA's limit: 1024 threads (32 warps) per block.
+MAX_WARPS = 32
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_block_cap = MAX_FUSED_SIZE
+_block_cap: int | None = None
+# SM count assumed for launches on ``meta`` tensors (None: no simulated GPU, see simulated_gpu).
+_meta_sm_count: int | None = None
 
 
 class KernelInputError(ValueError):
@@ -47,22 +50,31 @@ def max_block_size(cap: int) -> Iterator[None]:
         _block_cap = previous
 
 
-def calculate_settings(n: int) -> tuple[int, int]:
-    """(BLOCK_SIZE, num_warps) for rows of ``n`` elements: next power of two, capped.
+def calculate_settings(n: int, per_thread: int = 16) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for rows of ``n`` elements, at most ``per_thread`` per thread.
 
-    Rows wider than the cap are processed by the kernels in several column blocks.
+    The block is the next power of two of ``n``, capped at ``per_thread`` elements per thread of
+    a 32-warp block (and by ``max_block_size``); the warps give each thread ``per_thread``
+    elements of the block, at least 4 warps. Rows wider than the block are processed by the
+    kernels in several column blocks. A kernel keeping k row-sized fp32 vectors live needs about
+    k * per_thread registers per thread: the caller picks ``per_thread`` for its kernel.
     """
-    block = min(triton.next_power_of_2(max(n, 1)), _block_cap)
-    # One warp is 32 threads; keep 8 to 16 elements per thread on wide blocks.
-    if block >= 32768:
-        num_warps = 32
-    elif block >= 8192:
-        num_warps = 16
-    elif block >= 2048:
-        num_warps = 8
-    else:
-        num_warps = 4
+    block = triton.next_power_of_2(max(n, 1))
+    block = min(block, per_thread * 32 * MAX_WARPS, _block_cap or block)
+    num_warps = min(MAX_WARPS, max(4, block // (32 * per_thread)))
     return block, num_warps
+
+
+@contextlib.contextmanager
+def simulated_gpu(sm_count: int) -> Iterator[None]:
+    """Launchers given ``meta`` tensors size their grids for a GPU with ``sm_count`` SMs."""
+    global _meta_sm_count
+    previous = _meta_sm_count
+    _meta_sm_count = sm_count
+    try:
+        yield
+    finally:
+        _meta_sm_count = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,6 +86,8 @@ def num_programs(device: torch.device, work_items: int) -> int:
     """Persistent-grid size: two programs per SM on CUDA (a few in the interpreter), <= work."""
     if device.type == "cuda":
         target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    elif device.type == "meta" and _meta_sm_count is not None:
+        target = 2 * _meta_sm_count
     else:
         target = 4
     return max(1, min(work_items, target))

@@ -9,9 +9,10 @@ Math, per row x of length N (d_model), in fp32 whatever the input dtype:
 HBM traffic for M rows: forward reads M*N (x) + N (w), writes M*N (y) + M (rstd); backward
 reads 2*M*N (x, dy) + N + M, writes M*N (dx) + P*N (per-program dw partial sums, P programs,
 P ~ 2 x SM count), then ``torch.sum`` reduces the P partial rows into dw. A row wider than the
-block (N > MAX_FUSED_SIZE, or a forced small block in tests) is processed in column blocks: the
-forward then reads x twice, the backward reads x and dy twice and read-modify-writes its partial
-dw row once per row it owns.
+block (forward N > 16384, backward N > 8192: see FWD_PER_THREAD / BWD_PER_THREAD; or a forced
+small block in tests) is processed in column blocks: the forward then reads x twice, the backward
+reads x and dy twice and read-modify-writes its partial dw row once per row it owns (the second
+reads come soon after the first, mostly from L2).
 
 Structure after Liger-Kernel ``ops/rms_norm.py`` and triton ``python/tutorials/05-layer-norm.py``
 (persistent backward grid with partial dw rows); code written here. Each launcher is registered
@@ -27,6 +28,30 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from kernels._common import KernelInputError, calculate_settings, check_same_device, check_tensor, num_programs
+
+# Launch settings, measured with ``python -m kernels.gpu_check --full`` (sm_80 and sm_90a, fp32 /
+# bf16 / fp16, d_model 512..65536; table in bench/RESULTS.md). A row is held in one block at the
+# fewest elements per thread of PER_THREAD that covers it (at most 32 warps); wider rows loop over
+# blocks of LOOP_BLOCK columns at PER_THREAD[0] per thread.
+# - forward (x and w live): 25-36 registers at 8 or 16 per thread (64 warps/SM), so one block up
+#   to 16384 columns; at 32 per thread 60-63 registers, and a 65536 block at 32 warps spilled.
+# - backward (x, dy, w and the dw partial live): 4 per thread takes 32 registers (64 warps/SM) up
+#   to 4096 columns; an 8192 row at 8 per thread 52-60 registers (32 warps/SM). At 16 per thread
+#   a 4096 row took 106-125 registers (16 warps/SM) and a 16384 row spilled 170 B (half
+#   precision) to 1.1 KB (fp32) per thread. The loop spills at 8 per thread on sm_80 (16 B, bf16)
+#   and at 4096 columns / 32 warps on sm_90a (8 B, fp32, one row per program); 2048 columns at 16
+#   warps: 32-44 registers, no spill.
+FWD_PER_THREAD, FWD_LOOP_BLOCK = (8, 16), 8192
+BWD_PER_THREAD, BWD_LOOP_BLOCK = (4, 8), 2048
+
+
+def _settings(N: int, per_thread: tuple[int, ...], loop_block: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for rows of N columns: see FWD_PER_THREAD / BWD_PER_THREAD."""
+    for pt in per_thread:
+        block, num_warps = calculate_settings(N, pt)
+        if N <= block:
+            return block, num_warps
+    return calculate_settings(min(N, loop_block), per_thread[0])
 
 
 @triton.jit
@@ -138,7 +163,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return y, rstd
-    block, num_warps = calculate_settings(N)
+    block, num_warps = _settings(N, FWD_PER_THREAD, FWD_LOOP_BLOCK)
     wrap_triton(_rms_norm_fwd_kernel)[(M,)](
         y, x2, weight, rstd, N, N, eps,
         BLOCK_SIZE=block, ONE_BLOCK=N <= block, num_warps=num_warps,
@@ -156,7 +181,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = torch.empty_like(x)
     if M == 0:
         return dx, torch.zeros_like(weight)
-    block, num_warps = calculate_settings(N)
+    block, num_warps = _settings(N, BWD_PER_THREAD, BWD_LOOP_BLOCK)
     one_block = N <= block
     programs = num_programs(x.device, M)
     rows_per_program = triton.cdiv(M, programs)

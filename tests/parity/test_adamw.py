@@ -66,6 +66,23 @@ def test_adamw_bf16_state(parity):
     run_steps(parity, torch.bfloat16, torch.bfloat16, steps=3, op="adamw_bf16_state")
 
 
+@pytest.mark.parametrize("p_dtype,state_dtype,op", [
+    (torch.float32, torch.float32, None),
+    (torch.bfloat16, torch.float32, "adamw_half_params"),
+    (torch.float16, torch.float32, "adamw_half_params"),
+    (torch.bfloat16, torch.bfloat16, "adamw_bf16_state"),
+], ids=["fp32", "bf16_fp32_state", "fp16_fp32_state", "bf16_state"])
+def test_adamw_one_tensor_group(parity, p_dtype, state_dtype, op):
+    # A dtype group of exactly one tensor: on a GPU its tensor count T == 1 is compiled as a
+    # constant (kernels.gpu_check compiles this case for sm_80 and sm_90a; tests/test_gpu_check.py).
+    run_steps(parity, p_dtype, state_dtype, steps=2, shapes=[(37, 29)], op=op)
+
+
+def test_adamw_one_scalar_group(parity):
+    # One 0-d tensor: T == 1 and a single element (fp32; a lone bf16 m can cancel, see LOOSE).
+    run_steps(parity, torch.float32, torch.float32, steps=3, shapes=[()])
+
+
 def test_adamw_mixed_dtype_groups_in_one_call(parity):
     # Tensors of different dtypes are grouped into one launch per dtype combination.
     p32, p16 = torch.randn(50, device=DEVICE), torch.randn(30, device=DEVICE).bfloat16()

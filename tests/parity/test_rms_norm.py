@@ -51,7 +51,8 @@ def test_rms_norm_matches_reference(parity, shape, dtype, block_cap):
 
 
 def test_rms_norm_wide_row_and_large_values(parity):
-    # d_model = 16K in one block; values of size 1e3 so mean(x**2) is large.
+    # d_model = 16K: one block forward, column blocks backward (kernels.rms_norm.BWD_PER_THREAD);
+    # values of size 1e3 so mean(x**2) is large.
     x = 1e3 * torch.randn(3, 16384, device=DEVICE)
     run_both(parity, x, torch.randn(16384, device=DEVICE))
 

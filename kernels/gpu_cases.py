@@ -1,0 +1,132 @@
+"""The shapes ``python -m kernels.gpu_check`` compiles each kernel family at (its cases).
+
+A case is a label and a thunk that calls a family's real launchers on ``meta`` tensors; the gate
+records the launches the thunk makes (``kernels.gpu_check.capture``) and compiles each distinct
+one for every target. Realistic shapes: d_model 512..16384 (and two wider rows, to reach every
+column-loop branch), d_ff 4 x d_model and TinyStories' 1344, vocabularies 10000 / 32000 / 50257 /
+131072, the parameter lists of the model presets (``cs336.config.MODEL_PRESETS``) and a
+one-tensor AdamW group. ``full=False`` is the CI subset: every kernel, dtype, constexpr branch and
+int == 1 specialization, at few shapes.
+
+Adding a kernel family (e.g. attention): one function decorated ``@case("attention")`` yielding
+``Case(label, thunk)``, each thunk calling the family's launchers on ``_meta`` tensors through
+``launcher`` (for a ``triton_op``, whose fake implementation would otherwise run on meta tensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    label: str  # shape and dtypes, e.g. "d_model=16384 rows=8192 bf16"
+    run: Callable[[], object]  # calls the launchers on meta tensors
+    realistic: bool = True  # a spill here fails the gate
+
+
+CASES: dict[str, Callable[[bool], Iterator[Case]]] = {}
+
+
+def case(name: str):
+    """Register ``fn(full) -> Iterator[Case]`` as the cases of kernel family ``name``."""
+    def register(fn):
+        CASES[name] = fn
+        return fn
+    return register
+
+
+def launcher(op):
+    """The Python function behind a ``triton_op`` / ``custom_op`` (on meta tensors the op itself
+    would run its fake implementation and launch nothing)."""
+    return getattr(op, "_init_fn", op)
+
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _meta(shape, dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+@case("rms_norm")
+def rms_norm_cases(full: bool) -> Iterator[Case]:
+    from kernels import rms_norm as k
+
+    # Widths: every branch (one block and column loop, forward and backward) and, in full, the
+    # model widths of d_model 512..16384 plus two wider rows. Rows: one (decoding: M and
+    # rows_per_program are the constant 1), fewer than two per SM (rows_per_program == 1), and
+    # training batches.
+    if full:
+        shapes = [(M, N) for N in (512, 768, 1024, 1280, 1600, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536)
+                  for M in (1, 200, 1000, 8192, 65536)]
+    else:
+        shapes = [(1, 768), (8192, 768), (8192, 16384), (8192, 32768)]
+    for M, N in shapes:
+        for name, dtype in DTYPES.items():
+            for w_dtype in (dtype, torch.float32) if full and dtype != torch.float32 else (dtype,):
+                def run(M=M, N=N, dtype=dtype, w_dtype=w_dtype):
+                    x, w = _meta((M, N), dtype), _meta((N,), w_dtype)
+                    y, rstd = launcher(k.rms_norm_fwd)(x, w, 1e-5)
+                    launcher(k.rms_norm_bwd)(torch.empty_like(y), x, w, rstd)
+                w_name = "" if w_dtype == dtype else " weight fp32"
+                yield Case(f"d_model={N} rows={M} {name}{w_name}", run)
+
+
+@case("swiglu")
+def swiglu_cases(full: bool) -> Iterator[Case]:
+    from kernels import swiglu as k
+
+    shapes = [(256 * 32, 1344)] + [(8192, 4 * d) for d in ((768, 1600, 4096, 16384) if full else (768,))]
+    for M, d_ff in shapes + ([(1, 1344)] if full else []):
+        for name, dtype in DTYPES.items():
+            def run(M=M, d_ff=d_ff, dtype=dtype):
+                a = _meta((M, d_ff), dtype)
+                launcher(k.swiglu_fwd)(a, a)
+                launcher(k.swiglu_bwd)(a, a, a)
+            yield Case(f"tokens={M} d_ff={d_ff} {name}", run)
+
+
+@case("cross_entropy")
+def cross_entropy_cases(full: bool) -> Iterator[Case]:
+    from kernels import cross_entropy as k
+
+    vocabs = (10000, 32000, 50257, 131072) if full else (50257,)
+    for V in vocabs:
+        for name, dtype in DTYPES.items():
+            def run(V=V, dtype=dtype, M=4096, C=768):
+                logits, targets = _meta((M, V), dtype), _meta((M,), torch.int64)
+                loss, row_max, logsum, n_valid = launcher(k.cross_entropy_fwd)(logits, targets, -100)
+                launcher(k.cross_entropy_bwd)(loss, logits, targets, row_max, logsum, n_valid, -100)
+                h, w = _meta((M, C), dtype), _meta((V, C), dtype)
+                rows = k.default_chunk_rows(M, V, C)
+                launcher(k.linear_cross_entropy_fwd)(h, w, targets, -100, rows, True)
+            yield Case(f"vocab={V} tokens=4096 {name}", run)
+
+
+@case("adamw")
+def adamw_cases(full: bool) -> Iterator[Case]:
+    from cs336.config import MODEL_PRESETS
+    from cs336.model import TransformerLM
+    from kernels import adamw as k
+
+    # (param, grad, exp_avg, exp_avg_sq) storage dtypes the optimizer produces or accepts.
+    combos = {"fp32": ("fp32",) * 4, "bf16": ("bf16",) * 4, "fp16": ("fp16",) * 4,
+              "bf16 p/fp32 state": ("bf16", "bf16", "fp32", "fp32"),
+              "fp16 p/fp32 state": ("fp16", "fp16", "fp32", "fp32")}
+    presets = list(MODEL_PRESETS) if full else ["gpt2-small"]
+    shapes = {"one tensor (768, 768)": [(768, 768)], "one scalar": [()]}
+    for preset in presets:
+        cfg = dataclasses.asdict(MODEL_PRESETS[preset]())
+        model = TransformerLM(**cfg, device="meta")
+        shapes[f"{preset} ({len(list(model.parameters()))} tensors)"] = [tuple(p.shape) for p in model.parameters()]
+    for label, group in shapes.items():
+        for combo, dts in combos.items():
+            def run(group=group, dts=dts):
+                quads = [[_meta(s, DTYPES[d]) for s in group] for d in dts]
+                launcher(k._adamw_group_)(*quads, 1e-3, 0.9, 0.95, 1e-8, 1e-4)
+            yield Case(f"{label} {combo}", run)
