@@ -9,7 +9,8 @@ ids are written in input order, so memory stays bounded by a few chunks whatever
 Output: ``uint16`` ids (``uint32`` when the vocabulary has more than 65,536 ids), native byte
 order, no header (``np.memmap(path, dtype=...)`` reads it), plus a JSON sidecar ``<out>.json``
 with dtype, count and the tokenizer hash. Both are written to temporary files in the output
-directory and renamed into place when complete.
+directory and renamed into place when complete; on any exception or interruption both
+temporary files are removed and the previous files (if any) stay as they were.
 
 The file is read with ``newline=""``, so ``\\r\\n`` line ends are encoded as they are.
 """
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cs336.interrupt import ignore_sigint_in_worker
 
 from .tokenizer import Tokenizer
 
@@ -114,6 +117,7 @@ _WORKER_TOKENIZER: Tokenizer | None = None
 
 def _init_worker(tokenizer: Tokenizer) -> None:
     global _WORKER_TOKENIZER
+    ignore_sigint_in_worker()  # Ctrl-C reaches the whole process group; the parent stops the pool
     _WORKER_TOKENIZER = tokenizer
 
 

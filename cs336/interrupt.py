@@ -1,0 +1,201 @@
+"""SIGINT/SIGTERM for the command lines: one exception, raised only where it cannot crash.
+
+Why: numba-compiled code calls back into Python (``numba.core.serialize._numba_unpickle``, when
+it boxes a result or raises an exception). A ``KeyboardInterrupt`` raised by a signal handler
+inside such a callback returns NULL to compiled code that does not expect it, and the process
+segfaults: Ctrl-C while ``python -m cs336.tokenizer encode`` worked on one 5 MB word crashed in
+``encode_array`` 8 of 8 times.
+
+How: CPython runs Python-level signal handlers in the main thread, between bytecodes, and hands
+them the frame that was running. The handlers here look at that frame's stack: when any frame
+belongs to the numba package, they raise nothing and ask again ``RETRY_S`` later
+(``_thread.interrupt_main``), so the exception surfaces at the first bytecode outside numba. A
+compiled loop runs no bytecode, so it is never torn; the exception waits until the call returns
+(the callers keep each call bounded: an encode call holds one chunk of text).
+
+- ``handling_signals()``: the command-line context. SIGINT and SIGTERM raise ``Interrupted``
+  (a ``BaseException``, so ``except Exception`` blocks do not swallow it) in the process that
+  entered it. Processes forked from it (worker pools) ignore SIGINT, since the parent decides and
+  terminates them, and die quietly on SIGTERM (the default action, no traceback).
+- ``run_cli(body, ...)``: the top-level handler of a command. A user error prints one line
+  ``error: ...`` and exits 2; an interruption prints one line naming what was done and what was
+  kept and exits 130 (SIGINT) or 143 (SIGTERM); no traceback. Under DDP (``RANK`` set by
+  torchrun) only rank 0 prints; the other ranks exit with the same status quietly. After the
+  first signal, later ones are ignored so that cleanup (removing temporary files) completes;
+  SIGKILL still ends the process.
+- ``make_default_handler_numba_safe()``: for library use (called by ``Tokenizer``). When SIGINT
+  still has Python's default handler, it is replaced by one that raises ``KeyboardInterrupt``
+  exactly as before, except inside numba, where it defers as above.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+RETRY_S = 0.01
+"""Delay before a signal that arrived inside numba is raised again."""
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; ``exit_code`` is the shell convention 128 + signal number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(self.signame)
+
+    @property
+    def signame(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _in_numba(frame) -> bool:
+    """True when ``frame`` or a caller of it is code of the numba package."""
+    numba = sys.modules.get("numba")
+    if numba is None or not getattr(numba, "__file__", None):
+        return False
+    root = os.path.dirname(numba.__file__) + os.sep
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(root):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _retry_later(signum: int) -> None:
+    timer = threading.Timer(RETRY_S, _thread.interrupt_main, args=(signum,))
+    timer.daemon = True
+    timer.start()
+
+
+_owner_pid: int | None = None
+_raised = False
+_deferring = 0
+_pending: int | None = None
+
+
+def _cli_handler(signum: int, frame) -> None:
+    global _raised
+    if os.getpid() != _owner_pid:  # a forked worker: the parent decides and terminates it
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+        return
+    if _raised:
+        return  # cleanup of the first interruption is running
+    if _deferring:
+        global _pending
+        _pending = signum
+        return
+    if _in_numba(frame):
+        _retry_later(signum)
+        return
+    _raised = True
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def handling_signals() -> Iterator[None]:
+    """Within the block, SIGINT/SIGTERM raise ``Interrupted`` (see the module docstring).
+    Outside the main thread, where handlers cannot be set, it changes nothing."""
+    global _owner_pid, _raised
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    previous_owner = _owner_pid
+    _owner_pid = os.getpid()
+    _raised = False
+    for s in SIGNALS:
+        signal.signal(s, _cli_handler)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        _owner_pid = previous_owner
+        _raised = False
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Within ``handling_signals``, a block that a signal must not cut in two (e.g. writing the
+    files of one tokenizer): a signal arriving inside is raised when the block ends."""
+    global _deferring, _pending, _raised
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending is not None:
+            signum, _pending = _pending, None
+            if os.getpid() == _owner_pid and not _raised:
+                _raised = True
+                raise Interrupted(signum)
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException], ...] = (ValueError, OSError),
+            on_interrupt: Callable[[], str] | None = None, is_main: bool | None = None) -> None:
+    """Run ``body()`` as a command (see the module docstring); returns normally on success, else
+    raises ``SystemExit`` with 2 (user error) or 128 + signal (interruption).
+
+    ``on_interrupt()`` returns the clause naming what was done and what was kept (e.g. "nothing
+    was written to out.bin"); ``user_errors`` are the exception types whose message is the whole
+    story for the user; anything else keeps its traceback (a bug to report).
+    """
+    main = _rank() == 0 if is_main is None else is_main
+    code = 0
+    with handling_signals():
+        try:
+            body()
+        except (Interrupted, KeyboardInterrupt) as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+            code = 128 + signum
+            if main:
+                told = on_interrupt() if on_interrupt is not None else "nothing more was saved"
+                print(f"interrupted by {signal.Signals(signum).name}: {told}", file=sys.stderr)
+        except user_errors as exc:
+            code = 2
+            if main:
+                print(f"error: {exc}", file=sys.stderr)
+    if code:
+        raise SystemExit(code)
+
+
+def _numba_safe_int_handler(signum: int, frame) -> None:
+    if _in_numba(frame):
+        _retry_later(signum)
+        return
+    raise KeyboardInterrupt
+
+
+def make_default_handler_numba_safe() -> None:
+    """Swap Python's default SIGINT handler for ``_numba_safe_int_handler`` (same behaviour,
+    deferred inside numba); leaves any other handler, and non-main threads, alone."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler and (
+        threading.current_thread() is threading.main_thread()
+    ):
+        signal.signal(signal.SIGINT, _numba_safe_int_handler)
+
+
+def ignore_sigint_in_worker() -> None:
+    """Pool initializer: a worker leaves Ctrl-C to its parent, which terminates the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
