@@ -22,11 +22,12 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from cs336.fileio import temp_beside
 
 
 class DatasetError(RuntimeError):
@@ -77,7 +78,7 @@ def download(url: str, dest: Path, spec: RemoteFile, *, progress: bool = True, t
     from tqdm import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = temp_beside(dest, ".part")
     digest = hashlib.sha256()
     received = 0
     try:
@@ -124,7 +125,7 @@ def download(url: str, dest: Path, spec: RemoteFile, *, progress: bool = True, t
 
 
 def _gunzip(src: Path, dest: Path, url: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = temp_beside(dest, ".part")
     try:
         with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
             shutil.copyfileobj(fin, fout, CHUNK)

@@ -21,7 +21,6 @@ import codecs
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cs336.fileio import temp_beside
 from cs336.interrupt import ignore_sigint_in_worker
 
 from .tokenizer import Tokenizer
@@ -161,7 +161,7 @@ def encode_file(
         bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc=f"encode {src.name}")
 
     start = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(dst)
     tmp_meta = None
     tokens = 0
     try:
@@ -199,7 +199,7 @@ def encode_file(
             "input_bytes": input_bytes,
         }
         meta_path = dst.with_name(dst.name + ".json")
-        fd_meta, tmp_meta = tempfile.mkstemp(dir=dst.parent, prefix=f".{meta_path.name}.", suffix=".tmp")
+        fd_meta, tmp_meta = temp_beside(meta_path)
         with os.fdopen(fd_meta, "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
             f.write("\n")
