@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
@@ -99,15 +100,17 @@ def fallback_hint(src: PathOrFile) -> str:
     return f"The previous valid checkpoint is {prev}: load that one (or resume from it)."
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read ``path`` and check it whole (archive, checksum, finite weights); return the dict or
-    raise ``CheckpointError``."""
+def verify_checkpoint(path: str | os.PathLike, max_abs: float | None = None) -> dict[str, Any]:
+    """Read ``path`` and check it whole (archive, checksum, finite weights, with ``max_abs`` no
+    weight beyond it); return the dict or raise ``CheckpointError``."""
     from cs336.checkpoint import _read
 
     payload = _read(path, hint=False)
     for k, v in payload["model"].items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise NonFiniteWeightsError(f"checkpoint {path}: weight {k} holds NaN/inf")
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+            peak = float(v.detach().abs().amax())
+            if not math.isfinite(peak) or (max_abs is not None and peak > max_abs):
+                raise NonFiniteWeightsError(f"checkpoint {path}: weight {k} has max |w| {peak:.3g}")
     return payload
 
 
@@ -135,12 +138,12 @@ def previous_good_checkpoint(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def last_good_checkpoint(directory: str | os.PathLike) -> Path | None:
+def last_good_checkpoint(directory: str | os.PathLike, max_abs: float | None = None) -> Path | None:
     """The newest ``step_NNNNNN.pt`` in ``directory`` that passes ``verify_checkpoint`` (intact,
-    finite weights); None if there is none. The divergence message names it."""
+    finite weights, none beyond ``max_abs``); None if there is none. The divergence message names it."""
     for _, candidate in _step_files(Path(directory)):
         try:
-            verify_checkpoint(candidate)
+            verify_checkpoint(candidate, max_abs)
         except CheckpointError:
             continue
         return candidate
