@@ -7,11 +7,15 @@ segfaults: Ctrl-C while ``python -m cs336.tokenizer encode`` worked on one 5 MB 
 ``encode_array`` 8 of 8 times.
 
 How: CPython runs Python-level signal handlers in the main thread, between bytecodes, and hands
-them the frame that was running. The handlers here look at that frame's stack: when any frame
-belongs to the numba package, they raise nothing and ask again ``RETRY_S`` later
-(``_thread.interrupt_main``), so the exception surfaces at the first bytecode outside numba. A
-compiled loop runs no bytecode, so it is never torn; the exception waits until the call returns
-(the callers keep each call bounded: an encode call holds one chunk of text).
+them the frame that was running. The handlers here look at that frame's stack: when a frame
+belongs to the numba package, they raise nothing; instead they set a trace function on every
+Python frame above the outermost numba frame (as pdb does) and switch tracing on, so the
+exception is raised by the first line (or return) executed outside numba, and tracing is
+switched off again. A compiled loop runs no bytecode, so it is never torn; the exception waits
+until the call returns (the callers keep each call bounded: an encode call holds one chunk of
+text). Re-sending the signal later would not do: in a loop that spends its time in compiled code,
+the first bytecode after the signal is nearly always the next callback, so it would be deferred
+forever.
 
 - ``handling_signals()``: the command-line context. SIGINT and SIGTERM raise ``Interrupted``
   (a ``BaseException``, so ``except Exception`` blocks do not swallow it) in the process that
@@ -60,23 +64,58 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
-def _in_numba(frame) -> bool:
-    """True when ``frame`` or a caller of it is code of the numba package."""
+def _numba_root() -> str | None:
     numba = sys.modules.get("numba")
     if numba is None or not getattr(numba, "__file__", None):
-        return False
-    root = os.path.dirname(numba.__file__) + os.sep
+        return None
+    return os.path.dirname(numba.__file__) + os.sep
+
+
+def _frames_above_numba(frame) -> list | None:
+    """None when no frame of the stack is numba's; else the frames above the outermost one."""
+    root = _numba_root()
+    if root is None:
+        return None
+    chain = []
     while frame is not None:
-        if frame.f_code.co_filename.startswith(root):
-            return True
+        chain.append(frame)
         frame = frame.f_back
-    return False
+    numba_at = [i for i, f in enumerate(chain) if f.f_code.co_filename.startswith(root)]
+    return chain[numba_at[-1] + 1:] if numba_at else None
+
+
+def _in_numba(frame) -> bool:
+    """True when ``frame`` or a caller of it is code of the numba package."""
+    return _frames_above_numba(frame) is not None
 
 
 def _retry_later(signum: int) -> None:
     timer = threading.Timer(RETRY_S, _thread.interrupt_main, args=(signum,))
     timer.daemon = True
     timer.start()
+
+
+def _raise_outside_numba(frame, signum: int, make_exc: Callable[[], BaseException]) -> bool:
+    """When ``frame`` runs inside numba, arrange for ``make_exc()`` at the first line executed
+    above it and return True; False when no numba frame is on the stack."""
+    above = _frames_above_numba(frame)
+    if above is None:
+        return False
+    if not above:  # numba called from C with no Python caller: ask again later
+        _retry_later(signum)
+        return True
+    previous = sys.gettrace()
+
+    def fire(fr, event, arg):
+        for f in above:
+            f.f_trace = None
+        sys.settrace(previous)
+        raise make_exc()
+
+    for f in above:
+        f.f_trace = fire
+    sys.settrace(lambda fr, event, arg: None)  # switch tracing on; new frames are not traced
+    return True
 
 
 _owner_pid: int | None = None
@@ -98,11 +137,16 @@ def _cli_handler(signum: int, frame) -> None:
         global _pending
         _pending = signum
         return
-    if _in_numba(frame):
-        _retry_later(signum)
+    if _raise_outside_numba(frame, signum, lambda: _interrupt_once(signum)):
         return
     _raised = True
     raise Interrupted(signum)
+
+
+def _interrupt_once(signum: int) -> BaseException:
+    global _raised
+    _raised = True
+    return Interrupted(signum)
 
 
 @contextlib.contextmanager
@@ -181,8 +225,7 @@ def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException
 
 
 def _numba_safe_int_handler(signum: int, frame) -> None:
-    if _in_numba(frame):
-        _retry_later(signum)
+    if _raise_outside_numba(frame, signum, KeyboardInterrupt):
         return
     raise KeyboardInterrupt
 
