@@ -2,7 +2,8 @@
 
 A file is written to a temporary file in the same directory, flushed to disk, then renamed over
 the destination with ``os.replace`` (atomic on POSIX and Windows), so a crash or a failing write
-never leaves a partial file where the old one was.
+never leaves a partial file where the old one was. Under ``cs336.interrupt.handling_signals`` the
+temporary file's creation is not split by a signal, so an interruption never leaves it behind.
 
 File mode: ``mkstemp`` creates the temporary file 0600; before the rename it gets the mode of the
 file it replaces, or, for a new file, ``0o666`` less the process umask, which is what ``open``
@@ -18,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from cs336.interrupt import deferred_signals
 
 
 def current_umask() -> int:
@@ -66,15 +69,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_beside(path)
+    tmp = None
     try:
+        with deferred_signals():  # the name is known to the cleanup below before a signal lands
+            fd, tmp = temp_beside(path)
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -53,14 +53,35 @@ class _Stage:
 
     def __init__(self) -> None:
         self.doing = "starting"
-        self.kept = "nothing was written"
+        self.kept = lambda: "nothing was written"
 
     def report(self) -> str:
-        return f"stopped while {self.doing}; {self.kept}"
+        return f"stopped while {self.doing}; {self.kept()}"
 
 
-def _state_of(path: Path) -> str:
-    return f"{path} is unchanged" if path.exists() else f"{path} was not created"
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _outcome(*paths: Path):
+    """A function telling, at interruption time, what became of ``paths`` since now."""
+    before = [_stamp(p) for p in paths]
+
+    def tell() -> str:
+        states = []
+        for path, then in zip(paths, before):
+            now = _stamp(path)
+            if now != then:
+                states.append(f"{path} was written completely")
+            else:
+                states.append(f"{path} is unchanged" if now is not None else f"{path} was not created")
+        return " and ".join(states) + " (no temporary files left)"
+
+    return tell
 
 
 def _check_workers(workers: int | None) -> None:
@@ -87,7 +108,7 @@ def _train(args: argparse.Namespace, stage: _Stage) -> None:
             f"tokens; pass at least {256 + len(specials)}"
         )
     stage.doing = f"training a {args.vocab_size}-token BPE vocabulary on {src}"
-    stage.kept = f"nothing was written to {out}"
+    stage.kept = lambda: f"nothing was written to {out}"
     from .train_bpe import train_bpe
 
     start = time.perf_counter()
@@ -95,6 +116,7 @@ def _train(args: argparse.Namespace, stage: _Stage) -> None:
     seconds = time.perf_counter() - start
     with deferred_signals():  # the three files are written together or not at all
         save_tokenizer_dir(args.out, vocab, merges, specials)
+        stage.kept = lambda: f"the tokenizer was written completely to {out}"
     special_bytes = {s.encode("utf-8") for s in specials}
     longest = max((t for t in vocab.values() if t not in special_bytes), key=len)
     print(
@@ -132,7 +154,7 @@ def _encode(args: argparse.Namespace, stage: _Stage) -> None:
     vocab, merges, specials = load_tokenizer_dir(args.tokenizer)
     tokenizer = Tokenizer(vocab, merges, specials)
     stage.doing = f"encoding {src}"
-    stage.kept = f"{_state_of(out)} and {_state_of(Path(f'{out}.json'))} (no temporary files left)"
+    stage.kept = _outcome(out, Path(f"{out}.json"))
     stats = encode_file(
         args.input,
         args.out,

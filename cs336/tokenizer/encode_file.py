@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cs336.fileio import temp_beside
-from cs336.interrupt import ignore_sigint_in_worker
+from cs336.interrupt import deferred_signals, ignore_sigint_in_worker
 
 from .tokenizer import Tokenizer
 
@@ -161,10 +161,11 @@ def encode_file(
         bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc=f"encode {src.name}")
 
     start = time.perf_counter()
-    fd, tmp = temp_beside(dst)
-    tmp_meta = None
+    tmp = tmp_meta = None
     tokens = 0
     try:
+        with deferred_signals():  # the cleanup below knows the name before a signal can land
+            fd, tmp = temp_beside(dst)
         with os.fdopen(fd, "wb") as out:
 
             def write(ids: np.ndarray, text: str) -> None:
@@ -199,12 +200,15 @@ def encode_file(
             "input_bytes": input_bytes,
         }
         meta_path = dst.with_name(dst.name + ".json")
-        fd_meta, tmp_meta = temp_beside(meta_path)
+        with deferred_signals():
+            fd_meta, tmp_meta = temp_beside(meta_path)
         with os.fdopen(fd_meta, "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
             f.write("\n")
-        os.replace(tmp, dst)
-        os.replace(tmp_meta, meta_path)
+        with deferred_signals():  # token file and sidecar change together
+            os.replace(tmp, dst)
+            os.replace(tmp_meta, meta_path)
+            tmp = tmp_meta = None
     except BaseException:
         for leftover in (tmp, tmp_meta):
             if leftover is not None and os.path.exists(leftover):
