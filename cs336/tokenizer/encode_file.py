@@ -8,7 +8,8 @@ ids are written in input order, so memory stays bounded by a few chunks whatever
 
 Output: ``uint16`` ids (``uint32`` when the vocabulary has more than 65,536 ids), native byte
 order, no header (``np.memmap(path, dtype=...)`` reads it), plus a JSON sidecar ``<out>.json``
-with dtype, count and the tokenizer hash. Both are written to temporary files in the output
+with dtype, count, the tokenizer hash and the input's resolved path, size and mtime (the key
+``cs336.prepare`` checks before reusing the file). Both are written to temporary files in the output
 directory and renamed into place when complete; on any exception or interruption both
 temporary files are removed and the previous files (if any) stay as they were.
 
@@ -153,7 +154,8 @@ def encode_file(
     dst = Path(out_path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    input_bytes = src.stat().st_size
+    src_stat = src.stat()
+    input_bytes = src_stat.st_size
     bar = None
     if progress:
         from tqdm import tqdm
@@ -196,8 +198,9 @@ def encode_file(
             "dtype": dtype.name,
             "count": tokens,
             "tokenizer_hash": tokenizer_hash,
-            "input": str(src),
+            "input": str(src.resolve()),
             "input_bytes": input_bytes,
+            "input_mtime_ns": src_stat.st_mtime_ns,
         }
         meta_path = dst.with_name(dst.name + ".json")
         with deferred_signals():
