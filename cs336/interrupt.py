@@ -230,12 +230,19 @@ def _numba_safe_int_handler(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+_default_checked = False
+
+
 def make_default_handler_numba_safe() -> None:
     """Swap Python's default SIGINT handler for ``_numba_safe_int_handler`` (same behaviour,
-    deferred inside numba); leaves any other handler, and non-main threads, alone."""
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler and (
-        threading.current_thread() is threading.main_thread()
-    ):
+    deferred inside numba); leaves any other handler, and non-main threads, alone. The check is
+    made once per process (the first call from the main thread), so the per-call cost is one
+    global lookup."""
+    global _default_checked
+    if _default_checked or threading.current_thread() is not threading.main_thread():
+        return
+    _default_checked = True
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _numba_safe_int_handler)
 
 
