@@ -11,8 +11,9 @@ Rank 0 does the work, the other ranks wait at a barrier and then open the same f
    text (cut after a document separator); saved as ``DIR/tokenizer/{vocab.json,merges.txt}``.
 3. Encoding: ``cs336.tokenizer.encode_file.encode_file`` writes ``DIR/data/{train,valid}.bin``
    with their ``.json`` sidecars (worker processes for texts above ``PARALLEL_ENCODE_BYTES``).
-4. Checks, on every rank: each token file is non-empty, holds at least one training window, and
-   no id reaches ``model.vocab_size`` (a file encoded with another tokenizer or read with the
+4. Checks, on every rank: each token file is non-empty, holds at least one training window, was
+   encoded with this tokenizer (when its sidecar records the hash), and no id reaches
+   ``model.vocab_size`` (a file encoded with another tokenizer or read with the
    wrong dtype fails here with a message naming it).
 
 Caches are keyed by their inputs and rebuilt when stale, so a run in a directory left by another
@@ -204,6 +205,17 @@ def check_tokens(tokens: np.ndarray, path: Path, cfg: TrainConfig) -> None:
                              "with the wrong dtype; re-encode it or fix its .json sidecar")
 
 
+def check_tokenizer_of(path: Path, tok_hash: str, tok_dir: Path) -> None:
+    """Refuse a token file whose sidecar names another tokenizer than ``tok_dir`` (files
+    without a recorded hash pass: ``check_tokens`` still bounds their ids)."""
+    meta = _read_key(sidecar_path(path)) or {}
+    recorded = meta.get("tokenizer_hash")
+    if recorded is not None and recorded != tok_hash:
+        raise TokenFileError(f"token file {path} was encoded with another tokenizer (SHA-256 {recorded[:12]}...) "
+                             f"than the one in {tok_dir} ({tok_hash[:12]}...); re-encode it with that "
+                             "tokenizer or pass the matching --data.tokenizer_dir")
+
+
 def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
     if cfg.data.source == "tokens":
         paths = (Path(cfg.data.train_tokens), Path(cfg.data.valid_tokens))
@@ -232,9 +244,11 @@ def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
     dist_utils.barrier(info)
     vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
     tokenizer = Tokenizer(vocab, merges, list(cfg.data.special_tokens))
+    tok_hash = tokenizer_hash(rd.tokenizer)
     arrays = []
     for path in paths:
         tokens = load_tokens(path)
+        check_tokenizer_of(path, tok_hash, rd.tokenizer)
         check_tokens(tokens, path, cfg)
         arrays.append(tokens)
     return arrays[0], arrays[1], tokenizer

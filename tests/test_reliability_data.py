@@ -110,3 +110,26 @@ def test_embedded_corpus_is_keyed_by_size_and_seed(tmp_path):
     rd, _, _, said = _prepare(_cfg(None, None, source="embedded", corpus_mb=0.04), run)
     assert (rd.data / "train.txt").stat().st_size > small
     assert any("writing the embedded story corpus" in s for s in said)
+
+
+def test_pre_encoded_tokens_of_another_tokenizer_are_refused(tmp_path):
+    from cs336.data import TokenFileError
+    from cs336.tokenizer import Tokenizer
+    from cs336.tokenizer.encode_file import encode_file
+    from cs336.tokenizer.gpt2_files import save_tokenizer_dir
+
+    vocab = {b: bytes([b]) for b in range(256)}
+    save_tokenizer_dir(tmp_path / "tok_a", vocab, [], [EOT])
+    save_tokenizer_dir(tmp_path / "tok_b", {**vocab, 256: b"th"}, [(b"t", b"h")], [EOT])
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 50, encoding="utf-8")
+    for name in ("train", "valid"):
+        encode_file(text, tmp_path / f"{name}.bin", Tokenizer(vocab, []), tokenizer_hash=tokenizer_hash(tmp_path / "tok_a"))
+    cfg = _cfg(None, None, source="tokens", train_tokens=str(tmp_path / "train.bin"),
+               valid_tokens=str(tmp_path / "valid.bin"), tokenizer_dir=str(tmp_path / "tok_b"))
+    with pytest.raises(TokenFileError, match=r"train\.bin was encoded with another tokenizer .* than the one in "
+                                             r".*run_b/tokenizer"):
+        _prepare(cfg, tmp_path / "run_b")
+    cfg.data.tokenizer_dir = str(tmp_path / "tok_a")
+    _, tokens, _, _ = _prepare(cfg, tmp_path / "run_a")
+    assert len(tokens) == len("the cat sat on the mat. " * 50)
