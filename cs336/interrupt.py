@@ -3,8 +3,9 @@
 Why: numba-compiled code calls back into Python (``numba.core.serialize._numba_unpickle``, when
 it boxes a result or raises an exception). A ``KeyboardInterrupt`` raised by a signal handler
 inside such a callback returns NULL to compiled code that does not expect it, and the process
-segfaults: Ctrl-C while ``python -m cs336.tokenizer encode`` worked on one 5 MB word crashed in
-``encode_array`` 8 of 8 times.
+segfaults or fails with ``SystemError: ... returned a result with an exception set``: Ctrl-C while
+``python -m cs336.tokenizer encode`` worked on one 5 MB word crashed in ``encode_array`` (8 of 8
+times in the probe that found it; ``tests/test_reliability_interrupt.py`` hammers the same path).
 
 How: CPython runs Python-level signal handlers in the main thread, between bytecodes, and hands
 them the frame that was running. The handlers here look at that frame's stack: when a frame
@@ -27,6 +28,9 @@ forever.
   torchrun) only rank 0 prints; the other ranks exit with the same status quietly. After the
   first signal, later ones are ignored so that cleanup (removing temporary files) completes;
   SIGKILL still ends the process.
+- ``deferred_signals()``: within ``handling_signals``, a block a signal must not split (creating
+  a temporary file and remembering its name; renaming two files that belong together); a signal
+  arriving inside is raised when the block ends.
 - ``make_default_handler_numba_safe()``: for library use (called by ``Tokenizer``). When SIGINT
   still has Python's default handler, it is replaced by one that raises ``KeyboardInterrupt``
   exactly as before, except inside numba, where it defers as above.
@@ -43,7 +47,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 RETRY_S = 0.01
-"""Delay before a signal that arrived inside numba is raised again."""
+"""Delay before a signal is delivered again when it arrived in numba code with no Python frame
+above it (numba called from C), where no trace function can be set."""
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -84,34 +89,40 @@ def _frames_above_numba(frame) -> list | None:
     return chain[numba_at[-1] + 1:] if numba_at else None
 
 
-def _in_numba(frame) -> bool:
-    """True when ``frame`` or a caller of it is code of the numba package."""
-    return _frames_above_numba(frame) is not None
-
-
 def _retry_later(signum: int) -> None:
     timer = threading.Timer(RETRY_S, _thread.interrupt_main, args=(signum,))
     timer.daemon = True
     timer.start()
 
 
-def _raise_outside_numba(frame, signum: int, make_exc: Callable[[], BaseException]) -> bool:
-    """When ``frame`` runs inside numba, arrange for ``make_exc()`` at the first line executed
-    above it and return True; False when no numba frame is on the stack."""
+_armed = False  # a trace function waits to raise above numba
+
+
+def _raise_outside_numba(frame, signum: int, make_exc: Callable[[], BaseException | None]) -> bool:
+    """When ``frame`` runs inside numba, arrange for ``make_exc()`` (if not None) to be raised at
+    the first line executed above it and return True; False when no numba frame is on the stack."""
+    global _armed
     above = _frames_above_numba(frame)
     if above is None:
         return False
+    if _armed:  # a second signal before the first surfaced: one exception is enough
+        return True
     if not above:  # numba called from C with no Python caller: ask again later
         _retry_later(signum)
         return True
     previous = sys.gettrace()
 
     def fire(fr, event, arg):
+        global _armed
         for f in above:
             f.f_trace = None
         sys.settrace(previous)
-        raise make_exc()
+        _armed = False
+        exc = make_exc()
+        if exc is not None:
+            raise exc
 
+    _armed = True
     for f in above:
         f.f_trace = fire
     sys.settrace(lambda fr, event, arg: None)  # switch tracing on; new frames are not traced
@@ -143,8 +154,10 @@ def _cli_handler(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
-def _interrupt_once(signum: int) -> BaseException:
+def _interrupt_once(signum: int) -> BaseException | None:
     global _raised
+    if _raised or os.getpid() != _owner_pid:
+        return None
     _raised = True
     return Interrupted(signum)
 

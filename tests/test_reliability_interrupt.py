@@ -115,6 +115,7 @@ STRESS = textwrap.dedent("""
             while tb is not None:
                 assert not tb.tb_frame.f_code.co_filename.startswith(_numba_root()), "raised inside numba"
                 tb = tb.tb_next
+            assert sys.gettrace() is None, "tracing left on"
             caught += 1
     print("caught", caught)
 """)
