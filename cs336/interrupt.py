@@ -210,14 +210,17 @@ def _rank() -> int:
 
 
 def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException], ...] = (ValueError, OSError),
-            on_interrupt: Callable[[], str] | None = None, is_main: bool | None = None) -> None:
+            on_interrupt: Callable[[], str] | None = None, is_main: bool | None = None,
+            exit_codes: dict[type[BaseException], int] | None = None) -> None:
     """Run ``body()`` as a command (see the module docstring); returns normally on success, else
-    raises ``SystemExit`` with 2 (user error) or 128 + signal (interruption).
+    raises ``SystemExit`` with 2 (user error), 128 + signal (interruption) or the status
+    ``exit_codes`` gives an error type (e.g. ``{TrainingDiverged: 1}``; checked first).
 
     ``on_interrupt()`` returns the clause naming what was done and what was kept (e.g. "nothing
     was written to out.bin"); ``user_errors`` are the exception types whose message is the whole
     story for the user; anything else keeps its traceback (a bug to report).
     """
+    special = tuple((exit_codes or {}).keys())
     main = _rank() == 0 if is_main is None else is_main
     code = 0
     with handling_signals():
@@ -229,8 +232,8 @@ def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException
             if main:
                 told = on_interrupt() if on_interrupt is not None else "nothing more was saved"
                 print(f"interrupted by {signal.Signals(signum).name}: {told}", file=sys.stderr)
-        except user_errors as exc:
-            code = 2
+        except user_errors + special as exc:
+            code = next((c for t, c in (exit_codes or {}).items() if isinstance(exc, t)), 2)
             if main:
                 print(f"error: {exc}", file=sys.stderr)
     if code:

@@ -210,6 +210,15 @@ def test_run_cli_interrupt_reports_what_was_kept(capsys):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
+def test_run_cli_exit_codes_per_error_type(capsys):
+    class Diverged(RuntimeError):
+        pass
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: (_ for _ in ()).throw(Diverged("loss is nan")), exit_codes={Diverged: 1})
+    assert info.value.code == 1 and capsys.readouterr().err == "error: loss is nan\n"
+
+
 def test_run_cli_lets_bugs_keep_their_traceback():
     with pytest.raises(SystemExit):
         run_cli(lambda: (_ for _ in ()).throw(ValueError("user")))
