@@ -3,13 +3,12 @@ was made from other inputs (the stale train.bin case), reuses what is current, a
 preparation leaves no partial file under a final name."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from cs336.data import load_tokens, sidecar_path
+from cs336.data import sidecar_path
 from cs336.distributed import DistInfo
 from cs336.prepare import TOKENIZER_KEY, prepare_data, token_file_is_current
 from cs336.run_dir import RunDir

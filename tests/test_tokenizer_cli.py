@@ -12,7 +12,7 @@ import pytest
 from cs336.tokenizer import Tokenizer
 from cs336.tokenizer.__main__ import main
 from cs336.tokenizer.encode_file import encode_file, iter_chunks, token_dtype
-from cs336.tokenizer.gpt2_files import load_tokenizer_dir, save_tokenizer_dir, tokenizer_hash
+from cs336.tokenizer.gpt2_files import load_tokenizer_dir, tokenizer_hash
 
 EOT = "<|endoftext|>"
 DOC = (
