@@ -113,7 +113,8 @@ def _read_text(path: Path, what: str) -> str:
     except IsADirectoryError:
         raise TokenizerFileError(f"{path}: is a directory; pass the path of the {what} file") from None
     except UnicodeDecodeError as exc:
-        raise TokenizerFileError(f"{path}: {what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise TokenizerFileError(f"{path}: {what} is not UTF-8 ({exc.reason} at byte {exc.start}); it is "
+                                 "damaged or another kind of file: write the tokenizer again") from None
     except OSError as exc:
         raise TokenizerFileError(f"{path}: cannot read {what} ({exc.strerror})") from None
 
