@@ -17,6 +17,13 @@ and optimizer state and leaves the global RNGs alone. ``load_checkpoint_full(src
 optimizer=None)`` returns the whole dict (and loads into whatever is given), and
 ``restore_rng_state(d)`` puts the saved RNG states back, so a resumed run draws the same batches.
 
+Integrity (``cs336.checkpoint_integrity``): ``save_checkpoint`` stores ``checksum`` = SHA-256 of
+the whole dict and ``_read`` recomputes it, so a file whose bytes changed after writing is refused
+with a message naming the file and ``previous_good_checkpoint``, the newest earlier
+``step_NNNNNN.pt`` beside it that verifies. Files without a checksum (other implementations,
+older files) load unverified. ``save_checkpoint`` refuses a model with NaN or inf weights
+(``NonFiniteWeightsError``, nothing written).
+
 Every user-visible failure (missing, truncated or corrupt file, a file that is not a checkpoint,
 a checkpoint of a model with other settings, missing or unexpected weights) raises one
 ``CheckpointError`` naming the file and what to do. Files from other CS336 implementations load if
@@ -38,7 +45,24 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from cs336.checkpoint_integrity import (
+    CHECKPOINT_RE,
+    CheckpointError,
+    NonFiniteWeightsError,
+    check_weights,
+    fallback_hint,
+    last_good_checkpoint,
+    payload_digest,
+    previous_good_checkpoint,
+    verify_checkpoint,
+)
 from cs336.fileio import atomic_open
+
+__all__ = [
+    "CHECKPOINT_RE", "CheckpointError", "NonFiniteWeightsError", "check_weights", "last_good_checkpoint",
+    "load_checkpoint", "load_checkpoint_full", "previous_good_checkpoint", "restore_rng_state",
+    "save_checkpoint", "verify_checkpoint",
+]
 
 FORMAT = "cs336-checkpoint"
 VERSION = 1
@@ -47,10 +71,6 @@ _RUNTIME_FIELDS = ("kernels",)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 PathOrFile = str | os.PathLike | IO[bytes]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit; the message names the file and the fix."""
 
 
 def _name(f: PathOrFile) -> str:
@@ -141,10 +161,12 @@ def _check_loadable(value: Any, where: str) -> None:
 
 def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     iteration: int, out: PathOrFile, **extra: Any) -> None:
-    """Write model, optimizer, iteration, RNG states and ``extra`` to ``out`` (see module docstring)."""
+    """Write model, optimizer, iteration, RNG states and ``extra`` to ``out`` (see module docstring).
+    Refuses (``NonFiniteWeightsError``, nothing written) a model with NaN or inf weights."""
     model = _unwrap(model)
     config = getattr(model, "config", None)
     _check_loadable(extra, "extra")
+    check_weights(model, where=f"save_checkpoint({_name(out)})")
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -155,6 +177,7 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
         "rng": rng_state(),
         "extra": extra,
     }
+    payload["checksum"] = {"sha256": payload_digest(payload)}
     if not isinstance(out, (str, os.PathLike)):
         torch.save(payload, out)
         return
@@ -177,15 +200,20 @@ def _is_zip(src: PathOrFile) -> bool:
         src.seek(start)
 
 
-def _read(src: PathOrFile) -> dict[str, Any]:
+def _read(src: PathOrFile, hint: bool = True) -> dict[str, Any]:
+    """The checkpoint dict of ``src``, checked; ``hint`` adds the fallback checkpoint to errors."""
     name = _name(src)
+
+    def earlier() -> str:
+        return fallback_hint(src) if hint else "use an earlier checkpoint"
+
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise CheckpointError(f"checkpoint {name} does not exist; check the path (or the run's "
                               "checkpoints/ directory)")
     if not _is_zip(src):
         raise CheckpointError(
-            f"checkpoint {name} is truncated or corrupt (not a complete torch zip archive); "
-            "use an earlier checkpoint (an interrupted copy leaves such files)"
+            f"checkpoint {name} is truncated or corrupt (not a complete torch zip archive; an "
+            f"interrupted copy leaves such files). {earlier()}"
         )
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
@@ -195,23 +223,28 @@ def _read(src: PathOrFile) -> dict[str, Any]:
                 f"checkpoint {name} holds objects other than tensors and plain containers, which "
                 "could run code when loaded; it is refused. Re-save it with cs336.checkpoint."
             ) from None
-        raise CheckpointError(f"checkpoint {name} is corrupt ({exc}); use an earlier checkpoint") from None
+        raise CheckpointError(f"checkpoint {name} is corrupt ({exc}). {earlier()}") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, ... for damaged archives
         raise CheckpointError(
-            f"checkpoint {name} is truncated or corrupt ({type(exc).__name__}: {exc}); "
-            "use an earlier checkpoint (an interrupted copy leaves such files)"
+            f"checkpoint {name} is truncated or corrupt ({type(exc).__name__}: {exc}). {earlier()}"
         ) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict) or "iteration" not in obj:
-        hint = ""
+        bare = ""
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            hint = " It holds a bare state dict: load it with model.load_state_dict()."
+            bare = " It holds a bare state dict: load it with model.load_state_dict()."
         raise CheckpointError(
             f"{name} is not a training checkpoint (expected a dict with 'model' and 'iteration', "
-            f"got {type(obj).__name__}).{hint}"
+            f"got {type(obj).__name__}).{bare}"
         )
     if obj.get("format", FORMAT) != FORMAT or obj.get("version", VERSION) > VERSION:
         raise CheckpointError(f"checkpoint {name} has format {obj.get('format')!r} version "
                               f"{obj.get('version')!r}; this cs336 reads {FORMAT!r} up to version {VERSION}")
+    checksum = obj.get("checksum")
+    if isinstance(checksum, dict) and "sha256" in checksum and payload_digest(obj) != checksum["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {name} is corrupt: its contents no longer match the SHA-256 recorded when it "
+            f"was saved (the file changed on disk). {earlier()}"
+        )
     obj.setdefault("optimizer", None)
     obj.setdefault("model_config", None)
     obj.setdefault("rng", None)

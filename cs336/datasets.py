@@ -22,11 +22,13 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from cs336.fileio import temp_beside
+from cs336.interrupt import deferred_signals
 
 
 class DatasetError(RuntimeError):
@@ -77,10 +79,12 @@ def download(url: str, dest: Path, spec: RemoteFile, *, progress: bool = True, t
     from tqdm import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     digest = hashlib.sha256()
     received = 0
+    tmp = None
     try:
+        with deferred_signals():  # the cleanup below knows the name before a signal can land
+            fd, tmp = temp_beside(dest, ".part")
         try:
             response = urllib.request.urlopen(url, timeout=timeout)
         except urllib.error.HTTPError as exc:
@@ -118,21 +122,23 @@ def download(url: str, dest: Path, spec: RemoteFile, *, progress: bool = True, t
         else:
             os.replace(tmp, dest)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return dest
 
 
 def _gunzip(src: Path, dest: Path, url: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = None
     try:
+        with deferred_signals():
+            fd, tmp = temp_beside(dest, ".part")
         with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
             shutil.copyfileobj(fin, fout, CHUNK)
         os.replace(tmp, dest)
     except (OSError, EOFError) as exc:
         raise DatasetError(f"{url} is not a valid gzip file ({exc}); run again or check the mirror") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -11,17 +11,32 @@ Rank 0 does the work, the other ranks wait at a barrier and then open the same f
    text (cut after a document separator); saved as ``DIR/tokenizer/{vocab.json,merges.txt}``.
 3. Encoding: ``cs336.tokenizer.encode_file.encode_file`` writes ``DIR/data/{train,valid}.bin``
    with their ``.json`` sidecars (worker processes for texts above ``PARALLEL_ENCODE_BYTES``).
-4. Checks, on every rank: each token file is non-empty, holds at least one training window, and
-   no id reaches ``model.vocab_size`` (a file encoded with another tokenizer or read with the
+4. Checks, on every rank: each token file is non-empty, holds at least one training window, was
+   encoded with this tokenizer (when its sidecar records the hash), and no id reaches
+   ``model.vocab_size`` (a file encoded with another tokenizer or read with the
    wrong dtype fails here with a message naming it).
 
-A resumed run finds the tokenizer and token files in ``DIR`` and reuses them.
+Caches are keyed by their inputs and rebuilt when stale, so a run in a directory left by another
+run never trains on files made from other inputs:
+
+- the embedded corpus by ``DIR/data/corpus.json`` (corpus_mb, corpus_seed);
+- the tokenizer by ``DIR/tokenizer/source.json``: the training text's resolved path, size and
+  mtime, ``model.vocab_size``, the special tokens and ``tokenizer_sample_mb`` (or, for
+  ``data.tokenizer_dir``, the source directory and its SHA-256);
+- each token file by its ``.json`` sidecar: the text's resolved path, size and mtime and the
+  tokenizer's SHA-256 (``gpt2_files.tokenizer_hash``).
+
+A file without a matching key is made again (tokenizer training and encoding are deterministic,
+so a resumed run whose inputs did not change gets identical files back). Every file is written
+to a temporary name and renamed into place when complete, and a key is written only after the
+files it describes, so an interrupted preparation leaves no partial file under a final name and
+is redone on the next run.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +45,66 @@ from cs336 import corpus
 from cs336 import distributed as dist_utils
 from cs336.config import ConfigError, TrainConfig
 from cs336.data import TokenFileError, load_tokens, sidecar_path
+from cs336.fileio import atomic_write_bytes, atomic_write_text
 from cs336.run_dir import RunDir
 from cs336.tokenizer import Tokenizer
 from cs336.tokenizer.encode_file import encode_file
-from cs336.tokenizer.gpt2_files import load_vocab_merges, save_vocab_merges
+from cs336.tokenizer.gpt2_files import load_vocab_merges, save_vocab_merges, tokenizer_hash
 
 PARALLEL_ENCODE_BYTES = 64_000_000
 """Texts larger than this are encoded by one worker process per CPU (up to 8); smaller ones
 finish in seconds in this process, where starting workers would cost more than it saves."""
+
+
+TOKENIZER_KEY = "source.json"
+CORPUS_KEY = "corpus.json"
+
+
+def file_key(path: str | os.PathLike) -> dict:
+    """What identifies an input file's contents cheaply: resolved path, size, mtime (ns)."""
+    p = Path(path)
+    st = p.stat()
+    return {"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_key(path: Path) -> dict | None:
+    try:
+        key = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return key if isinstance(key, dict) else None
+
+
+def _write_key(path: Path, key: dict) -> None:
+    atomic_write_text(path, json.dumps(key, indent=1) + "\n")
+
+
+def _differences(old: dict | None, new: dict) -> str:
+    if old is None:
+        return "no record of its inputs"
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "other " + ", ".join(changed)
+
+
+def token_file_is_current(path: Path, text: Path, tok_hash: str) -> str | None:
+    """None when ``path`` was encoded from ``text`` as it is now with the tokenizer of hash
+    ``tok_hash``; else the reason it is stale."""
+    if not path.is_file():
+        return "missing"
+    meta = _read_key(sidecar_path(path))
+    if meta is None:
+        return "no readable sidecar"
+    key = file_key(text)
+    recorded = {"path": meta.get("input"), "bytes": meta.get("input_bytes"), "mtime_ns": meta.get("input_mtime_ns")}
+    if recorded != key:
+        return f"made from {recorded['path']} ({recorded['bytes']} bytes), not {key['path']} as it is now"
+    if meta.get("tokenizer_hash") != tok_hash:
+        return "made with another tokenizer"
+    try:
+        load_tokens(path)
+    except TokenFileError as exc:
+        return str(exc)
+    return None
 
 
 def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
@@ -52,9 +119,12 @@ def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
         return paths
     if source == "embedded":
         train, valid = rd.data / "train.txt", rd.data / "valid.txt"
-        if not (train.is_file() and valid.is_file()):
+        key = {"corpus_mb": cfg.data.corpus_mb, "corpus_seed": cfg.data.corpus_seed}
+        if not (train.is_file() and valid.is_file() and _read_key(rd.data / CORPUS_KEY) == key):
+            (rd.data / CORPUS_KEY).unlink(missing_ok=True)
             say(f"writing the embedded story corpus ({cfg.data.corpus_mb} MB) to {rd.data}")
             corpus.write_corpus(rd.data, cfg.data.corpus_mb, cfg.data.corpus_seed)
+            _write_key(rd.data / CORPUS_KEY, key)
         return train, valid
     from cs336.datasets import fetch
 
@@ -71,31 +141,45 @@ def _tokenizer_sample(train_text: Path, rd: RunDir, megabytes: float | None, sep
     cut = head.rfind(separator)
     sample = head[: cut + len(separator)] if cut > 0 else head
     out = rd.data / "tokenizer_sample.txt"
-    out.write_text(sample, encoding="utf-8")
+    atomic_write_text(out, sample)
     return out
 
 
 def _tokenizer(cfg: TrainConfig, rd: RunDir, train_text: Path | None, say) -> Tokenizer:
     specials = list(cfg.data.special_tokens)
+    key_path = rd.tokenizer / TOKENIZER_KEY
     if cfg.data.tokenizer_dir is not None:
         src = Path(cfg.data.tokenizer_dir)
         for name in ("vocab.json", "merges.txt"):
             if not (src / name).is_file():
                 raise ConfigError(f"data.tokenizer_dir {src} has no {name}; point it at a directory "
                                   "holding vocab.json and merges.txt")
-            if (src / name).resolve() != (rd.tokenizer / name).resolve():
-                shutil.copyfile(src / name, rd.tokenizer / name)
-    elif not (rd.vocab_path.is_file() and rd.merges_path.is_file()):
-        from cs336.tokenizer.train_bpe import train_bpe
+        key = {"copied_from": str(src.resolve()), "sha256": tokenizer_hash(src)}
+        if src.resolve() != rd.tokenizer.resolve() and _read_key(key_path) != key:
+            key_path.unlink(missing_ok=True)
+            for name in ("vocab.json", "merges.txt"):
+                atomic_write_bytes(rd.tokenizer / name, (src / name).read_bytes())
+            _write_key(key_path, key)
+    elif train_text is not None:
+        key = {"train_text": file_key(train_text), "vocab_size": cfg.model.vocab_size,
+               "special_tokens": specials, "sample_mb": cfg.data.tokenizer_sample_mb}
+        have_files = rd.vocab_path.is_file() and rd.merges_path.is_file()
+        old = _read_key(key_path)
+        if not (have_files and old == key):
+            from cs336.tokenizer.train_bpe import train_bpe
 
-        sample = _tokenizer_sample(train_text, rd, cfg.data.tokenizer_sample_mb, specials[0])
-        say(f"training a {cfg.model.vocab_size}-token BPE tokenizer on {sample} "
-            f"({sample.stat().st_size / 1e6:.1f} MB)")
-        try:
-            vocab, merges = train_bpe(str(sample), cfg.model.vocab_size, specials)
-        except (ValueError, OSError) as exc:  # unreadable or non-UTF-8 input; the message names it
-            raise ConfigError(str(exc)) from None
-        save_vocab_merges(vocab, merges, rd.vocab_path, rd.merges_path)
+            if have_files:
+                say(f"the tokenizer in {rd.tokenizer} was made from {_differences(old, key)}; training it again")
+            key_path.unlink(missing_ok=True)
+            sample = _tokenizer_sample(train_text, rd, cfg.data.tokenizer_sample_mb, specials[0])
+            say(f"training a {cfg.model.vocab_size}-token BPE tokenizer on {sample} "
+                f"({sample.stat().st_size / 1e6:.1f} MB)")
+            try:
+                vocab, merges = train_bpe(str(sample), cfg.model.vocab_size, specials)
+            except (ValueError, OSError) as exc:  # unreadable or non-UTF-8 input; the message names it
+                raise ConfigError(str(exc)) from None
+            save_vocab_merges(vocab, merges, rd.vocab_path, rd.merges_path)
+            _write_key(key_path, key)
     vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
     tokenizer = Tokenizer(vocab, merges, specials)
     if len(tokenizer.vocab) > cfg.model.vocab_size:
@@ -121,6 +205,17 @@ def check_tokens(tokens: np.ndarray, path: Path, cfg: TrainConfig) -> None:
                              "with the wrong dtype; re-encode it or fix its .json sidecar")
 
 
+def check_tokenizer_of(path: Path, tok_hash: str, tok_dir: Path) -> None:
+    """Refuse a token file whose sidecar names another tokenizer than ``tok_dir`` (files
+    without a recorded hash pass: ``check_tokens`` still bounds their ids)."""
+    meta = _read_key(sidecar_path(path)) or {}
+    recorded = meta.get("tokenizer_hash")
+    if recorded is not None and recorded != tok_hash:
+        raise TokenFileError(f"token file {path} was encoded with another tokenizer (SHA-256 {recorded[:12]}...) "
+                             f"than the one in {tok_dir} ({tok_hash[:12]}...); re-encode it with that "
+                             "tokenizer or pass the matching --data.tokenizer_dir")
+
+
 def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
     if cfg.data.source == "tokens":
         paths = (Path(cfg.data.train_tokens), Path(cfg.data.valid_tokens))
@@ -131,21 +226,29 @@ def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
         if info.is_main:
             train_text, valid_text = _text_paths(cfg, rd, say)
             tokenizer = _tokenizer(cfg, rd, train_text, say)
+            tok_hash = tokenizer_hash(rd.tokenizer)
             for text, path in zip((train_text, valid_text), paths):
-                if not (path.is_file() and sidecar_path(path).is_file()):
-                    say(f"encoding {text} -> {path}")
-                    big = text.stat().st_size > PARALLEL_ENCODE_BYTES
-                    workers = min(os.cpu_count() or 1, 8) if big else 1
-                    try:
-                        encode_file(text, path, tokenizer, workers=workers, progress=cfg.train.progress)
-                    except (ValueError, OSError) as exc:  # e.g. non-UTF-8 text; the message names it
-                        raise ConfigError(str(exc)) from None
+                stale = token_file_is_current(path, text, tok_hash)
+                if stale is None:
+                    continue
+                if path.exists():
+                    say(f"{path} is stale ({stale}); encoding it again")
+                say(f"encoding {text} -> {path}")
+                big = text.stat().st_size > PARALLEL_ENCODE_BYTES
+                workers = min(os.cpu_count() or 1, 8) if big else 1
+                try:
+                    encode_file(text, path, tokenizer, workers=workers, progress=cfg.train.progress,
+                                tokenizer_hash=tok_hash)
+                except (ValueError, OSError) as exc:  # e.g. non-UTF-8 text; the message names it
+                    raise ConfigError(str(exc)) from None
     dist_utils.barrier(info)
     vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
     tokenizer = Tokenizer(vocab, merges, list(cfg.data.special_tokens))
+    tok_hash = tokenizer_hash(rd.tokenizer)
     arrays = []
     for path in paths:
         tokens = load_tokens(path)
+        check_tokenizer_of(path, tok_hash, rd.tokenizer)
         check_tokens(tokens, path, cfg)
         arrays.append(tokens)
     return arrays[0], arrays[1], tokenizer

@@ -10,6 +10,12 @@ special tokens) into ``--out`` and prints the time, peak memory and longest toke
 writes ``uint16`` ids (``uint32`` above 65,536 ids) and a ``.json`` sidecar (dtype, count,
 tokenizer hash), and prints the compression ratio and throughput. Errors a user can cause print
 one line and exit with status 2.
+
+Neither command writes over its inputs: ``--out`` may not be the input text, a file of the
+tokenizer directory being read, or (for ``train``) a directory whose vocab.json, merges.txt or
+tokenizer.json is the input. SIGINT/SIGTERM end either command with one line saying what was
+kept and status 130/143 (``cs336.interrupt.run_cli``); outputs are renamed into place only when
+complete, so an interrupted command leaves the previous files (or none) and no temporary files.
 """
 
 from __future__ import annotations
@@ -20,7 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-from .gpt2_files import TokenizerFileError, load_tokenizer_dir, save_tokenizer_dir, tokenizer_hash
+from cs336.interrupt import deferred_signals, run_cli
+
+from .gpt2_files import (
+    MERGES_FILE,
+    META_FILE,
+    VOCAB_FILE,
+    TokenizerFileError,
+    load_tokenizer_dir,
+    save_tokenizer_dir,
+    tokenizer_hash,
+)
 
 
 def _peak_rss_mb() -> float:
@@ -32,22 +48,75 @@ def _peak_rss_mb() -> float:
     return max(own, children) * scale / 1e6
 
 
-def _train(args: argparse.Namespace) -> None:
-    from .train_bpe import train_bpe
+class _Stage:
+    """What the command is doing and what it keeps if interrupted now (for the one-line report)."""
 
+    def __init__(self) -> None:
+        self.doing = "starting"
+        self.kept = lambda: "nothing was written"
+
+    def report(self) -> str:
+        return f"stopped while {self.doing}; {self.kept()}"
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _outcome(*paths: Path):
+    """A function telling, at interruption time, what became of ``paths`` since now."""
+    before = [_stamp(p) for p in paths]
+
+    def tell() -> str:
+        states = []
+        for path, then in zip(paths, before):
+            now = _stamp(path)
+            if now != then:
+                states.append(f"{path} was written completely")
+            else:
+                states.append(f"{path} is unchanged" if now is not None else f"{path} was not created")
+        return " and ".join(states) + " (no temporary files left)"
+
+    return tell
+
+
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers {workers}: pass a number of processes >= 1")
+
+
+def _train(args: argparse.Namespace, stage: _Stage) -> None:
     src = Path(args.input)
     if not src.is_file():
         raise ValueError(f"{src}: no such file; pass an existing text file with --input")
+    _check_workers(args.workers)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory (it receives vocab.json, merges.txt, "
+                         "tokenizer.json)")
+    written = [(out / name).resolve() for name in (VOCAB_FILE, MERGES_FILE, META_FILE)]
+    if src.resolve() in written:
+        raise ValueError(f"--out {out} would overwrite the input {src}; pass another --out directory")
     specials = list(dict.fromkeys(args.special_token))
     if args.vocab_size < 256 + len(specials):
         raise ValueError(
             f"--vocab-size {args.vocab_size} is below 256 byte tokens + {len(specials)} special "
             f"tokens; pass at least {256 + len(specials)}"
         )
+    stage.doing = f"training a {args.vocab_size}-token BPE vocabulary on {src}"
+    stage.kept = lambda: f"nothing was written to {out}"
+    from .train_bpe import train_bpe
+
     start = time.perf_counter()
     vocab, merges = train_bpe(src, args.vocab_size, specials, num_workers=args.workers, progress=True)
     seconds = time.perf_counter() - start
-    save_tokenizer_dir(args.out, vocab, merges, specials)
+    with deferred_signals():  # the three files are written together or not at all
+        save_tokenizer_dir(args.out, vocab, merges, specials)
+        stage.kept = lambda: f"the tokenizer was written completely to {out}"
     special_bytes = {s.encode("utf-8") for s in specials}
     longest = max((t for t in vocab.values() if t not in special_bytes), key=len)
     print(
@@ -57,12 +126,35 @@ def _train(args: argparse.Namespace) -> None:
     )
 
 
-def _encode(args: argparse.Namespace) -> None:
+def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Refuse an ``--out`` (or its ``.json`` sidecar) that is an input or lies in the tokenizer
+    directory; return (input, out)."""
+    src, out, tok = Path(args.input), Path(args.out), Path(args.tokenizer)
+    if not src.is_file():
+        raise ValueError(f"{src}: no such file; pass an existing UTF-8 text file with --input")
+    _check_workers(args.workers)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; pass the path of the token file to write")
+    tok_dir = tok.resolve()
+    for target in (out.resolve(), Path(f"{out}.json").resolve()):
+        if target == src.resolve():
+            raise ValueError(f"--out {out} would overwrite the input {src}; pass another --out path")
+        if target.is_relative_to(tok_dir):
+            raise ValueError(f"--out {out} lies inside the tokenizer directory {tok}, which this "
+                             "command reads; write the token file elsewhere")
+    return src, out
+
+
+def _encode(args: argparse.Namespace, stage: _Stage) -> None:
+    src, out = _check_encode_paths(args)
     from .encode_file import encode_file
     from .tokenizer import Tokenizer
 
+    stage.doing = f"loading the tokenizer in {args.tokenizer}"
     vocab, merges, specials = load_tokenizer_dir(args.tokenizer)
     tokenizer = Tokenizer(vocab, merges, specials)
+    stage.doing = f"encoding {src}"
+    stage.kept = _outcome(out, Path(f"{out}.json"))
     stats = encode_file(
         args.input,
         args.out,
@@ -104,11 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (TokenizerFileError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    stage = _Stage()
+    run_cli(lambda: args.run(args, stage), user_errors=(TokenizerFileError, ValueError, OSError),
+            on_interrupt=stage.report)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ ids are written in input order, so memory stays bounded by a few chunks whatever
 
 Output: ``uint16`` ids (``uint32`` when the vocabulary has more than 65,536 ids), native byte
 order, no header (``np.memmap(path, dtype=...)`` reads it), plus a JSON sidecar ``<out>.json``
-with dtype, count and the tokenizer hash. Both are written to temporary files in the output
-directory and renamed into place when complete.
+with dtype, count, the tokenizer hash and the input's resolved path, size and mtime (the key
+``cs336.prepare`` checks before reusing the file). Both are written to temporary files in the output
+directory and renamed into place when complete; on any exception or interruption both
+temporary files are removed and the previous files (if any) stay as they were.
 
 The file is read with ``newline=""``, so ``\\r\\n`` line ends are encoded as they are.
 """
@@ -20,7 +22,6 @@ import codecs
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cs336.fileio import temp_beside
+from cs336.interrupt import deferred_signals, ignore_sigint_in_worker
 
 from .tokenizer import Tokenizer
 
@@ -114,6 +118,7 @@ _WORKER_TOKENIZER: Tokenizer | None = None
 
 def _init_worker(tokenizer: Tokenizer) -> None:
     global _WORKER_TOKENIZER
+    ignore_sigint_in_worker()  # Ctrl-C reaches the whole process group; the parent stops the pool
     _WORKER_TOKENIZER = tokenizer
 
 
@@ -149,7 +154,8 @@ def encode_file(
     dst = Path(out_path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    input_bytes = src.stat().st_size
+    src_stat = src.stat()
+    input_bytes = src_stat.st_size
     bar = None
     if progress:
         from tqdm import tqdm
@@ -157,10 +163,11 @@ def encode_file(
         bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc=f"encode {src.name}")
 
     start = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    tmp_meta = None
+    tmp = tmp_meta = None
     tokens = 0
     try:
+        with deferred_signals():  # the cleanup below knows the name before a signal can land
+            fd, tmp = temp_beside(dst)
         with os.fdopen(fd, "wb") as out:
 
             def write(ids: np.ndarray, text: str) -> None:
@@ -191,16 +198,20 @@ def encode_file(
             "dtype": dtype.name,
             "count": tokens,
             "tokenizer_hash": tokenizer_hash,
-            "input": str(src),
+            "input": str(src.resolve()),
             "input_bytes": input_bytes,
+            "input_mtime_ns": src_stat.st_mtime_ns,
         }
         meta_path = dst.with_name(dst.name + ".json")
-        fd_meta, tmp_meta = tempfile.mkstemp(dir=dst.parent, prefix=f".{meta_path.name}.", suffix=".tmp")
+        with deferred_signals():
+            fd_meta, tmp_meta = temp_beside(meta_path)
         with os.fdopen(fd_meta, "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
             f.write("\n")
-        os.replace(tmp, dst)
-        os.replace(tmp_meta, meta_path)
+        with deferred_signals():  # token file and sidecar change together
+            os.replace(tmp, dst)
+            os.replace(tmp_meta, meta_path)
+            tmp = tmp_meta = None
     except BaseException:
         for leftover in (tmp, tmp_meta):
             if leftover is not None and os.path.exists(leftover):

@@ -7,8 +7,13 @@ bytes to U+0100 onwards, in byte order). ``vocab.json`` maps that string to the 
 order, optionally after a ``#version`` header line. HF ``tokenizers`` (``BPE.from_file``) and
 tiktoken (after decoding the strings back to bytes) read these files.
 
-Loading validates everything a user could get wrong and raises ``TokenizerFileError`` naming the
-file, the line and the fix. Saving writes both files atomically (temporary file in the same
+Loading validates everything a user could get wrong, as a whole and before any work, and raises
+``TokenizerFileError`` naming the file, the line and the fix: the files are UTF-8 JSON/text of the
+right types; vocab ids are exactly 0..N-1 (dense, so no id can make a reader allocate past the
+vocabulary: a stray id of 2,000,000,000 is refused, not allocated); no token string appears twice;
+each merge's two parts and its result are vocabulary entries; in a tokenizer directory every
+multi-byte token other than a special token is made by a merge, and the counts and special
+tokens recorded in ``tokenizer.json`` match the two files. Saving writes both files atomically (temporary file in the same
 directory, then ``os.replace``).
 """
 
@@ -108,19 +113,40 @@ def _read_text(path: Path, what: str) -> str:
     except IsADirectoryError:
         raise TokenizerFileError(f"{path}: is a directory; pass the path of the {what} file") from None
     except UnicodeDecodeError as exc:
-        raise TokenizerFileError(f"{path}: {what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise TokenizerFileError(f"{path}: {what} is not UTF-8 ({exc.reason} at byte {exc.start}); it is "
+                                 "damaged or another kind of file: write the tokenizer again") from None
     except OSError as exc:
         raise TokenizerFileError(f"{path}: cannot read {what} ({exc.strerror})") from None
 
 
-def load_vocab(vocab_path: str | os.PathLike) -> dict[int, bytes]:
-    """Read a GPT-2 ``vocab.json`` into ``{id: bytes}``."""
-    path = Path(vocab_path)
-    text = _read_text(path, "vocab.json")
+def _parse_json(path: Path, text: str, what: str):
+    """JSON of ``text``; duplicate object keys are an error (json keeps the last silently)."""
+    if not text.strip():
+        raise TokenizerFileError(f"{path}: {what} is empty; write the tokenizer again "
+                                 "(python -m cs336.tokenizer train ...)")
+
+    def no_duplicates(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise TokenizerFileError(f"{path}: token {key!r} appears twice; each token maps to one id, "
+                                         "so remove the duplicate")
+            seen.add(key)
+        return dict(pairs)
+
     try:
-        raw = json.loads(text)
+        return json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
-        raise TokenizerFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise TokenizerFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); "
+                                 f"the {what} is damaged: write it again") from None
+    except RecursionError:
+        raise TokenizerFileError(f"{path}: nested too deeply to be a {what}") from None
+
+
+def load_vocab(vocab_path: str | os.PathLike) -> dict[int, bytes]:
+    """Read a GPT-2 ``vocab.json`` into ``{id: bytes}``; ids must be exactly 0..N-1."""
+    path = Path(vocab_path)
+    raw = _parse_json(path, _read_text(path, "vocab.json"), "vocab.json")
     if not isinstance(raw, dict):
         raise TokenizerFileError(
             f"{path}: expected a JSON object mapping token strings to ids, got {type(raw).__name__}"
@@ -143,6 +169,14 @@ def load_vocab(vocab_path: str | os.PathLike) -> dict[int, bytes]:
         vocab[idx] = token
     if not vocab:
         raise TokenizerFileError(f"{path}: the vocabulary is empty")
+    n = len(vocab)
+    top = max(vocab)
+    if top >= n:
+        missing = next(i for i in range(n) if i not in vocab)
+        raise TokenizerFileError(
+            f"{path}: ids must be 0..{n - 1} for {n} tokens, but id {top} occurs and id {missing} is "
+            "missing; renumber the vocabulary densely (or train the tokenizer again)"
+        )
     return vocab
 
 
@@ -217,21 +251,56 @@ def save_tokenizer_dir(
     atomic_write_text(out / META_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 
-def load_special_tokens(directory: str | os.PathLike) -> list[str]:
-    """The special tokens listed in ``directory/tokenizer.json`` ([] when the file is absent)."""
+def load_meta(directory: str | os.PathLike) -> dict | None:
+    """``directory/tokenizer.json`` checked for types (None when the file is absent)."""
     path = Path(directory) / META_FILE
     if not path.exists():
-        return []
-    try:
-        meta = json.loads(_read_text(path, META_FILE))
-    except json.JSONDecodeError as exc:
-        raise TokenizerFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        return None
+    meta = _parse_json(path, _read_text(path, META_FILE), META_FILE)
     specials = meta.get("special_tokens", []) if isinstance(meta, dict) else None
     if not isinstance(specials, list) or not all(isinstance(t, str) and t for t in specials):
         raise TokenizerFileError(
             f'{path}: expected an object with "special_tokens": a list of non-empty strings'
         )
-    return specials
+    for key in ("vocab_size", "num_merges"):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise TokenizerFileError(f"{path}: {key!r} is {value!r}; expected a non-negative integer "
+                                     "(or delete the key)")
+    return meta
+
+
+def load_special_tokens(directory: str | os.PathLike) -> list[str]:
+    """The special tokens listed in ``directory/tokenizer.json`` ([] when the file is absent)."""
+    meta = load_meta(directory)
+    return [] if meta is None else list(meta.get("special_tokens", []))
+
+
+def check_tokenizer_dir(
+    directory: Path, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], meta: dict | None
+) -> None:
+    """Whole-directory consistency (see the module docstring); raises ``TokenizerFileError``."""
+    specials = [] if meta is None else list(meta.get("special_tokens", []))
+    meta_path = directory / META_FILE
+    if meta is not None:
+        for key, have in (("vocab_size", len(vocab)), ("num_merges", len(merges))):
+            want = meta.get(key)
+            if want is not None and want != have:
+                raise TokenizerFileError(
+                    f"{meta_path} records {key} {want} but {VOCAB_FILE}/{MERGES_FILE} hold {have}; the files "
+                    "come from different trainings: train the tokenizer again into an empty directory"
+                )
+    made = {a + b for a, b in merges}
+    special_bytes = {t.encode("utf-8") for t in specials}
+    for idx in sorted(vocab):
+        token = vocab[idx]
+        if len(token) > 1 and token not in made and token not in special_bytes:
+            where = f" and is not a special token of {meta_path}" if meta is not None else ""
+            raise TokenizerFileError(
+                f"{directory / VOCAB_FILE}: token {token_to_str(token)!r} (id {idx}) is made by no merge in "
+                f"{directory / MERGES_FILE}{where}; vocab.json and merges.txt must come from the same "
+                "tokenizer"
+            )
 
 
 def load_tokenizer_dir(
@@ -243,8 +312,10 @@ def load_tokenizer_dir(
         raise TokenizerFileError(
             f"{path}: not a directory; pass the --out directory of `python -m cs336.tokenizer train`"
         )
+    meta = load_meta(path)
     vocab, merges = load_vocab_merges(path / VOCAB_FILE, path / MERGES_FILE)
-    return vocab, merges, load_special_tokens(path)
+    check_tokenizer_dir(path, vocab, merges, meta)
+    return vocab, merges, [] if meta is None else list(meta.get("special_tokens", []))
 
 
 def tokenizer_hash(directory: str | os.PathLike) -> str:

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import regex
 
+from cs336.interrupt import make_default_handler_numba_safe
+
 from .encode_numba import build_pair_table, clear_cache, encode_pieces, new_cache
 from .gpt2_files import load_vocab_merges
 from .pretokenize import pretokenize, special_token_regex, split_on_special
@@ -109,10 +111,13 @@ class Tokenizer:
         self._byte_ids = np.array([token_id[bytes([b])] for b in range(256)], dtype=np.int32)
         self._pairs = build_pair_table(left, right, new_id)
 
-        size = max(self.vocab) + 1
-        self._decode_table: list[bytes | None] = [None] * size
-        for idx, token in self.vocab.items():
-            self._decode_table[idx] = token
+        self._vocab_size = max(self.vocab) + 1
+        if self._vocab_size <= 2 * len(self.vocab) + 256:
+            self._decode_table: list[bytes | None] | dict[int, bytes] = [None] * self._vocab_size
+            for idx, token in self.vocab.items():
+                self._decode_table[idx] = token
+        else:  # sparse ids (a dict from the caller): memory stays proportional to the vocab
+            self._decode_table = dict(self.vocab)
         self._cache = None  # encode_numba.new_cache(), made on first use
         self._lock = threading.Lock()
 
@@ -134,7 +139,7 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """One more than the largest id (ids of the output can be stored in this many values)."""
-        return len(self._decode_table)
+        return self._vocab_size
 
     def token_id(self, token: bytes) -> int | None:
         """The id of ``token``, or None when it is not in the vocab."""
@@ -190,10 +195,12 @@ class Tokenizer:
             data = b"".join(map(table.__getitem__, ids))
             if ids and min(ids) < 0:
                 raise IndexError
-        except (IndexError, TypeError):
-            size = len(table)
+        except (IndexError, KeyError, TypeError):
+            size = self._vocab_size
             for i in ids:
-                if not isinstance(i, (int, np.integer)) or not 0 <= i < size or table[i] is None:
+                if not isinstance(i, (int, np.integer)) or not 0 <= i < size or (
+                    table[i] if isinstance(table, list) else table.get(i)
+                ) is None:
                     raise ValueError(
                         f"token id {i!r} is not in the vocabulary (valid ids: 0..{size - 1})"
                     ) from None
@@ -232,6 +239,7 @@ class Tokenizer:
         """Token ids of ``text`` as an int32 array (``encode`` without the list conversion)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        make_default_handler_numba_safe()  # Ctrl-C inside a numba callback would segfault
         if self._special_re is not None and any(tok in text for tok in self.special_tokens):
             segments = split_on_special(text, self.special_tokens)
         else:

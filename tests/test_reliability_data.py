@@ -1,0 +1,134 @@
+"""Data caches are keyed by their inputs: a run in a directory left by another run rebuilds what
+was made from other inputs (the stale train.bin case), reuses what is current, and an interrupted
+preparation leaves no partial file under a final name."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cs336.data import sidecar_path
+from cs336.distributed import DistInfo
+from cs336.prepare import TOKENIZER_KEY, prepare_data, token_file_is_current
+from cs336.run_dir import RunDir
+from cs336.tokenizer.gpt2_files import tokenizer_hash
+
+EOT = "<|endoftext|>"
+
+
+def _cfg(train_text, valid_text, vocab_size=300, **data):
+    """The fields of TrainConfig that prepare_data reads (duck-typed, independent of config.py)."""
+    d = SimpleNamespace(source="text", train_text=str(train_text), valid_text=str(valid_text),
+                        special_tokens=[EOT], tokenizer_dir=None, tokenizer_sample_mb=None,
+                        corpus_mb=0.05, corpus_seed=0, train_tokens=None, valid_tokens=None)
+    for k, v in data.items():
+        setattr(d, k, v)
+    return SimpleNamespace(data=d, model=SimpleNamespace(vocab_size=vocab_size),
+                           train=SimpleNamespace(progress=False), context_length=8)
+
+
+def _texts(tmp_path, name, word):
+    train = tmp_path / f"{name}-train.txt"
+    valid = tmp_path / f"{name}-valid.txt"
+    train.write_text((f"{word} and the {word} went home. {EOT}" * 300), encoding="utf-8")
+    valid.write_text((f"the {word} stayed. {EOT}" * 40), encoding="utf-8")
+    return train, valid
+
+
+def _prepare(cfg, run):
+    said = []
+    rd = RunDir(run)
+    rd.create()
+    train, valid, tok = prepare_data(cfg, rd, DistInfo(), said.append)
+    return rd, train, tok, said
+
+
+def test_other_train_text_rebuilds_tokenizer_and_token_files(tmp_path):
+    run = tmp_path / "run"
+    a_train, a_valid = _texts(tmp_path, "a", "cat")
+    b_train, b_valid = _texts(tmp_path, "b", "zebra")
+    rd, tokens_a, _, _ = _prepare(_cfg(a_train, a_valid), run)
+    rd, tokens_b, tok, said = _prepare(_cfg(b_train, b_valid), run)
+    assert any("training it again" in s for s in said) and any("is stale" in s for s in said)
+    meta = json.loads(sidecar_path(rd.data / "train.bin").read_text())
+    assert meta["input"] == str(b_train.resolve()) and meta["tokenizer_hash"] == tokenizer_hash(rd.tokenizer)
+    head = tok.decode(np.asarray(tokens_b[:40]).tolist())
+    assert "zebra" in head and b_train.read_text().startswith(head)
+    assert json.loads((rd.tokenizer / TOKENIZER_KEY).read_text())["train_text"]["path"] == str(b_train.resolve())
+
+
+def test_current_files_are_reused_and_a_touched_text_is_not(tmp_path):
+    run = tmp_path / "run"
+    train, valid = _texts(tmp_path, "a", "cat")
+    rd, _, _, _ = _prepare(_cfg(train, valid), run)
+    stamp = (rd.data / "train.bin").stat().st_mtime_ns, (rd.vocab_path).stat().st_mtime_ns
+    rd, _, _, said = _prepare(_cfg(train, valid), run)
+    assert said == [] and ((rd.data / "train.bin").stat().st_mtime_ns, rd.vocab_path.stat().st_mtime_ns) == stamp
+    train.write_text(train.read_text() + "one more line. ", encoding="utf-8")
+    assert token_file_is_current(rd.data / "train.bin", train, tokenizer_hash(rd.tokenizer)) is not None
+    rd, _, _, said = _prepare(_cfg(train, valid), run)
+    assert any("is stale" in s for s in said)
+    assert json.loads(sidecar_path(rd.data / "train.bin").read_text())["input_bytes"] == train.stat().st_size
+
+
+def test_other_vocab_size_retrains_the_tokenizer(tmp_path):
+    run = tmp_path / "run"
+    train, valid = _texts(tmp_path, "a", "cat")
+    _prepare(_cfg(train, valid, vocab_size=270), run)
+    rd, _, tok, said = _prepare(_cfg(train, valid, vocab_size=280), run)
+    assert any("other vocab_size" in s for s in said)
+    assert len(tok.vocab) > 270
+
+
+def test_interrupted_preparation_leaves_no_partial_file_and_is_redone(tmp_path, monkeypatch):
+    from cs336.tokenizer import Tokenizer
+
+    run = tmp_path / "run"
+    train, valid = _texts(tmp_path, "a", "cat")
+    real = Tokenizer.encode_array
+
+    def interrupted(self, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tokenizer, "encode_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(_cfg(train, valid), run)
+    data_files = sorted(p.name for p in (run / "data").iterdir())
+    assert not any(name.startswith(".") for name in data_files), data_files  # no temporary files
+    assert "train.bin" not in data_files and "train.bin.json" not in data_files
+    monkeypatch.setattr(Tokenizer, "encode_array", real)
+    rd, tokens, _, _ = _prepare(_cfg(train, valid), run)
+    assert len(tokens) == json.loads(sidecar_path(rd.data / "train.bin").read_text())["count"] > 0
+
+
+def test_embedded_corpus_is_keyed_by_size_and_seed(tmp_path):
+    run = tmp_path / "run"
+    rd, _, _, _ = _prepare(_cfg(None, None, source="embedded", corpus_mb=0.02), run)
+    small = (rd.data / "train.txt").stat().st_size
+    rd, _, _, said = _prepare(_cfg(None, None, source="embedded", corpus_mb=0.04), run)
+    assert (rd.data / "train.txt").stat().st_size > small
+    assert any("writing the embedded story corpus" in s for s in said)
+
+
+def test_pre_encoded_tokens_of_another_tokenizer_are_refused(tmp_path):
+    from cs336.data import TokenFileError
+    from cs336.tokenizer import Tokenizer
+    from cs336.tokenizer.encode_file import encode_file
+    from cs336.tokenizer.gpt2_files import save_tokenizer_dir
+
+    vocab = {b: bytes([b]) for b in range(256)}
+    save_tokenizer_dir(tmp_path / "tok_a", vocab, [], [EOT])
+    save_tokenizer_dir(tmp_path / "tok_b", {**vocab, 256: b"th"}, [(b"t", b"h")], [EOT])
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 50, encoding="utf-8")
+    for name in ("train", "valid"):
+        encode_file(text, tmp_path / f"{name}.bin", Tokenizer(vocab, []), tokenizer_hash=tokenizer_hash(tmp_path / "tok_a"))
+    cfg = _cfg(None, None, source="tokens", train_tokens=str(tmp_path / "train.bin"),
+               valid_tokens=str(tmp_path / "valid.bin"), tokenizer_dir=str(tmp_path / "tok_b"))
+    with pytest.raises(TokenFileError, match=r"train\.bin was encoded with another tokenizer .* than the one in "
+                                             r".*run_b/tokenizer"):
+        _prepare(cfg, tmp_path / "run_b")
+    cfg.data.tokenizer_dir = str(tmp_path / "tok_a")
+    _, tokens, _, _ = _prepare(cfg, tmp_path / "run_a")
+    assert len(tokens) == len("the cat sat on the mat. " * 50)
