@@ -11,7 +11,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-KERNEL_BACKENDS = ("auto", "torch", "triton")
+KERNEL_BACKENDS = ("auto", "torch", "native", "triton")
 FFN_TYPES = ("swiglu", "silu")
 
 
@@ -38,7 +38,7 @@ class ModelConfig:
     eps: float = 1e-5
     """RMSNorm epsilon."""
     kernels: str = "auto"
-    """Kernel backend for RMSNorm / SwiGLU / cross-entropy: auto | torch | triton."""
+    """Kernel provider (cs336.ops): auto (triton on CUDA, else native) | torch | native | triton."""
     remove_rmsnorm: bool = False
     """Ablation: drop every RMSNorm in the blocks (the final norm too)."""
     use_post_norm: bool = False

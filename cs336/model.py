@@ -116,7 +116,7 @@ class TransformerLM(nn.Module):
 
     @property
     def kernels(self) -> str:
-        """The kernel backend this model runs under (``auto``, ``torch`` or ``triton``)."""
+        """The kernel backend this model runs under (``auto``, ``torch``, ``native`` or ``triton``)."""
         return self.config.kernels
 
     @kernels.setter
