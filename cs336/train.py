@@ -53,7 +53,7 @@ from cs336.data import TokenFileError, get_batch, iter_batches
 from cs336.datasets import DatasetError
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
-from cs336.ops import BackendError, resolve_backend
+from cs336.ops import BackendError, resolve_backend, use_backend
 from cs336.optim import AdamW, lr_cosine_schedule
 from cs336.prepare import prepare_data
 from cs336.run_dir import RunDir, RunDirError
@@ -276,7 +276,8 @@ def _run(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.
                 f"stopped before the optimizer step. Last good checkpoint: {last or 'none'}. "
                 "Lower --optim.lr, raise --optim.warmup_iters, or use --train.autocast=none.",
                 _summary(rd, it, tracker))
-        opt.step()
+        with use_backend(cfg.model.kernels):  # AdamW(fused=None) runs on the model's backend
+            opt.step()
         opt.zero_grad(set_to_none=True)
         step = done["step"] = it + 1
         window["loss"] += loss_value
