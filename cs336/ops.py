@@ -259,37 +259,48 @@ def adamw_step_native_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                        exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
                        step: int, lr: float, beta1: float, beta2: float, eps: float,
                        weight_decay: float) -> None:
-    """``adamw_step_reference_`` with ``torch._foreach_*`` multi-tensor ops, in the same order.
+    """``adamw_step_reference_`` with PyTorch's multi-tensor AdamW kernels, in Algorithm 2's order.
 
-    Tensors are grouped by device and dtypes, so each group is a handful of multi-tensor calls
-    (one fused launch per op on CUDA, one dispatch per op and group on the CPU). Where the
-    parameter and state dtypes agree, ``p - a_t m / (sqrt(v) + eps)`` is one ``addcdiv``.
+    Tensors are grouped by device and dtypes. A group whose tensors share one dtype and are
+    contiguous goes through ``torch._fused_adamw_`` (one pass over memory on the CPU and CUDA)
+    with weight decay 0, followed by the decay of the updated weights. That kernel computes
+    ``m <- m + (1-b1)(g - m)`` (= b1 m + (1-b1) g), ``v <- b2 v + (1-b2) g^2`` and
+    ``p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps')`` with bc_i = 1 - b_i^t. Passing
+    ``eps' = eps / sqrt(bc2)`` makes the denominator ``(sqrt(v) + eps) / sqrt(bc2)``, so the update
+    is ``lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps) = a_t m / (sqrt(v) + eps)``: Algorithm 2's, up
+    to rounding. The decay ``p <- p - lr wd p`` then applies to the updated p, as in Algorithm 2
+    (``torch.optim.AdamW`` decays before the update instead). Other groups (mixed dtypes,
+    non-contiguous views) use ``torch._foreach_*`` ops in the reference's order.
     """
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
     step_size = lr * bias_correction2 ** 0.5 / bias_correction1
     groups: dict[tuple, tuple[list, list, list, list]] = {}
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        key = (p.device, p.dtype, g.dtype, m.dtype, v.dtype)
+        key = (p.device, p.dtype, g.dtype, m.dtype, v.dtype,
+               all(t.is_contiguous() for t in (p, g, m, v)))
         for bucket, t in zip(groups.setdefault(key, ([], [], [], [])), (p, g, m, v)):
             bucket.append(t)
-    for (_, p_dtype, g_dtype, m_dtype, _), (ps, gs, ms, vs) in groups.items():
-        if g_dtype != m_dtype:
-            gs = [g.to(m_dtype) for g in gs]
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, eps)
-        if p_dtype == m_dtype:
-            torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
+    for (device, p_dtype, g_dtype, m_dtype, v_dtype, contiguous), (ps, gs, ms, vs) in groups.items():
+        if contiguous and p_dtype == g_dtype == m_dtype == v_dtype and device.type in ("cpu", "cuda"):
+            steps = [torch.full((), float(step), dtype=torch.float32, device=device)] * len(ps)
+            torch._fused_adamw_(ps, gs, ms, vs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=0.0, eps=eps / bias_correction2 ** 0.5, amsgrad=False,
+                                maximize=False)
         else:
+            if g_dtype != m_dtype:
+                gs = [g.to(m_dtype) for g in gs]
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, eps)
             updates = torch._foreach_div(ms, denom)
             torch._foreach_mul_(updates, step_size)
             torch._foreach_sub_(ps, [u.to(p_dtype) for u in updates])
         if weight_decay != 0.0:
-            torch._foreach_sub_(ps, torch._foreach_mul(ps, lr * weight_decay))
+            torch._foreach_add_(ps, ps, alpha=-(lr * weight_decay))
 
 
 # ---------------------------------------------------------------------------------------------
