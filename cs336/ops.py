@@ -262,15 +262,17 @@ def adamw_step_native_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     """``adamw_step_reference_`` with PyTorch's multi-tensor AdamW kernels, in Algorithm 2's order.
 
     Tensors are grouped by device and dtypes. A group whose tensors share one dtype and are
-    contiguous goes through ``torch._fused_adamw_`` (one pass over memory on the CPU and CUDA)
-    with weight decay 0, followed by the decay of the updated weights. That kernel computes
-    ``m <- m + (1-b1)(g - m)`` (= b1 m + (1-b1) g), ``v <- b2 v + (1-b2) g^2`` and
-    ``p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps')`` with bc_i = 1 - b_i^t. Passing
-    ``eps' = eps / sqrt(bc2)`` makes the denominator ``(sqrt(v) + eps) / sqrt(bc2)``, so the update
-    is ``lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps) = a_t m / (sqrt(v) + eps)``: Algorithm 2's, up
-    to rounding. The decay ``p <- p - lr wd p`` then applies to the updated p, as in Algorithm 2
-    (``torch.optim.AdamW`` decays before the update instead). Other groups (mixed dtypes,
-    non-contiguous views) use ``torch._foreach_*`` ops in the reference's order.
+    contiguous goes through ``torch._fused_adamw_`` (one pass over memory on the CPU and CUDA),
+    whose arguments are chosen so that its update is Algorithm 2's. With bc_i = 1 - b_i^t, that
+    kernel computes ``m <- m + (1-b1)(g - m)`` (= b1 m + (1-b1) g), ``v <- b2 v + (1-b2) g^2``,
+    ``p <- p (1 - lr' wd')`` (torch decays first), then
+    ``p <- p - (lr' / bc1) m / (sqrt(v) / sqrt(bc2) + eps')``. Algorithm 2 decays after the update:
+    ``p <- (p - a_t u)(1 - c)`` with ``u = m / (sqrt(v) + eps)``, ``a_t = lr sqrt(bc2) / bc1`` and
+    ``c = lr wd``, i.e. ``p (1 - c) - a_t (1 - c) u``. Passing ``eps' = eps / sqrt(bc2)`` makes the
+    kernel's denominator ``(sqrt(v) + eps) / sqrt(bc2)``, so its step is ``lr' sqrt(bc2) / bc1 u``;
+    ``lr' = lr (1 - c)`` makes that ``a_t (1 - c) u``, and ``wd' = wd / (1 - c)`` keeps
+    ``lr' wd' = c``. The two agree up to rounding (tests/parity). Other groups (mixed dtypes,
+    non-contiguous views, or ``c >= 1``) use ``torch._foreach_*`` ops in the reference's order.
     """
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
@@ -282,25 +284,27 @@ def adamw_step_native_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
         for bucket, t in zip(groups.setdefault(key, ([], [], [], [])), (p, g, m, v)):
             bucket.append(t)
     for (device, p_dtype, g_dtype, m_dtype, v_dtype, contiguous), (ps, gs, ms, vs) in groups.items():
-        if contiguous and p_dtype == g_dtype == m_dtype == v_dtype and device.type in ("cpu", "cuda"):
+        decay = lr * weight_decay
+        if (contiguous and p_dtype == g_dtype == m_dtype == v_dtype and device.type in ("cpu", "cuda")
+                and decay < 1.0):
             steps = [torch.full((), float(step), dtype=torch.float32, device=device)] * len(ps)
-            torch._fused_adamw_(ps, gs, ms, vs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                                weight_decay=0.0, eps=eps / bias_correction2 ** 0.5, amsgrad=False,
-                                maximize=False)
-        else:
-            if g_dtype != m_dtype:
-                gs = [g.to(m_dtype) for g in gs]
-            torch._foreach_mul_(ms, beta1)
-            torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_add_(denom, eps)
-            updates = torch._foreach_div(ms, denom)
-            torch._foreach_mul_(updates, step_size)
-            torch._foreach_sub_(ps, [u.to(p_dtype) for u in updates])
+            torch._fused_adamw_(ps, gs, ms, vs, [], steps, lr=lr * (1.0 - decay), beta1=beta1, beta2=beta2,
+                                weight_decay=weight_decay / (1.0 - decay), eps=eps / bias_correction2 ** 0.5,
+                                amsgrad=False, maximize=False)
+            continue
+        if g_dtype != m_dtype:
+            gs = [g.to(m_dtype) for g in gs]
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, eps)
+        updates = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(updates, step_size)
+        torch._foreach_sub_(ps, [u.to(p_dtype) for u in updates])
         if weight_decay != 0.0:
-            torch._foreach_add_(ps, ps, alpha=-(lr * weight_decay))
+            torch._foreach_add_(ps, ps, alpha=-decay)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,11 +79,15 @@ def _max_diff(a, b):
 HP = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def test_adamw_matches_algorithm_2_over_60_steps():
-    ours, opt = _run_ours(60, **HP)
+@pytest.mark.parametrize("backend,bound", [("torch", 1e-6), ("native", 5e-6)])
+def test_adamw_matches_algorithm_2_over_60_steps(backend, bound):
+    with ops.use_backend(backend):
+        ours, opt = _run_ours(60, **HP)
     ref = _run_algorithm2(60, **HP)
-    # Same arithmetic in fp32 in a slightly different order: a few ulps over 60 steps.
-    assert _max_diff(ours, ref) < 1e-6, _max_diff(ours, ref)
+    # torch: the same arithmetic in fp32 in a slightly different order, a few ulps over 60 steps.
+    # native: torch's fused kernel rounds differently (m by lerp, eps and the decay folded into
+    # its scalars; see ops.adamw_step_native_): measured 1.4e-6, about 12 ulps of |p| ~ 1.
+    assert _max_diff(ours, ref) < bound, _max_diff(ours, ref)
     # The parameters moved substantially, so the comparison is not vacuous.
     assert (ours[-1][0] - _problem()[0][0]).abs().max() > 0.1
     state = opt.state[opt.param_groups[0]["params"][0]]

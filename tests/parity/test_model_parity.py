@@ -4,8 +4,7 @@ shared weights.
 Logits, ``model.loss`` and every parameter gradient must agree, and a few training steps on the
 fused model with its provider's AdamW step (``ops.use_backend(provider)`` around ``AdamW.step``)
 must track ``AdamW(fused=False)`` on the torch model. Tolerances: the fp32 defaults of tests/parity/conftest.py, except parameters after
-several optimizer steps (``model_training`` and ``model_training_native`` entries there, with
-their reasons).
+several optimizer steps (``model_training`` entry there, with its reason).
 """
 
 import copy
@@ -77,8 +76,7 @@ def test_training_steps_track_reference_optimizer(parity, provider):
     parity.assert_close(torch.stack(losses_f), torch.stack(losses_r), "training losses")
     params_r = dict(reference.named_parameters())
     for name, p in fused.named_parameters():
-        parity.assert_close(p, params_r[name], f"param {name} after 4 steps",
-                            op="model_training_native" if provider == "native" else "model_training")
+        parity.assert_close(p, params_r[name], f"param {name} after 4 steps", op="model_training")
 
 
 @pytest.mark.gpu
