@@ -1,7 +1,7 @@
 """Profile a few training steps with torch.profiler: a Chrome/Perfetto trace and a top-ops table.
 
     python -m cs336.profile [--model tinystories] [--d-model 128 --num-layers 2 ...] \
-        [--batch-size 2] [--kernels auto|torch|triton] [--device auto|cpu|cuda] \
+        [--batch-size 2] [--kernels auto|torch|native|triton] [--device auto|cpu|cuda] \
         [--wait 1 --warmup 1 --active 3] [--out profiles/<run>] [--row-limit 30]
 
 Runs ``wait + warmup + active`` steps (zero_grad, loss forward, backward, AdamW step, each under
