@@ -59,7 +59,7 @@ def test_profile_steps_bad_arguments(tmp_path):
     (["--d-model", "30", "--num-heads", "4"], "not divisible"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--device", "tpu"], "valid choices: auto, cpu, cuda"),
-    (["--kernels", "fast"], "valid choices: auto, torch, triton"),
+    (["--kernels", "fast"], "valid choices: auto, torch, native, triton"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
