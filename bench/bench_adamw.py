@@ -1,15 +1,16 @@
-"""One AdamW step over a model's parameter list: reference loop, torch.compile, Triton multi-tensor.
+"""One AdamW step over a model's parameter list: reference loop, native, torch.compile, Triton.
 
 Memory-bound: per parameter the step reads p, g, m, v and writes p, m, v (7 x 4 bytes in fp32).
 The parameter lists have the shapes of real models (built on the meta device for the shapes,
-then allocated on the benchmark device).
+then allocated on the benchmark device). native: ``torch._fused_adamw_`` with the decay after the
+update (``cs336.ops.adamw_step_native_``).
 """
 
 import dataclasses
 
 import pytest
 import torch
-from conftest import DEVICE, cuda_sync, skip_unavailable
+from _harness import DEVICE, PROVIDERS, cuda_sync, skip_unavailable
 
 from cs336 import flops, ops
 from cs336.config import model_preset
@@ -18,7 +19,6 @@ from cs336.model import TransformerLM
 pytestmark = pytest.mark.bench
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-PROVIDERS = ("torch", "compile", "triton")
 # name: (model config, GPU only). tiny: 2 layers at d_model 128, vocab 1000.
 MODELS = {
     "tiny": (dataclasses.replace(model_preset("tinystories"), vocab_size=1000, d_model=128,

@@ -2,22 +2,20 @@
 
 ``cross_entropy``: mean loss of (M, V) logits (memory-bound). ``linear_cross_entropy``: the loss
 of ``h @ W.T`` for h (M, K) and W (V, K); the reference materializes the (M, V) logits, the
-Triton path does not, and the matmul makes it compute-bound at model sizes.
+Triton path does not, and the matmul makes it compute-bound at model sizes. Providers: see
+``_harness`` (native: ``F.cross_entropy``, and ``F.linear`` before it).
 """
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPE, PASSES, PROVIDERS, provider_fn, skip_unavailable
+from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 
 from cs336 import nn_utils, ops
 
 pytestmark = pytest.mark.bench
 
-# name: (rows M, vocab V, GPU only). small: 8 x 256 TinyStories tokens, vocab 10,000.
-CE_SHAPES = {"tiny": (64, 1000, False), "small": (2048, 10_000, False), "large": (8192, 50_257, True)}
-# name: (rows M, hidden K, vocab V, GPU only). large: 8 x 1024 GPT-2-small tokens.
-LCE_SHAPES = {"tiny": (64, 64, 1000, False), "small": (1024, 512, 10_000, False),
-              "large": (8192, 768, 50_257, True)}
+CE_SHAPES = OP_SHAPES["cross_entropy"]  # name: (rows M, vocab V, GPU only)
+LCE_SHAPES = OP_SHAPES["linear_cross_entropy"]  # name: (rows M, hidden K, vocab V, GPU only)
 
 
 def _targets(M: int, V: int, gen: torch.Generator) -> torch.Tensor:

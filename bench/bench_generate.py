@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import DEVICE, cuda_sync
+from _harness import DEVICE, cuda_sync
 
 from cs336.generate import generate_ids
 from cs336.model import TransformerLM

@@ -1,4 +1,4 @@
-"""RMSNorm forward/backward: reference, torch.compile and the Triton kernel.
+"""RMSNorm forward/backward: reference, native ``F.rms_norm``, torch.compile and the Triton kernel.
 
 Memory-bound: the figure to watch is GB/s against the device bandwidth (``cs336.flops.op_cost``
 gives the minimal bytes: fwd reads x and w and writes y; bwd reads x, w, dy and writes dx, dw).
@@ -6,15 +6,14 @@ gives the minimal bytes: fwd reads x and w and writes y; bwd reads x, w, dy and 
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPE, PASSES, PROVIDERS, provider_fn, skip_unavailable
+from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 
 from cs336 import ops
 
 pytestmark = pytest.mark.bench
 
 EPS = 1e-5
-# name: (rows M, width N, GPU only). small: a TinyStories batch of 16 x 256 tokens at d_model 512.
-SHAPES = {"tiny": (64, 256, False), "small": (4096, 512, False), "large": (16384, 4096, True)}
+SHAPES = OP_SHAPES["rms_norm"]  # name: (rows M, width N, GPU only)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -1,4 +1,4 @@
-"""The SwiGLU gate silu(a) * b forward/backward: reference, torch.compile and the Triton kernel.
+"""The SwiGLU gate silu(a) * b forward/backward: reference, native, torch.compile, the Triton kernel.
 
 Memory-bound (fwd reads a, b and writes c; bwd reads a, b, dc and writes da, db); the W1/W3/W2
 matmuls around the gate are not part of this op.
@@ -6,14 +6,13 @@ matmuls around the gate are not part of this op.
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPE, PASSES, PROVIDERS, provider_fn, skip_unavailable
+from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 
 from cs336 import ops
 
 pytestmark = pytest.mark.bench
 
-# name: (rows M, width N = d_ff, GPU only). small: 16 x 256 TinyStories tokens at d_ff 1344.
-SHAPES = {"tiny": (64, 256, False), "small": (4096, 1344, False), "large": (16384, 11008, True)}
+SHAPES = OP_SHAPES["swiglu"]  # name: (rows M, width N = d_ff, GPU only)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

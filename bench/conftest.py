@@ -1,64 +1,17 @@
-"""Shared set-up for the benchmark suite (``pytest bench --benchmark-json out.json``).
+"""pytest fixtures of the benchmark suite (``pytest bench --benchmark-json out.json``).
 
 Every benchmark test gets ``extra_info`` filled with the device name and the torch/triton
-versions (autouse fixture), so the JSON says what it was measured on. The ``bench`` fixture
-times one callable with ``benchmark.pedantic`` (warm-up rounds first; CUDA synchronized inside
-the callable through ``cuda_sync``), counts its FLOPs with ``FlopCounterMode`` and derives GB/s,
-FLOP/s and MFU from the median time. ``peak`` is the device's entry in ``cs336.hardware`` on CUDA;
-on the CPU it is measured in this session (a large fp32 matmul and a large copy) and labelled so.
-
-Providers: ``torch`` (the reference path of ``cs336.ops``), ``compile`` (``torch.compile`` of
-that reference) and ``triton`` (the fused kernels; CUDA only, because on the CPU they run only
-under ``TRITON_INTERPRET=1``, which times the interpreter). Shapes marked ``gpu`` are skipped on
-the CPU so a CPU run of the suite ends in minutes.
+versions (autouse fixture), so the JSON says what it was measured on; ``bench`` wraps
+pytest-benchmark's fixture in ``_harness.Bench``; ``peak`` is the device's roof. The helpers the
+bench modules import live in ``_harness.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+from _harness import DEVICE, Bench
 
-from cs336 import flops, hardware, ops
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_CUDA = DEVICE.type == "cuda"
-PROVIDERS = ("torch", "compile", "triton")
-PASSES = ("fwd", "bwd", "fwd+bwd")
-# Low-precision training dtype on GPU; fp32 on the CPU, where bf16 matmuls are not the fast path.
-DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
-# pedantic() settings: (warm-up rounds, timed rounds, calls per round when no setup is needed).
-ROUNDS = (5, 30, 10) if ON_CUDA else (1, 5, 1)
-
-
-def cuda_sync() -> None:
-    if ON_CUDA:
-        torch.cuda.synchronize()
-
-
-def skip_unavailable(provider: str, gpu_only_shape: bool = False) -> None:
-    """Skip with the true reason when ``provider`` or the shape cannot be measured here."""
-    if provider == "triton" and not ON_CUDA:
-        pytest.skip("no CUDA device: Triton kernels run on the CPU only under TRITON_INTERPRET=1, "
-                    "which would time the interpreter, not the kernel")
-    if gpu_only_shape and not ON_CUDA:
-        pytest.skip("shape sized for a GPU; the CPU run keeps to the small shapes")
-
-
-def provider_fn(provider: str, reference: Callable, seam: Callable) -> Callable:
-    """The forward callable for ``provider``: the seam under a backend, or the compiled reference."""
-    if provider == "compile":
-        torch._dynamo.reset()  # a fresh cache, so no earlier test's graphs hit the recompile limit
-        return torch.compile(reference)
-    backend = "triton" if provider == "triton" else "torch"
-
-    def run(*args):
-        with ops.use_backend(backend):
-            return seam(*args)
-    return run
+from cs336 import hardware
 
 
 @pytest.fixture(scope="session")
@@ -75,110 +28,6 @@ def peak() -> hardware.Peak:
 def _fill_extra_info(request, device_info):
     if "benchmark" in request.fixturenames:
         request.getfixturevalue("benchmark").extra_info.update(device_info)
-
-
-@dataclass
-class Bench:
-    benchmark: object
-    provider: str = "torch"
-
-    def record(self, **info) -> None:
-        self.benchmark.extra_info.update(info)
-
-    def checked(self, fn: Callable, *args):
-        """Call ``fn``; for the compile provider a failure to compile becomes a skip naming it."""
-        try:
-            return fn(*args)
-        except Exception as exc:
-            if self.provider != "compile":
-                raise
-            first = (str(exc).strip().splitlines() or [""])[0]
-            pytest.skip(f"torch.compile fails here: {type(exc).__name__}: {first}")
-
-    def time(self, target: Callable, setup: Callable | None = None, *,
-             rounds: tuple[int, int] | None = None) -> float | None:
-        """Median seconds of ``target`` (``setup`` runs untimed before each call when given);
-        None when timing is disabled (``--benchmark-disable``). ``rounds`` = (warm-up, timed)
-        overrides ``ROUNDS``."""
-        warmup, timed, iterations = ROUNDS
-        if rounds is not None:
-            warmup, timed = rounds
-        self.checked(lambda: self.benchmark.pedantic(
-            target, setup=setup, rounds=timed, warmup_rounds=warmup,
-            iterations=1 if setup else iterations))
-        stats = getattr(self.benchmark, "stats", None)
-        return None if stats is None else stats.stats.median
-
-    @staticmethod
-    def count_flops(target: Callable, setup: Callable | None = None) -> int:
-        """FLOPs that FlopCounterMode sees in one call (matmul-like ops only)."""
-        args = setup()[0] if setup else ()
-        with FlopCounterMode(display=False) as counter:
-            target(*args)
-        return counter.get_total_flops()
-
-    def rates(self, seconds: float | None, peak: hardware.Peak | None, *,
-              bytes_moved: int | None = None, flops: int | None = None, mfu: bool = False) -> None:
-        """Record GB/s and FLOP/s for the median time; with ``mfu`` also flops / peak FLOP/s."""
-        if bytes_moved is not None:
-            self.record(bytes_moved=bytes_moved)
-        if seconds is None or seconds <= 0:
-            return
-        self.record(median_s=seconds)
-        if peak is not None:
-            self.record(peak_flops=peak.flops, peak_bandwidth=peak.bandwidth, peak_source=peak.label)
-        if bytes_moved is not None:
-            self.record(gbps=bytes_moved / seconds / 1e9)
-            if peak is not None:
-                self.record(bandwidth_fraction=bytes_moved / seconds / peak.bandwidth)
-        if flops is not None:
-            self.record(achieved_flops_per_s=flops / seconds)
-            if mfu and peak is not None:
-                self.record(mfu=flops / seconds / peak.flops)
-
-    def prepare(self, forward: Callable, inputs: Sequence[torch.Tensor], which: str):
-        """(target, setup) for timing ``forward(*inputs)`` in pass ``which``.
-
-        fwd: the forward with autograd recording, as in training. bwd: the forward runs in
-        ``setup`` (untimed) and the target computes the input gradients with
-        ``torch.autograd.grad``. fwd+bwd: both in the target. The output gradient is drawn once.
-        """
-        leaves = [t for t in inputs if t.requires_grad]
-        grad_out = torch.randn_like(self.checked(forward, *inputs))
-
-        def fwd():
-            out = forward(*inputs)
-            cuda_sync()
-            return out
-
-        def bwd(out):
-            grads = torch.autograd.grad(out, leaves, grad_out)
-            cuda_sync()
-            return grads
-
-        def setup():
-            out = forward(*inputs)
-            cuda_sync()
-            return (out,), {}
-
-        if which == "fwd":
-            return fwd, None
-        if which == "bwd":
-            return bwd, setup
-        return (lambda: bwd(forward(*inputs))), None
-
-    def op(self, op: str, provider: str, which: str, shape: str, forward: Callable,
-           inputs: Sequence[torch.Tensor], peak: hardware.Peak, **dims) -> None:
-        """Time one op/provider/pass/shape and record its analytic and measured costs."""
-        self.provider = provider
-        target, setup = self.prepare(forward, inputs, which)
-        cost = flops.op_cost(op, which, element_bytes=inputs[0].element_size(), **dims)
-        self.record(op=op, provider=provider, shape=shape, **{"pass": which}, dtype=str(inputs[0].dtype),
-                    analytic_flops=cost.flops, analytic_matmul_flops=cost.matmul_flops, **dims)
-        if provider == "torch":
-            self.record(measured_flops=self.count_flops(target, setup),
-                        measured_flops_counts="matmul-like ops only (FlopCounterMode)")
-        self.rates(self.time(target, setup), peak, bytes_moved=cost.bytes, flops=cost.flops)
 
 
 @pytest.fixture

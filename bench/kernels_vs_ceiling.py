@@ -1,19 +1,26 @@
-"""Each Triton kernel against eager PyTorch, torch.compile and the copy-bandwidth ceiling.
+"""Each Triton kernel against the other providers of the seam, torch.compile, Liger-Kernel and
+the copy-bandwidth ceiling.
 
     python bench/kernels_vs_ceiling.py --out bench/RESULTS-kernels.md
-    python bench/kernels_vs_ceiling.py --out r.md --dtype fp32 --providers triton,eager
+    python bench/kernels_vs_ceiling.py --out r.md --dtype fp32 --providers triton,torch
 
 Needs a CUDA device. For every kernel (RMSNorm, SwiGLU gate, cross-entropy, fused linear
 cross-entropy, AdamW) and pass (fwd, bwd; fwd+bwd for the fused LM head, one step for AdamW) it
-times, with ``triton.testing.do_bench`` (median): the Triton kernel, the eager reference from
-``cs336.ops`` / ``cs336.nn_utils``, ``torch.compile`` of that reference, and where PyTorch has
-its own fused op, that op. The ceiling is the device-to-device copy bandwidth measured in the
-same run (``dst.copy_(src)`` of 1 GiB: read + write). GB/s counts the bytes the op must move at
-minimum (each input read once, each output written once), so every provider is credited with the
-same bytes and the GB/s ratio equals the speed ratio. Writes a markdown table (atomically).
+times, with ``triton.testing.do_bench`` (median), the providers of ``bench/_harness.py``:
+``triton`` (this package's kernel), ``torch`` (the eager reference definition), ``native``
+(PyTorch's fused op, ``cs336.ops``' native branch) and ``compile`` (``torch.compile`` of the
+reference), plus ``liger`` (Liger-Kernel's Triton op) where the ``liger_kernel`` package is
+installed (it is not a dependency; a failing Liger call is reported in the row, not fatal).
+Shapes are the ``small`` and ``large`` entries of ``_harness.OP_SHAPES`` (AdamW: the parameter
+tensors of the GPT-2-small ``TransformerLM``). The ceiling is the device-to-device copy bandwidth
+measured in the same run (``dst.copy_(src)`` of 1 GiB: read + write). GB/s counts the bytes the
+op must move at minimum, ``cs336.flops.op_cost`` (each input read once, each output written
+once), so every provider is credited with the same bytes and the GB/s ratio equals the speed
+ratio. Writes a markdown table (atomically, ``cs336.fileio``).
 
-``--smoke`` runs tiny shapes on whatever device is present (the CPU needs TRITON_INTERPRET=1)
-with a wall-clock timer, to check the script end to end; its numbers are not measurements.
+``--smoke`` runs the ``tiny`` shapes on whatever device is present (the CPU needs
+TRITON_INTERPRET=1) with a wall-clock timer, to check the script end to end; its numbers are not
+measurements.
 """
 
 from __future__ import annotations
@@ -22,14 +29,21 @@ import argparse
 import datetime as dt
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-PROVIDERS = ("triton", "eager", "compile", "torch-fused")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: the shared harness
+
+from _harness import shapes_for  # noqa: E402
+
+from cs336 import flops, ops  # noqa: E402
+from cs336.config import model_preset  # noqa: E402
+from cs336.fileio import atomic_write_text  # noqa: E402
+
+PROVIDERS = ("triton", "torch", "native", "compile", "liger")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -100,81 +114,119 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
-def bench_elementwise(name, providers, make_inputs, ref, kernel, fwd_bytes, bwd_bytes, shape_text, timer, device):
-    """fwd and bwd rows for an op whose inputs all get gradients (RMSNorm, SwiGLU)."""
+def compiled(fn: Callable) -> Callable:
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
+def liger_op(name: str) -> Callable | None:
+    """Liger-Kernel's op for ``name`` (called as ``f(*inputs)``), or None where not installed."""
+    try:
+        if name == "rms_norm":
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            return lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-5)
+        if name == "swiglu":
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            return LigerSiLUMulFunction.apply
+        if name == "cross_entropy":
+            from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+
+            return lambda z, t: _first(LigerCrossEntropyFunction.apply(z, t))
+        if name == "linear_cross_entropy":
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+            return lambda h, w, t: _first(LigerFusedLinearCrossEntropyFunction.apply(h, w, t))
+    except ImportError:
+        return None
+    return None
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def implementations(name: str, providers: list[str]) -> dict[str, Callable]:
+    """provider -> callable for op ``name`` (the seam's functions under each backend)."""
+    seam = {"rms_norm": lambda x, w: ops.rms_norm(x, w, 1e-5), "swiglu": ops.swiglu,
+            "cross_entropy": ops.cross_entropy, "linear_cross_entropy": ops.linear_cross_entropy}[name]
+    reference = {"rms_norm": lambda x, w: ops.rms_norm_reference(x, w, 1e-5), "swiglu": ops.swiglu_reference,
+                 "cross_entropy": ops.nn_utils.cross_entropy,
+                 "linear_cross_entropy": ops.linear_cross_entropy_reference}[name]
+    fns: dict[str, Callable] = {}
+    for provider in providers:
+        if provider in ("triton", "torch", "native"):
+            fns[provider] = (lambda backend: lambda *a: _under(backend, seam, *a))(provider)
+        elif provider == "compile":
+            fns[provider] = compiled(reference)
+        elif provider == "liger" and liger_op(name) is not None:
+            fns[provider] = liger_op(name)
+    return fns
+
+
+def _under(backend: str, fn: Callable, *args):
+    with ops.use_backend(backend):
+        return fn(*args)
+
+
+def _error(exc: Exception) -> str:
+    return f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
+
+
+def op_shapes(name: str, smoke: bool) -> dict[str, tuple]:
+    """The benchmark suite's shapes for ``name``: tiny in smoke runs, otherwise the rest."""
+    shapes = shapes_for(name, on_gpu=True)
+    return {"tiny": shapes["tiny"]} if smoke else {k: v for k, v in shapes.items() if k != "tiny"}
+
+
+def bench_elementwise(name, providers, dtype, device, timer, smoke):
+    """fwd and bwd rows for RMSNorm or the SwiGLU gate (every input gets a gradient)."""
     rows = []
-    fns = {"triton": kernel, "eager": ref, "compile": compiled(ref) if "compile" in providers else None}
-    for provider in (p for p in ("triton", "eager", "compile") if p in providers):
-        inputs = make_inputs()
-        fn = fns[provider]
-        fwd = Row(name, "fwd", shape_text, provider, fwd_bytes)
-        bwd = Row(name, "bwd", shape_text, provider, bwd_bytes)
-        try:
-            with torch.no_grad():
-                fwd.ms = timer(lambda: fn(*inputs))
-            out = fn(*inputs)
-            dy = torch.randn_like(out)
-            bwd.ms = timer(grad_fn(out, [t for t in inputs if t.requires_grad], dy))
-        except Exception as exc:  # a provider that fails is reported, not fatal
-            fwd.note = bwd.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        rows += [fwd, bwd]
+    es = torch.finfo(dtype).bits // 8
+    for M, N in op_shapes(name, smoke).values():
+        def make():
+            if name == "rms_norm":
+                return [torch.randn(M, N, device=device, dtype=dtype, requires_grad=True),
+                        torch.randn(N, device=device, dtype=dtype, requires_grad=True)]
+            return [torch.randn(M, N, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
+
+        fwd_bytes = flops.op_cost(name, "fwd", M=M, N=N, element_bytes=es).bytes
+        bwd_bytes = flops.op_cost(name, "bwd", M=M, N=N, element_bytes=es).bytes
+        for provider, fn in implementations(name, providers).items():
+            inputs = make()
+            fwd = Row(name, "fwd", f"{M}x{N}", provider, fwd_bytes)
+            bwd = Row(name, "bwd", f"{M}x{N}", provider, bwd_bytes)
+            try:
+                with torch.no_grad():
+                    fwd.ms = timer(lambda: fn(*inputs))
+                out = fn(*inputs)
+                bwd.ms = timer(grad_fn(out, [t for t in inputs if t.requires_grad], torch.randn_like(out)))
+            except Exception as exc:  # a provider that fails is reported, not fatal
+                fwd.note = bwd.note = _error(exc)
+            rows += [fwd, bwd]
     return rows
 
 
 def bench_rms_norm(providers, dtype, device, timer, smoke):
-    from cs336.ops import rms_norm_reference
-    from kernels.rms_norm import rms_norm
-
-    rows = []
-    for M, N in ([(64, 96)] if smoke else [(16384, 4096), (4096, 16384), (32768, 1024)]):
-        es = torch.finfo(dtype).bits // 8
-
-        def make():
-            return [torch.randn(M, N, device=device, dtype=dtype, requires_grad=True),
-                    torch.randn(N, device=device, dtype=dtype, requires_grad=True)]
-
-        rows += bench_elementwise(
-            "rms_norm", providers, make, lambda x, w: rms_norm_reference(x, w, 1e-5),
-            lambda x, w: rms_norm(x, w, 1e-5), 2 * M * N * es, 3 * M * N * es, f"{M}x{N}", timer, device)
-    return rows
+    return bench_elementwise("rms_norm", providers, dtype, device, timer, smoke)
 
 
 def bench_swiglu(providers, dtype, device, timer, smoke):
-    from cs336.ops import swiglu_reference
-    from kernels.swiglu import swiglu
-
-    rows = []
-    for M, N in ([(64, 100)] if smoke else [(8192, 11008), (16384, 3072)]):
-        es = torch.finfo(dtype).bits // 8
-
-        def make():
-            return [torch.randn(M, N, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
-
-        rows += bench_elementwise("swiglu", providers, make, swiglu_reference, swiglu,
-                                  3 * M * N * es, 5 * M * N * es, f"{M}x{N}", timer, device)
-    return rows
+    return bench_elementwise("swiglu", providers, dtype, device, timer, smoke)
 
 
 def bench_cross_entropy(providers, dtype, device, timer, smoke):
-    import torch.nn.functional as F
-
-    from cs336.nn_utils import cross_entropy as reference
-    from kernels.cross_entropy import cross_entropy
-
     rows = []
-    for M, V in ([(32, 300)] if smoke else [(8192, 50257), (16384, 32000)]):
-        es = torch.finfo(dtype).bits // 8
+    es = torch.finfo(dtype).bits // 8
+    for M, V in op_shapes("cross_entropy", smoke).values():
         targets = torch.randint(0, V, (M,), device=device)
-        fns = {"triton": cross_entropy, "eager": reference,
-               "compile": compiled(reference) if "compile" in providers else None,
-               "torch-fused": lambda x, t: F.cross_entropy(x.float(), t)}
-        for provider in (p for p in PROVIDERS if p in providers):
-            fn = fns[provider]
+        for provider, fn in implementations("cross_entropy", providers).items():
             logits = torch.randn(M, V, device=device, dtype=dtype, requires_grad=True)
-            fwd = Row("cross_entropy", "fwd", f"{M}x{V}", provider, M * V * es)
-            bwd = Row("cross_entropy", "bwd", f"{M}x{V}", provider, 2 * M * V * es)
-            if provider == "torch-fused":
-                fwd.note = bwd.note = "F.cross_entropy on fp32 logits"
+            fwd = Row("cross_entropy", "fwd", f"{M}x{V}", provider,
+                      flops.op_cost("cross_entropy", "fwd", M=M, N=V, element_bytes=es).bytes)
+            bwd = Row("cross_entropy", "bwd", f"{M}x{V}", provider,
+                      flops.op_cost("cross_entropy", "bwd", M=M, N=V, element_bytes=es).bytes)
             try:
                 with torch.no_grad():
                     fwd.ms = timer(lambda: fn(logits, targets))
@@ -182,28 +234,23 @@ def bench_cross_entropy(providers, dtype, device, timer, smoke):
                 bwd.ms = timer(grad_fn(loss, [logits], torch.ones_like(loss)))
                 fwd.peak_mib = peak_memory_mib(lambda: torch.autograd.grad(fn(logits, targets), [logits]), device)
             except Exception as exc:
-                fwd.note = bwd.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                fwd.note = bwd.note = _error(exc)
             rows += [fwd, bwd]
     return rows
 
 
 def bench_linear_cross_entropy(providers, dtype, device, timer, smoke):
-    from cs336.ops import linear_cross_entropy_reference as reference
-    from kernels.cross_entropy import linear_cross_entropy
-
     rows = []
-    for M, C, V in ([(64, 32, 300)] if smoke else [(8192, 768, 50257), (16384, 1024, 32000)]):
-        es = torch.finfo(dtype).bits // 8
+    es = torch.finfo(dtype).bits // 8
+    for M, C, V in op_shapes("linear_cross_entropy", smoke).values():
         targets = torch.randint(0, V, (M,), device=device)
         h = torch.randn(M, C, device=device, dtype=dtype, requires_grad=True)
         w = (torch.randn(V, C, device=device) / C**0.5).to(dtype).requires_grad_(True)
-        fns = {"triton": linear_cross_entropy, "eager": reference,
-               "compile": compiled(reference) if "compile" in providers else None}
-        for provider in (p for p in ("triton", "eager", "compile") if p in providers):
-            fn = fns[provider]
-            # Bytes of the inputs and gradients only (h, W, dh, dW): the fused op's point is
-            # that the logits never reach memory in full.
-            row = Row("linear_cross_entropy", "fwd+bwd", f"{M}x{C} @ {V}x{C}", provider, 2 * (M * C + V * C) * es)
+        # Bytes of the inputs and gradients only (h, W, targets, dh, dW): the fused op's point
+        # is that the logits never reach memory in full.
+        cost = flops.op_cost("linear_cross_entropy", "fwd+bwd", M=M, N=V, K=C, element_bytes=es)
+        for provider, fn in implementations("linear_cross_entropy", providers).items():
+            row = Row("linear_cross_entropy", "fwd+bwd", f"{M}x{C} @ {V}x{C}", provider, cost.bytes)
             row.note = "matmul-bound; GB/s not meaningful"
 
             def step():
@@ -213,47 +260,40 @@ def bench_linear_cross_entropy(providers, dtype, device, timer, smoke):
                 row.ms = timer(step)
                 row.peak_mib = peak_memory_mib(step, device)
             except Exception as exc:
-                row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                row.note = _error(exc)
             rows.append(row)
     return rows
 
 
 def bench_adamw(providers, dtype, device, timer, smoke):
-    from cs336.ops import adamw_step_reference_
-    from kernels.adamw import adamw_step_
+    from cs336.model import TransformerLM
 
-    # GPT-2 small's parameter tensors (124M): embeddings, 12 x (4 attention + 3 FFN + 2 norm), head.
-    shapes = [(50257, 768)] + [(768, 768)] * 48 + [(3072, 768)] * 24 + [(768, 3072)] * 12 + [(768,)] * 25
-    shapes.append((50257, 768))
+    cfg = model_preset("gpt2-small")
+    shapes = [p.shape for p in TransformerLM.from_config(cfg, device="meta").parameters()]
     if smoke:
         shapes = [(300, 32), (32, 32), (32,), (5,)]
     n = sum(torch.Size(s).numel() for s in shapes)
     hyper = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    label = "gpt2-small" if not smoke else "tiny"
     rows = []
-    for provider in (p for p in PROVIDERS if p in providers):
-        params = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+    for provider in (p for p in PROVIDERS if p in providers and p != "liger"):
+        # fp32 parameters and state whatever --dtype, the case op_cost's bytes describe.
+        params = [torch.randn(s, device=device) for s in shapes]
         grads = [torch.randn_like(p) for p in params]
         m = [torch.zeros(s, device=device) for s in shapes]
         v = [torch.zeros(s, device=device) for s in shapes]
-        es = torch.finfo(dtype).bits // 8
-        row = Row("adamw", "step", f"{len(shapes)} tensors, {n / 1e6:.1f}M params", provider,
-                  n * (3 * es + 4 * 4))  # read p, g, m, v; write p, m, v (state fp32)
+        row = Row("adamw", "step", f"{label}: {len(shapes)} tensors, {n / 1e6:.1f}M params", provider,
+                  flops.op_cost("adamw", "fwd", M=n, N=0).bytes)
         try:
-            if provider == "triton":
-                fn = lambda: adamw_step_(params, grads, m, v, step=10, **hyper)  # noqa: E731
-            elif provider in ("eager", "compile"):
-                ref = compiled(adamw_step_reference_) if provider == "compile" else adamw_step_reference_
+            if provider == "compile":
+                ref = compiled(ops.adamw_step_reference_)
                 fn = lambda: ref(params, grads, m, v, step=10, **hyper)  # noqa: E731
             else:
-                row.note = "torch.optim.AdamW(fused=True): decay before the update, not Algorithm 2"
-                leaves = [torch.nn.Parameter(p) for p in params]
-                for leaf, g in zip(leaves, grads):
-                    leaf.grad = g
-                opt = torch.optim.AdamW(leaves, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-                fn = opt.step
+                fn = lambda: ops.adamw_step_(params, grads, m, v, step=10, **hyper, backend=provider)  # noqa: E731
+            row.note = "fp32 params and state"
             row.ms = timer(fn)
         except Exception as exc:
-            row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            row.note = _error(exc)
         rows.append(row)
     return rows
 
@@ -268,11 +308,11 @@ BENCHES = {
 
 
 def render(rows: list[Row], meta: dict, copy_gbs: float) -> str:
-    lines = [f"# Kernels vs eager, torch.compile and the copy ceiling ({meta['device']})", ""]
+    lines = [f"# Kernels vs the seam's providers, torch.compile, Liger and the copy ceiling ({meta['device']})", ""]
     for key, value in meta.items():
         lines.append(f"- {key}: {value}")
     lines.append(f"- copy bandwidth (dst.copy_(src), read + write): {copy_gbs:.1f} GB/s")
-    lines += ["", "| kernel | pass | shape | provider | time (us) | GB/s | % of copy | x eager | "
+    lines += ["", "| kernel | pass | shape | provider | time (us) | GB/s | % of copy | x torch | "
               "x compile | peak MiB | note |", "|" + " --- |" * 11]
     by_key = {(r.kernel, r.pass_, r.shape, r.provider): r for r in rows}
     for r in rows:
@@ -287,18 +327,10 @@ def render(rows: list[Row], meta: dict, copy_gbs: float) -> str:
 
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
         lines.append(f"| {r.kernel} | {r.pass_} | {r.shape} | {r.provider} | {r.ms * 1e3:.1f} | {gbs:.1f} | "
-                     f"{100 * gbs / copy_gbs:.0f}% | {speedup('eager')} | {speedup('compile')} | {peak} | {r.note} |")
-    lines += ["", "x eager / x compile: that provider's time divided by this row's (above 1: this row is "
+                     f"{100 * gbs / copy_gbs:.0f}% | {speedup('torch')} | {speedup('compile')} | {peak} | {r.note} |")
+    lines += ["", "x torch / x compile: that provider's time divided by this row's (above 1: this row is "
               "faster). GB/s: minimum bytes moved / time.", ""]
     return "\n".join(lines)
-
-
-def write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".kernels_vs_ceiling.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv):
@@ -327,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
               "on the CPU; its numbers are not measurements).", file=sys.stderr)
         sys.exit(2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if device.type == "cpu" and not ops.triton_interpreted():
         print("kernels_vs_ceiling: --smoke on the CPU needs TRITON_INTERPRET=1 in the environment",
               file=sys.stderr)
         sys.exit(2)
@@ -335,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     providers = list(args.providers)
     if device.type == "cpu" and "compile" in providers:
         providers.remove("compile")  # inductor on the CPU would time C++ compilation, not kernels
+    if "liger" in providers and liger_op("rms_norm") is None:
+        providers.remove("liger")
+        print("kernels_vs_ceiling: liger_kernel is not installed; skipping the liger provider", file=sys.stderr)
     timer = Timer(args.smoke, device)
     import triton
 
@@ -351,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += BENCHES[name](providers, dtype, device, timer, args.smoke)
         print(f"{name}: {sum(r.ms is not None for r in rows)} timings so far", file=sys.stderr)
     text = render(rows, meta, copy_gbs)
-    write_atomic(args.out, text)
+    atomic_write_text(args.out, text)
     print(text)
     timed = [r for r in rows if r.ms is not None]
     print(f"kernels_vs_ceiling: {len(timed)} timings, copy ceiling {copy_gbs:.0f} GB/s, written to {args.out}")

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from cs336.fileio import atomic_open, atomic_write_text
 
 
 def load(path: Path) -> list[dict]:
@@ -76,6 +77,14 @@ def markdown(benchmarks: list[dict]) -> str:
                 f"{dtype} | {median * 1e3:.4g} | {_fmt(e.get('gbps'))} | {pct_bw} | "
                 f"{_fmt(flop_rate, 1e9)} | {mfu} | {_fmt(e.get('tokens_per_s'), 1, 4)} | {measured} |")
         lines.append("")
+        pairs = [b["extra_info"] for b in rows if "speed_ratio" in b["extra_info"]]
+        if pairs:
+            lines += ["| train step vs nanoGPT | shape | batch | project tokens/s | nanoGPT tokens/s | "
+                      "ratio (nanoGPT time / project time) |", "|---|---|---:|---:|---:|---:|"]
+            lines += [f"| {e['mode']} ({e['provider']}) | {e['shape']} | {e['batch_size']} | "
+                      f"{_fmt(e['tokens_per_s'], 1, 4)} | {_fmt(e['nanogpt_tokens_per_s'], 1, 4)} | "
+                      f"{e['speed_ratio']:.3f} |" for e in pairs]
+            lines.append("")
     if others:
         lines += ["| other benchmark | median s |", "|---|---:|"]
         lines += [f"| {b['name']} | {b['stats']['median']:.4g} |" for b in others]
@@ -99,7 +108,7 @@ def plot(benchmarks: list[dict], png: Path) -> None:
     if peak_f and peak_b:
         xs = [2.0 ** (k / 8) for k in range(-48, 97)]  # 1/64 .. 4096 FLOP/byte
         roof_ax.loglog(xs, [min(peak_f, x * peak_b) for x in xs], "k-", label="roof (peak)")
-    markers = {"torch": "o", "compile": "s", "triton": "^"}
+    markers = {"torch": "o", "native": "D", "compile": "s", "triton": "^"}
     for op in sorted({e["op"] for e in points}):
         for provider, marker in markers.items():
             sel = [e for e in points if e["op"] == op and e["provider"] == provider]
@@ -120,10 +129,9 @@ def plot(benchmarks: list[dict], png: Path) -> None:
     bar_ax.tick_params(axis="y", labelsize=6)
     bar_ax.invert_yaxis()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.stem}.tmp{png.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(png, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,9 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.md is None:
         print(table)
     else:
-        tmp = args.md.with_name(f".{args.md.name}.tmp")
-        tmp.write_text(table, encoding="utf-8")
-        os.replace(tmp, args.md)
+        atomic_write_text(args.md, table)
     if args.png is not None:
         plot(benchmarks, args.png)
 

@@ -47,13 +47,6 @@ def kernel_backends() -> tuple[str, ...]:
     return BACKENDS
 
 
-def __getattr__(name: str):
-    # ``KERNEL_BACKENDS`` is the name cs336.model imports; it is ops.BACKENDS, not a copy.
-    if name == "KERNEL_BACKENDS":
-        return kernel_backends()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass
 class ModelConfig:
     vocab_size: int = 10_000
@@ -73,7 +66,8 @@ class ModelConfig:
     eps: float = 1e-5
     """RMSNorm epsilon."""
     kernels: str = "auto"
-    """Kernel backend of the model and its optimizer step (cs336.ops.BACKENDS; auto picks per device)."""
+    """Kernel provider of the model and its optimizer step (cs336.ops.BACKENDS): auto (triton on
+    CUDA, else native) | torch (the CS336 reference) | native (PyTorch fused ops) | triton."""
     remove_rmsnorm: bool = False
     """Ablation: drop every RMSNorm in the blocks (the final norm too)."""
     use_post_norm: bool = False

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from cs336 import ops
-from cs336.config import KERNEL_BACKENDS, ModelConfig
+from cs336.config import ModelConfig
 from cs336.layers import (Embedding, KVCache, LayerKVCache, Linear, MultiHeadSelfAttention, NoNorm,
                           RMSNorm, RotaryPositionalEmbedding, SiLUFFN, SwiGLU,
                           scaled_dot_product_attention, silu, softmax)
@@ -123,13 +123,13 @@ class TransformerLM(nn.Module):
 
     @property
     def kernels(self) -> str:
-        """The kernel backend this model runs under (``auto``, ``torch`` or ``triton``)."""
+        """The kernel backend this model runs under (``auto``, ``torch``, ``native`` or ``triton``)."""
         return self.config.kernels
 
     @kernels.setter
     def kernels(self, name: str) -> None:
-        if name not in KERNEL_BACKENDS:
-            raise ValueError(f"kernels={name!r}; valid choices: {', '.join(KERNEL_BACKENDS)}")
+        if name not in ops.BACKENDS:
+            raise ValueError(f"kernels={name!r}; valid choices: {', '.join(ops.BACKENDS)}")
         self.config.kernels = name
 
     @classmethod

@@ -1,14 +1,24 @@
-"""The dispatch seam: the one place that chooses reference PyTorch or fused Triton kernels.
+"""The dispatch seam: the one place that chooses how RMSNorm, SwiGLU, attention, the loss and AdamW run.
 
 Model and optimizer code call only the functions here (``rms_norm``, ``swiglu``, ``attention``,
 ``cross_entropy``, ``linear_cross_entropy``, ``adamw_step_``); no other file branches on the
-backend. The torch branch is the definition; the Triton branch (package ``kernels``) must match it
-forward and backward (tests/parity).
+backend. Providers:
 
-Backends: ``torch``, ``triton``, or ``auto`` (Triton where a CUDA device is present, torch
-elsewhere). Select one with ``set_backend(name)`` or, scoped, ``with use_backend(name): ...``;
-``TransformerLM(kernels=...)`` uses the latter around its forward pass. Triton kernels run on the
-CPU only under ``TRITON_INTERPRET=1`` (slowly; that is how parity is tested without a GPU).
+- ``torch``: the CS336 definitions, written from tensor ops (the ``*_reference`` functions here
+  and in ``cs336.nn_utils``). The definition every other provider must match, forward and
+  backward (tests/parity, one tolerance table).
+- ``native``: PyTorch's own fused operations: ``F.scaled_dot_product_attention``,
+  ``F.rms_norm``, ``F.silu(a) * b``, ``F.cross_entropy``, and an AdamW step from
+  ``torch._foreach_*`` multi-tensor ops in the reference's order (Algorithm 2: decay after the
+  update). Half-precision inputs are upcast to fp32 where the reference computes in fp32, so the
+  result is rounded once, as the reference's is. The fastest path where there is no GPU.
+- ``triton``: this package's kernels (package ``kernels``), registered as custom ops.
+- ``auto``: ``triton`` where a CUDA device is present and the kernels import, ``native`` elsewhere.
+
+Select one with ``set_backend(name)`` or, scoped, ``with use_backend(name): ...``;
+``TransformerLM(kernels=...)`` uses the latter around its forward pass and the trainer around the
+optimizer step. Triton kernels run on the CPU only under ``TRITON_INTERPRET=1`` (slowly; that is
+how parity is tested without a GPU).
 """
 
 from __future__ import annotations
@@ -19,10 +29,12 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from cs336 import nn_utils
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 _backend = "auto"
 
@@ -38,7 +50,7 @@ def _check_name(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide backend (``auto``, ``torch`` or ``triton``)."""
+    """Set the process-wide backend (one of ``BACKENDS``)."""
     global _backend
     _backend = _check_name(name)
 
@@ -68,16 +80,16 @@ def triton_interpreted() -> bool:
 
 
 def resolve_backend(name: str | None = None) -> str:
-    """Map ``auto`` to ``triton`` (CUDA present) or ``torch``; check that ``triton`` can run."""
+    """Map ``auto`` to ``triton`` (CUDA present) or ``native``; check that ``triton`` can run."""
     name = _check_name(name or _backend)
     if name == "auto":
-        return "triton" if torch.cuda.is_available() and _kernels_importable() else "torch"
+        return "triton" if torch.cuda.is_available() and _kernels_importable() else "native"
     if name == "triton":
         if not torch.cuda.is_available() and not triton_interpreted():
             raise BackendError(
                 "--kernels triton needs a CUDA device, and none is visible. Either run on a GPU, "
                 "set TRITON_INTERPRET=1 to run the Triton kernels on the CPU (slow; for testing), "
-                "or use --kernels auto / torch to run the reference PyTorch path."
+                "or use --kernels native (PyTorch's fused ops) / torch (the reference definitions)."
             )
         _kernels_module("rms_norm")  # raises a clear error if triton or our package is missing
     return name
@@ -116,20 +128,24 @@ def _kernels_module(name: str):
         return importlib.import_module(f"kernels.{name}")
     except ImportError as exc:
         raise BackendError(f"the Triton kernels cannot be imported ({exc}); install triton "
-                           "(`pip install triton`) or use --kernels torch") from None
+                           "(`pip install triton`) or use --kernels native") from None
 
 
-def _use_triton(*tensors: torch.Tensor) -> bool:
+def _provider(*tensors: torch.Tensor) -> str:
+    """The effective provider for a call on ``tensors``: ``torch``, ``native`` or ``triton``."""
     backend = resolve_backend()
-    if backend != "triton":
-        return False
-    for t in tensors:
-        if t.device.type != "cuda" and not triton_interpreted():
-            raise BackendError(
-                f"Triton kernels got a tensor on {t.device}; move the model and data to a CUDA "
-                "device, set TRITON_INTERPRET=1 for CPU testing, or use --kernels torch"
-            )
-    return True
+    if backend == "triton":
+        for t in tensors:
+            if t.device.type != "cuda" and not triton_interpreted():
+                raise BackendError(
+                    f"Triton kernels got a tensor on {t.device}; move the model and data to a CUDA "
+                    "device, set TRITON_INTERPRET=1 for CPU testing, or use --kernels native"
+                )
+    return backend
+
+
+def _fp32_if_half(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32) if t.dtype in _LOW_PRECISION else t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,12 +174,17 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     mask = None
     if causal:
+        _check_causal(q, k)
         t_q, t_k = q.shape[-2], k.shape[-2]
-        if t_q != t_k:
-            raise ValueError(f"causal attention needs as many queries as keys; got T_q={t_q}, "
-                             f"T_k={t_k} (pass causal=False for cross-length attention)")
         mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()  # (T, T)
     return nn_utils.scaled_dot_product_attention(q, k, v, mask)
+
+
+def _check_causal(q: torch.Tensor, k: torch.Tensor) -> None:
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if t_q != t_k:
+        raise ValueError(f"causal attention needs as many queries as keys; got T_q={t_q}, "
+                         f"T_k={t_k} (pass causal=False for cross-length attention)")
 
 
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -195,38 +216,144 @@ def adamw_step_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.
 
 
 # ---------------------------------------------------------------------------------------------
+# Native definitions (the native branch): PyTorch's fused operations, held to the references.
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.rms_norm`` in fp32 (half inputs upcast, as the reference), returned in x.dtype."""
+    x32, w32 = _fp32_if_half(x), _fp32_if_half(weight)
+    return F.rms_norm(x32, (x.shape[-1],), w32.to(x32.dtype), eps).to(x.dtype)
+
+
+def swiglu_native(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.silu(a) * b``; fp16/bf16 inputs computed in fp32 and rounded once."""
+    return (F.silu(_fp32_if_half(a)) * _fp32_if_half(b)).to(a.dtype)
+
+
+def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (scale 1/sqrt(d), top-left causal mask when asked)."""
+    if causal:
+        _check_causal(q, k)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def cross_entropy_native(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``F.cross_entropy`` over flattened positions in fp32: the mean over non-ignored targets."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"cross_entropy: logits shape {tuple(logits.shape)} needs targets of shape "
+            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    flat = logits.reshape(-1, logits.shape[-1]).to(torch.float32)  # (N, V)
+    return F.cross_entropy(flat, targets.reshape(-1).long(), ignore_index=ignore_index)
+
+
+def linear_cross_entropy_native(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                ignore_index: int = -100) -> torch.Tensor:
+    """``F.linear`` (the LM head) then ``cross_entropy_native``; the logits are materialized."""
+    return cross_entropy_native(F.linear(h, weight), targets, ignore_index)
+
+
+@torch.no_grad()
+def adamw_step_native_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
+                       step: int, lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float) -> None:
+    """``adamw_step_reference_`` with PyTorch's multi-tensor AdamW kernels, in Algorithm 2's order.
+
+    Tensors are grouped by device and dtypes. A group whose tensors share one dtype and are
+    contiguous goes through ``torch._fused_adamw_`` (one pass over memory on the CPU and CUDA),
+    whose arguments are chosen so that its update is Algorithm 2's. With bc_i = 1 - b_i^t, that
+    kernel computes ``m <- m + (1-b1)(g - m)`` (= b1 m + (1-b1) g), ``v <- b2 v + (1-b2) g^2``,
+    ``p <- p (1 - lr' wd')`` (torch decays first), then
+    ``p <- p - (lr' / bc1) m / (sqrt(v) / sqrt(bc2) + eps')``. Algorithm 2 decays after the update:
+    ``p <- (p - a_t u)(1 - c)`` with ``u = m / (sqrt(v) + eps)``, ``a_t = lr sqrt(bc2) / bc1`` and
+    ``c = lr wd``, i.e. ``p (1 - c) - a_t (1 - c) u``. Passing ``eps' = eps / sqrt(bc2)`` makes the
+    kernel's denominator ``(sqrt(v) + eps) / sqrt(bc2)``, so its step is ``lr' sqrt(bc2) / bc1 u``;
+    ``lr' = lr (1 - c)`` makes that ``a_t (1 - c) u``, and ``wd' = wd / (1 - c)`` keeps
+    ``lr' wd' = c``. The two agree up to rounding (tests/parity). Other groups (mixed dtypes,
+    non-contiguous views, or ``c >= 1``) use ``torch._foreach_*`` ops in the reference's order.
+    """
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    step_size = lr * bias_correction2 ** 0.5 / bias_correction1
+    groups: dict[tuple, tuple[list, list, list, list]] = {}
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        key = (p.device, p.dtype, g.dtype, m.dtype, v.dtype,
+               all(t.is_contiguous() for t in (p, g, m, v)))
+        for bucket, t in zip(groups.setdefault(key, ([], [], [], [])), (p, g, m, v)):
+            bucket.append(t)
+    for (device, p_dtype, g_dtype, m_dtype, v_dtype, contiguous), (ps, gs, ms, vs) in groups.items():
+        decay = lr * weight_decay
+        if (contiguous and p_dtype == g_dtype == m_dtype == v_dtype and device.type in ("cpu", "cuda")
+                and decay < 1.0):
+            steps = [torch.full((), float(step), dtype=torch.float32, device=device)] * len(ps)
+            torch._fused_adamw_(ps, gs, ms, vs, [], steps, lr=lr * (1.0 - decay), beta1=beta1, beta2=beta2,
+                                weight_decay=weight_decay / (1.0 - decay), eps=eps / bias_correction2 ** 0.5,
+                                amsgrad=False, maximize=False)
+            continue
+        if g_dtype != m_dtype:
+            gs = [g.to(m_dtype) for g in gs]
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, eps)
+        updates = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(updates, step_size)
+        torch._foreach_sub_(ps, [u.to(p_dtype) for u in updates])
+        if weight_decay != 0.0:
+            torch._foreach_add_(ps, ps, alpha=-decay)
+
+
+# ---------------------------------------------------------------------------------------------
 # The seam.
 # ---------------------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    if _use_triton(x, weight):
+    provider = _provider(x, weight)
+    if provider == "triton":
         return _kernels_module("rms_norm").rms_norm(x, weight, eps)
+    if provider == "native":
+        return rms_norm_native(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if _use_triton(a, b):
+    provider = _provider(a, b)
+    if provider == "triton":
         return _kernels_module("swiglu").swiglu(a, b)
+    if provider == "native":
+        return swiglu_native(a, b)
     return swiglu_reference(a, b)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs (every backend: the reference, for now)."""
+    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs (triton: the reference, for now)."""
+    if _provider(q, k, v) == "native":
+        return attention_native(q, k, v, causal)
     return attention_reference(q, k, v, causal)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean softmax cross-entropy over all positions whose target is not ``ignore_index``."""
-    if _use_triton(logits):
+    provider = _provider(logits)
+    if provider == "triton":
         return _kernels_module("cross_entropy").cross_entropy(logits, targets, ignore_index)
+    if provider == "native":
+        return cross_entropy_native(logits, targets, ignore_index)
     return nn_utils.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T``; the Triton path never materializes all logits."""
-    if _use_triton(h, weight):
+    provider = _provider(h, weight)
+    if provider == "triton":
         return _kernels_module("cross_entropy").linear_cross_entropy(h, weight, targets, ignore_index)
+    if provider == "native":
+        return linear_cross_entropy_native(h, weight, targets, ignore_index)
     return linear_cross_entropy_reference(h, weight, targets, ignore_index)
 
 
@@ -236,8 +363,13 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 weight_decay: float, backend: str | None = None) -> None:
     """One in-place AdamW step over lists of tensors (see ``adamw_step_reference_``)."""
     kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if not params:
+        return
     with use_backend(backend):
-        if params and _use_triton(*params):
-            _kernels_module("adamw").adamw_step_(params, grads, exp_avgs, exp_avg_sqs, **kwargs)
-            return
-    adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, **kwargs)
+        provider = _provider(*params)
+    if provider == "triton":
+        _kernels_module("adamw").adamw_step_(params, grads, exp_avgs, exp_avg_sqs, **kwargs)
+    elif provider == "native":
+        adamw_step_native_(params, grads, exp_avgs, exp_avg_sqs, **kwargs)
+    else:
+        adamw_step_reference_(params, grads, exp_avgs, exp_avg_sqs, **kwargs)

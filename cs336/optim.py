@@ -9,7 +9,10 @@ Hutter 2019, "Decoupled Weight Decay Regularization"):
 
 The arithmetic lives behind the dispatch seam (``cs336.ops.adamw_step_``): each step hands every
 param group's tensors to it as lists, so the Triton backend updates them in one fused kernel per
-dtype. ``fused=None`` follows the seam's backend, ``True`` forces Triton, ``False`` the reference.
+dtype and the native one in a few ``torch._foreach_*`` calls. ``fused=None`` follows the seam's
+backend in force when ``step()`` runs (the trainer and ``cs336.profile`` step inside
+``ops.use_backend(model kernels)``, so it is the model's backend); ``True`` forces Triton,
+``False`` the reference.
 
 Deviation from ``torch.optim.AdamW``: torch decays the weights before the Adam update
 (``p *= 1 - lr*wd`` first), the handout after it; the two differ by a term of order

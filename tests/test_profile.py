@@ -72,7 +72,7 @@ def test_profile_steps_bad_arguments(tmp_path):
     (["--model.d_model=30", "--model.num_heads=4"], "not divisible"),
     (["--batch-size", "0"], "train.batch_size must be a positive integer"),
     (["--device", "tpu"], "valid choices: auto, cpu, cuda, cuda:N, mps"),
-    (["--kernels", "fast"], "model.kernels='fast'; valid choices: auto, torch"),
+    (["--kernels", "fast"], "model.kernels='fast'; valid choices: auto, torch, native, triton"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:

@@ -1,11 +1,15 @@
-"""Multi-tensor AdamW Triton kernel vs ``cs336.ops.adamw_step_reference_`` over several steps."""
+"""Multi-tensor AdamW providers (Triton kernel, native ``torch._foreach_*`` step) vs
+``cs336.ops.adamw_step_reference_`` over several steps."""
 
 import pytest
 import torch
 
-from cs336.ops import adamw_step_reference_
+from cs336.ops import adamw_step_native_, adamw_step_reference_
 from kernels._common import KernelInputError
 from kernels.adamw import BLOCK_SIZE, adamw_step_
+
+IMPLS = {"triton": adamw_step_, "native": adamw_step_native_}
+PROVIDERS = pytest.mark.parametrize("provider", list(IMPLS))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -27,12 +31,12 @@ def clone_all(tensors):
     return [t.clone() for t in tensors]
 
 
-def run_steps(parity, p_dtype, state_dtype, steps, shapes=SHAPES, hyper=HYPER, op=None):
+def run_steps(parity, p_dtype, state_dtype, steps, shapes=SHAPES, hyper=HYPER, op=None, provider="triton"):
     params, ms, vs = make_state(shapes, p_dtype, state_dtype)
     ref_params, ref_ms, ref_vs = clone_all(params), clone_all(ms), clone_all(vs)
     for step in range(1, steps + 1):
         grads = [torch.randn(p.shape, device=DEVICE).to(p_dtype) for p in params]
-        adamw_step_(params, grads, ms, vs, step=step, **hyper)
+        IMPLS[provider](params, grads, ms, vs, step=step, **hyper)
         adamw_step_reference_(ref_params, grads, ref_ms, ref_vs, step=step, **hyper)
     if op is not None:
         # A loosened entry scales atol by max|expected|: take that over all tensors together, so
@@ -52,18 +56,21 @@ def run_steps(parity, p_dtype, state_dtype, steps, shapes=SHAPES, hyper=HYPER, o
     return params
 
 
-def test_adamw_fp32_tracks_reference_over_steps(parity):
-    params = run_steps(parity, torch.float32, torch.float32, steps=5)
+@PROVIDERS
+def test_adamw_fp32_tracks_reference_over_steps(parity, provider):
+    params = run_steps(parity, torch.float32, torch.float32, steps=5, provider=provider)
     assert all(p.isfinite().all() for p in params)
 
 
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_adamw_half_params_fp32_state_track_reference(parity, p_dtype):
-    run_steps(parity, p_dtype, torch.float32, steps=3, op="adamw_half_params")
+@PROVIDERS
+def test_adamw_half_params_fp32_state_track_reference(parity, p_dtype, provider):
+    run_steps(parity, p_dtype, torch.float32, steps=3, op="adamw_half_params", provider=provider)
 
 
-def test_adamw_bf16_state(parity):
-    run_steps(parity, torch.bfloat16, torch.bfloat16, steps=3, op="adamw_bf16_state")
+@PROVIDERS
+def test_adamw_bf16_state(parity, provider):
+    run_steps(parity, torch.bfloat16, torch.bfloat16, steps=3, op="adamw_bf16_state", provider=provider)
 
 
 @pytest.mark.parametrize("p_dtype,state_dtype,op", [
@@ -72,18 +79,21 @@ def test_adamw_bf16_state(parity):
     (torch.float16, torch.float32, "adamw_half_params"),
     (torch.bfloat16, torch.bfloat16, "adamw_bf16_state"),
 ], ids=["fp32", "bf16_fp32_state", "fp16_fp32_state", "bf16_state"])
-def test_adamw_one_tensor_group(parity, p_dtype, state_dtype, op):
+@PROVIDERS
+def test_adamw_one_tensor_group(parity, p_dtype, state_dtype, op, provider):
     # A dtype group of exactly one tensor: on a GPU its tensor count T == 1 is compiled as a
     # constant (kernels.gpu_check compiles this case for sm_80 and sm_90a; tests/test_gpu_check.py).
-    run_steps(parity, p_dtype, state_dtype, steps=2, shapes=[(37, 29)], op=op)
+    run_steps(parity, p_dtype, state_dtype, steps=2, shapes=[(37, 29)], op=op, provider=provider)
 
 
-def test_adamw_one_scalar_group(parity):
+@PROVIDERS
+def test_adamw_one_scalar_group(parity, provider):
     # One 0-d tensor: T == 1 and a single element (fp32; a lone bf16 m can cancel, see LOOSE).
-    run_steps(parity, torch.float32, torch.float32, steps=3, shapes=[()])
+    run_steps(parity, torch.float32, torch.float32, steps=3, shapes=[()], provider=provider)
 
 
-def test_adamw_mixed_dtype_groups_in_one_call(parity):
+@PROVIDERS
+def test_adamw_mixed_dtype_groups_in_one_call(parity, provider):
     # Tensors of different dtypes are grouped into one launch per dtype combination.
     p32, p16 = torch.randn(50, device=DEVICE), torch.randn(30, device=DEVICE).bfloat16()
     params = [p32, p16]
@@ -91,27 +101,43 @@ def test_adamw_mixed_dtype_groups_in_one_call(parity):
     vs = [torch.zeros_like(p32), torch.zeros(30, device=DEVICE)]
     ref = clone_all(params), clone_all(ms), clone_all(vs)
     grads = [torch.randn_like(p32), torch.randn(30, device=DEVICE).bfloat16()]
-    adamw_step_(params, grads, ms, vs, step=1, **HYPER)
+    IMPLS[provider](params, grads, ms, vs, step=1, **HYPER)
     adamw_step_reference_(*ref[:1], grads, *ref[1:], step=1, **HYPER)
     for a, b, name in zip(params + ms + vs, ref[0] + ref[1] + ref[2], ["p32", "p16", "m32", "m16", "v32", "v16"]):
         parity.assert_close(a, b, f"adamw mixed {name}")
 
 
-def test_adamw_decay_applies_to_updated_param(parity):
+@PROVIDERS
+def test_adamw_decay_applies_to_updated_param(parity, provider):
     # With a zero gradient, m = v = 0 and the update is 0: p becomes p * (1 - lr * wd) exactly.
     p = torch.randn(100, device=DEVICE)
     expected = p - p * (HYPER["lr"] * HYPER["weight_decay"])
-    adamw_step_([p], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)], step=1, **HYPER)
+    IMPLS[provider]([p], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)], step=1, **HYPER)
     parity.assert_close(p, expected, "adamw decay-only step")
 
 
-def test_adamw_non_contiguous_tensors_are_updated_in_place(parity):
+@PROVIDERS
+def test_adamw_decay_follows_the_update(parity, provider):
+    # One step with eps = 0 and a gradient of +-1: the update is a_1 * sign(g) = lr * sign(g), and
+    # Algorithm 2 decays the updated weight, (p - lr sign(g)) (1 - lr wd); torch.optim.AdamW's
+    # order (decay first) would give p (1 - lr wd) - lr sign(g).
+    hyper = {**HYPER, "eps": 0.0}
+    p = torch.tensor([1.0, -2.0, 0.5], device=DEVICE)
+    g = torch.tensor([1.0, -1.0, 1.0], device=DEVICE)
+    lr, wd = hyper["lr"], hyper["weight_decay"]
+    expected = (p - lr * g) * (1 - lr * wd)
+    IMPLS[provider]([p], [g], [torch.zeros_like(p)], [torch.zeros_like(p)], step=1, **hyper)
+    parity.assert_close(p, expected, "adamw decay after the update")
+
+
+@PROVIDERS
+def test_adamw_non_contiguous_tensors_are_updated_in_place(parity, provider):
     base = torch.randn(40, 30, device=DEVICE)
     p = base.t()  # (30, 40) transposed view of base
     m, v = torch.zeros(40, 30, device=DEVICE).t(), torch.zeros(40, 30, device=DEVICE).t()
     ref_p, ref_m, ref_v = p.clone(), m.clone(), v.clone()
     g = torch.randn(30, 40, device=DEVICE)
-    adamw_step_([p], [g], [m], [v], step=3, **HYPER)
+    IMPLS[provider]([p], [g], [m], [v], step=3, **HYPER)
     adamw_step_reference_([ref_p], [g], [ref_m], [ref_v], step=3, **HYPER)
     parity.assert_close(base.t(), ref_p, "adamw non-contiguous param (through its base)")
     parity.assert_close(m, ref_m, "adamw non-contiguous exp_avg")
@@ -132,7 +158,8 @@ def test_adamw_rejects_bad_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_adamw_cuda_many_tensors(parity):
+@PROVIDERS
+def test_adamw_cuda_many_tensors(parity, provider):
     shapes = [(768, 768)] * 24 + [(768,)] * 48 + [(50257, 768), (3, 5), ()]
-    run_steps(parity, torch.float32, torch.float32, steps=10, shapes=shapes)
-    run_steps(parity, torch.bfloat16, torch.float32, steps=1, shapes=shapes)
+    run_steps(parity, torch.float32, torch.float32, steps=10, shapes=shapes, provider=provider)
+    run_steps(parity, torch.bfloat16, torch.float32, steps=1, shapes=shapes, provider=provider)

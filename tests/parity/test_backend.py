@@ -36,20 +36,27 @@ def test_triton_without_cuda_or_interpreter_explains_what_to_do(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "ERROR: --kernels triton needs a CUDA device" in out
-    assert "TRITON_INTERPRET=1" in out and "--kernels auto / torch" in out
+    assert "TRITON_INTERPRET=1" in out and "--kernels native" in out
     assert "SEAM: --kernels triton needs a CUDA device" in out
-    assert "AUTO: torch" in out
+    assert "AUTO: native" in out
 
 
 @NO_CUDA
-def test_auto_resolves_to_torch_on_cpu():
-    assert ops.resolve_backend("auto") == "torch"
+def test_auto_resolves_to_native_on_cpu():
+    assert ops.resolve_backend("auto") == "native"
     with ops.use_backend("auto"):
-        assert ops.resolve_backend() == "torch"
+        assert ops.resolve_backend() == "native"
+
+
+def test_auto_resolves_to_triton_where_cuda_is_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ops.resolve_backend("auto") == "triton"
+    monkeypatch.setitem(sys.modules, "kernels", None)  # CUDA but no importable kernels: native
+    assert ops.resolve_backend("auto") == "native"
 
 
 def test_unknown_backend_is_rejected():
-    with pytest.raises(ops.BackendError, match="unknown kernel backend 'cuda'; valid choices: auto, torch, triton"):
+    with pytest.raises(ops.BackendError, match="unknown kernel backend 'cuda'; valid choices: auto, torch, native, triton"):
         ops.set_backend("cuda")
     with pytest.raises(ops.BackendError, match="unknown kernel backend"):
         with ops.use_backend("fast"):
@@ -65,7 +72,7 @@ def test_wrong_kernels_package_is_named(monkeypatch):
     with pytest.raises(ops.BackendError, match="not cs336-kernels' package.*pip uninstall kernels"):
         ops.resolve_backend("triton")
     if not torch.cuda.is_available():
-        assert ops.resolve_backend("auto") == "torch"
+        assert ops.resolve_backend("auto") == "native"
 
 
 def test_missing_kernels_package_is_named(monkeypatch):
@@ -75,35 +82,60 @@ def test_missing_kernels_package_is_named(monkeypatch):
 
 
 SEAM_CALLS = {
-    "rms_norm": ("rms_norm", lambda: ops.rms_norm(torch.randn(3, 8), torch.ones(8))),
-    "swiglu": ("swiglu", lambda: ops.swiglu(torch.randn(3, 8), torch.randn(3, 8))),
-    "cross_entropy": ("cross_entropy", lambda: ops.cross_entropy(torch.randn(3, 8), torch.tensor([1, 2, 3]))),
-    "linear_cross_entropy": ("cross_entropy", lambda: ops.linear_cross_entropy(
-        torch.randn(3, 4), torch.randn(8, 4), torch.tensor([1, 2, 3]))),
-    "adamw_step_": ("adamw", lambda: ops.adamw_step_(
+    "rms_norm": lambda: ops.rms_norm(torch.randn(3, 8), torch.ones(8)),
+    "swiglu": lambda: ops.swiglu(torch.randn(3, 8), torch.randn(3, 8)),
+    "cross_entropy": lambda: ops.cross_entropy(torch.randn(3, 8), torch.tensor([1, 2, 3])),
+    "linear_cross_entropy": lambda: ops.linear_cross_entropy(
+        torch.randn(3, 4), torch.randn(8, 4), torch.tensor([1, 2, 3])),
+    "adamw_step_": lambda: ops.adamw_step_(
         [torch.zeros(4)], [torch.ones(4)], [torch.zeros(4)], [torch.zeros(4)],
-        step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)),
+        step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0),
 }
+# Per op: (kernels module, native function, reference function as (module, name)).
+IMPLEMENTATIONS = {
+    "rms_norm": ("rms_norm", "rms_norm_native", (ops, "rms_norm_reference")),
+    "swiglu": ("swiglu", "swiglu_native", (ops, "swiglu_reference")),
+    "cross_entropy": ("cross_entropy", "cross_entropy_native", (ops.nn_utils, "cross_entropy")),
+    "linear_cross_entropy": ("cross_entropy", "linear_cross_entropy_native",
+                             (ops, "linear_cross_entropy_reference")),
+    "adamw_step_": ("adamw", "adamw_step_native_", (ops, "adamw_step_reference_")),
+}
+
+
+def _spy(monkeypatch, owner, attr, label, calls):
+    real = getattr(owner, attr)
+
+    def spy(*args, **kwargs):
+        calls.append(label)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, spy)
 
 
 @pytest.mark.parametrize("name", list(SEAM_CALLS))
 def test_seam_dispatches_to_the_selected_backend(monkeypatch, name):
-    module_name, call = SEAM_CALLS[name]
-    module = __import__(f"kernels.{module_name}", fromlist=[name])
-    real = getattr(module, name)
+    kernel_module, native_name, (ref_owner, ref_name) = IMPLEMENTATIONS[name]
     calls = []
+    _spy(monkeypatch, __import__(f"kernels.{kernel_module}", fromlist=[name]), name, "triton", calls)
+    _spy(monkeypatch, ops, native_name, "native", calls)
+    _spy(monkeypatch, ref_owner, ref_name, "torch", calls)
+    for backend in ("torch", "native", "triton"):
+        calls.clear()
+        with ops.use_backend(backend):
+            SEAM_CALLS[name]()
+        assert calls == [backend], f"{name} under {backend} ran {calls}"
 
-    def spy(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, name, spy)
+def test_attention_dispatches_native_to_sdpa(monkeypatch):
+    calls = []
+    _spy(monkeypatch, ops.F, "scaled_dot_product_attention", "sdpa", calls)
+    q, k, v = (torch.randn(2, 5, 8) for _ in range(3))
     with ops.use_backend("torch"):
-        call()
+        ops.attention(q, k, v)
     assert calls == []
-    with ops.use_backend("triton"):
-        call()
-    assert calls == [name]
+    with ops.use_backend("native"):
+        ops.attention(q, k, v)
+    assert calls == ["sdpa"]
 
 
 def test_kernels_are_registered_custom_ops():

@@ -1,4 +1,5 @@
-"""Cross-entropy and fused linear-cross-entropy Triton kernels vs the reference definitions.
+"""Cross-entropy and linear-cross-entropy providers (Triton kernels, native ``F.cross_entropy``)
+vs the reference definitions.
 
 References: ``cs336.nn_utils.cross_entropy`` (mean over non-ignored targets, fp32) and
 ``cs336.ops.linear_cross_entropy_reference`` (``h @ W.T`` then that loss).
@@ -8,9 +9,13 @@ import pytest
 import torch
 
 from cs336.nn_utils import cross_entropy as cross_entropy_reference
-from cs336.ops import linear_cross_entropy_reference
+from cs336.ops import cross_entropy_native, linear_cross_entropy_native, linear_cross_entropy_reference
 from kernels._common import KernelInputError, max_block_size
 from kernels.cross_entropy import cross_entropy, linear_cross_entropy
+
+CE_IMPLS = {"triton": cross_entropy, "native": cross_entropy_native}
+# (provider, block cap): the Triton kernel with one block per row and with a vocab loop.
+CE_VARIANTS = [("triton", None), ("triton", 32), ("native", None)]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
@@ -27,11 +32,11 @@ def make_targets(lead, V, ignore_fraction=0.2):
     return targets
 
 
-def run_ce(parity, logits, targets, block_cap=None, grad_scale=1.7):
+def run_ce(parity, logits, targets, block_cap=None, grad_scale=1.7, provider="triton"):
     lk = parity.leaf(logits)
     g = torch.tensor(grad_scale, device=logits.device)
     with max_block_size(block_cap or 65536):
-        loss = cross_entropy(lk, targets, IGNORE)
+        loss = CE_IMPLS[provider](lk, targets, IGNORE)
         loss.backward(g)
     lr = parity.leaf(logits, torch.float32)
     loss_r = cross_entropy_reference(lr, targets, ignore_index=IGNORE)
@@ -44,35 +49,43 @@ def run_ce(parity, logits, targets, block_cap=None, grad_scale=1.7):
 
 @pytest.mark.parametrize("lead,V", CASES, ids=lambda c: str(c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("block_cap", [None, 32], ids=["one_block", "vocab_loop"])
-def test_cross_entropy_matches_reference(parity, lead, V, dtype, block_cap):
+@pytest.mark.parametrize("provider,block_cap", CE_VARIANTS, ids=["triton_one_block", "triton_vocab_loop", "native"])
+def test_cross_entropy_matches_reference(parity, lead, V, dtype, provider, block_cap):
     logits = (4 * torch.randn(*lead, V, device=DEVICE)).to(dtype)
-    run_ce(parity, logits, make_targets(lead, V), block_cap)
+    run_ce(parity, logits, make_targets(lead, V), block_cap, provider=provider)
 
 
-def test_cross_entropy_large_logits_and_ignored_rows(parity):
+@pytest.mark.parametrize("provider", list(CE_IMPLS))
+def test_cross_entropy_large_logits_and_ignored_rows(parity, provider):
     # Logits of size 1e4: the max must be subtracted; ignored rows get exactly zero gradient.
     logits = 1e4 + torch.randn(9, 300, device=DEVICE)
     targets = make_targets((9,), 300, ignore_fraction=0.5)
-    run_ce(parity, logits, targets, block_cap=64)
+    run_ce(parity, logits, targets, block_cap=64, provider=provider)
     lk = parity.leaf(logits)
-    cross_entropy(lk, targets, IGNORE).backward()
+    CE_IMPLS[provider](lk, targets, IGNORE).backward()
     assert torch.equal(lk.grad[targets == IGNORE], torch.zeros_like(lk.grad[targets == IGNORE]))
 
 
-def test_cross_entropy_all_ignored_is_nan_with_zero_grad():
+@pytest.mark.parametrize("provider", list(CE_IMPLS))
+def test_cross_entropy_all_ignored_is_nan_with_zero_grad(provider):
     logits = torch.randn(4, 10, device=DEVICE, requires_grad=True)
     targets = torch.full((4,), IGNORE, device=DEVICE)
-    loss = cross_entropy(logits, targets, IGNORE)
+    loss = CE_IMPLS[provider](logits, targets, IGNORE)
     assert torch.isnan(loss) and torch.isnan(cross_entropy_reference(logits, targets, ignore_index=IGNORE))
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
-def test_cross_entropy_non_contiguous_and_int32_targets(parity):
+@pytest.mark.parametrize("provider", list(CE_IMPLS))
+def test_cross_entropy_non_contiguous_and_int32_targets(parity, provider):
     logits = torch.randn(130, 6, device=DEVICE).t()  # (6, 130) transposed view
     targets = make_targets((6,), 130).to(torch.int32)
-    run_ce(parity, logits, targets)
+    run_ce(parity, logits, targets, provider=provider)
+
+
+def test_native_cross_entropy_rejects_mismatched_targets():
+    with pytest.raises(ValueError, match="needs targets of shape \\(4,\\)"):
+        cross_entropy_native(torch.randn(4, 10, device=DEVICE), torch.zeros(5, dtype=torch.long, device=DEVICE))
 
 
 def test_cross_entropy_rejects_bad_inputs():
@@ -87,9 +100,12 @@ def test_cross_entropy_rejects_bad_inputs():
         cross_entropy(logits.double(), torch.zeros(4, dtype=torch.long, device=DEVICE), IGNORE)
 
 
-def run_lce(parity, h, weight, targets, chunk_rows):
+def run_lce(parity, h, weight, targets, chunk_rows, provider="triton"):
     hk, wk = parity.leaf(h), parity.leaf(weight)
-    loss = linear_cross_entropy(hk, wk, targets, IGNORE, chunk_rows=chunk_rows)
+    if provider == "native":
+        loss = linear_cross_entropy_native(hk, wk, targets, IGNORE)
+    else:
+        loss = linear_cross_entropy(hk, wk, targets, IGNORE, chunk_rows=chunk_rows)
     g = torch.tensor(0.6, device=h.device)
     loss.backward(g)
     # The unfused path in fp32 is the definition.
@@ -104,12 +120,13 @@ def run_lce(parity, h, weight, targets, chunk_rows):
 
 @pytest.mark.parametrize("lead", [(13,), (3, 7), (2, 3, 4)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["default_chunk", "chunk5"])
-def test_linear_cross_entropy_matches_unfused(parity, lead, dtype, chunk_rows):
+@pytest.mark.parametrize("provider,chunk_rows", [("triton", None), ("triton", 5), ("native", None)],
+                         ids=["triton_default_chunk", "triton_chunk5", "native"])
+def test_linear_cross_entropy_matches_unfused(parity, lead, dtype, provider, chunk_rows):
     C, V = 24, 203
     h = torch.randn(*lead, C, device=DEVICE).to(dtype)
     weight = (torch.randn(V, C, device=DEVICE) / C**0.5).to(dtype)
-    run_lce(parity, h, weight, make_targets(lead, V), chunk_rows)
+    run_lce(parity, h, weight, make_targets(lead, V), chunk_rows, provider)
 
 
 def test_linear_cross_entropy_without_grad_and_weight_only_grad(parity):
@@ -144,7 +161,8 @@ def test_linear_cross_entropy_rejects_bad_inputs():
 def test_cross_entropy_cuda_large(parity, dtype):
     V = 50257
     logits = (3 * torch.randn(4, 1024, V, device="cuda")).to(dtype)
-    run_ce(parity, logits, make_targets((4, 1024), V))
     h = torch.randn(4, 512, 768, device="cuda").to(dtype)
     weight = (torch.randn(V, 768, device="cuda") / 768**0.5).to(dtype)
-    run_lce(parity, h, weight, make_targets((4, 512), V), chunk_rows=None)
+    for provider in ("triton", "native"):
+        run_ce(parity, logits, make_targets((4, 1024), V), provider=provider)
+        run_lce(parity, h, weight, make_targets((4, 512), V), chunk_rows=None, provider=provider)

@@ -1,4 +1,5 @@
-"""RMSNorm Triton kernel vs ``cs336.ops.rms_norm_reference``, forward and backward.
+"""RMSNorm providers (Triton kernel, native ``F.rms_norm``) vs ``cs336.ops.rms_norm_reference``,
+forward and backward.
 
 Under TRITON_INTERPRET=1 on the CPU (tests/conftest.py) and, marked ``gpu``, with real CUDA.
 """
@@ -6,9 +7,13 @@ Under TRITON_INTERPRET=1 on the CPU (tests/conftest.py) and, marked ``gpu``, wit
 import pytest
 import torch
 
-from cs336.ops import rms_norm_reference
+from cs336.ops import rms_norm_native, rms_norm_reference
 from kernels._common import KernelInputError, max_block_size
 from kernels.rms_norm import rms_norm
+
+IMPLS = {"triton": rms_norm, "native": rms_norm_native}
+# (provider, block cap): the Triton kernel with one block per row and with a column loop.
+VARIANTS = [("triton", None), ("triton", 32), ("native", None)]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
@@ -17,15 +22,16 @@ EPS = 1e-5
 SHAPES = [(123,), (37, 123), (5, 7, 96), (2, 3, 5, 67)]
 
 
-def run_both(parity, x, weight, block_cap=None):
-    """Forward + backward through the kernel and the fp32 reference; compare y, dx, dweight."""
+def run_both(parity, x, weight, block_cap=None, provider="triton"):
+    """Forward + backward through a provider and the fp32 reference; compare y, dx, dweight."""
+    impl = IMPLS[provider]
     dy = parity.random_like_grad(x)
     xk, wk = parity.leaf(x), parity.leaf(weight)
     if block_cap is None:
-        y = rms_norm(xk, wk, EPS)
+        y = impl(xk, wk, EPS)
     else:
         with max_block_size(block_cap):
-            y = rms_norm(xk, wk, EPS)
+            y = impl(xk, wk, EPS)
     assert y.dtype == x.dtype and y.shape == x.shape
     if block_cap is None:
         y.backward(dy)
@@ -43,26 +49,29 @@ def run_both(parity, x, weight, block_cap=None):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("block_cap", [None, 32], ids=["one_block", "column_loop"])
-def test_rms_norm_matches_reference(parity, shape, dtype, block_cap):
+@pytest.mark.parametrize("provider,block_cap", VARIANTS, ids=["triton_one_block", "triton_column_loop", "native"])
+def test_rms_norm_matches_reference(parity, shape, dtype, provider, block_cap):
     x = torch.randn(shape, device=DEVICE).to(dtype)
     weight = (1 + 0.5 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
-    run_both(parity, x, weight, block_cap)
+    run_both(parity, x, weight, block_cap, provider)
 
 
-def test_rms_norm_wide_row_and_large_values(parity):
-    # d_model = 16K: one block forward, column blocks backward (kernels.rms_norm.BWD_PER_THREAD);
-    # values of size 1e3 so mean(x**2) is large.
+@pytest.mark.parametrize("provider", list(IMPLS))
+def test_rms_norm_wide_row_and_large_values(parity, provider):
+    # d_model = 16K: one block forward, column blocks backward on triton
+    # (kernels.rms_norm.BWD_PER_THREAD); values of size 1e3 so mean(x**2) is large.
     x = 1e3 * torch.randn(3, 16384, device=DEVICE)
-    run_both(parity, x, torch.randn(16384, device=DEVICE))
+    run_both(parity, x, torch.randn(16384, device=DEVICE), provider=provider)
 
 
-def test_rms_norm_non_contiguous_and_mixed_dtypes(parity):
+@pytest.mark.parametrize("provider", list(IMPLS))
+def test_rms_norm_non_contiguous_and_mixed_dtypes(parity, provider):
     x = torch.randn(2, 75, 9, device=DEVICE).transpose(1, 2)  # (2, 9, 75), not contiguous
     assert not x.is_contiguous()
-    run_both(parity, x, torch.randn(75, device=DEVICE))
+    run_both(parity, x, torch.randn(75, device=DEVICE), provider=provider)
     # bf16 activations with an fp32 weight: y in bf16, dweight in fp32.
-    run_both(parity, torch.randn(6, 40, device=DEVICE).bfloat16(), torch.randn(40, device=DEVICE))
+    run_both(parity, torch.randn(6, 40, device=DEVICE).bfloat16(), torch.randn(40, device=DEVICE),
+             provider=provider)
 
 
 def test_rms_norm_more_rows_than_programs(parity):
@@ -88,6 +97,7 @@ def test_rms_norm_rejects_bad_device_and_shape():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("shape", [(4, 2048, 4096), (8192, 1600), (64, 65536), (3, 100_003)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rms_norm_cuda_large(parity, shape, dtype):
+@pytest.mark.parametrize("provider", list(IMPLS))
+def test_rms_norm_cuda_large(parity, shape, dtype, provider):
     x = torch.randn(shape, device="cuda").to(dtype)
-    run_both(parity, x, torch.randn(shape[-1], device="cuda").to(dtype))
+    run_both(parity, x, torch.randn(shape[-1], device="cuda").to(dtype), provider=provider)

@@ -1,11 +1,14 @@
-"""SwiGLU gate Triton kernel vs ``cs336.ops.swiglu_reference``, forward and backward."""
+"""SwiGLU gate providers (Triton kernel, native ``F.silu(a) * b``) vs ``cs336.ops.swiglu_reference``,
+forward and backward."""
 
 import pytest
 import torch
 
-from cs336.ops import swiglu_reference
+from cs336.ops import swiglu_native, swiglu_reference
 from kernels._common import KernelInputError
 from kernels.swiglu import BLOCK_SIZE, swiglu
+
+IMPLS = {"triton": swiglu, "native": swiglu_native}
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -13,10 +16,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1000,), (3, 1367), (5, 7, 123), (2, 3, 5, 37)]
 
 
-def run_both(parity, a, b):
+def run_both(parity, a, b, provider="triton"):
     dc = parity.random_like_grad(a)
     ak, bk = parity.leaf(a), parity.leaf(b)
-    c = swiglu(ak, bk)
+    c = IMPLS[provider](ak, bk)
     assert c.dtype == a.dtype and c.shape == a.shape
     c.backward(dc)
     ar, br = parity.leaf(a, torch.float32), parity.leaf(b, torch.float32)
@@ -29,10 +32,11 @@ def run_both(parity, a, b):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_swiglu_matches_reference(parity, shape, dtype):
+@pytest.mark.parametrize("provider", list(IMPLS))
+def test_swiglu_matches_reference(parity, shape, dtype, provider):
     a = (3 * torch.randn(shape, device=DEVICE)).to(dtype)  # wide range: silu's tails and middle
     b = torch.randn(shape, device=DEVICE).to(dtype)
-    run_both(parity, a, b)
+    run_both(parity, a, b, provider)
 
 
 def test_swiglu_spans_several_blocks(parity):
@@ -40,18 +44,20 @@ def test_swiglu_spans_several_blocks(parity):
     run_both(parity, torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE))
 
 
-def test_swiglu_non_contiguous(parity):
+@pytest.mark.parametrize("provider", list(IMPLS))
+def test_swiglu_non_contiguous(parity, provider):
     a = torch.randn(40, 33, device=DEVICE).t()  # (33, 40), transposed view
     b = torch.randn(33, 80, device=DEVICE)[:, ::2]  # (33, 40), strided slice
     assert not a.is_contiguous() and not b.is_contiguous()
-    run_both(parity, a, b)
+    run_both(parity, a, b, provider)
 
 
 # sigmoid(-1e4) overflows exp() to inf in the interpreter's numpy; the result (0) is correct.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-def test_swiglu_extreme_inputs(parity):
+@pytest.mark.parametrize("provider", list(IMPLS))
+def test_swiglu_extreme_inputs(parity, provider):
     a = torch.tensor([-1e4, -100.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 100.0, 1e4], device=DEVICE)
-    run_both(parity, a, torch.linspace(-2, 2, a.numel(), device=DEVICE))
+    run_both(parity, a, torch.linspace(-2, 2, a.numel(), device=DEVICE), provider)
 
 
 def test_swiglu_rejects_bad_inputs():
@@ -70,5 +76,7 @@ def test_swiglu_rejects_bad_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("shape", [(8, 1024, 5461), (16_777_217,)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_swiglu_cuda_large(parity, shape, dtype):
-    run_both(parity, torch.randn(shape, device="cuda").to(dtype), torch.randn(shape, device="cuda").to(dtype))
+@pytest.mark.parametrize("provider", list(IMPLS))
+def test_swiglu_cuda_large(parity, shape, dtype, provider):
+    run_both(parity, torch.randn(shape, device="cuda").to(dtype), torch.randn(shape, device="cuda").to(dtype),
+             provider)
