@@ -211,7 +211,9 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs (every backend: the reference, for now)."""
+    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs; Triton: FlashAttention-2, no (T, T) tensor."""
+    if _use_triton(q, k, v):
+        return _kernels_module("attention").flash_attention(q, k, v, causal)
     return attention_reference(q, k, v, causal)
 
 
