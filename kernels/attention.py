@@ -25,7 +25,9 @@ sizes): forward reads q, k, v and writes O and L; backward reads q, k, v, O, dO,
 dQ, dK, dV and D. Saved for backward: q, k, v, O and L (fp32, (..., T_q)): O(T) memory.
 
 Matmuls take the input dtype (fp32 with ``input_precision="ieee"``, no TF32) and accumulate in
-fp32; P and dS are rounded to the input dtype before their matmuls, as in FA2. Launch settings
+fp32; P and dS are rounded to the input dtype before their matmuls, as in FA2. Any head dim up
+to 128 is taken: tiles are a power of two >= 16 wide, and a narrower head (8, 48, 96) is
+zero-padded on load (no effect on the dot products) and masked on store. Launch settings
 come from ``attention_config`` (deterministic, no autotuning). Launchers are
 ``torch.library.triton_op`` custom ops with FLOP formulas for ``FlopCounterMode``.
 """
@@ -45,7 +47,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from kernels._common import KernelInputError, check_same_device, check_tensor, interpreted
 
-HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 128  # widest head the launch settings are sized (and compile-checked) for
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
@@ -59,8 +61,30 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptrs, row_ok, offs_d, D: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """A (rows, HEAD_DIM) tile; with ROWS, rows where ``row_ok`` is False read 0; columns >= D
+    (head dims padded to HEAD_DIM) read 0, which leaves every dot product unchanged."""
+    if HEAD_DIM != D:
+        if ROWS:
+            return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    if ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _store_tile(ptrs, value, row_ok, offs_d, D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store the rows where ``row_ok`` and the columns < D of a (rows, HEAD_DIM) tile."""
+    if HEAD_DIM != D:
+        tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    else:
+        tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T_k, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                TAIL_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over key tiles [lo, hi) for one query tile; masks only where asked."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -68,10 +92,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, l
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, d)
         v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if TAIL_MASK:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < T_k, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_tile(k_ptrs, offs_n < T_k, offs_d, D, HEAD_DIM, TAIL_MASK)
         s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -81,10 +102,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, l
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if TAIL_MASK:
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < T_k, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_tile(v_ptrs, offs_n < T_k, offs_d, D, HEAD_DIM, TAIL_MASK)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
@@ -105,7 +123,8 @@ def _attn_fwd_kernel(
     T_q,  # queries per batch-head
     T_k,  # keys per batch-head
     qk_scale,  # log2(e) / sqrt(d)
-    HEAD_DIM: tl.constexpr,  # d
+    D: tl.constexpr,  # head dim d
+    HEAD_DIM: tl.constexpr,  # tile width: d rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per inner step (divides BLOCK_M)
     CAUSAL: tl.constexpr,  # key j visible to query i iff j <= i (T_q == T_k)
@@ -123,28 +142,28 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T_q
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok, offs_d, D, HEAD_DIM, True)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     if CAUSAL:
         # Keys below the tile's first query: all visible, no mask. Then the diagonal tiles.
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                   0, start_m, T_k, qk_scale, BLOCK_N, HEAD_DIM, False, False, PRECISION, UPCAST)
+                                   0, start_m, T_k, qk_scale, BLOCK_N, D, HEAD_DIM, False, False, PRECISION, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                    start_m, tl.minimum(start_m + BLOCK_M, T_k), T_k, qk_scale,
-                                   BLOCK_N, HEAD_DIM, True, True, PRECISION, UPCAST)
+                                   BLOCK_N, D, HEAD_DIM, True, True, PRECISION, UPCAST)
     else:
         full = T_k - T_k % BLOCK_N
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                   0, full, T_k, qk_scale, BLOCK_N, HEAD_DIM, False, False, PRECISION, UPCAST)
+                                   0, full, T_k, qk_scale, BLOCK_N, D, HEAD_DIM, False, False, PRECISION, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                   full, T_k, T_k, qk_scale, BLOCK_N, HEAD_DIM, False, True, PRECISION, UPCAST)
+                                   full, T_k, T_k, qk_scale, BLOCK_N, D, HEAD_DIM, False, True, PRECISION, UPCAST)
     o = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # back to natural log
     tl.store(lse_ptr + bh * T_q + offs_m, lse, mask=row_ok)
     o_ptrs = o_ptr + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    _store_tile(o_ptrs, o, row_ok, offs_d, D, HEAD_DIM)
 
 
 class AttentionConfig(NamedTuple):
@@ -168,7 +187,7 @@ _forced: list[AttentionConfig | None] = [None]
 
 
 def attention_config(head_dim: int, dtype: torch.dtype, causal: bool) -> AttentionConfig:
-    """Tiles and warps for one (head dim, dtype); chosen so the sm_80 / sm_90a compiles of every
+    """Tiles and warps for one (head-dim tile width 16 / 32 / 64 / 128, dtype); chosen so the sm_80 / sm_90a compiles of every
     kernel use at most 255 registers per thread without spills and fit in shared memory (table in
     bench/RESULTS.md). ``causal`` does not change the tiles (the diagonal split works at any)."""
     if _forced[0] is not None:
@@ -194,6 +213,11 @@ def forced_config(config: AttentionConfig) -> Iterator[None]:
         _forced[0] = previous
 
 
+def _tile_width(d: int) -> int:
+    """Head-dim tile: d rounded up to a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def _dot_settings(dtype: torch.dtype) -> dict:
     """PRECISION: fp32 products exact (no TF32; ignored for bf16 / fp16 operands). UPCAST: see _dot."""
     return dict(PRECISION="ieee", UPCAST=interpreted() and dtype == torch.bfloat16)
@@ -209,14 +233,14 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((Z, H, T_q), dtype=torch.float32, device=q.device)
     if Z * H * T_q == 0:
         return o, lse
-    cfg = attention_config(d, q.dtype, causal)
+    cfg = attention_config(_tile_width(d), q.dtype, causal)
     grid = (triton.cdiv(T_q, cfg.block_m), Z * H)
     wrap_triton(_attn_fwd_kernel)[grid](
         o, lse, q, k, v,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, T_q, T_k, LOG2E / math.sqrt(d),
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, **_dot_settings(q.dtype),
+        D=d, HEAD_DIM=_tile_width(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, **_dot_settings(q.dtype),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
@@ -244,24 +268,25 @@ def _attn_bwd_delta_kernel(
     stride_dz, stride_dh, stride_dt,  # do strides
     H,  # heads
     T_q,  # queries per batch-head
-    HEAD_DIM: tl.constexpr,  # d
+    D: tl.constexpr,  # head dim d
+    HEAD_DIM: tl.constexpr,  # tile width: d rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # rows per program
 ):
     bh = tl.program_id(1).to(tl.int64)
     z, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m[:, None] < T_q
-    o = tl.load(o_ptr + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=row_ok, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + z * stride_dz + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
-                 mask=row_ok, other=0.0).to(tl.float32)
+    row_ok = offs_m < T_q
+    o = _load_tile(o_ptr + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                   row_ok, offs_d, D, HEAD_DIM, True).to(tl.float32)
+    do = _load_tile(do_ptr + z * stride_dz + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+                    row_ok, offs_d, D, HEAD_DIM, True).to(tl.float32)
     tl.store(delta_ptr + bh * T_q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_q)
 
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_row, delta_row, offs_n, lo, hi, T_q,
-                qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                qk_scale, BLOCK_M: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                 TAIL_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -271,15 +296,13 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_row, de
         do_ptrs = do_base + offs_m[:, None] * stride_dt + offs_d[None, :]
         if TAIL_MASK:
             row_ok = offs_m < T_q
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_row + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_row + offs_m)
             delta = tl.load(delta_row + offs_m)
+        q = _load_tile(q_ptrs, offs_m < T_q, offs_d, D, HEAD_DIM, TAIL_MASK)
+        do = _load_tile(do_ptrs, offs_m < T_q, offs_d, D, HEAD_DIM, TAIL_MASK)
         s_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         if CAUSAL_MASK:
             s_t = tl.where(offs_m[None, :] >= offs_n[:, None], s_t, float("-inf"))
@@ -314,7 +337,8 @@ def _attn_bwd_dkdv_kernel(
     T_k,  # keys per batch-head
     qk_scale,  # log2(e) / sqrt(d)
     sm_scale,  # 1 / sqrt(d)
-    HEAD_DIM: tl.constexpr,  # d
+    D: tl.constexpr,  # head dim d
+    HEAD_DIM: tl.constexpr,  # tile width: d rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per inner step (divides BLOCK_N)
     BLOCK_N: tl.constexpr,  # key rows per program
     CAUSAL: tl.constexpr,  # key j visible to query i iff j <= i (T_q == T_k)
@@ -327,11 +351,11 @@ def _attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n[:, None] < T_k
-    k = tl.load(k_ptr + z * stride_kz + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=col_ok, other=0.0)
-    v = tl.load(v_ptr + z * stride_vz + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=col_ok, other=0.0)
+    col_ok = offs_n < T_k
+    k = _load_tile(k_ptr + z * stride_kz + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                   col_ok, offs_d, D, HEAD_DIM, True)
+    v = _load_tile(v_ptr + z * stride_vz + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                   col_ok, offs_d, D, HEAD_DIM, True)
     q_base = q_ptr + z * stride_qz + h * stride_qh
     do_base = do_ptr + z * stride_dz + h * stride_dh
     lse_row = lse_ptr + bh * T_q
@@ -343,21 +367,21 @@ def _attn_bwd_dkdv_kernel(
         # Query tiles straddling the diagonal (masked); queries before start_n see none of these keys.
         lo = start_n + BLOCK_N
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_row, delta_row, offs_n,
-                             start_n, tl.minimum(lo, T_q), T_q, qk_scale, BLOCK_M, HEAD_DIM, True, True, PRECISION, UPCAST)
+                             start_n, tl.minimum(lo, T_q), T_q, qk_scale, BLOCK_M, D, HEAD_DIM, True, True, PRECISION, UPCAST)
     full = T_q - T_q % BLOCK_M
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_row, delta_row, offs_n,
-                         lo, full, T_q, qk_scale, BLOCK_M, HEAD_DIM, False, False, PRECISION, UPCAST)
+                         lo, full, T_q, qk_scale, BLOCK_M, D, HEAD_DIM, False, False, PRECISION, UPCAST)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_row, delta_row, offs_n,
-                         tl.maximum(lo, full), T_q, T_q, qk_scale, BLOCK_M, HEAD_DIM, False, True, PRECISION, UPCAST)
+                         tl.maximum(lo, full), T_q, T_q, qk_scale, BLOCK_M, D, HEAD_DIM, False, True, PRECISION, UPCAST)
     dk_ptrs = dk_ptr + z * stride_dkz + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = dv_ptr + z * stride_dvz + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=col_ok)
-    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=col_ok)
+    _store_tile(dk_ptrs, dk * sm_scale, col_ok, offs_d, D, HEAD_DIM)
+    _store_tile(dv_ptrs, dv, col_ok, offs_d, D, HEAD_DIM)
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T_k, qk_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr,
               TAIL_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -365,12 +389,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, d)
         v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if TAIL_MASK:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < T_k, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < T_k, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _load_tile(k_ptrs, offs_n < T_k, offs_d, D, HEAD_DIM, TAIL_MASK)
+        v = _load_tile(v_ptrs, offs_n < T_k, offs_d, D, HEAD_DIM, TAIL_MASK)
         s = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -402,7 +422,8 @@ def _attn_bwd_dq_kernel(
     T_k,  # keys per batch-head
     qk_scale,  # log2(e) / sqrt(d)
     sm_scale,  # 1 / sqrt(d)
-    HEAD_DIM: tl.constexpr,  # d
+    D: tl.constexpr,  # head dim d
+    HEAD_DIM: tl.constexpr,  # tile width: d rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per inner step (divides BLOCK_M)
     CAUSAL: tl.constexpr,  # key j visible to query i iff j <= i (T_q == T_k)
@@ -416,10 +437,10 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T_q
-    q = tl.load(q_ptr + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + z * stride_dz + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    q = _load_tile(q_ptr + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                   row_ok, offs_d, D, HEAD_DIM, True)
+    do = _load_tile(do_ptr + z * stride_dz + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+                    row_ok, offs_d, D, HEAD_DIM, True)
     lse2 = tl.load(lse_ptr + bh * T_q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + bh * T_q + offs_m, mask=row_ok, other=0.0)
     k_base = k_ptr + z * stride_kz + h * stride_kh
@@ -427,17 +448,17 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     if CAUSAL:
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T_k,
-                       qk_scale, BLOCK_N, HEAD_DIM, False, False, PRECISION, UPCAST)
+                       qk_scale, BLOCK_N, D, HEAD_DIM, False, False, PRECISION, UPCAST)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                       tl.minimum(start_m + BLOCK_M, T_k), T_k, qk_scale, BLOCK_N, HEAD_DIM, True, True, PRECISION, UPCAST)
+                       tl.minimum(start_m + BLOCK_M, T_k), T_k, qk_scale, BLOCK_N, D, HEAD_DIM, True, True, PRECISION, UPCAST)
     else:
         full = T_k - T_k % BLOCK_N
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, 0, full, T_k,
-                       qk_scale, BLOCK_N, HEAD_DIM, False, False, PRECISION, UPCAST)
+                       qk_scale, BLOCK_N, D, HEAD_DIM, False, False, PRECISION, UPCAST)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, full, T_k, T_k,
-                       qk_scale, BLOCK_N, HEAD_DIM, False, True, PRECISION, UPCAST)
+                       qk_scale, BLOCK_N, D, HEAD_DIM, False, True, PRECISION, UPCAST)
     dq_ptrs = dq_ptr + z * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    _store_tile(dq_ptrs, dq * sm_scale, row_ok, offs_d, D, HEAD_DIM)
 
 
 @triton_op("cs336_kernels::flash_attention_bwd", mutates_args={})
@@ -451,13 +472,13 @@ def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         return dq, torch.zeros_like(k), torch.zeros_like(v)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty((Z, H, T_q), dtype=torch.float32, device=q.device)
-    cfg = attention_config(d, q.dtype, causal)
+    cfg = attention_config(_tile_width(d), q.dtype, causal)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     scales = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d))
-    common = dict(HEAD_DIM=d, CAUSAL=causal, **_dot_settings(q.dtype), num_warps=cfg.bwd_warps,
+    common = dict(D=d, HEAD_DIM=_tile_width(d), CAUSAL=causal, **_dot_settings(q.dtype), num_warps=cfg.bwd_warps,
                   num_stages=cfg.bwd_stages)
     wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
-        delta, o, do, *o.stride()[:3], *do.stride()[:3], H, T_q, HEAD_DIM=d, BLOCK_M=cfg.block_m2,
+        delta, o, do, *o.stride()[:3], *do.stride()[:3], H, T_q, D=d, HEAD_DIM=_tile_width(d), BLOCK_M=cfg.block_m2,
         num_warps=cfg.bwd_warps,
     )
     wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_k, cfg.block_n1), Z * H)](
@@ -505,10 +526,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if k.shape[-1] != d or v.shape[-1] != d:
         raise KernelInputError(f"{op}: head dims differ (q {d}, k {k.shape[-1]}, v {v.shape[-1]}); q, k and v "
                                "need the same last dim")
-    if d not in HEAD_DIMS:
-        raise KernelInputError(f"{op}: head dim {d} is not supported; the kernel takes "
-                               f"{', '.join(map(str, HEAD_DIMS))} (choose d_model / num_heads among them) "
-                               "or use the torch backend (--kernels torch)")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise KernelInputError(f"{op}: head dim {d} is not supported; the kernel takes d <= {MAX_HEAD_DIM} "
+                               "(use more heads: d = d_model / num_heads) or the torch backend (--kernels torch)")
+    if math.prod(q.shape[:-2]) > 65535:  # the batch-heads are the grid's second axis (CUDA limit)
+        raise KernelInputError(f"{op}: {math.prod(q.shape[:-2])} batch x head slices exceed the kernel's "
+                               "65535; split the batch into chunks")
     if k.shape[-2] == 0:
         raise KernelInputError(f"{op}: k and v have no keys (T_k = 0); attention needs at least one key")
     if causal and q.shape[-2] != k.shape[-2]:

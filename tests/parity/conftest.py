@@ -53,8 +53,10 @@ LOOSE: dict[str, dict[torch.dtype, dict[str, float]]] = {
     # gradients are tiny or cancel across steps, fp32 rounding differences in the gradients (1e-7
     # relative) become relative differences in its update, whose size is lr per step. Measured:
     # up to 1.7e-5 after 4 steps at lr 3e-3 (1 element in ~30K, 1 run in 6); 1e-4 is under 1% of
-    # the largest possible cumulative update (4 * lr).
-    "model_training": {torch.float32: {"rtol": 1.3e-6, "atol": 1e-4}},
+    # the largest possible cumulative update (4 * lr). With FlashAttention on the triton side
+    # (exp2, tile-order sums: gradients differ from the reference by ~1e-7 relative instead of
+    # less), measured on 100 seeds: up to 2.5e-4, 5 runs over 1e-4; 5e-4 is 4% of 4 * lr.
+    "model_training": {torch.float32: {"rtol": 1.3e-6, "atol": 5e-4}},
     # Half-precision parameters (fp32 state) after 3 AdamW steps: a one-ulp fp32 difference in m
     # or v (torch's vectorized CPU add_ may fuse a multiply-add the kernel rounds twice) can flip
     # the final rounding of p to its storage dtype by one ulp, and each step can add one. Measured:

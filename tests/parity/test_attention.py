@@ -32,6 +32,9 @@ CASES = {
     "3d-cross-Tq40-Tk75-d32-tiles": ((2, 40, 32), (2, 75, 32), False, SMALL),
     "4d-causal-T1-d64": ((2, 2, 1, 64), (2, 2, 1, 64), True, None),
     "4d-causal-T130-d128": ((1, 1, 130, 128), (1, 1, 130, 128), True, None),
+    # Head dims that are not a tile width: zero-padded to 16 and 64.
+    "4d-causal-T33-d8": ((2, 2, 33, 8), (2, 2, 33, 8), True, None),
+    "3d-cross-Tq20-Tk45-d48-tiles": ((2, 20, 48), (2, 45, 48), False, SMALL),
 }
 
 
@@ -188,13 +191,14 @@ def test_model_flops_on_the_triton_backend_match_the_analytic_count():
     (dict(q=(2, 8, 16), k=(2, 8, 32), v=(2, 8, 32)), "head dims differ"),
     (dict(q=(2, 8, 16), k=(2, 8, 16), v=(2, 9, 16)), "do not match"),
     (dict(q=(2, 8, 16), k=(3, 8, 16), v=(3, 8, 16)), "same leading dims"),
-    (dict(q=(2, 8, 48), k=(2, 8, 48), v=(2, 8, 48)), "head dim 48 is not supported"),
+    (dict(q=(2, 8, 256), k=(2, 8, 256), v=(2, 8, 256)), "head dim 256 is not supported"),
     (dict(q=(2, 8, 16), k=(2, 9, 16), v=(2, 9, 16), causal=True), "causal=False for cross-length"),
     (dict(q=(2, 8, 16), k=(2, 0, 16), v=(2, 0, 16), causal=False), "at least one key"),
     (dict(q=(16,), k=(16,), v=(16,)), r"must be \(\.\.\., T, d\)"),
+    (dict(q=(65536, 1, 16), k=(65536, 1, 16), v=(65536, 1, 16)), "split the batch"),
 ])
 def test_attention_rejects_bad_shapes(kwargs, message):
-    causal = kwargs.pop("causal", False)
+    causal = kwargs.get("causal", False)
     q, k, v = (torch.randn(kwargs[n], device=DEVICE) for n in "qkv")
     with pytest.raises(KernelInputError, match=message):
         FlashAttention.apply(q, k, v, causal)
