@@ -76,7 +76,8 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
 
 def launches(d: int, dtype: torch.dtype, causal: bool, T: int, H: int = 16):
     """(name, kernel, args, constexprs, num_warps, num_stages, tiles) as the launchers would call them."""
-    cfg = A.attention_config(d, dtype, causal)
+    width = A._tile_width(d)
+    cfg = A.attention_config(width, dtype, causal)
     ptr = "*" + TYPES[dtype]
 
     def strides(prefix: str) -> dict:
@@ -87,11 +88,11 @@ def launches(d: int, dtype: torch.dtype, causal: bool, T: int, H: int = 16):
                 lse_ptr="*fp32", delta_ptr="*fp32", **sizes)
     for prefix in ("q", "k", "v", "o", "d", "dk", "dv", "dq"):
         args.update(strides(prefix))
-    dots = dict(CAUSAL=causal, PRECISION="ieee", UPCAST=False, HEAD_DIM=d)
+    dots = dict(CAUSAL=causal, PRECISION="ieee", UPCAST=False, D=d, HEAD_DIM=width)
     return [
         ("fwd", A._attn_fwd_kernel, args, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **dots),
          cfg.fwd_warps, cfg.fwd_stages, f"{cfg.block_m}x{cfg.block_n}"),
-        ("bwd_delta", A._attn_bwd_delta_kernel, args, dict(HEAD_DIM=d, BLOCK_M=cfg.block_m2),
+        ("bwd_delta", A._attn_bwd_delta_kernel, args, dict(D=d, HEAD_DIM=width, BLOCK_M=cfg.block_m2),
          cfg.bwd_warps, cfg.bwd_stages, f"{cfg.block_m2}"),
         ("bwd_dkdv", A._attn_bwd_dkdv_kernel, args, dict(BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, **dots),
          cfg.bwd_warps, cfg.bwd_stages, f"{cfg.block_m1}x{cfg.block_n1}"),
