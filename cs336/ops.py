@@ -330,8 +330,11 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs (triton: the reference, for now)."""
-    if _provider(q, k, v) == "native":
+    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs; Triton: FlashAttention-2, no (T, T) tensor."""
+    provider = _provider(q, k, v)
+    if provider == "triton":
+        return _kernels_module("attention").flash_attention(q, k, v, causal)
+    if provider == "native":
         return attention_native(q, k, v, causal)
     return attention_reference(q, k, v, causal)
 

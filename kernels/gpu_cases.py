@@ -8,7 +8,7 @@ column-loop branch), d_ff 4 x d_model and TinyStories' 1344, vocabularies 10000 
 one-tensor AdamW group. ``full=False`` is the CI subset: every kernel, dtype, constexpr branch and
 int == 1 specialization, at few shapes.
 
-Adding a kernel family (e.g. attention): one function decorated ``@case("attention")`` yielding
+Adding a kernel family: one function decorated ``@case("attention")`` yielding
 ``Case(label, thunk)``, each thunk calling the family's launchers on ``_meta`` tensors through
 ``launcher`` (for a ``triton_op``, whose fake implementation would otherwise run on meta tensors).
 """
@@ -130,3 +130,35 @@ def adamw_cases(full: bool) -> Iterator[Case]:
                 quads = [[_meta(s, DTYPES[d]) for s in group] for d in dts]
                 launcher(k._adamw_group_)(*quads, 1e-3, 0.9, 0.95, 1e-8, 1e-4)
             yield Case(f"{label} {combo}", run)
+
+
+@case("attention")
+def attention_cases(full: bool) -> Iterator[Case]:
+    from kernels import attention as k
+
+    # Head dims 32/64/128, causal (training, prefill) and not; sequence lengths: one tile-tail
+    # length in CI, in full the model lengths up to the CS336 leaderboard's 16384. q, k, v as the
+    # model passes them: (B, H, T, d) views of (B, T, H*d) projections (row stride H*d). Decoding
+    # with a KV cache: one query (T_q == 1, an int-1 constant) over the cached keys, not causal.
+    heads = 16
+    if full:
+        grid = [(d, T, causal) for d in (32, 64, 128) for T in (256, 1024, 4096, 16384) for causal in (True, False)]
+        decode = [(d, 16384) for d in (32, 64, 128)]
+    else:
+        # CI: both tile classes of attention_config (d <= 64, d = 128), causal and not, a length
+        # that is not a multiple of 16, and the one-query decode specialization.
+        grid = [(64, 1000, True), (128, 1000, False)]
+        decode = [(64, 1000)]
+    for name, dtype in DTYPES.items():
+        for d, T, causal in grid:
+            def run(T=T, d=d, dtype=dtype, causal=causal):
+                q = _meta((1, T, heads, d), dtype).transpose(1, 2)  # (1, H, T, d)
+                o, lse = launcher(k.flash_attention_fwd)(q, q, q, causal)
+                launcher(k.flash_attention_bwd)(o, q, q, q, o, lse, causal)
+            yield Case(f"head_dim={d} T={T} {'causal' if causal else 'full'} {name}", run)
+        for d, T_k in decode:
+            def run_decode(d=d, dtype=dtype, T_k=T_k):
+                q = _meta((4, 1, heads, d), dtype).transpose(1, 2)  # (4, H, 1, d)
+                kv = _meta((4, heads, T_k, d), dtype)  # the cache, (B, H, ctx, d)
+                launcher(k.flash_attention_fwd)(q, kv, kv, False)
+            yield Case(f"head_dim={d} decode T_q=1 T_k={T_k} {name}", run_decode)
