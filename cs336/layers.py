@@ -149,9 +149,7 @@ class RotaryPositionalEmbedding(nn.Module):
         angles = positions[:, None] * inv_freq[None, :]  # (max_seq_len, d_k/2)
         table_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
         cos, sin = torch.cos(angles).to(table_dtype), torch.sin(angles).to(table_dtype)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-        # The native path's tables, per element: cos_k at 2k and 2k+1, -sin_k at 2k, +sin_k at 2k+1.
+        # Per-element tables for the rotation: cos_k at 2k and 2k+1, -sin_k at 2k, +sin_k at 2k+1.
         self.register_buffer("cos_pairs", cos.repeat_interleave(2, dim=-1), persistent=False)
         self.register_buffer("sin_pairs", torch.stack((-sin, sin), dim=-1).flatten(-2), persistent=False)
 
@@ -161,26 +159,6 @@ class RotaryPositionalEmbedding(nn.Module):
         (B, 1, T)), or None for positions 0..T-1. Returns x rotated, same shape and dtype."""
         if x.shape[-1] != self.d_k:
             raise ValueError(f"RoPE was built for d_k={self.d_k}, got input with last dim {x.shape[-1]}")
-        if ops.resolve_backend() == "native":
-            return self._rotate_native(x, token_positions)
-        if token_positions is None:
-            cos, sin = self.cos[: x.shape[-2]], self.sin[: x.shape[-2]]  # (T, d_k/2)
-        else:
-            cos = self.cos[token_positions]  # (..., T, d_k/2)
-            sin = self.sin[token_positions]  # (..., T, d_k/2)
-        x_even = x[..., 0::2]  # (..., T, d_k/2)
-        x_odd = x[..., 1::2]
-        rot_even = x_even * cos - x_odd * sin
-        rot_odd = x_even * sin + x_odd * cos
-        return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2).to(x.dtype)  # (..., T, d_k)
-
-    def _rotate_native(self, x: torch.Tensor, token_positions: torch.Tensor | None) -> torch.Tensor:
-        """The same rotation as ``x * cos_pairs + swap(x) * sin_pairs``, where ``swap`` exchanges
-        the two elements of every pair: element 2k is ``x[2k] cos_k + x[2k+1] (-sin_k)`` and
-        element 2k+1 is ``x[2k+1] cos_k + x[2k] sin_k``, equal bit for bit to the reference's
-        ``x_even cos - x_odd sin`` and ``x_even sin + x_odd cos`` (negation and the order of two
-        addends are exact in IEEE arithmetic). Two multiplies, an add and a pair swap, with no
-        strided slices or stack whose backward would allocate and fill full-size zero buffers."""
         if token_positions is None:
             cos, sin = self.cos_pairs[: x.shape[-2]], self.sin_pairs[: x.shape[-2]]  # (T, d_k)
         else:

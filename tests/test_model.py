@@ -171,30 +171,35 @@ def test_rope_batch_dims_and_buffers():
         RotaryPositionalEmbedding(500.0, 5, 10)
 
 
+def _rope_even_odd(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """The handout's formula on even/odd slices, fp32 tables from float64 angles."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (..., T, d/2)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_native_equals_reference_bitwise(dtype):
-    """The native pair-swap rotation gives the reference's values bit for bit, for default
-    positions (None, a table slice), explicit ones and per-row ones, on a transposed-heads view
-    as attention passes it; gradients agree to fp32 rounding; None means 0..T-1."""
+def test_rope_pair_swap_equals_even_odd_formula_bitwise(dtype):
+    """The module's pair-swap rotation (x * cos + swap(x) * sin) gives the even/odd formula's
+    values bit for bit, for default positions (None, a table slice), explicit ones and per-row
+    ones, on a transposed-heads view as attention passes it; gradients agree to fp32 rounding."""
     rope = RotaryPositionalEmbedding(10_000.0, 16, max_seq_len=32)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(2, 20, 4, 16, generator=g).to(dtype)  # (B, T, H, d)
     weights = torch.randn(2, 4, 20, 16, generator=g).to(dtype)
-    cases = [None, torch.arange(20), torch.randint(0, 32, (2, 1, 20), generator=g)]
-    for positions in cases:
-        results = {}
-        for backend in ("torch", "native"):
-            x = base.clone().requires_grad_()
-            with ops.use_backend(backend):
-                out = rope(x.transpose(1, 2), positions)  # (B, H, T, d), a strided view
-            (grad,) = torch.autograd.grad((out * weights).sum(), x)
-            results[backend] = out, grad
-        assert results["native"][0].dtype == dtype
-        assert torch.equal(results["native"][0], results["torch"][0])
-        _close(results["native"][1].float(), results["torch"][1].float())
-    with ops.use_backend("native"):
-        assert torch.equal(rope(base.transpose(1, 2), None), rope(base.transpose(1, 2), torch.arange(20)))
-    assert rope.state_dict() == {}  # the native tables are non-persistent too
+    for positions in (None, torch.arange(20), torch.randint(0, 32, (2, 1, 20), generator=g)):
+        x, x_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+        out = rope(x.transpose(1, 2), positions)  # (B, H, T, d), a strided view
+        ref = _rope_even_odd(x_ref.transpose(1, 2), torch.arange(20) if positions is None else positions, 10_000.0)
+        assert out.dtype == dtype
+        assert torch.equal(out, ref)
+        (grad,) = torch.autograd.grad((out * weights).sum(), x)
+        (grad_ref,) = torch.autograd.grad((ref * weights).sum(), x_ref)
+        _close(grad.float(), grad_ref.float())
+    assert rope.state_dict() == {}  # the tables are non-persistent buffers
 
 
 @pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
