@@ -15,15 +15,21 @@ whole batch; under DDP only the last micro-batch all-reduces, the others run in 
 the gradient norm, check the loss, then the AdamW step under the model's kernel backend
 (``ops.use_backend(cfg.model.kernels)``, so ``AdamW(fused=None)`` follows the model).
 
-Host synchronization: one per step, reading whether the loss and gradient norm are finite (a
-non-finite loss stops the run with ``TrainingDiverged`` before the optimizer step; nothing is
-saved after it, so the last checkpoint is the last good state). The loss and the gradient norm
-stay on the device and are read every ``log_interval`` steps. Under DDP the step's loss is summed
-across ranks on the device (one all-reduce per step, no extra host sync), and the stop request of
-SIGINT/SIGTERM is reduced across ranks at log steps only; a single process checks it every step.
+Host synchronization: one per step, reading the loss and the gradient norm together (one
+``tolist()`` of a stacked pair) for the divergence check (``cs336.divergence.DivergenceGuard``: a
+non-finite value, a loss spike against the running mean, or a gradient norm above
+``train.diverge_grad_norm`` stops the run with ``TrainingDiverged`` before the optimizer step,
+naming the last checkpoint whose weights are intact and finite). Before each save the weights
+are checked (``check_weights``, one more sync at checkpoint steps): non-finite weights or weights
+beyond ``train.diverge_max_weight`` are never written. The per-step loss and gradient norm are
+otherwise kept on the device and read every ``log_interval`` steps. Under DDP the step's loss is
+summed across ranks on the device (one all-reduce per step, no extra host sync), and the stop
+request of SIGINT/SIGTERM is reduced across ranks at log steps only; a single process checks it
+every step.
 
-Hook points: ``open_run_dir`` is where the run directory is opened and checked; ``check_step``
-is the per-step check on the loss and gradient norm.
+Hook points: ``cs336.run_start.open_run_dir`` opens, claims and locks the run directory;
+``check_step`` is the per-step check on the loss and gradient norm; ``Stage`` (updated as the run
+moves from data preparation to training to the final sample) feeds the interruption report.
 """
 
 from __future__ import annotations
