@@ -197,3 +197,12 @@ def test_empty_sample_prompt_fails_before_any_work(tmp_path, capsys):
     err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(tmp_path / "run"), "--train.sample_prompt="])
     assert "train.sample_prompt is empty" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_dir_larger_than_the_model_fails_before_any_work(base_run, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), "--model.vocab_size=300",
+                             f"--data.tokenizer_dir={base_run / 'tokenizer'}", "--train.progress=false"])
+    assert "has 320 token ids but the model has 300 embedding rows" in err
+    assert "--model.vocab_size=320" in err
+    assert not out.exists()
