@@ -14,8 +14,9 @@ claim and lock, the resume checks, and the checks that must come before any work
   outcome is broadcast, so under DDP every rank raises the same error (only rank 0 prints it).
 - ``resume_conflicts(saved, requested)``: the fields a ``--resume`` may not change (model shape,
   data, seed, batch and context length); checked before anything is written.
-- ``preflight(cfg)``: checks that would otherwise fail only after training (the final sample's
-  prompt, the wandb package), made before any data is generated.
+- ``preflight(cfg)``: checks that would otherwise fail only after data preparation or after
+  training (input paths, the final sample's prompt, the wandb package, a tokenizer directory
+  too large for the model), made before any file is written.
 """
 
 from __future__ import annotations
@@ -113,8 +114,33 @@ def open_run_dir(cfg: TrainConfig, resume: bool, info: dist_utils.DistInfo
     return RunDir(path), None if latest is None else Path(latest), lock
 
 
+def check_paths(cfg: TrainConfig) -> None:
+    """Every input path of the config exists and is readable (``cs336.validate``)."""
+    from cs336.validate import existing_dir, existing_file, writable_dir
+
+    d = cfg.data
+    for flag, path in (("--train-text", d.train_text), ("--valid-text", d.valid_text),
+                       ("--data.train_tokens", d.train_tokens), ("--data.valid_tokens", d.valid_tokens)):
+        if path is not None:
+            existing_file(flag, path)
+    for flag, path in (("--train-text", d.train_text), ("--valid-text", d.valid_text)):
+        if path is not None and Path(path).stat().st_size == 0:
+            raise ConfigError(f"{flag} {path} is empty; pass a file with text in it")
+    if d.tokenizer_dir is not None:
+        src = existing_dir("--data.tokenizer_dir", d.tokenizer_dir)
+        for name in ("vocab.json", "merges.txt"):
+            existing_file(f"--data.tokenizer_dir ({name})", src / name)
+    if cfg.train.out_dir is not None:
+        writable_dir("--out-dir", cfg.train.out_dir)
+    if d.source in ("tinystories", "owt"):
+        writable_dir("--data.data_dir", d.data_dir)
+
+
 def preflight(cfg: TrainConfig) -> None:
-    """Fail now on what would otherwise fail only after all the training work."""
+    """Fail now on what would otherwise fail only after all the training work, or after data
+    preparation: input paths, the final sample's prompt, the wandb package, a tokenizer
+    directory with more ids than the model has rows."""
+    check_paths(cfg)
     if cfg.train.sample_tokens > 0 and not cfg.train.sample_prompt:
         raise ConfigError("train.sample_prompt is empty; the final sample needs a prompt: pass "
                           "--train.sample_prompt=TEXT or --train.sample_tokens=0")
@@ -129,11 +155,10 @@ def preflight(cfg: TrainConfig) -> None:
         from cs336.tokenizer.gpt2_files import load_vocab_merges
 
         src = Path(cfg.data.tokenizer_dir)
-        if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
-            vocab, _ = load_vocab_merges(src / "vocab.json", src / "merges.txt")
-            known = set(vocab.values())
-            n = max(vocab) + 1 + sum(t.encode() not in known for t in cfg.data.special_tokens)
-            try:
-                check_tokenizer_fits_model(n, cfg.model.vocab_size, tokenizer=f"the tokenizer in {src}")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+        vocab, _ = load_vocab_merges(src / "vocab.json", src / "merges.txt")
+        known = set(vocab.values())
+        n = max(vocab) + 1 + sum(t.encode() not in known for t in cfg.data.special_tokens)
+        try:
+            check_tokenizer_fits_model(n, cfg.model.vocab_size, tokenizer=f"the tokenizer in {src}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None

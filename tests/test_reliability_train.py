@@ -206,3 +206,19 @@ def test_tokenizer_dir_larger_than_the_model_fails_before_any_work(base_run, tmp
     assert "has 320 token ids but the model has 300 embedding rows" in err
     assert "--model.vocab_size=320" in err
     assert not out.exists()
+
+
+def test_missing_or_empty_input_paths_fail_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    valid = tmp_path / "valid.txt"
+    valid.write_text("some text\n")
+    err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), "--train-text", str(tmp_path / "nope.txt"),
+                             "--valid-text", str(valid)])
+    assert f"--train-text {tmp_path / 'nope.txt'} does not exist" in err
+    (tmp_path / "empty.txt").write_text("")
+    err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), "--train-text", str(tmp_path / "empty.txt"),
+                             "--valid-text", str(valid)])
+    assert "is empty" in err
+    err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), f"--data.tokenizer_dir={tmp_path}"])
+    assert "vocab.json" in err and "does not exist" in err
+    assert not out.exists()
