@@ -53,6 +53,7 @@ from cs336.config import TrainConfig
 from cs336.data import get_batch, iter_batches
 from cs336.divergence import DivergenceGuard, Diverged
 from cs336.hardware import resolve_device
+from cs336.interrupt import StopRequest
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
 from cs336.optim import AdamW, lr_cosine_schedule
@@ -132,29 +133,6 @@ class LossModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model.loss(x, y)
-
-
-class StopRequest:
-    """Records SIGINT/SIGTERM while installed (main thread only) instead of raising."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> StopRequest:
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: signals stay with the caller
-            self._previous.clear()
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
