@@ -314,7 +314,7 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     kept = (f"the checkpoints in {rd.checkpoints} are unchanged" if resume else
-            f"no checkpoint was written yet; {rd.path} is kept")
+            f"no checkpoint was written yet; the run directory {rd.path} is kept")
     if info.is_main:
         rd.create()
         if not resume:  # a resume writes its config only once its checkpoint has loaded

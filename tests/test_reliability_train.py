@@ -90,6 +90,14 @@ def test_interrupted_data_preparation_is_one_line_and_leaves_no_temp_files(texts
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     assert not (out / "tokenizer" / "vocab.json").exists()  # the tokenizer was not finished
+    if sig == signal.SIGINT:  # the same command (here a 2-step run) continues the preparation
+        again = subprocess.run([sys.executable, "-m", "cs336.train", "--preset", "smoke", "--train.progress=false",
+                                "--out-dir", str(out), "--train-text", str(texts / "train.txt"), "--valid-text",
+                                str(texts / "valid.txt"), "--model.vocab_size=8000", "--max-steps", "2",
+                                "--train.sample_tokens=0"], cwd=tmp_path, env=_env(), capture_output=True,
+                               text=True, timeout=TIMEOUT)
+        assert again.returncode == 0, again.stderr
+        assert (out / "checkpoints" / "step_000002.pt").is_file()
 
 
 def test_second_run_in_the_same_out_dir_fails_at_once(tmp_path, capsys):
