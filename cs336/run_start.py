@@ -136,11 +136,51 @@ def check_paths(cfg: TrainConfig) -> None:
         writable_dir("--data.data_dir", d.data_dir)
 
 
-def preflight(cfg: TrainConfig) -> None:
+def device_memory(device) -> int | None:
+    """Total memory of ``device`` in bytes (CPU: physical RAM); None when unknown."""
+    import os
+
+    import torch
+
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def check_memory(cfg: TrainConfig, device, micro_batch: int) -> None:
+    """Refuse a model and micro-batch whose training memory (``cs336.flops.training_memory``:
+    fp32 parameters, gradients, AdamW m and v, saved activations) exceeds the device's total
+    memory: the run would fail allocating, after data preparation."""
+    from cs336.flops import training_memory
+
+    total = device_memory(device)
+    if total is None:
+        return
+    act_bytes = 2 if cfg.train.autocast == "bf16" else 4
+    memory = training_memory(cfg.model, micro_batch, cfg.context_length, act_bytes=act_bytes)
+    need = sum(memory.values())
+    if need <= total:
+        return
+    fixed = sum(v for k, v in memory.items() if not k.startswith("activations."))
+    raise ConfigError(
+        f"training this model needs about {need / 1e9:.3g} GB ({fixed / 1e9:.3g} GB for parameters, "
+        f"gradients and AdamW state, the rest for the activations of {micro_batch} sequences of "
+        f"{cfg.context_length} tokens) but {device} has {total / 1e9:.3g} GB; lower --model.d_model, "
+        "--model.num_layers or --model.vocab_size, or the batch (--batch-size, --train.grad_accum_steps)")
+
+
+def preflight(cfg: TrainConfig, device=None, micro_batch: int | None = None) -> None:
     """Fail now on what would otherwise fail only after all the training work, or after data
     preparation: input paths, the final sample's prompt, the wandb package, a tokenizer
-    directory with more ids than the model has rows."""
+    directory with more ids than the model has rows, a model too large for the device."""
     check_paths(cfg)
+    if device is not None and micro_batch is not None:
+        check_memory(cfg, device, micro_batch)
     if cfg.train.sample_tokens > 0 and not cfg.train.sample_prompt:
         raise ConfigError("train.sample_prompt is empty; the final sample needs a prompt: pass "
                           "--train.sample_prompt=TEXT or --train.sample_tokens=0")

@@ -291,11 +291,11 @@ def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils
         device = torch.device("cuda", info.local_rank)
     # Fail on a batch the ranks and micro-batches cannot split, an unusable kernel backend, or
     # anything else that would fail later, before anything is written.
-    dist_utils.micro_batches(dist_utils.rank_rows(cfg.train.batch_size, info), cfg.train.grad_accum_steps)
+    micro = dist_utils.micro_batches(dist_utils.rank_rows(cfg.train.batch_size, info), cfg.train.grad_accum_steps)
     ops.resolve_backend(cfg.model.kernels)
     if cfg.optim.fused:
         ops.resolve_backend("triton")
-    preflight(cfg)
+    preflight(cfg, device, micro[0].stop - micro[0].start)
     rd, latest, lock = open_run_dir(cfg, resume, info)
     try:
         return train_in(cfg, resume, device, info, stage, rd, latest)

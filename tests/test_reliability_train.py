@@ -57,10 +57,18 @@ class Lines:
 
 
 def _train(args, cwd) -> tuple[subprocess.Popen, Lines]:
+    """Start the CLI; its stdout lines are collected (``Lines``), stderr by ``_finish``."""
     proc = subprocess.Popen([sys.executable, "-m", "cs336.train", "--preset", "smoke", "--train.progress=false",
                              *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    proc.err_lines = Lines(proc.stderr)
     return proc, Lines(proc.stdout)
+
+
+def _finish(proc) -> str:
+    """Wait for ``proc`` (started by ``_train``); its stderr."""
+    proc.wait(timeout=TIMEOUT)
+    return proc.err_lines.text()
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +87,9 @@ def test_interrupted_data_preparation_is_one_line_and_leaves_no_temp_files(texts
     out = tmp_path / "run"
     proc, out_lines = _train(["--out-dir", str(out), "--train-text", str(texts / "train.txt"), "--valid-text",
                               str(texts / "valid.txt"), "--model.vocab_size=8000"], tmp_path)
-    assert out_lines.wait_for("BPE tokenizer", proc), proc.communicate()
+    assert out_lines.wait_for("BPE tokenizer", proc), _finish(proc)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=TIMEOUT)
+    err = _finish(proc)
     assert proc.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err
@@ -105,7 +113,7 @@ def test_second_run_in_the_same_out_dir_fails_at_once(tmp_path, capsys):
     first, first_lines = _train(["--out-dir", str(out), "--max-steps", "100000", "--data.corpus_mb=0.1",
                                  "--train.log_interval=1", "--train.checkpoint_interval=100000"], tmp_path)
     try:
-        assert first_lines.wait_for("step 0: val loss", first), first.communicate()
+        assert first_lines.wait_for("step 0: val loss", first), _finish(first)
         metrics = (out / "metrics.jsonl").read_bytes()
         err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), "--train.progress=false"])
         assert f"in use by another training run (pid {first.pid}" in err
@@ -113,7 +121,7 @@ def test_second_run_in_the_same_out_dir_fails_at_once(tmp_path, capsys):
         assert (out / "metrics.jsonl").read_bytes().startswith(metrics)  # the second run wrote nothing
     finally:
         first.send_signal(signal.SIGTERM)
-        _, first_err = first.communicate(timeout=TIMEOUT)
+        first_err = _finish(first)
     assert first.returncode == 0, first_err
     assert "checkpoint saved" in first_lines.text()
 
@@ -229,4 +237,12 @@ def test_missing_or_empty_input_paths_fail_before_any_work(tmp_path, capsys):
     assert "is empty" in err
     err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), f"--data.tokenizer_dir={tmp_path}"])
     assert "vocab.json" in err and "does not exist" in err
+    assert not out.exists()
+
+
+def test_model_too_large_for_the_device_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), "--device", "cpu",
+                             "--model.d_model=131072", "--model.d_ff=131072", "--model.num_heads=2"])
+    assert "training this model needs about" in err and "lower --model.d_model" in err
     assert not out.exists()
