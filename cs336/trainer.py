@@ -261,8 +261,9 @@ def check_step(state: TrainState, trainer: Trainer, loss: torch.Tensor, grad_nor
         guard.check(state.step + 1, loss_v, norm_v)
     except Diverged as exc:
         state.train_loss = loss_v
-        raise TrainingDiverged(f"{exc} (lr {lr:.3g}, grad norm {norm_v:.3g}); or use --train.autocast=none "
-                               "if bf16 is on", state.summary(trainer.rd)) from None
+        bf16 = " (or with --train.autocast=none)" if trainer.cfg.train.autocast == "bf16" else ""
+        raise TrainingDiverged(f"{exc}{bf16}. At that step: lr {lr:.3g}, gradient norm {norm_v:.3g}",
+                               state.summary(trainer.rd)) from None
 
 
 def profiler_for(cfg: TrainConfig, rd: RunDir, start: int, info: dist_utils.DistInfo):

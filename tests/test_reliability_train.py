@@ -172,7 +172,7 @@ def test_exploding_run_stops_before_a_bad_checkpoint(run_copy):  # noqa: F811
 
 def test_loss_spike_stops_the_step_and_names_the_last_good_checkpoint(run_copy):  # noqa: F811
     guard = DivergenceGuard(warmup_steps=3, checkpoints_dir=run_copy / "checkpoints")
-    trainer = SimpleNamespace(rd=RunDir(run_copy))
+    trainer = SimpleNamespace(rd=RunDir(run_copy), cfg=cfg(run_copy))
     state = TrainState(step=10)
     for _ in range(3):
         check_step(state, trainer, torch.tensor(5.0), torch.tensor(1.0), 1e-3, guard)
