@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import re
-import sys
 
 from cs336 import flops, hardware
 from cs336.cli import add_config_arguments, config_from_args, parse_args
@@ -119,13 +118,16 @@ def render(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cs336.interrupt import run_cli
+
     args = parse_args(build_parser(), argv)
-    try:
+
+    def body() -> None:
         out = account(config_from_args(args), args)
-    except (ConfigError, hardware.UnknownDeviceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(out, indent=2) if args.json else render(out))
+        print(json.dumps(out, indent=2) if args.json else render(out))
+
+    run_cli(body, user_errors=(ConfigError, hardware.UnknownDeviceError),
+            on_interrupt=lambda: "nothing was written")
 
 
 if __name__ == "__main__":

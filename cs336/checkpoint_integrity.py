@@ -87,7 +87,7 @@ def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where
         raise NonFiniteWeightsError(
             f"{where}: {len(bad)} weight tensors hold {limit}: {listed}; training diverged, so this "
             "state is not saved. Resume from the last good checkpoint with a lower --optim.lr or "
-            "--optim.max_grad_norm"
+            "more --optim.warmup_iters"
         )
 
 

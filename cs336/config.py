@@ -14,6 +14,7 @@ from the fields are ``cs336.cli``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 FFN_TYPES = ("swiglu", "silu")
@@ -27,11 +28,13 @@ def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool 
     """``value`` if it is a positive (``allow_zero``: non-negative) integer (``integer=False``: any
     real number); else ConfigError naming ``name``. Booleans are not numbers here."""
     kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    ok = (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+          and (value >= 0 if allow_zero else value > 0))
     if not ok:
         what = "integer" if integer else "number"
         bound = "non-negative" if allow_zero else "positive"
-        raise ConfigError(f"{name} must be a {bound} {what}, got {value!r}")
+        raise ConfigError(f"{name} must be a {bound} {what}, got {value!r}"
+                          + ("" if integer else " (finite: NaN and infinity are refused)"))
     return value
 
 
@@ -313,6 +316,13 @@ class TrainLoopConfig:
     """Nucleus threshold of the final sample."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    diverge_loss_factor: float | None = 3.0
+    """Stop (before the optimizer step) when the loss exceeds this many times its running mean,
+    after 20 steps; None: only a non-finite loss or gradient norm stops the run."""
+    diverge_grad_norm: float | None = None
+    """Stop when the gradient norm (before clipping) exceeds this; None: no limit."""
+    diverge_max_weight: float = 1e4
+    """A checkpoint is refused (the run stops as diverged) when a weight's magnitude exceeds this."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches",
@@ -326,6 +336,13 @@ class TrainLoopConfig:
         check_positive("train.sample_temperature", self.sample_temperature, allow_zero=True, integer=False)
         if not 0.0 < self.sample_top_p <= 1.0:
             raise ConfigError(f"train.sample_top_p must be in (0, 1], got {self.sample_top_p!r}")
+        if self.diverge_loss_factor is not None and not (math.isfinite(self.diverge_loss_factor)
+                                                         and self.diverge_loss_factor > 1):
+            raise ConfigError(f"train.diverge_loss_factor must be a finite number > 1 (or none), "
+                              f"got {self.diverge_loss_factor!r}")
+        if self.diverge_grad_norm is not None:
+            check_positive("train.diverge_grad_norm", self.diverge_grad_norm, integer=False)
+        check_positive("train.diverge_max_weight", self.diverge_max_weight, integer=False)
         check_choice("train.autocast", self.autocast, AUTOCAST)
         check_choice("train.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
         if self.batch_size % self.grad_accum_steps:

@@ -10,6 +10,7 @@ sweeps produce. The dataclasses themselves are ``cs336.config``.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 import types
 import typing
@@ -17,6 +18,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from cs336.config import SECTIONS, ConfigError, TrainConfig
+
+INT64_MAX = 2 ** 63 - 1
 
 
 def section_fields(section: str) -> dict[str, typing.Any]:
@@ -58,33 +61,57 @@ def coerce(value, tp, key: str):
             return False
         raise ConfigError(f"{key} expects true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    number = float(value)
-                except ValueError:
-                    number = None
-                if number is not None and number.is_integer():
-                    return int(number)
-        raise ConfigError(f"{key} expects an integer, got {value!r}")
+        return _fits_int64(_parse_int(value, key), key)
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} expects a number, got {value!r}")
+        number = _parse_float(value, key)
+        if not math.isfinite(number):
+            raise ConfigError(f"--{key}={value!r} is not a finite number; pass an ordinary value such "
+                              "as 3e-4 (NaN and infinity are refused)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key} expects a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _parse_int(value, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and math.isfinite(number) and number.is_integer():
+                return int(number)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise ConfigError(f"--{key} expects an integer, got {value!r}")
+
+
+def _fits_int64(n: int, key: str) -> int:
+    if not -INT64_MAX <= n <= INT64_MAX:
+        raise ConfigError(f"--{key}={n} does not fit a 64-bit integer (|value| <= {INT64_MAX}); "
+                          "pass a smaller value")
+    return n
+
+
+def _parse_float(value, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"--{key}={value!r} is too large for a float; pass a smaller value") from None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"--{key} expects a number, got {value!r}")
 
 
 def _unknown(kind: str, key: str, valid) -> ConfigError:
@@ -123,10 +150,15 @@ def config_from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
 
 def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     """Read a TOML or JSON file of sections (``[optim] lr = 3e-4``) on top of ``base``."""
+    from cs336.validate import FlagError, read_text_file
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the --config path")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text_file("--config", path)
+    except FlagError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         if path.suffix == ".toml":
             d = tomllib.loads(text)

@@ -3,7 +3,7 @@
 ``DivergenceGuard.check(step, loss, grad_norm)`` raises ``Diverged`` when
 
 - the loss or the gradient norm is NaN or infinite, or
-- after ``warmup_steps`` steps, the loss exceeds ``spike_factor`` times its running mean (an
+- after ``warmup_steps`` steps, the loss exceeds ``spike_factor`` (None: no limit) times its running mean (an
   exponential moving average with time constant ``1 / (1 - ema)`` steps; the mean is updated
   only by accepted steps, so a slow climb is compared against where it started), or
 - with ``max_grad_norm`` set, the (pre-clipping) gradient norm exceeds it.
@@ -36,7 +36,7 @@ class Diverged(RuntimeError):
 
 @dataclass
 class DivergenceGuard:
-    spike_factor: float = 3.0
+    spike_factor: float | None = 3.0
     warmup_steps: int = 20
     ema: float = 0.9
     max_grad_norm: float | None = None
@@ -44,7 +44,7 @@ class DivergenceGuard:
     max_abs_weight: float | None = DEFAULT_MAX_ABS_WEIGHT
 
     def __post_init__(self) -> None:
-        if not (self.spike_factor > 1 and math.isfinite(self.spike_factor)):
+        if self.spike_factor is not None and not (self.spike_factor > 1 and math.isfinite(self.spike_factor)):
             raise ValueError(f"spike_factor must be a finite number > 1, got {self.spike_factor}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
@@ -54,6 +54,15 @@ class DivergenceGuard:
     @property
     def running_mean(self) -> float | None:
         return self._mean
+
+    def state_dict(self) -> dict:
+        """The running mean and the steps seen (saved in a checkpoint, so a resumed run keeps them)."""
+        return {"mean": self._mean, "seen": self._seen}
+
+    def load_state_dict(self, d: dict) -> None:
+        mean = d.get("mean")
+        self._mean = float(mean) if mean is not None and math.isfinite(mean) else None
+        self._seen = int(d.get("seen", 0))
 
     def last_good(self) -> Path | None:
         if self.checkpoints_dir is None:
@@ -76,7 +85,8 @@ class DivergenceGuard:
             self._fail(f"gradient norm is {grad_norm} (loss {loss:.4g})", step)
         if grad_norm is not None and self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
             self._fail(f"gradient norm {grad_norm:.4g} exceeds the limit {self.max_grad_norm:g}", step)
-        if self._mean is not None and self._seen >= self.warmup_steps and loss > self.spike_factor * self._mean:
+        if (self.spike_factor is not None and self._mean is not None and self._seen >= self.warmup_steps
+                and loss > self.spike_factor * self._mean):
             self._fail(f"loss {loss:.4g} is more than {self.spike_factor:g}x its running mean "
                        f"{self._mean:.4g}", step)
         self._mean = loss if self._mean is None else self.ema * self._mean + (1 - self.ema) * loss

@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -264,18 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     from cs336.inference import load_for_inference
     from cs336.run_dir import RunDirError
 
+    from cs336.interrupt import run_cli
+
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         _check_destination(Path(args.out))
         model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
                                               tokenizer_dir=args.tokenizer_dir)
         source = {"run": args.run, "checkpoint": args.checkpoint, "tokenizer_dir": args.tokenizer_dir}
         out = export_hf(model, tokenizer, args.out,
                         source={k: str(Path(v).resolve()) for k, v in source.items() if v})
-    except (ExportError, ConfigError, CheckpointError, RunDirError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"wrote {out}: {', '.join(FILES)} ({model.num_parameters():,} parameters)")
+        print(f"wrote {out}: {', '.join(FILES)} ({model.num_parameters():,} parameters)")
+
+    run_cli(body, user_errors=(ExportError, ConfigError, CheckpointError, RunDirError),
+            on_interrupt=lambda: f"{args.out} was not changed (the export is written aside and renamed "
+                                 "into place only when complete)")
     return 0
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -275,34 +275,38 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"--temperature must be >= 0 and finite, got {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def main(argv: list[str] | None = None) -> int:
     from cs336.checkpoint import CheckpointError
-    from cs336.inference import load_for_inference
+    from cs336.interrupt import run_cli
     from cs336.run_dir import RunDirError
 
     args = build_parser().parse_args(argv)
-    try:
-        _check_args(args)
-        prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
-        rows = [(i, j) for i in range(len(prompts)) for j in range(args.num_samples)]
-        model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
-                                              tokenizer_dir=args.tokenizer_dir, device=args.device)
-        texts: list[str] = []
-        for start in range(0, len(rows), args.batch_size):
-            chunk = rows[start:start + args.batch_size]
-            seed = None if args.seed is None else args.seed + start
-            texts += generate_texts(model, tokenizer, [prompts[i] for i, _ in chunk], args.max_tokens,
-                                    temperature=args.temperature, top_p=args.top_p, seed=seed,
-                                    kv_cache=not args.no_kv_cache)
-    except (ConfigError, CheckpointError, RunDirError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(lambda: _generate(args), user_errors=(ConfigError, CheckpointError, RunDirError, ValueError, OSError),
+            on_interrupt=lambda: "no sample was printed")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from cs336.inference import load_for_inference
+
+    _check_args(args)
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
+    rows = [(i, j) for i in range(len(prompts)) for j in range(args.num_samples)]
+    model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
+                                          tokenizer_dir=args.tokenizer_dir, device=args.device)
+    texts: list[str] = []
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start:start + args.batch_size]
+        seed = None if args.seed is None else args.seed + start
+        texts += generate_texts(model, tokenizer, [prompts[i] for i, _ in chunk], args.max_tokens,
+                                temperature=args.temperature, top_p=args.top_p, seed=seed,
+                                kv_cache=not args.no_kv_cache)
     for (i, j), text in zip(rows, texts):
         if args.jsonl:
             print(json.dumps({"prompt_index": i, "sample": j, "text": text}, ensure_ascii=False))
@@ -311,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"=== prompt {i}" + (f", sample {j}" if args.num_samples > 1 else "") + " ===")
             print(text)
-    return 0
 
 
 if __name__ == "__main__":

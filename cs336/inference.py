@@ -3,7 +3,8 @@ checkpoint file written by ``python -m cs336.train``.
 
 The model configuration comes from the checkpoint itself (``extra["config"]``, the resolved
 ``TrainConfig``); the tokenizer from the run directory (``DIR/tokenizer``) unless a tokenizer
-directory is given. Checkpoints load with ``weights_only=True`` (``cs336.checkpoint``).
+directory is given; a tokenizer with ids beyond the model's embedding rows is refused (it
+belongs to another model). Checkpoints load with ``weights_only=True`` (``cs336.checkpoint``).
 """
 
 from __future__ import annotations
@@ -53,4 +54,9 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
     if not vocab.is_file() or not merges.is_file():
         raise RunDirError(f"no tokenizer at {tok_dir} (vocab.json + merges.txt); pass --tokenizer-dir")
     tokenizer = Tokenizer.from_files(str(vocab), str(merges), list(cfg.data.special_tokens))
+    n_ids = max(tokenizer.vocab) + 1
+    if n_ids > cfg.model.vocab_size:
+        raise RunDirError(f"the tokenizer in {tok_dir} has {n_ids} token ids but the model of {ckpt} has "
+                          f"{cfg.model.vocab_size} embedding rows, so it belongs to another model; pass the "
+                          "--tokenizer-dir the model was trained with")
     return model, tokenizer

@@ -31,6 +31,8 @@ forever.
 - ``deferred_signals()``: within ``handling_signals``, a block a signal must not split (creating
   a temporary file and remembering its name; renaming two files that belong together); a signal
   arriving inside is raised when the block ends.
+- ``StopRequest()``: the training loop's handler: while installed, SIGINT/SIGTERM are recorded
+  (``.signal``) instead of raised, so the loop finishes its step and saves a checkpoint.
 - ``make_default_handler_numba_safe()``: for library use (called by ``Tokenizer``). When SIGINT
   still has Python's default handler, it is replaced by one that raises ``KeyboardInterrupt``
   exactly as before, except inside numba, where it defers as above.
@@ -265,3 +267,26 @@ def make_default_handler_numba_safe() -> None:
 def ignore_sigint_in_worker() -> None:
     """Pool initializer: a worker leaves Ctrl-C to its parent, which terminates the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Records SIGINT/SIGTERM while installed (main thread only) instead of raising."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay with the caller
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

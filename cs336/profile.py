@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -175,19 +174,21 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parse_args(parser, argv)
-    try:
+    from cs336.interrupt import run_cli
+
+    def body() -> None:
         cfg = config_from_args(args)
         step, info = make_train_step(cfg)
         name = args.model or args.preset or args.default_preset
         out = Path(cfg.train.out_dir or f"profiles/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         result = profile_steps(step, out, args.wait, args.warmup, args.active, row_limit=args.row_limit)
-    except (ConfigError, ops.BackendError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(result.table)
-    print(f"profiled {args.active} steps (d_model={info['d_model']}, layers={info['num_layers']}, "
-          f"batch {info['batch_size']} x {info['seq_len']}, kernels={info['kernels']}, "
-          f"{info['device']}): trace {result.traces[-1]}, table {result.table_path}")
+        print(result.table)
+        print(f"profiled {args.active} steps (d_model={info['d_model']}, layers={info['num_layers']}, "
+              f"batch {info['batch_size']} x {info['seq_len']}, kernels={info['kernels']}, "
+              f"{info['device']}): trace {result.traces[-1]}, table {result.table_path}")
+
+    run_cli(body, user_errors=(ConfigError, ops.BackendError),
+            on_interrupt=lambda: "the profile is incomplete; traces already written are kept")
 
 
 if __name__ == "__main__":

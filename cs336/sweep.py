@@ -361,20 +361,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         _worker(args.worker)
         return
-    try:
+    from cs336.interrupt import run_cli
+
+    setup: dict = {}
+
+    def plan() -> None:  # the runs themselves handle Ctrl-C in run_sweep (no further points start)
         if not args.grid:
             raise SweepError("no --grid given; add at least one, e.g. --grid optim.lr=1e-4,3e-4")
         axes = [parse_grid(g) for g in args.grid]
         base = config_from_args(args)
         keys = "-".join(a.key.split(".")[-1] for a in axes)
-        out = args.out or Path("runs") / f"sweep-{keys}-{time.strftime('%Y%m%d-%H%M%S')}"
+        setup["out"] = out = args.out or Path("runs") / f"sweep-{keys}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_out(out)
         planned = plan_sweep(base, grid_points(axes), args.sets, out)
-        if args.share_data:
-            planned = share_data(planned, out)
-    except (SweepError, cfglib.ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        setup["planned"] = share_data(planned, out) if args.share_data else planned
+
+    run_cli(plan, user_errors=(SweepError, cfglib.ConfigError, OSError),
+            on_interrupt=lambda: "no run of the sweep was started; finished data files are kept")
+    out, planned = setup["out"], setup["planned"]
     status = run_and_report(planned, out)
     if status:
         sys.exit(status)

@@ -21,10 +21,18 @@ metrics to Weights & Biases (offline files under DIR unless ``--train.wandb_mode
 
 Exact resume: a checkpoint holds model, optimizer, step, the batch sampler's generator state and
 the process RNG states, so a resumed run draws the same batches and reaches the same losses as
-one that never stopped. SIGINT/SIGTERM finish the current step, save a checkpoint and return
-normally (exit status 0; under torchrun at the next logging step). A non-finite loss stops the
-run before the optimizer step with ``TrainingDiverged``; nothing is saved after it, so the last
-checkpoint is the last good state.
+one that never stopped. SIGINT/SIGTERM during training finish the current step, save a checkpoint
+and return normally (exit status 0; under torchrun at the next logging step); at any other moment
+(data preparation, tokenizer training) they end the command with one line naming what was kept
+and exit status 130/143 (``cs336.interrupt.run_cli``, ``cs336.run_start.Stage``). Divergence (a
+non-finite loss or gradient norm, a loss spike, ``train.diverge_*``) stops the run before the
+optimizer step with ``TrainingDiverged`` (exit 1) naming the last checkpoint with finite weights;
+weights beyond ``train.diverge_max_weight`` are never checkpointed.
+
+Safety (``cs336.run_start``): every value is checked when the config is built; a run directory
+is claimed (an ordinary non-empty directory is refused) and locked for the whole run; a
+``--resume`` whose flags conflict with the saved config, or whose checkpoint is corrupt, is
+refused before anything is written.
 
 Data parallel: under torchrun every rank draws the same global batch and trains on its own rows
 (``cs336.distributed``); rank 0 prepares data and writes every file.
@@ -33,18 +41,25 @@ Data parallel: under torchrun every rank draws the same global batch and trains 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from cs336.checkpoint import CheckpointError
 from cs336.cli import add_config_arguments, config_from_args, overrides_from_args, parse_args
 from cs336.config import ConfigError, TrainConfig
-from cs336.config_io import apply_overrides, load_config
+from cs336.config_io import apply_overrides, config_to_dict, load_config
 from cs336.data import TokenFileError
 from cs336.datasets import DatasetError
+from cs336.interrupt import run_cli
 from cs336.ops import BackendError
 from cs336.run_dir import RunDir, RunDirError
+from cs336.run_guard import RunDirRefused
+from cs336.run_start import Stage, resume_conflicts
 from cs336.tokenizer.gpt2_files import TokenizerFileError
 from cs336.trainer import TrainingDiverged, run
+from cs336.validate import FlagError
+
+USER_ERRORS = (ConfigError, CheckpointError, TokenFileError, DatasetError, BackendError, RunDirError,
+               RunDirRefused, TokenizerFileError, FlagError)
+"""Errors whose message is the whole story for the user: one line, exit status 2."""
 
 __all__ = ["TrainingDiverged", "build_parser", "config_for", "main", "run"]
 
@@ -71,23 +86,22 @@ def config_for(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError("--resume needs the run directory: pass --out-dir DIR")
     if args.preset or args.model:
         raise ConfigError("--resume takes its config from DIR/config.json; drop --preset and --model")
-    cfg = RunDir(out).read_config()
-    if args.config:
-        cfg = load_config(args.config, cfg)
-    return apply_overrides(cfg, overrides)
+    saved = RunDir(out).read_config()
+    cfg = load_config(args.config, saved) if args.config else saved
+    cfg = apply_overrides(cfg, overrides)
+    conflicts = resume_conflicts(config_to_dict(saved), config_to_dict(cfg))
+    if conflicts:
+        raise ConfigError(f"--resume: these flags differ from {RunDir(out).config_file}, and the run cannot "
+                          f"continue with them: {'; '.join(conflicts)}. Drop them, or start a new run "
+                          "in another --out-dir")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    try:
-        run(config_for(args), resume=args.resume)
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (ConfigError, CheckpointError, TokenFileError, DatasetError, BackendError, RunDirError,
-            TokenizerFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    stage = Stage()
+    run_cli(lambda: run(config_for(args), resume=args.resume, stage=stage), user_errors=USER_ERRORS,
+            exit_codes={TrainingDiverged: 1}, on_interrupt=stage.report)
     return 0
 
 

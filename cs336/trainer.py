@@ -15,15 +15,21 @@ whole batch; under DDP only the last micro-batch all-reduces, the others run in 
 the gradient norm, check the loss, then the AdamW step under the model's kernel backend
 (``ops.use_backend(cfg.model.kernels)``, so ``AdamW(fused=None)`` follows the model).
 
-Host synchronization: one per step, reading whether the loss and gradient norm are finite (a
-non-finite loss stops the run with ``TrainingDiverged`` before the optimizer step; nothing is
-saved after it, so the last checkpoint is the last good state). The loss and the gradient norm
-stay on the device and are read every ``log_interval`` steps. Under DDP the step's loss is summed
-across ranks on the device (one all-reduce per step, no extra host sync), and the stop request of
-SIGINT/SIGTERM is reduced across ranks at log steps only; a single process checks it every step.
+Host synchronization: one per step, reading the loss and the gradient norm together (one
+``tolist()`` of a stacked pair) for the divergence check (``cs336.divergence.DivergenceGuard``: a
+non-finite value, a loss spike against the running mean, or a gradient norm above
+``train.diverge_grad_norm`` stops the run with ``TrainingDiverged`` before the optimizer step,
+naming the last checkpoint whose weights are intact and finite). Before each save the weights
+are checked (``check_weights``, one more sync at checkpoint steps): non-finite weights or weights
+beyond ``train.diverge_max_weight`` are never written. The per-step loss and gradient norm are
+otherwise kept on the device and read every ``log_interval`` steps. Under DDP the step's loss is
+summed across ranks on the device (one all-reduce per step, no extra host sync), and the stop
+request of SIGINT/SIGTERM is reduced across ranks at log steps only; a single process checks it
+every step.
 
-Hook points: ``open_run_dir`` is where the run directory is opened and checked; ``check_step``
-is the per-step check on the loss and gradient norm.
+Hook points: ``cs336.run_start.open_run_dir`` opens, claims and locks the run directory;
+``check_step`` is the per-step check on the loss and gradient norm; ``Stage`` (updated as the run
+moves from data preparation to training to the final sample) feeds the interruption report.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import math
 import signal
 import time
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -43,14 +48,18 @@ from tqdm import tqdm
 from cs336 import distributed as dist_utils
 from cs336 import ops
 from cs336.checkpoint import CheckpointError, load_checkpoint_full, restore_rng_state, save_checkpoint
-from cs336.config import ConfigError, TrainConfig
+from cs336.checkpoint_integrity import NonFiniteWeightsError, check_weights
+from cs336.config import TrainConfig
 from cs336.data import get_batch, iter_batches
+from cs336.divergence import DivergenceGuard, Diverged
 from cs336.hardware import resolve_device
+from cs336.interrupt import StopRequest
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
 from cs336.optim import AdamW, lr_cosine_schedule
 from cs336.prepare import prepare_data
-from cs336.run_dir import RunDir, RunDirError
+from cs336.run_dir import RunDir
+from cs336.run_start import Stage, open_run_dir, preflight
 
 PROFILE_STEPS = 5
 """Steps recorded by --profile at the start of the run: 1 skipped, 1 warm-up, 3 traced."""
@@ -80,6 +89,8 @@ class TrainState:
     """Seconds spent in training steps, evaluations excluded (summed over resumes)."""
     stopped_by: int | None = None
     """The signal that stopped the run, if one did (not saved)."""
+    guard: dict | None = None
+    """The divergence guard's running loss mean (``DivergenceGuard.state_dict``)."""
 
     def tracker(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("step", "stopped_by")}
@@ -122,29 +133,6 @@ class LossModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model.loss(x, y)
-
-
-class StopRequest:
-    """Records SIGINT/SIGTERM while installed (main thread only) instead of raising."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> StopRequest:
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: signals stay with the caller
-            self._previous.clear()
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -227,8 +215,18 @@ class Trainer:
         self.model.train()
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
-    def save(self, state: TrainState) -> None:
-        """Checkpoint of step ``state.step`` (rank 0 writes; every rank waits for it)."""
+    def save(self, state: TrainState, guard: DivergenceGuard | None = None) -> None:
+        """Checkpoint of step ``state.step`` (rank 0 writes; every rank waits for it). Weights that
+        are non-finite or beyond ``train.diverge_max_weight`` are never saved: every rank checks
+        its (identical) copy and raises TrainingDiverged."""
+        try:
+            check_weights(self.model, self.cfg.train.diverge_max_weight, where=f"step {state.step}")
+        except NonFiniteWeightsError as exc:
+            last = guard.last_good() if guard is not None and self.info.is_main else None
+            where = f"Last good checkpoint: {last}" if last is not None else "No good checkpoint exists yet"
+            raise TrainingDiverged(f"training diverged: {exc}. {where}", state.summary(self.rd)) from None
+        if guard is not None:
+            state.guard = guard.state_dict()
         if self.info.is_main:
             path = self.rd.checkpoint_path(state.step)
             save_checkpoint(self.model, self.opt, state.step, path,
@@ -253,34 +251,19 @@ class Trainer:
 
 
 def check_step(state: TrainState, trainer: Trainer, loss: torch.Tensor, grad_norm: torch.Tensor,
-               lr: float) -> None:
-    """The per-step check, before the optimizer step: a non-finite loss or gradient norm raises
-    TrainingDiverged (the step's one host sync; ranks agree, both values are reduced)."""
-    if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-        return
-    state.train_loss = float(loss)
-    last = trainer.rd.latest_checkpoint() if trainer.info.is_main else None
-    raise TrainingDiverged(
-        f"loss became {float(loss)} at step {state.step + 1} (lr {lr:.3g}, grad norm {float(grad_norm):.3g}); "
-        f"stopped before the optimizer step. Last good checkpoint: {last or 'none'}. "
-        "Lower --optim.lr, raise --optim.warmup_iters, or use --train.autocast=none.",
-        state.summary(trainer.rd))
-
-
-def open_run_dir(cfg: TrainConfig, resume: bool, info: dist_utils.DistInfo) -> tuple[RunDir, Path | None]:
-    """The run directory (the same on every rank) and, when resuming, its latest checkpoint."""
-    if resume and cfg.train.out_dir is None:
-        raise ConfigError("--resume needs the run directory: pass --out-dir DIR")
-    default = Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    rd = RunDir(dist_utils.broadcast_object(str(cfg.train.out_dir or default), info))
-    latest = rd.latest_checkpoint() if rd.checkpoints.is_dir() else None
-    if resume and latest is None:
-        raise RunDirError(f"--resume: {rd.checkpoints} has no checkpoint to resume from; drop --resume "
-                          "to start a new run there")
-    if not resume and rd.checkpoint_files():
-        raise RunDirError(f"{rd.path} already holds checkpoints; pass --resume to continue that run or "
-                          "choose a new --out-dir")
-    return rd, latest
+               lr: float, guard: DivergenceGuard) -> None:
+    """The per-step check, before the optimizer step: loss and gradient norm are read in one host
+    sync (ranks agree, both values are reduced) and given to ``guard``, which raises on a
+    non-finite value, a loss spike or an exploding gradient norm; that becomes TrainingDiverged
+    naming the last checkpoint whose weights are intact and finite."""
+    loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
+    try:
+        guard.check(state.step + 1, loss_v, norm_v)
+    except Diverged as exc:
+        state.train_loss = loss_v
+        bf16 = " (or with --train.autocast=none)" if trainer.cfg.train.autocast == "bf16" else ""
+        raise TrainingDiverged(f"{exc}{bf16}. At that step: lr {lr:.3g}, gradient norm {norm_v:.3g}",
+                               state.summary(trainer.rd)) from None
 
 
 def profiler_for(cfg: TrainConfig, rd: RunDir, start: int, info: dist_utils.DistInfo):
@@ -292,47 +275,73 @@ def profiler_for(cfg: TrainConfig, rd: RunDir, start: int, info: dist_utils.Dist
     return StepProfiler(rd.path / "profile", wait=1, warmup=1, active=PROFILE_STEPS - 2)
 
 
-def run(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Train per ``cfg``; returns the summary dict (see the module docstring)."""
+def run(cfg: TrainConfig, *, resume: bool = False, stage: Stage | None = None) -> dict:
+    """Train per ``cfg``; returns the summary dict (see the module docstring). ``stage`` is kept
+    up to date with what the run is doing (``cs336.run_start.Stage``)."""
     device = resolve_device(cfg.train.device)
     info = dist_utils.init_distributed(device.type)
     try:
-        return train(cfg, resume, device, info)
+        return train(cfg, resume, device, info, stage or Stage())
     finally:
         dist_utils.shutdown(info)
 
 
-def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.DistInfo) -> dict:
+def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.DistInfo,
+          stage: Stage) -> dict:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    # Fail on a batch the ranks and micro-batches cannot split before anything is written.
-    dist_utils.micro_batches(dist_utils.rank_rows(cfg.train.batch_size, info), cfg.train.grad_accum_steps)
-    rd, latest = open_run_dir(cfg, resume, info)
-    # Fail on an unusable kernel backend before any data is generated or encoded.
+    # Fail on a batch the ranks and micro-batches cannot split, an unusable kernel backend, or
+    # anything else that would fail later, before anything is written.
+    micro = dist_utils.micro_batches(dist_utils.rank_rows(cfg.train.batch_size, info), cfg.train.grad_accum_steps)
     ops.resolve_backend(cfg.model.kernels)
     if cfg.optim.fused:
         ops.resolve_backend("triton")
+    preflight(cfg, device, micro[0].stop - micro[0].start)
+    rd, latest, lock = open_run_dir(cfg, resume, info)
+    try:
+        return train_in(cfg, resume, device, info, stage, rd, latest)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.DistInfo, stage: Stage,
+             rd: RunDir, latest: Path | None) -> dict:
+    """The run in the opened, locked run directory ``rd``."""
     say = tqdm.write if info.is_main else (lambda msg: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    kept = (f"the checkpoints in {rd.checkpoints} are unchanged" if resume else
+            f"no checkpoint was written yet; the run directory {rd.path} is kept")
     if info.is_main:
         rd.create()
-        rd.write_config(cfg)
+        if not resume:  # a resume writes its config only once its checkpoint has loaded
+            rd.write_config(cfg)
     say(f"config: {json.dumps(asdict(cfg))}")
     say(f"run directory: {rd.path}  device: {device}  ranks: {info.world_size}")
 
+    stage.set(f"preparing data in {rd.data}", f"{kept}; finished files are kept and partial ones removed, "
+              "so the same command continues the preparation")
     train_tokens, valid_tokens, tokenizer = prepare_data(cfg, rd, info, say)
+    stage.set("building the model", kept)
     trainer = Trainer(cfg, rd, device, info, train_tokens, valid_tokens)
+    guard = DivergenceGuard(spike_factor=cfg.train.diverge_loss_factor, max_grad_norm=cfg.train.diverge_grad_norm,
+                            checkpoints_dir=rd.checkpoints if info.is_main else None,
+                            max_abs_weight=cfg.train.diverge_max_weight)
     state = TrainState()
     if resume:
         state = trainer.restore(latest)
+        if state.guard:
+            guard.load_state_dict(state.guard)
         say(f"resumed from {latest} at step {state.step}")
         if info.is_main:
+            rd.write_config(cfg)
             rd.truncate_metrics(state.step)
     wandb_run = init_wandb(cfg, rd) if cfg.train.wandb and info.is_main else None
+    stage.set("evaluating before training", kept)
     if state.step == 0:
         log_metrics(rd, wandb_run, info, {"step": 0, "wallclock_s": 0.0, **evaluate(trainer, state, say)})
 
@@ -344,7 +353,7 @@ def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils
         while state.step < max_steps:
             lr = trainer.set_lr(state.step)
             loss, grad_norm = trainer.forward_backward()
-            check_step(state, trainer, loss, grad_norm, lr)
+            check_step(state, trainer, loss, grad_norm, lr, guard)
             trainer.optimizer_step()
             state.step += 1
             window.add(loss, grad_norm, tokens_per_step)
@@ -364,13 +373,15 @@ def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils
                 bar.set_postfix(loss=f"{state.train_loss:.3f}")
                 window = Window(device)
             if step % cfg.train.checkpoint_interval == 0 or step == max_steps or stop_now:
-                trainer.save(state)
+                trainer.save(state, guard)
             if stop_now:
                 state.stopped_by = stop.signal or signal.SIGTERM
                 say(f"stopped by signal {state.stopped_by} at step {step}; checkpoint saved, continue "
                     f"with --out-dir {rd.path} --resume")
                 break
     bar.close()
+    last = rd.latest_checkpoint() if info.is_main else None
+    stage.set("writing the loss plot and the final sample", f"the checkpoint {last} is saved")
     if profiler is not None and profiler.result is not None:
         say(f"profile of steps 3-{PROFILE_STEPS} of this run: {profiler.result.traces[-1]}, "
             f"{profiler.result.table_path}")

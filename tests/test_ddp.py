@@ -57,3 +57,38 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                 assert y == pytest.approx(x, rel=1e-5), (ra, rb)
     assert a[-1][1] < a[1][1]  # it trained
     assert not (ddp / "checkpoints").exists() or (ddp / "checkpoints" / "latest").is_file()
+
+
+def _rank_cli(rank: int, world: int, port: int, out_dir: str, report: str) -> None:
+    """Run the CLI as one torchrun rank; write its exit status and stderr to ``report``.rank."""
+    import contextlib
+    import io
+
+    from cs336.train import main
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err):
+        try:
+            main(["--preset", "smoke", "--out-dir", out_dir, "--train.progress=false", "--train.device=cpu"])
+        except SystemExit as exc:
+            code = exc.code
+    with open(f"{report}.{rank}", "w") as fh:
+        json.dump({"code": code, "stderr": err.getvalue()}, fh)
+
+
+def test_refused_run_dir_under_ddp_is_one_line_from_rank_0(tmp_path):
+    """Rank 0 decides; the other rank gets the same error through the broadcast and prints nothing."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine\n")
+    report = tmp_path / "report"
+    mp.spawn(_rank_cli, args=(2, _free_port(), str(docs), str(report)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"report.{r}").read_text()) for r in (0, 1))
+    assert r0["code"] == r1["code"] == 2
+    assert r0["stderr"].startswith("error: ") and "is not a run directory" in r0["stderr"]
+    assert len(r0["stderr"].strip().splitlines()) == 1
+    assert r1["stderr"] == ""
+    assert sorted(p.name for p in docs.iterdir()) == ["notes.txt"]

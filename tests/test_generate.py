@@ -220,6 +220,9 @@ def test_cli_generates_from_a_run_dir_reproducibly(run_dir, capsys):
     (["--checkpoint", "/nonexistent/x.pt"], "does not exist"),
     (["--top-p", "1.5"], "--top-p must be in"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0 and finite"),
+    (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
+    (["--top-p", "nan"], "--top-p must be in"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(run_dir, capsys, args, fragment):
     if "--run" not in args and "--checkpoint" not in args:
@@ -283,3 +286,15 @@ def test_cli_prompt_file_errors(run_dir, tmp_path, capsys, content, fragment):
         main(["--run", str(run_dir.path), "--prompt-file", str(path)])
     assert exc.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_tokenizer_of_another_model_is_refused(run_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("a quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. " * 80)
+    vocab, merges = train_bpe(str(text), 400, ["<|endoftext|>"])
+    save_vocab_merges(vocab, merges, tmp_path / "vocab.json", tmp_path / "merges.txt")
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run_dir.path), "--tokenizer-dir", str(tmp_path), "--prompt", "the"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "belongs to another model" in err and str(tmp_path) in err and "Traceback" not in err

@@ -273,7 +273,8 @@ def _merge(counts: Counter[str], n_special: int, num_merges: int, progress: bool
         from tqdm import tqdm
 
         bar = tqdm(total=num_merges, desc="merge")
-    step = max(1, num_merges // 100) if progress else max(1, num_merges)
+    # Bounded calls: a signal waits for the current call only (at most 1000 merges), progress or not.
+    step = max(1, min(num_merges // 100, 1000))
     try:
         done = 0
         while done < num_merges:
