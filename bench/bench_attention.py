@@ -1,7 +1,8 @@
 """Attention softmax(q k^T / sqrt(d)) v: reference, torch.compile, PyTorch SDPA and FlashAttention-2.
 
 Providers: ``torch`` (``ops.attention_reference``, the CS336 definition: it materializes the
-(T, T) scores), ``compile`` (torch.compile of it), ``sdpa``
+(T, T) scores), ``native`` (the seam's native provider: SDPA with its default backend choice),
+``compile`` (torch.compile of the reference), ``sdpa``
 (``torch.nn.functional.scaled_dot_product_attention``; on CUDA restricted to its FlashAttention
 backend, the comparison the issue asks for) and ``triton`` (``kernels/attention.py`` through the
 seam). Passes: ``fwd`` and ``fwd+bwd`` (the training cost).
@@ -22,13 +23,13 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, DTYPE, ON_CUDA, provider_fn
+from _harness import DEVICE, DTYPE, ON_CUDA, provider_fn
 
 from cs336 import ops
 
 pytestmark = pytest.mark.bench
 
-PROVIDERS = ("torch", "compile", "sdpa", "triton")
+PROVIDERS = ("torch", "native", "compile", "sdpa", "triton")
 PASSES = ("fwd", "fwd+bwd")
 # name: (batch B, heads H, length T, head dim d, GPU only). small: a TinyStories batch (8 x 256
 # tokens, d_model 512 in 16 heads). leaderboard: see the module docstring. All causal.
