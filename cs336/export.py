@@ -46,6 +46,7 @@ import torch
 
 from cs336.config import ConfigError, ModelConfig
 from cs336.fileio import atomic_write_text
+from cs336.inference import add_source_arguments
 from cs336.tokenizer.gpt2_files import token_to_str
 
 EOT = "<|endoftext|>"
@@ -250,10 +251,7 @@ def _replace_dir(new: Path, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cs336.export", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", metavar="DIR", help="run directory (uses checkpoints/latest)")
-    src.add_argument("--checkpoint", metavar="FILE", help="checkpoint written by cs336.train")
-    p.add_argument("--tokenizer-dir", metavar="DIR", help="vocab.json + merges.txt (default: the run's)")
+    add_source_arguments(p)
     p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
     return p
 

@@ -54,6 +54,7 @@ import torch
 
 from cs336 import nn_utils
 from cs336.config import ConfigError
+from cs336.inference import add_source_arguments
 
 EOT = "<|endoftext|>"
 
@@ -248,10 +249,7 @@ def read_prompt_file(path: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cs336.generate", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", metavar="DIR", help="run directory (uses checkpoints/latest)")
-    src.add_argument("--checkpoint", metavar="FILE", help="checkpoint file")
-    p.add_argument("--tokenizer-dir", metavar="DIR", help="vocab.json + merges.txt (default: the run's)")
+    add_source_arguments(p)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="Once upon a time", help="text to continue")
     prompt.add_argument("--prompt-file", metavar="FILE", help="one prompt per line, decoded together")

@@ -60,3 +60,12 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
                           f"{cfg.model.vocab_size} embedding rows, so it belongs to another model; pass the "
                           "--tokenizer-dir the model was trained with")
     return model, tokenizer
+
+
+def add_source_arguments(parser) -> None:
+    """The flags that name a trained model: ``--run DIR`` or ``--checkpoint FILE`` (one of them,
+    required) and ``--tokenizer-dir`` (default: the run's), as ``load_for_inference`` takes them."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="DIR", help="run directory (uses checkpoints/latest)")
+    src.add_argument("--checkpoint", metavar="FILE", help="checkpoint written by cs336.train")
+    parser.add_argument("--tokenizer-dir", metavar="DIR", help="vocab.json + merges.txt (default: the run's)")
