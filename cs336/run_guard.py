@@ -170,10 +170,11 @@ def config_conflicts(saved: dict[str, Any], requested: dict[str, Any], *, allowe
 
 
 def check_tokenizer_fits_model(n_tokens: int, vocab_size: int, *, tokenizer: str = "the tokenizer",
-                               flag: str = "--model.vocab_size") -> None:
-    """Refuse a tokenizer whose ids (``0..n_tokens-1``) do not all index the model's embedding."""
+                               model: str = "the model", flag: str = "--model.vocab_size",
+                               fix: str | None = None) -> None:
+    """Refuse a tokenizer whose ids (``0..n_tokens-1``) do not all index the model's embedding.
+    ``fix`` replaces the default advice (resize the model), e.g. for a model already trained."""
     if n_tokens > vocab_size:
-        raise ValueError(
-            f"{tokenizer} has {n_tokens} token ids but the model has {vocab_size} embedding rows "
-            f"({flag}); set {flag}={n_tokens} or use a tokenizer with at most {vocab_size} tokens"
-        )
+        fix = fix or f"set {flag}={n_tokens} or use a tokenizer with at most {vocab_size} tokens"
+        raise ValueError(f"{tokenizer} has {n_tokens} token ids but {model} has {vocab_size} embedding rows "
+                         f"({flag}); {fix}")
