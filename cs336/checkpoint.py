@@ -200,6 +200,13 @@ def _is_zip(src: PathOrFile) -> bool:
         src.seek(start)
 
 
+def read_checkpoint(src: PathOrFile) -> dict[str, Any]:
+    """The checkpoint dict of ``src``, its archive and checksum checked (errors name the previous
+    valid checkpoint); ``load_checkpoint_full(src, ..., payload=...)`` then loads it without a
+    second read."""
+    return _read(src)
+
+
 def _read(src: PathOrFile, hint: bool = True) -> dict[str, Any]:
     """The checkpoint dict of ``src``, checked; ``hint`` adds the fallback checkpoint to errors."""
     name = _name(src)
@@ -295,11 +302,14 @@ def _load_model(name: str, state: dict[str, Any], model: torch.nn.Module) -> Non
 
 
 def load_checkpoint_full(src: PathOrFile, model: torch.nn.Module | None = None,
-                         optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+                         optimizer: torch.optim.Optimizer | None = None, *,
+                         payload: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read a checkpoint; load it into ``model``/``optimizer`` when given; return the whole dict
-    (keys: iteration, model, optimizer, model_config, rng, extra, ...). RNGs are not touched."""
+    (keys: iteration, model, optimizer, model_config, rng, extra, ...). RNGs are not touched.
+    ``payload``: ``src``'s dict as ``read_checkpoint`` returned it (not read again)."""
     name = _name(src)
-    payload = _read(src)
+    if payload is None:
+        payload = _read(src)
     if model is not None:
         model = _unwrap(model)
         _check_config(name, payload["model_config"], model)

@@ -62,7 +62,7 @@ def resume_conflicts(saved: dict, requested: dict) -> list[str]:
     return config_conflicts(saved, requested, allowed=allowed)
 
 
-def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, RunLock]:
+def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, RunLock, dict | None]:
     out = cfg.train.out_dir
     if resume:
         if not is_run_dir(out):
@@ -81,25 +81,27 @@ def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, Ru
         if not resume and rd.checkpoint_files():
             raise RunDirError(f"{rd.path} already holds checkpoints; pass --resume to continue that run or "
                               "choose a new --out-dir")
+        payload = None
         if resume:
-            from cs336.checkpoint import _read
+            from cs336.checkpoint import read_checkpoint
 
-            _read(latest)  # checksum and archive; a corrupt file names the previous valid one
+            payload = read_checkpoint(latest)  # checksum and archive; a corrupt file names the previous valid one
     except BaseException:
         lock.release()
         raise
-    return path, latest, lock
+    return path, latest, lock, payload
 
 
 def open_run_dir(cfg: TrainConfig, resume: bool, info: dist_utils.DistInfo
-                 ) -> tuple[RunDir, Path | None, RunLock | None]:
-    """(run directory, latest checkpoint when resuming, the lock rank 0 holds) on every rank."""
+                 ) -> tuple[RunDir, Path | None, RunLock | None, dict | None]:
+    """(run directory, latest checkpoint when resuming, the lock rank 0 holds, and on rank 0 that
+    checkpoint's dict as read and verified here, so the resume does not read it again)."""
     if resume and cfg.train.out_dir is None:
         raise ConfigError("--resume needs the run directory: pass --out-dir DIR")
-    lock, error, outcome = None, None, None
+    lock, payload, error, outcome = None, None, None, None
     if info.is_main:
         try:
-            path, latest, lock = _open_on_main(cfg, resume)
+            path, latest, lock, payload = _open_on_main(cfg, resume)
             outcome = (str(path), None if latest is None else str(latest), None)
         except Exception as exc:  # every rank must learn of it, or the others wait forever
             error = exc
@@ -111,7 +113,7 @@ def open_run_dir(cfg: TrainConfig, resume: bool, info: dist_utils.DistInfo
     path, latest, message = outcome
     if message is not None:  # another rank: the same error, printed by rank 0 only
         raise RunDirRefused(message)
-    return RunDir(path), None if latest is None else Path(latest), lock
+    return RunDir(path), None if latest is None else Path(latest), lock, payload
 
 
 def check_paths(cfg: TrainConfig) -> None:

@@ -235,9 +235,10 @@ class Trainer:
             self.rd.mark_latest(path, self.cfg.train.keep_last)
         dist_utils.barrier(self.info)
 
-    def restore(self, path: Path) -> TrainState:
-        """Load ``path`` into model and optimizer, restore the RNGs and the sampler."""
-        ckpt = load_checkpoint_full(path, self.model, self.opt)
+    def restore(self, path: Path, payload: dict | None = None) -> TrainState:
+        """Load ``path`` (or ``payload``, its dict already read) into model and optimizer, restore
+        the RNGs and the sampler."""
+        ckpt = load_checkpoint_full(path, self.model, self.opt, payload=payload)
         extra = ckpt["extra"]
         if "data_rng" not in extra:
             raise CheckpointError(f"{path} has no batch-sampler state (it was not written by "
@@ -247,7 +248,9 @@ class Trainer:
         restore_rng_state(ckpt)
         known = {f.name for f in fields(TrainState)}
         saved = {k: v for k, v in extra.get("tracker", {}).items() if k in known}
-        return TrainState(step=int(ckpt["iteration"]), **saved)
+        state = TrainState(step=int(ckpt["iteration"]), **saved)
+        ckpt.clear()  # the model and optimizer hold copies now; callers may still hold this dict
+        return state
 
 
 def check_step(state: TrainState, trainer: Trainer, loss: torch.Tensor, grad_norm: torch.Tensor,
@@ -297,17 +300,17 @@ def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils
     if cfg.optim.fused:
         ops.resolve_backend("triton")
     preflight(cfg, device, micro[0].stop - micro[0].start)
-    rd, latest, lock = open_run_dir(cfg, resume, info)
+    rd, latest, lock, payload = open_run_dir(cfg, resume, info)
     try:
-        return train_in(cfg, resume, device, info, stage, rd, latest)
+        return train_in(cfg, resume, device, info, stage, rd, latest, payload)
     finally:
         if lock is not None:
             lock.release()
 
 
 def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.DistInfo, stage: Stage,
-             rd: RunDir, latest: Path | None) -> dict:
-    """The run in the opened, locked run directory ``rd``."""
+             rd: RunDir, latest: Path | None, payload: dict | None = None) -> dict:
+    """The run in the opened, locked run directory ``rd``; ``payload``: ``latest`` as already read."""
     say = tqdm.write if info.is_main else (lambda msg: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -333,7 +336,7 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
                             max_abs_weight=cfg.train.diverge_max_weight)
     state = TrainState()
     if resume:
-        state = trainer.restore(latest)
+        state = trainer.restore(latest, payload)
         if state.guard:
             guard.load_state_dict(state.guard)
         say(f"resumed from {latest} at step {state.step}")
