@@ -1,10 +1,14 @@
-"""A slow byte-level BPE trainer used only as a test oracle for ``cs336.tokenizer.train_bpe``.
+"""A slow byte-level BPE trainer and encoder, used only as test oracles for ``cs336.tokenizer``.
 
-It follows the CS336 handout (section 2.4) literally and shares no code with the package: its own
-copy of the GPT-2 pre-tokenization pattern, its own special-token split, and a full recount of
-every adjacent pair after each merge. Ties go to the lexicographically greater ``(bytes, bytes)``
-pair. Vocabulary ids: special tokens first, then the 256 single bytes in byte order, then merges
-in creation order.
+Both follow the CS336 handout (assignment 1, sections 2.4-2.6) literally and share no code with
+the package: their own copy of the GPT-2 pre-tokenization pattern, their own special-token split
+(leftmost match, the longest special token at that position), a full recount of every adjacent
+pair after each merge, ties going to the lexicographically greater ``(bytes, bytes)`` pair.
+Vocabulary ids: special tokens first, then the 256 single bytes in byte order, then merges in
+creation order. ``encode_slow`` applies the merges to each pre-token in list order; it jumps
+straight to the next merge present in the pre-token, which is the same as trying every merge in
+turn (one that is absent merges nothing) and keeps the 50,000 GPT-2 merges affordable.
+tests/fixtures/make_fixtures.py checks both against the CS336 fixtures and tiktoken.
 """
 
 from __future__ import annotations
@@ -17,22 +21,20 @@ import regex
 PATTERN = regex.compile(r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
-def _ordinary_segments(text: str, special_tokens: list[str]) -> list[str]:
-    """The text between special tokens; at each position the longest special token wins."""
-    if not special_tokens:
-        return [text]
+def split_special(text: str, special_tokens: list[str]) -> list[tuple[str, bool]]:
+    """``(piece, is_special)`` in text order; at each position the longest special token wins."""
     specials = sorted(special_tokens, key=len, reverse=True)
-    segments, start, i = [], 0, 0
+    pieces, start, i = [], 0, 0
     while i < len(text):
         hit = next((s for s in specials if text.startswith(s, i)), None)
         if hit is None:
             i += 1
             continue
-        segments.append(text[start:i])
+        pieces += [(text[start:i], False), (hit, True)]
         i += len(hit)
         start = i
-    segments.append(text[start:])
-    return segments
+    pieces.append((text[start:], False))
+    return [(piece, special) for piece, special in pieces if piece]
 
 
 def _merge_word(word: tuple[bytes, ...], pair: tuple[bytes, bytes]) -> tuple[bytes, ...]:
@@ -47,14 +49,14 @@ def _merge_word(word: tuple[bytes, ...], pair: tuple[bytes, bytes]) -> tuple[byt
     return tuple(out)
 
 
-def train_bpe_slow(
-    input_path: str | Path, vocab_size: int, special_tokens: list[str]
+def train_from_text(
+    text: str, vocab_size: int, special_tokens: list[str]
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    text = Path(input_path).read_bytes().decode("utf-8")
     words: Counter[tuple[bytes, ...]] = Counter()
-    for segment in _ordinary_segments(text, special_tokens):
-        for pre_token in PATTERN.findall(segment):
-            words[tuple(bytes([b]) for b in pre_token.encode("utf-8"))] += 1
+    for piece, is_special in split_special(text, special_tokens):
+        if not is_special:
+            for pre_token in PATTERN.findall(piece):
+                words[tuple(bytes([b]) for b in pre_token.encode("utf-8"))] += 1
 
     vocab = {i: s.encode("utf-8") for i, s in enumerate(special_tokens)}
     for b in range(256):
@@ -75,3 +77,39 @@ def train_bpe_slow(
             merged[_merge_word(word, best)] += count
         words = merged
     return vocab, merges
+
+
+def train_bpe_slow(
+    input_path: str | Path, vocab_size: int, special_tokens: list[str]
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    return train_from_text(Path(input_path).read_bytes().decode("utf-8"), vocab_size, special_tokens)
+
+
+def encode_slow(
+    text: str, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], special_tokens: list[str]
+) -> list[int]:
+    """Ids of ``text``; a special token missing from ``vocab`` takes the next free id."""
+    ids_of: dict[bytes, int] = {}
+    for idx in sorted(vocab):
+        ids_of.setdefault(vocab[idx], idx)
+    for token in special_tokens:
+        ids_of.setdefault(token.encode("utf-8"), max(ids_of.values()) + 1)
+    ranks: dict[tuple[bytes, bytes], list[int]] = {}
+    for r, pair in enumerate(merges):
+        ranks.setdefault(pair, []).append(r)
+    out: list[int] = []
+    for piece, is_special in split_special(text, special_tokens):
+        if is_special:
+            out.append(ids_of[piece.encode("utf-8")])
+            continue
+        for pre_token in PATTERN.findall(piece):
+            word = tuple(bytes([b]) for b in pre_token.encode("utf-8"))
+            done = 0  # merges[:done] have been applied
+            while True:
+                present = [r for p in zip(word, word[1:]) for r in ranks.get(p, ()) if r >= done]
+                if not present:
+                    break
+                word = _merge_word(word, merges[min(present)])
+                done = min(present) + 1
+            out.extend(ids_of[part] for part in word)
+    return out
