@@ -8,11 +8,13 @@ Vocabulary ids: special tokens first, then the 256 single bytes in byte order, t
 creation order. ``encode_slow`` applies the merges to each pre-token in list order; it jumps
 straight to the next merge present in the pre-token, which is the same as trying every merge in
 turn (one that is absent merges nothing) and keeps the 50,000 GPT-2 merges affordable.
+``read_gpt2_files`` reads GPT-2's vocab.json / merges.txt with its own copy of GPT-2's byte table.
 tests/fixtures/make_fixtures.py checks both against the CS336 fixtures and tiktoken.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -113,3 +115,28 @@ def encode_slow(
                 done = min(present) + 1
             out.extend(ids_of[part] for part in word)
     return out
+
+
+def gpt2_byte_to_char() -> dict[int, str]:
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other 68
+    bytes map in byte order to U+0100, U+0101, ..."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(0x100 + k) for k, b in enumerate(b for b in range(256) if b not in table)})
+    return table
+
+
+def read_gpt2_files(
+    vocab_path: str | Path, merges_path: str | Path, special_tokens: list[str] = ()
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """``(vocab, merges)`` of GPT-2-format files; ``special_tokens`` are spelled literally there."""
+    char_to_byte = {c: b for b, c in gpt2_byte_to_char().items()}
+
+    def unspell(token: str) -> bytes:
+        return token.encode("utf-8") if token in special_tokens else bytes(char_to_byte[c] for c in token)
+
+    spelled = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    vocab = {i: unspell(token) for token, i in spelled.items()}
+    lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+    merges = [tuple(map(unspell, line.split(" "))) for line in lines if line and not line.startswith("#version")]
+    return vocab, merges

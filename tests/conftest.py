@@ -2,10 +2,14 @@
 
 Triton kernels run on the CPU only under TRITON_INTERPRET=1, which triton reads when a kernel is
 defined, so it is set here, before any test module imports ``kernels``, whenever no CUDA device
-is visible.
+is visible. ``bpe_fixtures`` are the tokenizer fixtures shipped in tests/fixtures (every clone has
+them); ``shared_dir`` and ``cs336_fixtures`` are ../shared, which only the development checkout
+has, and the tests using them skip elsewhere.
 """
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BPE_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@dataclass(frozen=True)
+class BPEFixtures:
+    """tests/fixtures: corpus.txt, its reference BPE in GPT-2 files, and its ids per case."""
+
+    corpus: Path
+    vocab_json: Path
+    merges_txt: Path
+    text: str  # corpus.txt exactly as stored (its CR kept)
+    cases: dict  # name -> {"special_tokens": [...], "ids": [...]}
+    vocab_size: int = 500  # tests/fixtures/make_fixtures.py: VOCAB_SIZE
+    train_specials: tuple = ("<|endoftext|>",)
+
+
+@pytest.fixture(scope="session")
+def bpe_fixtures() -> BPEFixtures:
+    with open(BPE_FIXTURES / "corpus.txt", encoding="utf-8", newline="") as f:
+        text = f.read()
+    cases = json.loads((BPE_FIXTURES / "ids.json").read_text(encoding="utf-8"))
+    return BPEFixtures(BPE_FIXTURES / "corpus.txt", BPE_FIXTURES / "vocab.json", BPE_FIXTURES / "merges.txt",
+                       text, cases)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +53,8 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir(shared_dir: Path) -> Path:
+def cs336_fixtures(shared_dir: Path) -> Path:
+    """../shared/fixtures: the CS336 handout's fixtures (reference merges, GPT-2 files, texts)."""
     path = shared_dir / "fixtures"
     if not path.is_dir():
         pytest.skip(f"{path} is absent")

@@ -1,16 +1,21 @@
-"""Tokenizer encode/decode against independent references, with no shared files.
+"""``cs336.tokenizer.Tokenizer`` encode/decode against independent references.
 
-A tokenizer is trained here by a plain-Python BPE loop on an embedded corpus; its ids are
-checked against (a) a plain-Python encoder that applies the merge list in order to each
-pre-token (the CS336 definition) and (b) a tiktoken ``Encoding`` built from the same vocabulary.
-Hypothesis covers round trips and arbitrary Unicode; the streaming encoder is checked against
-``encode`` for line-by-line and odd-size chunking; special-token overlap and errors are covered.
+Hermetic: the literal ids of tests/fixtures/corpus.txt under the shipped GPT-2-format files (made
+by tests/bpe_slow_reference.py and cross-checked against tiktoken and HF when generated), and a
+tokenizer trained here by the slow reference on an embedded corpus, whose ids are checked against
+(a) the slow encoder (the merge list applied in order to each pre-token, the CS336 definition) and
+(b) a tiktoken ``Encoding`` over the same vocabulary. Hypothesis covers round trips and arbitrary
+Unicode; the streaming encoder is checked for line-by-line and odd-size chunking; special-token
+overlap and errors are covered. Where ../shared exists, GPT-2's own files are checked against
+tiktoken's ``gpt2`` encoding (run offline from ../shared/tools/make_tiktoken_gpt2_cache.py).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,8 +23,9 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bpe_slow_reference import encode_slow, train_from_text
 from cs336.tokenizer import Tokenizer
-from cs336.tokenizer.pretokenize import GPT2_PATTERN, pretokenize_regex
+from cs336.tokenizer.pretokenize import GPT2_PATTERN
 from cs336.tokenizer.tokenizer import pretoken_bounds, pretoken_bounds_regex
 
 EOT = "<|endoftext|>"
@@ -53,86 +59,9 @@ TEXTS = [
 ]
 
 
-def train_tiny(text: str, num_merges: int, specials: list[str]):
-    """Plain-Python BPE training (CS336 semantics): ids = specials, 256 bytes, merges."""
-    counts: Counter[str] = Counter()
-    for segment, is_special in reference_split(text, specials):
-        if not is_special:
-            counts.update(pretokenize_regex(segment))
-    words = {tuple(bytes([b]) for b in p.encode("utf-8")): c for p, c in counts.items()}
-    vocab = {i: s.encode("utf-8") for i, s in enumerate(specials)}
-    vocab.update({len(specials) + b: bytes([b]) for b in range(256)})
-    merges: list[tuple[bytes, bytes]] = []
-    for _ in range(num_merges):
-        pairs: Counter[tuple[bytes, bytes]] = Counter()
-        for word, c in words.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += c
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        merges.append(best)
-        vocab[len(vocab)] = best[0] + best[1]
-        words = {apply_merge(word, best): c for word, c in words.items()}
-    return vocab, merges
-
-
-def apply_merge(parts, pair):
-    out = []
-    i = 0
-    while i < len(parts):
-        if i + 1 < len(parts) and parts[i] == pair[0] and parts[i + 1] == pair[1]:
-            out.append(pair[0] + pair[1])
-            i += 2
-        else:
-            out.append(parts[i])
-            i += 1
-    return tuple(out)
-
-
-def reference_split(text: str, specials: list[str]):
-    """Split on special tokens, longest match at the leftmost position, by direct scanning."""
-    by_length = sorted(specials, key=len, reverse=True)
-    pieces, start, i = [], 0, 0
-    while i < len(text):
-        match = next((s for s in by_length if text.startswith(s, i)), None)
-        if match is None:
-            i += 1
-            continue
-        if i > start:
-            pieces.append((text[start:i], False))
-        pieces.append((match, True))
-        i += len(match)
-        start = i
-    if start < len(text):
-        pieces.append((text[start:], False))
-    return pieces
-
-
-def reference_encode(text, vocab, merges, specials):
-    """The CS336 definition: apply each merge in list order to every pre-token."""
-    ids_of = {}
-    for idx in sorted(vocab):
-        ids_of.setdefault(vocab[idx], idx)
-    out = []
-    for segment, is_special in reference_split(text, specials):
-        if is_special:
-            out.append(ids_of[segment.encode("utf-8")])
-            continue
-        for piece in pretokenize_regex(segment):
-            parts = tuple(bytes([b]) for b in piece.encode("utf-8"))
-            for pair in merges:
-                if len(parts) == 1:
-                    break
-                parts = apply_merge(parts, pair)
-            out.extend(ids_of[p] for p in parts)
-    return out
-
-
 @pytest.fixture(scope="module")
 def trained():
-    vocab, merges = train_tiny(TRAIN_TEXT, 300, [EOT])
-    return vocab, merges
+    return train_from_text(TRAIN_TEXT, 257 + 300, [EOT])
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +77,43 @@ def tiktoken_encoding(vocab, specials):
     return tiktoken.Encoding("cs336-test", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special_ids)
 
 
+@pytest.fixture(scope="module")
+def shipped(bpe_fixtures):
+    """name -> (Tokenizer from the shipped files with that case's special tokens, its ids)."""
+    return {name: (Tokenizer.from_files(bpe_fixtures.vocab_json, bpe_fixtures.merges_txt, case["special_tokens"]),
+                   case["ids"]) for name, case in bpe_fixtures.cases.items()}
+
+
+@pytest.mark.parametrize("name", ["plain", "eot", "overlap"])
+def test_shipped_ids(shipped, bpe_fixtures, name):
+    tok, expected = shipped[name]
+    text = bpe_fixtures.text
+    assert tok.encode(text) == expected
+    assert b"".join(tok.vocab[i] for i in expected) == text.encode("utf-8")
+    assert tok.decode(expected) == text
+    with open(bpe_fixtures.corpus, encoding="utf-8", newline="") as f:
+        assert list(tok.encode_iterable(f, buffer_chars=64)) == expected
+    chunks = [text[i : i + 7] for i in range(0, len(text), 7)]  # cuts through the special tokens
+    assert list(tok.encode_iterable(chunks, buffer_chars=16)) == expected
+
+
+def test_shipped_special_token_cases_differ_where_they_should(shipped, bpe_fixtures):
+    # The three cases tell the rules apart: <|endoftext|> as text is several ids; as a special
+    # token one id (0, its vocab.json id); "<|endoftext|><|endoftext|>" takes the next free id
+    # (500) and, being longer, wins wherever it matches.
+    eot, double = EOT, EOT + EOT
+    plain, eot_ids, overlap = (shipped[name][1] for name in ("plain", "eot", "overlap"))
+    text = bpe_fixtures.text
+    n_double = len(text.split(double)) - 1
+    assert eot_ids.count(0) == text.count(eot) and 0 not in plain
+    assert overlap.count(500) == n_double >= 2 and overlap.count(0) == text.count(eot) - 2 * n_double
+    assert len(plain) > len(eot_ids) > len(overlap)
+
+
 @pytest.mark.parametrize("text", TEXTS + [TRAIN_TEXT])
 def test_matches_reference_merge_loop(tok, trained, text):
     vocab, merges = trained
-    assert tok.encode(text) == reference_encode(text, vocab, merges, [EOT])
+    assert tok.encode(text) == encode_slow(text, vocab, merges, [EOT])
 
 
 @pytest.mark.parametrize("text", TEXTS + [TRAIN_TEXT])
@@ -165,7 +127,7 @@ def test_matches_tiktoken_built_from_our_vocab(tok, trained, text):
 def test_hypothesis_against_both_references(tok, trained, parts):
     text = "".join(parts)
     ids = tok.encode(text)
-    assert ids == reference_encode(text, trained[0], trained[1], [EOT])
+    assert ids == encode_slow(text, trained[0], trained[1], [EOT])
     assert ids == tiktoken_encoding(trained[0], [EOT]).encode(text, allowed_special={EOT})
     assert tok.decode(ids) == text
 
@@ -187,7 +149,7 @@ def test_merge_list_order_is_respected_for_inconsistent_merges():
         vocab[len(vocab)] = token
     tok = Tokenizer(vocab, merges)
     for text in ["xab", "xabc", "abab", "xxabcab"]:
-        assert tok.encode(text) == reference_encode(text, vocab, merges, [])
+        assert tok.encode(text) == encode_slow(text, vocab, merges, [])
     assert tok.encode("xab") == [ord("x"), 257]
 
 
@@ -205,7 +167,7 @@ def test_longest_special_token_wins(trained):
     double_id = tok.encode(double)[0]
     assert single_id != double_id
     ids = tok.encode(f"a{double}b{EOT}c{double}{EOT}")
-    assert ids == reference_encode(f"a{double}b{EOT}c{double}{EOT}", tok.vocab, merges, [EOT, double])
+    assert ids == encode_slow(f"a{double}b{EOT}c{double}{EOT}", tok.vocab, merges, [EOT, double])
     assert ids.count(double_id) == 2 and ids.count(single_id) == 2
     assert tok.decode(ids) == f"a{double}b{EOT}c{double}{EOT}"
 
@@ -307,7 +269,7 @@ def test_cache_fills_and_clears(trained, monkeypatch, slots, key_bytes, ids):
     fresh = Tokenizer(vocab, merges, [EOT])
     lines = (TRAIN_TEXT + TRAIN_TEXT.upper()).splitlines(keepends=True)
     for line in lines + lines:
-        assert tok.encode(line) == reference_encode(line, vocab, merges, [EOT])
+        assert tok.encode(line) == encode_slow(line, vocab, merges, [EOT])
         entries, used_keys, used_ids, full = tok._cache[3]
         assert full == 0 and 2 * entries <= slots and used_keys <= key_bytes and used_ids <= ids
     assert tok.encode(TRAIN_TEXT) == fresh.encode(TRAIN_TEXT)
@@ -323,5 +285,68 @@ def test_encode_iterable_special_tokens_with_whitespace(trained, size):
     text = ("a big red ball.\n\n\nthe big red dog " + EOT + " red ball\n\n x\n") * 20
     chunks = [text[i : i + size] for i in range(0, len(text), size)]
     expected = tok.encode(text)
-    assert expected == reference_encode(text, tok.vocab, merges, specials)
+    assert expected == encode_slow(text, tok.vocab, merges, specials)
     assert list(tok.encode_iterable(chunks, buffer_chars=5)) == expected
+
+
+def test_sparse_vocab_dict_in_the_library_stays_small():
+    vocab = {b: bytes([b]) for b in range(256)}
+    vocab[2_000_000_000] = b"ab"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tok = Tokenizer(vocab, [(b"a", b"b")])
+    assert tok.encode("abc") == [2_000_000_000, 99]
+    assert tok.decode([2_000_000_000, 99]) == "abc"
+    with pytest.raises(ValueError, match="token id 300 is not in the vocabulary"):
+        tok.decode([300])
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grew_mb < 1000  # a dense table would be 16 GB
+
+
+# GPT-2's own files against tiktoken's gpt2 encoding (needs ../shared).
+CS336_TEXTS = ["address.txt", "german.txt", "tinystories_sample.txt", "corpus.en",
+               "special_token_double_newlines_non_whitespace.txt", "special_token_trailing_newlines.txt"]
+
+
+@pytest.fixture(scope="session")
+def gpt2_tiktoken(shared_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    tool = shared_dir / "tools" / "make_tiktoken_gpt2_cache.py"
+    subprocess.run([sys.executable, str(tool), str(shared_dir / "fixtures"), str(cache)], check=True, capture_output=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        yield tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="session")
+def gpt2(cs336_fixtures):
+    files = cs336_fixtures / "gpt2_vocab.json", cs336_fixtures / "gpt2_merges.txt"
+    return Tokenizer.from_files(*files), Tokenizer.from_files(*files, special_tokens=[EOT])
+
+
+def test_gpt2_hello_world_exact_ids(gpt2, gpt2_tiktoken):
+    # "Hello" = 15496, "," = 11, " world" = 995, "!" = 0 in GPT-2's vocab.
+    assert gpt2[0].encode("Hello, world!") == gpt2_tiktoken.encode("Hello, world!") == [15496, 11, 995, 0]
+    assert gpt2[0].decode([15496, 11, 995, 0]) == "Hello, world!"
+
+
+@pytest.mark.parametrize("name", CS336_TEXTS + ["corpus.txt (ours)"])
+def test_gpt2_matches_tiktoken(gpt2, gpt2_tiktoken, cs336_fixtures, bpe_fixtures, name):
+    path = bpe_fixtures.corpus if name.endswith("(ours)") else cs336_fixtures / name
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    plain, with_eot = gpt2[0].encode(text), gpt2[1].encode(text)
+    assert plain == gpt2_tiktoken.encode_ordinary(text)
+    assert with_eot == gpt2_tiktoken.encode(text, allowed_special={EOT})
+    assert gpt2[0].decode(plain) == text and gpt2[1].decode(with_eot) == text
+    if EOT in text:
+        assert with_eot.count(50256) == text.count(EOT) and plain != with_eot
+
+
+def test_gpt2_shakespeare_matches_tiktoken(gpt2, gpt2_tiktoken, shared_dir):
+    path = shared_dir / "corpora" / "shakespeare.txt"
+    text = path.read_text(encoding="utf-8")
+    assert gpt2[0].encode(text) == gpt2_tiktoken.encode_ordinary(text)
+    expected = gpt2_tiktoken.encode(text, allowed_special={EOT})
+    assert gpt2[1].encode(text) == expected
+    with open(path, encoding="utf-8", newline="") as f:
+        assert list(gpt2[1].encode_iterable(f)) == expected

@@ -1,12 +1,12 @@
-"""Tests for ``cs336.tokenizer.train_bpe``: the CS336 reference merges, agreement with the slow
-trainer in tests/bpe_slow_reference.py, exact file splitting, errors and import hygiene. The CS336
-speed check (a fresh process under 1.5 s) is a benchmark: ``pytest bench -k fresh_process``."""
+"""Tests for ``cs336.tokenizer.train_bpe``: the reference merges shipped in tests/fixtures (and the
+CS336 ones where ../shared exists), agreement with the slow trainer in tests/bpe_slow_reference.py,
+exact file splitting, errors and import hygiene. The CS336 speed check (a fresh process under
+1.5 s) is a benchmark: ``pytest bench -k fresh_process``."""
 
 from __future__ import annotations
 
 import importlib
 import io
-import json
 import os
 import random
 import subprocess
@@ -19,30 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bpe_slow_reference import read_gpt2_files, train_bpe_slow
 from cs336.tokenizer.pretokenize import pretokenize, split_on_special
 from cs336.tokenizer.train_bpe import count_pretokens, next_split, train_bpe
 
 tb = importlib.import_module("cs336.tokenizer.train_bpe")  # the module; the package exports the function
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bpe_slow_reference import train_bpe_slow  # noqa: E402
-
 EOT = "<|endoftext|>"
-
-
-def gpt2_unicode_to_byte() -> dict[str, int]:
-    """Inverse of GPT-2's byte-to-unicode table: printable Latin-1 bytes stand for themselves, the
-    other 68 bytes map in increasing order to U+0100, U+0101, ..."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {chr(b): b for b in printable}
-    others = [b for b in range(256) if b not in set(printable)]
-    table.update({chr(0x100 + k): b for k, b in enumerate(others)})
-    return table
-
-
-def gpt2_token_bytes(token: str) -> bytes:
-    u2b = gpt2_unicode_to_byte()
-    return bytes(u2b[ch] for ch in token)
 
 
 def write(path: Path, text: str) -> Path:
@@ -50,36 +33,50 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_gpt2_byte_table_is_a_bijection():
-    u2b = gpt2_unicode_to_byte()
-    assert sorted(u2b.values()) == list(range(256))
-    assert u2b["Ġ"] == ord(" ") and u2b["Ċ"] == ord("\n") and u2b["!"] == ord("!")
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_matches_shipped_reference(bpe_fixtures, num_workers, monkeypatch):
+    # tests/fixtures holds the slow reference's BPE of corpus.txt (cross-checked against tiktoken and
+    # HF when it was made); the numba trainer, in one process and in two, must give it exactly.
+    expected = read_gpt2_files(bpe_fixtures.vocab_json, bpe_fixtures.merges_txt, list(bpe_fixtures.train_specials))
+    monkeypatch.setattr(tb, "PIECE_BYTES", 1_000)  # several pieces, so workers each count some
+    got = train_bpe(bpe_fixtures.corpus, bpe_fixtures.vocab_size, list(bpe_fixtures.train_specials),
+                    num_workers=num_workers)
+    assert got == expected
+    assert len(expected[1]) == bpe_fixtures.vocab_size - 257
 
 
-def test_matches_cs336_reference(fixtures_dir):
-    vocab, merges = train_bpe(fixtures_dir / "corpus.en", 500, [EOT])
-    ref_merges = []
-    for line in (fixtures_dir / "train-bpe-reference-merges.txt").read_text(encoding="utf-8").splitlines():
-        if line:
-            left, right = line.split(" ")
-            ref_merges.append((gpt2_token_bytes(left), gpt2_token_bytes(right)))
+def test_slow_reference_matches_shipped_reference(bpe_fixtures):
+    expected = read_gpt2_files(bpe_fixtures.vocab_json, bpe_fixtures.merges_txt, list(bpe_fixtures.train_specials))
+    assert train_bpe_slow(bpe_fixtures.corpus, bpe_fixtures.vocab_size, list(bpe_fixtures.train_specials)) == expected
+
+
+def test_no_merge_crosses_a_special_token(bpe_fixtures):
+    # Without the special token its pieces ("<|", "endoftext", ...) are frequent enough to merge;
+    # with it, no learned token holds any part of it.
+    plain, _ = train_bpe(bpe_fixtures.corpus, bpe_fixtures.vocab_size, [])
+    assert any(b"<|" in t or b"|>" in t for t in plain.values())
+    vocab, merges = train_bpe(bpe_fixtures.corpus, bpe_fixtures.vocab_size, [EOT])
+    assert [t for t in vocab.values() if b"<|" in t or b"|>" in t] == [EOT.encode()]
+    assert not any(b"<" in a + b or b"|" in a + b for a, b in merges)
+
+
+def test_matches_cs336_reference(cs336_fixtures):
+    vocab, merges = train_bpe(cs336_fixtures / "corpus.en", 500, [EOT])
+    ref_vocab, ref_merges = read_gpt2_files(cs336_fixtures / "train-bpe-reference-vocab.json",
+                                            cs336_fixtures / "train-bpe-reference-merges.txt", [EOT])
     assert merges == ref_merges
-
-    ref_vocab = {
-        i: gpt2_token_bytes(t) if t != EOT else t.encode()
-        for t, i in json.loads((fixtures_dir / "train-bpe-reference-vocab.json").read_text(encoding="utf-8")).items()
-    }
+    assert train_bpe_slow(cs336_fixtures / "corpus.en", 500, [EOT]) == (vocab, merges)
     assert set(vocab) == set(ref_vocab) == set(range(500))
     assert set(vocab.values()) == set(ref_vocab.values())
-    assert vocab[0] == ref_vocab[0] == EOT.encode()
     # The reference file lists the single bytes in GPT-2's table order; ours are in byte order.
     # Every merged token has the same id in both.
+    assert vocab[0] == ref_vocab[0] == EOT.encode()
     assert {i: vocab[i] for i in range(257, 500)} == {i: ref_vocab[i] for i in range(257, 500)}
     assert all(vocab[1 + b] == bytes([b]) for b in range(256))
 
 
-def test_special_tokens_are_never_merged_into(fixtures_dir):
-    path = fixtures_dir / "tinystories_sample.txt"
+def test_special_tokens_are_never_merged_into(cs336_fixtures):
+    path = cs336_fixtures / "tinystories_sample.txt"
     vocab, merges = train_bpe(path, 1000, [EOT])
     assert [t for t in vocab.values() if b"<|" in t] == [EOT.encode()]
     assert (vocab, merges) == train_bpe_slow(path, 1000, [EOT])
