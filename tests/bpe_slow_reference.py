@@ -67,7 +67,7 @@ def train_from_text(
     while len(vocab) < vocab_size:
         pairs: Counter[tuple[bytes, bytes]] = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in zip(word, word[1:], strict=False):
                 pairs[pair] += count
         if not pairs:
             break
@@ -108,7 +108,7 @@ def encode_slow(
             word = tuple(bytes([b]) for b in pre_token.encode("utf-8"))
             done = 0  # merges[:done] have been applied
             while True:
-                present = [r for p in zip(word, word[1:]) for r in ranks.get(p, ()) if r >= done]
+                present = [r for p in zip(word, word[1:], strict=False) for r in ranks.get(p, ()) if r >= done]
                 if not present:
                     break
                 word = _merge_word(word, merges[min(present)])

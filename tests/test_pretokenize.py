@@ -1,8 +1,9 @@
 """The numba pre-tokenizer against ``regex.findall(GPT2_PATTERN, text)`` (and its counts against
 ``collections.Counter`` of that list).
 
-Hand-picked cases cover each alternative of the pattern and its interplay with the others; the
-shared fixtures and shakespeare.txt cover real text; hypothesis covers the rest of Unicode.
+Hand-picked cases cover each alternative of the pattern and its interplay with the others;
+tests/fixtures/corpus.txt (and, where ../shared exists, the CS336 fixtures and shakespeare.txt)
+cover real text; hypothesis covers the rest of Unicode.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bpe_slow_reference import PATTERN
 from cs336.tokenizer import pretok_numba
 from cs336.tokenizer.pretokenize import (
     FAST_MIN_CHARS,
-    GPT2_PATTERN,
     pretokenize,
     pretokenize_regex,
     split_on_special,
@@ -104,7 +105,7 @@ def _fast_paths(text: str) -> None:
     assert pretokenize(text) == ref
     data, bounds = pretok_numba.utf8_bounds(text)
     assert data == pretok_numba.encode_utf8(text)
-    spans = [data[a:b] for a, b in zip(bounds.tolist(), bounds[1:].tolist())]
+    spans = [data[a:b] for a, b in zip(bounds.tolist(), bounds[1:].tolist(), strict=False)]
     assert spans == [t.encode("utf-8", "surrogatepass") for t in ref]
     assert pretok_numba.pretokenize_bytes(text) == spans
     counts = pretok_numba.pretoken_counts(text)
@@ -112,10 +113,11 @@ def _fast_paths(text: str) -> None:
     assert list(counts) == list(dict.fromkeys(ref))
 
 
-def test_reference_is_regex_findall():
-    text = "It's 2 o'clock  \n\n now"
-    assert pretokenize_regex(text) == regex.findall(GPT2_PATTERN, text)
-    assert pretokenize_regex(text) == ["It", "'s", " 2", " o", "'", "clock", "  \n\n", " now"]
+def test_reference_is_the_handouts_pattern():
+    # tests/bpe_slow_reference.py holds its own copy of the handout's GPT-2 pattern.
+    for text in CASES:
+        assert pretokenize_regex(text) == PATTERN.findall(text)
+    assert pretokenize_regex("It's 2 o'clock  \n\n now") == ["It", "'s", " 2", " o", "'", "clock", "  \n\n", " now"]
 
 
 @pytest.mark.parametrize("text", CASES)
@@ -242,11 +244,15 @@ def test_split_on_special_then_pretokenize():
     ["address.txt", "corpus.en", "german.txt", "tinystories_sample.txt",
      "special_token_double_newlines_non_whitespace.txt", "special_token_trailing_newlines.txt"],
 )
-def test_fixture_texts(fixtures_dir, name):
-    path = fixtures_dir / name
+def test_cs336_fixture_texts(cs336_fixtures, name):
+    path = cs336_fixtures / name
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     _fast_paths(path.read_text(encoding="utf-8"))
+
+
+def test_shipped_corpus(bpe_fixtures):
+    _fast_paths(bpe_fixtures.text)
 
 
 def test_shakespeare(shared_dir):

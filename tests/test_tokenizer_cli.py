@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cs336.tokenizer import Tokenizer
+from cs336.tokenizer import Tokenizer, train_bpe
 from cs336.tokenizer.__main__ import main
 from cs336.tokenizer.encode_file import encode_file, iter_chunks, token_dtype
-from cs336.tokenizer.gpt2_files import load_tokenizer_dir, tokenizer_hash
+from cs336.tokenizer.gpt2_files import load_tokenizer_dir, save_tokenizer_dir, tokenizer_hash
 
 EOT = "<|endoftext|>"
+ROOT = Path(__file__).resolve().parents[1]
 DOC = (
     "Lily found a shiny stone by the river. She showed it to her mom, who smiled.\n"
     "\"It's beautiful!\" said Mom. They took it home and put it on the shelf.\n\n"
@@ -42,12 +44,9 @@ def tokdir(corpus, tmp_path_factory):
     return out
 
 
-def test_train_writes_tokenizer_dir(tokdir, capsys):
+def test_train_writes_tokenizer_dir(tokdir, corpus):
     vocab, merges, specials = load_tokenizer_dir(tokdir)
-    assert specials == [EOT]
-    # the corpus runs out of pairs before 400 tokens; every merge adds one token
-    assert len(vocab) == 257 + len(merges) and 100 < len(merges) <= 400 - 257
-    assert vocab[0] == EOT.encode()
+    assert (vocab, merges) == train_bpe(corpus, 400, [EOT]) and specials == [EOT]
     meta = json.loads((tokdir / "tokenizer.json").read_text(encoding="utf-8"))
     assert meta["special_tokens"] == [EOT] and meta["vocab_size"] == len(vocab)
 
@@ -132,6 +131,44 @@ def test_bad_inputs_exit_2(tokdir, corpus, tmp_path, capsys):
     assert str(missing) in err
     err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(corpus), "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
     assert "workers" in err
+
+
+@pytest.fixture
+def tiny_tokdir(tmp_path):
+    """A hand-made tokenizer directory: the 256 bytes, "he", "hel" and <|endoftext|>."""
+    vocab = {b: bytes([b]) for b in range(256)}
+    vocab.update({256: b"he", 257: b"hel", 258: EOT.encode()})
+    save_tokenizer_dir(tmp_path / "tok", vocab, [(b"h", b"e"), (b"he", b"l")], [EOT])
+    return tmp_path / "tok"
+
+
+def test_huge_id_through_the_command_line_stays_small(tiny_tokdir, tmp_path):
+    vocab = json.loads((tiny_tokdir / "vocab.json").read_text(encoding="utf-8"))
+    vocab["hx"] = 2_000_000_000
+    (tiny_tokdir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "in.txt").write_text("hello", encoding="utf-8")
+    code = ("import resource, runpy, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"  # would need > 4 GB otherwise
+            "sys.argv = ['cs336.tokenizer'] + sys.argv[1:]\n"
+            "runpy.run_module('cs336.tokenizer', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code, "encode", "--tokenizer", str(tiny_tokdir), "--input",
+                           str(tmp_path / "in.txt"), "--out", str(tmp_path / "in.bin"), "--quiet"],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "2000000000" in proc.stderr and not (tmp_path / "in.bin").exists()
+
+
+def test_command_line_reports_each_kind_in_one_line(tiny_tokdir, tmp_path):
+    (tmp_path / "in.txt").write_text("hello", encoding="utf-8")
+    (tiny_tokdir / "vocab.json").write_text("", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tiny_tokdir), "--input",
+                           str(tmp_path / "in.txt"), "--out", str(tmp_path / "in.bin"), "--quiet"],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "vocab.json is empty" in proc.stderr
 
 
 def test_module_entry_point(tokdir, corpus, tmp_path):

@@ -1,7 +1,10 @@
-"""GPT-2 file formats: our vocab.json / merges.txt load in HF ``tokenizers`` and tiktoken and give
-our ids; malformed files give one error naming the file and line.
+"""``cs336.tokenizer.gpt2_files``: GPT-2's vocab.json / merges.txt, read and written.
 
-The tokenizer is trained here with ``train_bpe`` on a generated corpus (no shared files).
+The shipped files in tests/fixtures (written by the generator's own writer) load to what an
+independent reader gets, and our writer reproduces them byte for byte; files we write load in HF
+``tokenizers`` and tiktoken and give our ids (tokenizers trained here with ``train_bpe``). Damaged
+or inconsistent files are refused as a whole, each kind with one error naming the file, the line
+and the fix. Where ../shared exists, GPT-2's and the CS336 reference files are checked as well.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 from tokenizers.implementations import ByteLevelBPETokenizer
 
+from bpe_slow_reference import gpt2_byte_to_char, read_gpt2_files
 from cs336.tokenizer import Tokenizer, train_bpe
 from cs336.tokenizer.gpt2_files import (
     TokenizerFileError,
     bytes_to_unicode,
     load_tokenizer_dir,
+    load_vocab,
     load_vocab_merges,
     save_tokenizer_dir,
     save_vocab_merges,
@@ -61,12 +66,21 @@ def trained(tmp_path_factory):
 
 def test_byte_map_is_gpt2s():
     table = bytes_to_unicode()
-    assert len(set(table.values())) == 256
-    assert all(table[b] == chr(b) for b in range(ord("!"), ord("~") + 1))
+    assert table == gpt2_byte_to_char()  # the test reference's own copy of GPT-2's table
     assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[0] == "Ā"
     assert all(not c.isspace() and c.isprintable() for c in table.values())
     token = bytes(range(256))
     assert str_to_token(token_to_str(token)) == token
+    with pytest.raises(KeyError):
+        str_to_token(" ")  # a space is not in the alphabet (it is spelled Ġ)
+
+
+def test_shipped_files_load_and_are_rewritten_byte_for_byte(bpe_fixtures, tmp_path):
+    vocab, merges = load_vocab_merges(bpe_fixtures.vocab_json, bpe_fixtures.merges_txt)
+    assert (vocab, merges) == read_gpt2_files(bpe_fixtures.vocab_json, bpe_fixtures.merges_txt)
+    save_vocab_merges(vocab, merges, tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert (tmp_path / "vocab.json").read_bytes() == bpe_fixtures.vocab_json.read_bytes()
+    assert (tmp_path / "merges.txt").read_bytes() == bpe_fixtures.merges_txt.read_bytes()
 
 
 @pytest.mark.parametrize("name", ["plain", "special"])
@@ -148,6 +162,24 @@ def test_save_is_atomic_and_rejects_duplicate_tokens(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
 
 
+@pytest.fixture
+def tokdir(tmp_path):
+    vocab = {b: bytes([b]) for b in range(256)}
+    merges = [(b"h", b"e"), (b"he", b"l")]
+    vocab.update({256: b"he", 257: b"hel", 258: b"<|endoftext|>"})
+    save_tokenizer_dir(tmp_path / "tok", vocab, merges, ["<|endoftext|>"])
+    return tmp_path / "tok"
+
+
+def _vocab_json(tokdir) -> dict:
+    return json.loads((tokdir / "vocab.json").read_text(encoding="utf-8"))
+
+
+def _set_vocab(tokdir, data):
+    (tokdir / "vocab.json").write_text(data if isinstance(data, str) else json.dumps(data, ensure_ascii=False),
+                                       encoding="utf-8")
+
+
 def _write_pair(tmp_path, vocab_text: str, merges_text: str):
     (tmp_path / "vocab.json").write_text(vocab_text, encoding="utf-8")
     (tmp_path / "merges.txt").write_text(merges_text, encoding="utf-8")
@@ -201,14 +233,99 @@ def test_missing_and_unreadable_files(tmp_path):
         load_tokenizer_dir(tmp_path)
 
 
-def test_written_files_match_cs336_reference_files(fixtures_dir, tmp_path):
+def test_a_huge_id_is_refused_before_any_allocation(tokdir):
+    vocab = _vocab_json(tokdir)
+    vocab[bytes_to_unicode()[ord("h")] + "x"] = 2_000_000_000
+    _set_vocab(tokdir, vocab)
+    with pytest.raises(TokenizerFileError, match=r"vocab\.json: ids must be 0\.\.259 for 260 tokens, but id "
+                                                 r"2000000000 occurs and id 259 is missing"):
+        load_tokenizer_dir(tokdir)
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ("", r"vocab\.json: vocab\.json is empty; write the tokenizer again"),
+    ("   \n", r"vocab\.json is empty"),
+    ('{"a": 0, "a": 1}', r"token 'a' appears twice"),
+    ('{"a": 0.5}', r"token 'a' has id 0\.5; ids must be non-negative integers"),
+    ('{"a": true}', r"token 'a' has id True"),
+    ('{"a": -1}', r"token 'a' has id -1"),
+    ('{"a": [0]}', r"token 'a' has id \[0\]"),
+    ('"just a string"', r"expected a JSON object mapping token strings to ids, got str"),
+    ("[" * 100000, r"(nested too deeply|not valid JSON)"),
+    ('{"a": 0', r"vocab\.json:1: not valid JSON"),
+])
+def test_malformed_vocab_kinds(tokdir, content, pattern):
+    _set_vocab(tokdir, content)
+    with pytest.raises(TokenizerFileError, match=pattern) as info:
+        load_tokenizer_dir(tokdir)
+    assert str(tokdir / "vocab.json") in str(info.value)
+
+
+def test_binary_and_non_utf8_files(tokdir):
+    (tokdir / "merges.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(TokenizerFileError, match=r"merges\.txt: merges\.txt is not UTF-8"):
+        load_tokenizer_dir(tokdir)
+    (tokdir / "tokenizer.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(TokenizerFileError, match=r"tokenizer\.json: tokenizer\.json is not UTF-8"):
+        load_tokenizer_dir(tokdir)
+
+
+def test_vocab_must_be_dense(tokdir):
+    vocab = _vocab_json(tokdir)
+    vocab[bytes_to_unicode()[ord("h")] + "el"] = 300  # moves 'hel' from 257 to 300
+    _set_vocab(tokdir, vocab)
+    with pytest.raises(TokenizerFileError, match=r"id 300 occurs and id 257 is missing; renumber"):
+        load_vocab(tokdir / "vocab.json")
+
+
+def test_merges_consistent_with_vocab_and_tokenizer_json(tokdir):
+    intact = load_tokenizer_dir(tokdir)
+    merges = (tokdir / "merges.txt").read_text(encoding="utf-8")
+    meta = json.loads((tokdir / "tokenizer.json").read_text())
+    (tokdir / "merges.txt").write_text(merges.replace("he l\n", ""), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=r"records num_merges 2 but .* hold 1"):
+        load_tokenizer_dir(tokdir)
+    (tokdir / "tokenizer.json").write_text(json.dumps({"special_tokens": meta["special_tokens"]}))
+    with pytest.raises(TokenizerFileError, match=r"token 'hel' \(id 257\) is made by no merge"):
+        load_tokenizer_dir(tokdir)
+    (tokdir / "merges.txt").write_text(merges + "hel q\n", encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=r"merges\.txt:4: merged token 'helq' is not in the vocabulary"):
+        load_tokenizer_dir(tokdir)
+    (tokdir / "merges.txt").write_text(merges, encoding="utf-8")
+    (tokdir / "tokenizer.json").write_text(json.dumps({**meta, "num_merges": 5}))
+    with pytest.raises(TokenizerFileError, match=r"tokenizer\.json records num_merges 5 but .* hold 2"):
+        load_tokenizer_dir(tokdir)
+    (tokdir / "tokenizer.json").write_text(json.dumps({**meta, "vocab_size": "259"}))
+    with pytest.raises(TokenizerFileError, match=r"'vocab_size' is '259'; expected a non-negative integer"):
+        load_tokenizer_dir(tokdir)
+    (tokdir / "tokenizer.json").write_text(json.dumps({**meta, "special_tokens": []}))
+    with pytest.raises(TokenizerFileError, match=r"'<\|endoftext\|>' \(id 258\) is made by no merge .* and is "
+                                                 r"not a special token"):
+        load_tokenizer_dir(tokdir)
+    (tokdir / "tokenizer.json").write_text(json.dumps(meta))
+    assert load_tokenizer_dir(tokdir) == intact  # each error above came from its own damage
+
+
+def test_resaved_gpt2_files_load_in_tiktoken_data_gym(cs336_fixtures, tmp_path):
+    # Our writer reproduces GPT-2's files well enough for tiktoken's own GPT-2 reader, which
+    # cross-checks vocab.json against merges.txt; the ranks equal GPT-2's ids.
+    files = cs336_fixtures / "gpt2_vocab.json", cs336_fixtures / "gpt2_merges.txt"
+    vocab, merges = load_vocab_merges(*files)
+    save_vocab_merges(vocab, merges, tmp_path / "vocab.json", tmp_path / "merges.txt")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(tmp_path / "merges.txt"), str(tmp_path / "vocab.json"))
+    reference, _ = read_gpt2_files(*files)
+    assert ranks == {token: i for i, token in reference.items() if token != b"<|endoftext|>"}
+    assert (tmp_path / "merges.txt").read_text(encoding="utf-8") == "#version: 0.2\n" + files[1].read_text("utf-8")
+
+
+def test_written_files_match_cs336_reference_files(cs336_fixtures, tmp_path):
     # The CS336 reference files are in GPT-2 format: our writer must spell every merge the same
     # way (line for line) and hold the same token strings (ids there follow another order).
-    vocab, merges = train_bpe(fixtures_dir / "corpus.en", 500, [EOT])
+    vocab, merges = train_bpe(cs336_fixtures / "corpus.en", 500, [EOT])
     save_vocab_merges(vocab, merges, tmp_path / "vocab.json", tmp_path / "merges.txt")
     ours = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()
-    reference = (fixtures_dir / "train-bpe-reference-merges.txt").read_text(encoding="utf-8").splitlines()
+    reference = (cs336_fixtures / "train-bpe-reference-merges.txt").read_text(encoding="utf-8").splitlines()
     assert ours[0].startswith("#version") and ours[1:] == reference
     ours_vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
-    reference_vocab = json.loads((fixtures_dir / "train-bpe-reference-vocab.json").read_text(encoding="utf-8"))
+    reference_vocab = json.loads((cs336_fixtures / "train-bpe-reference-vocab.json").read_text(encoding="utf-8"))
     assert set(ours_vocab) == set(reference_vocab)
