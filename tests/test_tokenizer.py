@@ -12,6 +12,7 @@ tiktoken's ``gpt2`` encoding (run offline from ../shared/tools/make_tiktoken_gpt
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import resource
 import subprocess
@@ -23,7 +24,7 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpe_slow_reference import encode_slow, train_from_text
+from bpe_slow_reference import encode_slow, read_gpt2_files, train_from_text
 from cs336.tokenizer import Tokenizer
 from cs336.tokenizer.pretokenize import GPT2_PATTERN
 from cs336.tokenizer.tokenizer import pretoken_bounds, pretoken_bounds_regex
@@ -95,6 +96,22 @@ def test_shipped_ids(shipped, bpe_fixtures, name):
         assert list(tok.encode_iterable(f, buffer_chars=64)) == expected
     chunks = [text[i : i + 7] for i in range(0, len(text), 7)]  # cuts through the special tokens
     assert list(tok.encode_iterable(chunks, buffer_chars=16)) == expected
+
+
+def test_shipped_ids_are_the_slow_references(bpe_fixtures):
+    vocab, merges = read_gpt2_files(bpe_fixtures.vocab_json, bpe_fixtures.merges_txt, [EOT])
+    for case in bpe_fixtures.cases.values():
+        assert encode_slow(bpe_fixtures.text, vocab, merges, case["special_tokens"]) == case["ids"]
+
+
+def test_generator_reproduces_the_shipped_fixtures(bpe_fixtures, capsys):
+    # make_fixtures.py --check retrains and re-encodes with the slow reference, cross-checks
+    # tiktoken and HF tokenizers and compares with the files (its ../shared checks are
+    # test_train_bpe.py::test_matches_cs336_reference and test_gpt2_matches_tiktoken here).
+    spec = importlib.util.spec_from_file_location("make_fixtures", bpe_fixtures.corpus.parent / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check", "--no-shared"]) == 0, capsys.readouterr().out
 
 
 def test_shipped_special_token_cases_differ_where_they_should(shipped, bpe_fixtures):
