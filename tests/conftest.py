@@ -48,7 +48,8 @@ def bpe_fixtures() -> BPEFixtures:
 def shared_dir() -> Path:
     """../shared beside the checkout (CS336 fixtures and corpora); tests using it skip without it."""
     if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent (it exists only beside the development checkout)")
+        pytest.skip(f"{SHARED} is absent: this cross-check against the CS336 and GPT-2 files runs only beside "
+                    "the development checkout (tests/fixtures holds the exactness tests every clone runs)")
     return SHARED
 
 
