@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cs336 import accounting, flops, hardware
-from cs336.config import model_preset
+from cs336.presets import model_preset
 
 
 def _run_json(capsys, *args):

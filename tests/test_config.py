@@ -7,20 +7,15 @@ import pytest
 
 from cs336.cli import add_config_arguments, config_from_args, field_docs
 from cs336.config import (
-    TINYSTORIES_TOKENS,
     ConfigError,
     DataConfig,
     ModelConfig,
     OptimConfig,
-    TrainLoopConfig,
     TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    preset,
-    tinystories_config,
+    TrainLoopConfig,
 )
+from cs336.config_io import apply_overrides, config_from_dict, config_to_dict, load_config
+from cs336.presets import TINYSTORIES_TOKENS, preset, tinystories_config
 
 
 def parse(argv):

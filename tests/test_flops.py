@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from cs336 import flops, hardware
-from cs336.config import MODEL_PRESETS, ConfigError, ModelConfig, model_preset
+from cs336.config import ConfigError, ModelConfig
 from cs336.model import TransformerLM
+from cs336.presets import MODEL_PRESETS, model_preset
 
 
 def _grouped_numel(model: torch.nn.Module) -> Counter:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from cs336.config import apply_overrides, smoke_config
+from cs336.config_io import apply_overrides
 from cs336.data import save_tokens
+from cs336.presets import smoke_config
 from cs336.train import TrainingDiverged, main, run
 
 BASE = ["train.max_steps=8", "train.eval_interval=4", "train.log_interval=2", "train.checkpoint_interval=4",
