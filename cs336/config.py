@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 FFN_TYPES = ("swiglu", "silu")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,12 @@ def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r}; valid choices: {', '.join(choices)}")
+
+
+def check_device_name(name: str, value: str) -> None:
+    """``value`` names a device kind (``cs336.hardware.resolve_device`` checks it is there)."""
+    if not (value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())):
+        raise ConfigError(f"{name}={value!r}; valid choices: {DEVICES}")
 
 
 def kernel_backends() -> tuple[str, ...]:
@@ -110,7 +117,6 @@ class ModelConfig:
 DATASETS = ("embedded", "tinystories", "owt")
 AUTOCAST = ("none", "bf16")
 
-DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 @dataclass
@@ -302,9 +308,7 @@ class TrainLoopConfig:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} does not divide "
                               f"train.batch_size={self.batch_size}; each optimizer step's batch is split into "
                               "grad_accum_steps equal micro-batches, so pick a divisor of batch_size")
-        dev = self.device
-        if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise ConfigError(f"train.device={dev!r}; valid choices: {DEVICES}")
+        check_device_name("train.device", self.device)
 
 
 @dataclass

@@ -211,6 +211,23 @@ def _rank() -> int:
         return 0
 
 
+class Stage:
+    """What a command is doing and what is kept, for the one line ``run_cli`` prints when a
+    signal ends it (``on_interrupt=stage.report``). ``kept`` may be a function, asked at that
+    moment (e.g. whether an output file changed since the stage began)."""
+
+    def __init__(self, doing: str = "checking the configuration",
+                 kept: str | Callable[[], str] = "nothing was written") -> None:
+        self.doing, self.kept = doing, kept
+
+    def set(self, doing: str, kept: str | Callable[[], str]) -> None:
+        self.doing, self.kept = doing, kept
+
+    def report(self) -> str:
+        kept = self.kept() if callable(self.kept) else self.kept
+        return f"stopped while {self.doing}; {kept}"
+
+
 def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException], ...] = (ValueError, OSError),
             on_interrupt: Callable[[], str] | None = None, is_main: bool | None = None,
             exit_codes: dict[type[BaseException], int] | None = None) -> None:
