@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from cs336.cli import add_config_arguments, config_from_args, field_docs
 from cs336.config import (
@@ -14,7 +15,7 @@ from cs336.config import (
     TrainConfig,
     TrainLoopConfig,
 )
-from cs336.config_io import apply_overrides, config_from_dict, config_to_dict, load_config
+from cs336.config_io import apply_overrides, config_from_dict, config_to_dict, load_config, read_text_file
 from cs336.presets import TINYSTORIES_TOKENS, preset, tinystories_config
 
 
@@ -209,3 +210,15 @@ def test_one_device_resolver(monkeypatch):
         resolve_device("tpu", "--device")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_config_file_that_is_not_text(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"a": torch.zeros(3)}, ckpt)
+    with pytest.raises(ConfigError, match=r"--config .* is a zip archive \(a checkpoint\?\)"):
+        read_text_file("--config", ckpt)
+    (tmp_path / "latin1.json").write_bytes('{"x": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        read_text_file("--config", tmp_path / "latin1.json")
+    (tmp_path / "ok.json").write_text('{"x": 1}')
+    assert read_text_file("--config", tmp_path / "ok.json") == '{"x": 1}'
