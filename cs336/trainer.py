@@ -292,7 +292,7 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
         rd.create()
         if not resume:  # a resume writes its config only once its checkpoint has loaded
             rd.write_config(cfg)
-    changed = changed_fields(cfg)
+    changed = [f for f in changed_fields(cfg) if not f.startswith("train.out_dir=")]  # on the next line
     say(f"config (full: {rd.config_file}): {' '.join(changed) if changed else 'the defaults'}")
     say(f"run directory: {rd.path}  device: {device}  ranks: {info.world_size}")
     say(f"to continue this run if it stops: python -m cs336.train --out-dir {rd.path} --resume")
