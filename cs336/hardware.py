@@ -19,6 +19,7 @@ NVIDIA L4 datasheet (242 sparse; 300 GB/s, 24 GB).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -45,6 +46,14 @@ def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{flag}='mps' but MPS is not available; use {flag}=cpu or auto")
     return torch.device(name)
+
+
+def autocast_for(mode: str, device: torch.device):
+    """The context of ``train.autocast``: ``bf16`` is ``torch.autocast(bfloat16)`` on ``device``
+    (weights and optimizer stay fp32), ``none`` changes nothing. Trainer and profiler share it."""
+    if mode == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def device_memory(device: torch.device) -> int | None:

@@ -33,7 +33,7 @@ from cs336.config import TrainConfig
 from cs336.config_io import changed_fields, config_to_dict
 from cs336.data import get_batch, iter_batches
 from cs336.divergence import DivergenceGuard, Diverged
-from cs336.hardware import resolve_device
+from cs336.hardware import autocast_for, resolve_device
 from cs336.interrupt import Stage, StopRequest
 from cs336.metrics import Window, close_window, finish, init_wandb, log_metrics
 from cs336.model import TransformerLM
@@ -118,15 +118,12 @@ class Trainer:
 
             step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
         self.step_fn = step_fn
-        self.dtype = torch.bfloat16 if cfg.train.autocast == "bf16" else None
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         self.cycle = cfg.optim.cosine_cycle_iters or cfg.train.max_steps
         self.warmup = min(cfg.optim.warmup_iters, self.cycle)
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast_for(self.cfg.train.autocast, self.device)
 
     def set_lr(self, step: int) -> float:
         """The cosine schedule's learning rate for optimizer step ``step`` (0-based), applied."""
