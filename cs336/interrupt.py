@@ -5,7 +5,7 @@ it boxes a result or raises an exception). A ``KeyboardInterrupt`` raised by a s
 inside such a callback returns NULL to compiled code that does not expect it, and the process
 segfaults or fails with ``SystemError: ... returned a result with an exception set``: Ctrl-C while
 ``python -m cs336.tokenizer encode`` worked on one 5 MB word crashed in ``encode_array`` (8 of 8
-times in the probe that found it; ``tests/test_reliability_interrupt.py`` hammers the same path).
+times in the probe that found it; ``tests/test_interrupt.py`` hammers the same path).
 
 How: CPython runs Python-level signal handlers in the main thread, between bytecodes, and hands
 them the frame that was running. The handlers here look at that frame's stack: when a frame
