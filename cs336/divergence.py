@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cs336.checkpoint_integrity import last_good_checkpoint
+
 DEFAULT_MAX_ABS_WEIGHT = 1e4
 """Pre-save guard bound on |weight| (see the module docstring)."""
 
@@ -67,8 +69,6 @@ class DivergenceGuard:
     def last_good(self) -> Path | None:
         if self.checkpoints_dir is None:
             return None
-        from cs336.checkpoint_integrity import last_good_checkpoint
-
         return last_good_checkpoint(self.checkpoints_dir, max_abs=self.max_abs_weight)
 
     def _fail(self, what: str, step: int) -> None:

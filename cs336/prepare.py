@@ -26,6 +26,7 @@ from cs336 import corpus
 from cs336 import distributed as dist_utils
 from cs336.config import ConfigError, TrainConfig
 from cs336.data import TokenFileError, load_tokens, sidecar_path
+from cs336.datasets import fetch
 from cs336.fileio import atomic_write_bytes, atomic_write_text
 from cs336.preflight import check_text_file, check_tokenizer_fits
 from cs336.run_dir import RunDir
@@ -104,8 +105,6 @@ def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
             corpus.write_corpus(rd.data, cfg.data.corpus_mb, cfg.data.corpus_seed)
             _write_key(rd.data / CORPUS_KEY, key)
         return train, valid
-    from cs336.datasets import fetch
-
     return fetch(source, cfg.data.data_dir, base_url=cfg.data.dataset_base_url)
 
 

@@ -37,6 +37,9 @@ from cs336.cli import add_config_arguments, config_from_args, parse_args
 from cs336.config import ConfigError, TrainConfig, check_positive
 from cs336.fileio import atomic_write_bytes, atomic_write_text
 from cs336.hardware import autocast_for, resolve_device
+from cs336.interrupt import run_cli
+from cs336.model import TransformerLM
+from cs336.optim import AdamW
 
 
 @dataclass(frozen=True)
@@ -141,9 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]:
     """A closure running one training step of ``cfg``'s model on random tokens, and a description."""
-    from cs336.model import TransformerLM
-    from cs336.optim import AdamW
-
     device = resolve_device(cfg.train.device)
     ops.resolve_backend(cfg.model.kernels)  # a clear error now if the backend cannot run here
     torch.manual_seed(cfg.train.seed)
@@ -173,8 +173,6 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parse_args(parser, argv)
-    from cs336.interrupt import run_cli
-
     def body() -> None:
         cfg = config_from_args(args)
         step, info = make_train_step(cfg)

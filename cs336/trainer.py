@@ -41,6 +41,7 @@ from cs336.nn_utils import clip_gradients
 from cs336.optim import AdamW, lr_cosine_schedule
 from cs336.preflight import open_run_dir, preflight
 from cs336.prepare import SourceTokenizer, prepare_data, source_tokenizer
+from cs336.profile import StepProfiler
 from cs336.run_dir import RunDir
 
 PROFILE_STEPS = 5
@@ -236,8 +237,6 @@ def profiler_for(cfg: TrainConfig, rd: RunDir, start: int, info: dist_utils.Dist
     """A StepProfiler over the first PROFILE_STEPS steps with --profile (rank 0), else a no-op."""
     if not (cfg.train.profile and info.is_main and cfg.train.max_steps - start >= PROFILE_STEPS):
         return contextlib.nullcontext(None)
-    from cs336.profile import StepProfiler
-
     return StepProfiler(rd.path / "profile", wait=1, warmup=1, active=PROFILE_STEPS - 2)
 
 
