@@ -237,7 +237,7 @@ def link_latest(path: str | os.PathLike) -> Path | None:
     """Point ``<parent>/latest`` (a relative symlink) at the run directory ``path``, replacing
     an older link atomically; nothing when ``latest`` is a real file or directory, or the system
     has no symlinks. Returns the link."""
-    path = Path(path)
+    path = Path(path).resolve()  # through runs/latest itself: the directory it names
     link = path.parent / "latest"
     if link.exists() and not link.is_symlink():
         return None

@@ -136,6 +136,8 @@ def test_latest_link_follows_the_newest_run(tmp_path):
     link_latest(second)
     assert (tmp_path / "latest").resolve() == second.resolve()
     assert os.readlink(tmp_path / "latest") == second.name  # relative: the tree can move
+    link_latest(tmp_path / "latest")  # a resume through the link keeps it pointing at the run
+    assert os.readlink(tmp_path / "latest") == second.name
     (tmp_path / "other").mkdir()
     real = tmp_path / "other" / "latest"
     real.mkdir()  # a real directory named latest is never replaced
