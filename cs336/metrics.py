@@ -41,9 +41,9 @@ class Window:
 
     def read(self) -> tuple[float, float, float, float]:
         """(mean loss, last grad norm, seconds, tokens/s) of the window (a host sync)."""
+        loss_sum, grad_norm = torch.stack([self.loss_sum, self.grad_norm.double()]).tolist()
         seconds = time.perf_counter() - self.start
-        return (float(self.loss_sum) / self.steps, float(self.grad_norm), seconds,
-                self.tokens / max(seconds, 1e-9))
+        return loss_sum / self.steps, grad_norm, seconds, self.tokens / max(seconds, 1e-9)
 
 
 def close_window(window: Window, state) -> dict:

@@ -8,8 +8,9 @@ under DDP), ``check_step``, the optimizer step under the model's kernel backend,
 boundaries the metrics (``cs336.metrics``), evaluation and ``save``. It follows nanoGPT's
 ``train.py`` (a plain loop, values read from the device only when logged) and torchtitan's split
 of concerns (a trainer object, the profiler a context manager the loop steps). Host syncs: one
-per step (loss and gradient norm in one ``tolist()`` for ``DivergenceGuard``), one per log line,
-one per checkpoint (``check_weights``). A resume re-applies the resolved config's optimizer
+per step (loss and gradient norm in one ``tolist()`` for ``DivergenceGuard``; the triton loss
+kernel adds its own check of the targets, ``kernels/cross_entropy.py``), one per log line, one
+per checkpoint (``check_weights``). A resume re-applies the resolved config's optimizer
 hyperparameters after loading the optimizer state, so every accepted ``--optim.*`` change takes
 effect.
 """
