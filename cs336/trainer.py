@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils
     if cfg.optim.fused:
         ops.resolve_backend("triton")
     preflight(cfg, device, micro[0].stop - micro[0].start)
-    source = source_tokenizer(cfg) if info.is_main else None
+    source = source_tokenizer(cfg)  # every rank, so every rank raises the same error
     rd, latest, lock, payload = open_run_dir(cfg, resume, info)
     try:
         return train_in(cfg, resume, device, info, stage, rd, latest, payload, source)
