@@ -6,8 +6,8 @@ tokenizer trained on its first ``data.tokenizer_sample_mb`` MB (or ``data.tokeni
 ``DIR/data/{train,valid}.bin`` encoded with it. Rank 0 does the work; the other ranks wait at a
 barrier, receive the tokenizer's hash and open the same token files (only rank 0 gets the
 tokenizer, for the final sample). The tokenizer is parsed and hashed once per run:
-``source_tokenizer(cfg)`` reads a ``data.tokenizer_dir`` before any work (so one too large for
-the model fails first) and ``prepare_data`` reuses it. Every cache is keyed by its inputs
+``source_tokenizer(cfg)`` reads a ``data.tokenizer_dir`` before any work (on every rank, so one
+too large for the model stops them all) and ``prepare_data`` reuses it. Every cache is keyed by its inputs
 (``source.json``, ``corpus.json``, the token files' sidecars) and rebuilt when stale; every file
 is written under a temporary name first (``cs336.fileio``). Follows the handout's pipeline
 (train BPE, encode to uint16, memmap); the keys and checks are ours.
