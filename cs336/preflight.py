@@ -39,9 +39,12 @@ RESUME_MAY_CHANGE = (
     "train.diverge_loss_factor", "train.diverge_grad_norm", "train.diverge_max_weight",
     "data.data_dir", "data.dataset_base_url",
 )
-"""Dotted fields a resumed run may set differently from its config.json. The ``optim`` section
-may change too, field by field as ``cs336.optim.apply_hyperparameters`` allows (e.g. a lower
-learning rate after divergence, as its message advises)."""
+"""Dotted fields a resumed run may set differently from its config.json. Every ``optim`` field
+may change too (e.g. a lower learning rate after divergence, as its message advises): the
+trainer re-applies the resolved config's hyperparameters after loading the optimizer state."""
+RESUME_FIXED = ("optim.name",)
+"""``optim`` fields a resume cannot apply (the checkpoint's optimizer state belongs to another
+optimizer), refused like the fields outside ``RESUME_MAY_CHANGE``."""
 
 
 class FlagError(ConfigError):
@@ -168,7 +171,8 @@ def config_conflicts(saved: dict, requested: dict, *, allowed: tuple[str, ...] =
 
 def resume_conflicts(saved: dict, requested: dict) -> list[str]:
     """``config_conflicts`` of two config dicts, less what a resume may change."""
-    allowed = RESUME_MAY_CHANGE + tuple(f"optim.{k}" for k in {**saved.get("optim", {}), **requested.get("optim", {})})
+    optim = {**saved.get("optim", {}), **requested.get("optim", {})}
+    allowed = RESUME_MAY_CHANGE + tuple(f"optim.{k}" for k in optim if f"optim.{k}" not in RESUME_FIXED)
     return config_conflicts(saved, requested, allowed=allowed)
 
 

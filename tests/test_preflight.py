@@ -3,7 +3,8 @@
 import pytest
 
 from cs336.config import ConfigError
-from cs336.preflight import FlagError, check_text_file, check_tokenizer_fits, config_conflicts, existing_file, writable_dir
+from cs336.preflight import (FlagError, check_text_file, check_tokenizer_fits, config_conflicts, existing_file,
+                             resume_conflicts, writable_dir)
 
 
 def test_config_conflicts_lists_changed_leaves_except_allowed():
@@ -35,3 +36,14 @@ def test_path_validation(tmp_path):
     with pytest.raises(FlagError, match="--train-text .* is empty"):
         check_text_file("--train-text", tmp_path / "empty.txt")
     assert check_text_file("--train-text", tmp_path / "f") == tmp_path / "f"
+
+
+def test_resume_may_change_optim_fields_but_not_the_optimizer():
+    saved = {"model": {"d_model": 32}, "optim": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.95]},
+             "train": {"max_steps": 10, "seed": 0}}
+    changed = {"model": {"d_model": 32}, "optim": {"name": "adamw", "lr": 1e-4, "betas": [0.8, 0.9]},
+               "train": {"max_steps": 20, "seed": 0}}
+    assert resume_conflicts(saved, changed) == []
+    other = {**changed, "optim": {**changed["optim"], "name": "muon"}, "train": {"max_steps": 20, "seed": 1}}
+    assert resume_conflicts(saved, other) == ["optim.name: saved 'adamw', requested 'muon'",
+                                              "train.seed: saved 0, requested 1"]
