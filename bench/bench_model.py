@@ -30,9 +30,9 @@ import torch
 from _harness import DEVICE, ON_CUDA, PROVIDERS, cuda_sync, skip_unavailable
 
 from cs336 import flops, ops
-from cs336.config import model_preset
 from cs336.model import TransformerLM
 from cs336.optim import AdamW
+from cs336.presets import model_preset
 
 pytestmark = pytest.mark.bench
 

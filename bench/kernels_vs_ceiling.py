@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: the sh
 from _harness import shapes_for  # noqa: E402
 
 from cs336 import flops, ops  # noqa: E402
-from cs336.config import model_preset  # noqa: E402
 from cs336.fileio import atomic_write_text  # noqa: E402
+from cs336.presets import model_preset  # noqa: E402
 
 PROVIDERS = ("triton", "torch", "native", "compile", "liger")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

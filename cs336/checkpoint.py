@@ -1,93 +1,55 @@
 """Training checkpoints: model, optimizer, iteration, RNG states and caller extras in one file.
 
-``save_checkpoint(model, optimizer, iteration, out, **extra)`` writes a dict with the keys
-
-    format "cs336-checkpoint", version 1, iteration (int), model (state dict),
-    optimizer (state dict or None), model_config (dict of the model's ModelConfig or None),
-    rng {torch, cuda, numpy, python}, extra {...}
-
-To a path it writes a temporary file in the same directory and renames it over the target
-(``os.replace``), so a crash or a failing save never leaves a partial file where the old one was.
-Everything stored is readable by ``torch.load(..., weights_only=True)``: the numpy and Python RNG
-states are converted to tensors and ints, and ``extra`` may hold only tensors, numbers, strings,
-None and lists/tuples/dicts of them (anything else is refused before writing).
-
-``load_checkpoint(src, model, optimizer) -> iteration`` is the CS336 adapter: it loads weights
-and optimizer state and leaves the global RNGs alone. ``load_checkpoint_full(src, model=None,
-optimizer=None)`` returns the whole dict (and loads into whatever is given), and
-``restore_rng_state(d)`` puts the saved RNG states back, so a resumed run draws the same batches.
-
-Integrity (``cs336.checkpoint_integrity``): ``save_checkpoint`` stores ``checksum`` = SHA-256 of
-the whole dict and ``_read`` recomputes it, so a file whose bytes changed after writing is refused
-with a message naming the file and ``previous_good_checkpoint``, the newest earlier
-``step_NNNNNN.pt`` beside it that verifies. Files without a checksum (other implementations,
-older files) load unverified. ``save_checkpoint`` refuses a model with NaN or inf weights
-(``NonFiniteWeightsError``, nothing written).
-
-Every user-visible failure (missing, truncated or corrupt file, a file that is not a checkpoint,
-a checkpoint of a model with other settings, missing or unexpected weights) raises one
-``CheckpointError`` naming the file and what to do. Files from other CS336 implementations load if
-they are dicts with ``model`` and ``iteration`` keys. Wrappers (DistributedDataParallel's
-``module.``, torch.compile's ``_orig_mod.``) are removed on save and tolerated on load.
+``save_checkpoint(model, optimizer, iteration, out, **extra)`` / ``load_checkpoint(src, model,
+optimizer) -> iteration`` are the CS336 interface; ``load_checkpoint_full`` returns the whole dict
+(format, version, iteration, model, optimizer, model_config, rng, extra, checksum) and
+``restore_rng_state`` puts the saved RNG states back, so a resumed run draws the same batches.
+Deviations from the handout's ``torch.save`` of a dict: the file is written atomically
+(``cs336.fileio``), carries a SHA-256 of its contents and is read with ``weights_only=True``
+(``cs336.checkpoint_integrity``), so ``extra`` may hold only tensors, numbers, strings, None and
+containers of them; NaN/inf weights are refused before writing. Loading names what does not fit
+(another model's settings, missing or reshaped weights) and tolerates the ``module.`` and
+``_orig_mod.`` prefixes of DDP and torch.compile. Files of other CS336 implementations load when
+they are dicts with ``model`` and ``iteration``.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import zipfile
 from collections import OrderedDict
 from dataclasses import asdict
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from cs336.checkpoint_integrity import (
-    CHECKPOINT_RE,
+    FORMAT,
+    VERSION,
     CheckpointError,
     NonFiniteWeightsError,
+    PathOrFile,
     check_weights,
-    fallback_hint,
     last_good_checkpoint,
     payload_digest,
     previous_good_checkpoint,
+    read_checkpoint,
+    source_name,
+    unwrap_model,
     verify_checkpoint,
 )
 from cs336.fileio import atomic_open
 
 __all__ = [
-    "CHECKPOINT_RE", "CheckpointError", "NonFiniteWeightsError", "check_weights", "last_good_checkpoint",
-    "load_checkpoint", "load_checkpoint_full", "previous_good_checkpoint", "restore_rng_state",
-    "save_checkpoint", "verify_checkpoint",
+    "CheckpointError", "NonFiniteWeightsError", "check_weights", "last_good_checkpoint", "load_checkpoint",
+    "load_checkpoint_full", "previous_good_checkpoint", "read_checkpoint", "restore_rng_state",
+    "save_checkpoint", "verify_checkpoint", "write_checkpoint",
 ]
 
-FORMAT = "cs336-checkpoint"
-VERSION = 1
 # ModelConfig fields that do not change the weights: a checkpoint may load across them.
 _RUNTIME_FIELDS = ("kernels",)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-PathOrFile = str | os.PathLike | IO[bytes]
-
-
-def _name(f: PathOrFile) -> str:
-    if isinstance(f, (str, os.PathLike)):
-        return os.fspath(f)
-    return str(getattr(f, "name", "<file object>"))
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while True:
-        for attr in ("module", "_orig_mod"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, torch.nn.Module):
-                model = inner
-                break
-        else:
-            return model
 
 
 def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
@@ -163,10 +125,17 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
                     iteration: int, out: PathOrFile, **extra: Any) -> None:
     """Write model, optimizer, iteration, RNG states and ``extra`` to ``out`` (see module docstring).
     Refuses (``NonFiniteWeightsError``, nothing written) a model with NaN or inf weights."""
-    model = _unwrap(model)
+    check_weights(model, where=f"save_checkpoint({source_name(out)})")
+    write_checkpoint(model, optimizer, iteration, out, extra)
+
+
+def write_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, iteration: int,
+                     out: PathOrFile, extra: dict[str, Any]) -> None:
+    """``save_checkpoint`` for a caller that has already run ``check_weights`` (with its own
+    bound): the same file, without a second pass over the weights."""
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     _check_loadable(extra, "extra")
-    check_weights(model, where=f"save_checkpoint({_name(out)})")
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -186,78 +155,6 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
 
 
 # ------------------------------------------------------------------------------------ load
-
-def _is_zip(src: PathOrFile) -> bool:
-    """torch.save writes a zip archive; a cut or overwritten file lacks its central directory."""
-    if isinstance(src, (str, os.PathLike)):
-        return zipfile.is_zipfile(src)
-    if not (hasattr(src, "seek") and hasattr(src, "tell")):
-        return True  # cannot peek a stream; torch.load reports what it finds
-    start = src.tell()
-    try:
-        return zipfile.is_zipfile(src)
-    finally:
-        src.seek(start)
-
-
-def read_checkpoint(src: PathOrFile) -> dict[str, Any]:
-    """The checkpoint dict of ``src``, its archive and checksum checked (errors name the previous
-    valid checkpoint); ``load_checkpoint_full(src, ..., payload=...)`` then loads it without a
-    second read."""
-    return _read(src)
-
-
-def _read(src: PathOrFile, hint: bool = True) -> dict[str, Any]:
-    """The checkpoint dict of ``src``, checked; ``hint`` adds the fallback checkpoint to errors."""
-    name = _name(src)
-
-    def earlier() -> str:
-        return fallback_hint(src) if hint else "use an earlier checkpoint"
-
-    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
-        raise CheckpointError(f"checkpoint {name} does not exist; check the path (or the run's "
-                              "checkpoints/ directory)")
-    if not _is_zip(src):
-        raise CheckpointError(
-            f"checkpoint {name} is truncated or corrupt (not a complete torch zip archive; an "
-            f"interrupted copy leaves such files). {earlier()}"
-        )
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
-            raise CheckpointError(
-                f"checkpoint {name} holds objects other than tensors and plain containers, which "
-                "could run code when loaded; it is refused. Re-save it with cs336.checkpoint."
-            ) from None
-        raise CheckpointError(f"checkpoint {name} is corrupt ({exc}). {earlier()}") from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for damaged archives
-        raise CheckpointError(
-            f"checkpoint {name} is truncated or corrupt ({type(exc).__name__}: {exc}). {earlier()}"
-        ) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict) or "iteration" not in obj:
-        bare = ""
-        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            bare = " It holds a bare state dict: load it with model.load_state_dict()."
-        raise CheckpointError(
-            f"{name} is not a training checkpoint (expected a dict with 'model' and 'iteration', "
-            f"got {type(obj).__name__}).{bare}"
-        )
-    if obj.get("format", FORMAT) != FORMAT or obj.get("version", VERSION) > VERSION:
-        raise CheckpointError(f"checkpoint {name} has format {obj.get('format')!r} version "
-                              f"{obj.get('version')!r}; this cs336 reads {FORMAT!r} up to version {VERSION}")
-    checksum = obj.get("checksum")
-    if isinstance(checksum, dict) and "sha256" in checksum and payload_digest(obj) != checksum["sha256"]:
-        raise CheckpointError(
-            f"checkpoint {name} is corrupt: its contents no longer match the SHA-256 recorded when it "
-            f"was saved (the file changed on disk). {earlier()}"
-        )
-    obj.setdefault("optimizer", None)
-    obj.setdefault("model_config", None)
-    obj.setdefault("rng", None)
-    obj.setdefault("extra", {})
-    return obj
-
 
 def _check_config(name: str, saved: dict | None, model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
@@ -307,11 +204,11 @@ def load_checkpoint_full(src: PathOrFile, model: torch.nn.Module | None = None,
     """Read a checkpoint; load it into ``model``/``optimizer`` when given; return the whole dict
     (keys: iteration, model, optimizer, model_config, rng, extra, ...). RNGs are not touched.
     ``payload``: ``src``'s dict as ``read_checkpoint`` returned it (not read again)."""
-    name = _name(src)
+    name = source_name(src)
     if payload is None:
-        payload = _read(src)
+        payload = read_checkpoint(src)
     if model is not None:
-        model = _unwrap(model)
+        model = unwrap_model(model)
         _check_config(name, payload["model_config"], model)
         _load_model(name, payload["model"], model)
     if optimizer is not None:

@@ -1,15 +1,18 @@
-"""Checkpoint integrity: checksum, weight guards, and finding the checkpoint to fall back to.
+"""Reading a checkpoint file and proving it intact, and finding the intact one to fall back to.
 
-- ``payload_digest(d)``: SHA-256 over every value of a checkpoint dict except ``checksum``: key
-  paths, tensor dtypes, shapes and raw bytes, and the repr of plain values, in the dict's order
-  (which pickling keeps). ``cs336.checkpoint`` stores it on save and recomputes it on load, so a
-  byte changed on disk is caught; torch's zip reader checks no CRC, so a flipped byte inside a
-  tensor otherwise loads as a wrong weight.
-- ``check_weights(model, max_abs)``: NaN/inf (and, with ``max_abs``, exploding) weights raise
-  ``NonFiniteWeightsError`` before they become a checkpoint. One host sync over all tensors.
-- ``verify_checkpoint(path)``, ``previous_good_checkpoint(path)``, ``last_good_checkpoint(dir)``:
-  the newest intact checkpoint with finite weights among the trainer's ``step_NNNNNN.pt`` files,
-  for the messages of a corrupt load and of divergence.
+- ``read_checkpoint(src)``: the one reader of a checkpoint file (``torch.load`` with
+  ``weights_only=True``): a cut archive, a foreign pickle, another format or a changed byte is a
+  ``CheckpointError`` naming the file and the newest earlier intact ``step_NNNNNN.pt`` beside it.
+- ``payload_digest(d)``: SHA-256 over key paths, tensor dtypes, shapes and raw bytes and the repr
+  of plain values. torch's zip reader checks no CRC, so without it a flipped byte inside a tensor
+  loads as a wrong weight. Files without a checksum (other CS336 implementations) load unverified.
+- ``check_weights(model, max_abs)``: NaN/inf or exploding weights never become a checkpoint; one
+  host sync for all tensors.
+- ``verify_checkpoint``, ``previous_good_checkpoint``, ``last_good_checkpoint``: the fallback
+  search, over ``cs336.run_dir.checkpoint_files`` (the one listing of ``step_NNNNNN.pt``).
+Why a module apart from ``cs336.checkpoint``: that one owns what goes into the file (save, load
+into a model); this one owns whether a file can be trusted, which the run directory, the
+divergence message and resume need without building a model.
 """
 
 from __future__ import annotations
@@ -17,11 +20,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
+import pickle
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+
+from cs336.run_dir import CHECKPOINT_RE, checkpoint_files
+
+FORMAT = "cs336-checkpoint"
+VERSION = 1
+
+PathOrFile = str | os.PathLike | IO[bytes]
 
 
 class CheckpointError(ValueError):
@@ -32,16 +43,89 @@ class NonFiniteWeightsError(CheckpointError):
     """Weights hold NaN/inf (or exceed a bound): they must not become a checkpoint."""
 
 
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
-"""File names of the trainer's checkpoints (``cs336.run_dir``): ``step_NNNNNN.pt``."""
+def source_name(f: PathOrFile) -> str:
+    """The path of ``f`` for messages (a file object's ``name``)."""
+    if isinstance(f, (str, os.PathLike)):
+        return os.fspath(f)
+    return str(getattr(f, "name", "<file object>"))
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (``module``) and torch.compile (``_orig_mod``)."""
+    while True:
+        for attr in ("module", "_orig_mod"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, torch.nn.Module):
+                model = inner
+                break
+        else:
+            return model
 
 
-def _unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    from cs336.checkpoint import _unwrap
+def _is_zip(src: PathOrFile) -> bool:
+    """torch.save writes a zip archive; a cut or overwritten file lacks its central directory."""
+    if isinstance(src, (str, os.PathLike)):
+        return zipfile.is_zipfile(src)
+    if not (hasattr(src, "seek") and hasattr(src, "tell")):
+        return True  # cannot peek a stream; torch.load reports what it finds
+    start = src.tell()
+    try:
+        return zipfile.is_zipfile(src)
+    finally:
+        src.seek(start)
 
-    return _unwrap(model)
+
+def read_checkpoint(src: PathOrFile, *, hint: bool = True) -> dict[str, Any]:
+    """The checkpoint dict of ``src``: archive, format and checksum checked; an error names the
+    previous intact checkpoint beside it (``hint=False``: not searched)."""
+    name = source_name(src)
+
+    def earlier() -> str:
+        return fallback_hint(src) if hint else "use an earlier checkpoint"
+
+    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
+        raise CheckpointError(f"checkpoint {name} does not exist; check the path (or the run's "
+                              "checkpoints/ directory)")
+    if not _is_zip(src):
+        raise CheckpointError(
+            f"checkpoint {name} is truncated or corrupt (not a complete torch zip archive; an "
+            f"interrupted copy leaves such files). {earlier()}"
+        )
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {name} holds objects other than tensors and plain containers, which "
+                "could run code when loaded; it is refused. Re-save it with cs336.checkpoint."
+            ) from None
+        raise CheckpointError(f"checkpoint {name} is corrupt ({exc}). {earlier()}") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for damaged archives
+        raise CheckpointError(
+            f"checkpoint {name} is truncated or corrupt ({type(exc).__name__}: {exc}). {earlier()}"
+        ) from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict) or "iteration" not in obj:
+        bare = ""
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            bare = " It holds a bare state dict: load it with model.load_state_dict()."
+        raise CheckpointError(
+            f"{name} is not a training checkpoint (expected a dict with 'model' and 'iteration', "
+            f"got {type(obj).__name__}).{bare}"
+        )
+    if obj.get("format", FORMAT) != FORMAT or obj.get("version", VERSION) > VERSION:
+        raise CheckpointError(f"checkpoint {name} has format {obj.get('format')!r} version "
+                              f"{obj.get('version')!r}; this cs336 reads {FORMAT!r} up to version {VERSION}")
+    checksum = obj.get("checksum")
+    if isinstance(checksum, dict) and "sha256" in checksum and payload_digest(obj) != checksum["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {name} is corrupt: its contents no longer match the SHA-256 recorded when it "
+            f"was saved (the file changed on disk). {earlier()}"
+        )
+    obj.setdefault("optimizer", None)
+    obj.setdefault("model_config", None)
+    obj.setdefault("rng", None)
+    obj.setdefault("extra", {})
+    return obj
 
 
 def _digest_into(h, value: Any, where: str) -> None:
@@ -74,12 +158,13 @@ def payload_digest(payload: dict[str, Any]) -> str:
 def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where: str = "model") -> None:
     """Raise ``NonFiniteWeightsError`` when a parameter or buffer holds NaN/inf or, with
     ``max_abs``, a value beyond it; the message names the first such tensors. One host sync."""
-    named = [(n, t) for n, t in list(_unwrap_model(model).named_parameters()) + list(_unwrap_model(model).named_buffers())
+    model = unwrap_model(model)
+    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
              if t.is_floating_point() and t.numel()]
     if not named:
         return
     peaks = torch.stack([t.detach().abs().amax().float() for _, t in named]).cpu()
-    bad = [(n, float(p)) for (n, _), p in zip(named, peaks) if not torch.isfinite(p)
+    bad = [(n, float(p)) for (n, _), p in zip(named, peaks, strict=True) if not torch.isfinite(p)
            or (max_abs is not None and p > max_abs)]
     if bad:
         listed = ", ".join(f"{n} (max |w| {p:.3g})" for n, p in bad[:3])
@@ -103,9 +188,7 @@ def fallback_hint(src: PathOrFile) -> str:
 def verify_checkpoint(path: str | os.PathLike, max_abs: float | None = None) -> dict[str, Any]:
     """Read ``path`` and check it whole (archive, checksum, finite weights, with ``max_abs`` no
     weight beyond it); return the dict or raise ``CheckpointError``."""
-    from cs336.checkpoint import _read
-
-    payload = _read(path, hint=False)
+    payload = read_checkpoint(path, hint=False)
     for k, v in payload["model"].items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
             peak = float(v.detach().abs().amax())
@@ -114,21 +197,14 @@ def verify_checkpoint(path: str | os.PathLike, max_abs: float | None = None) -> 
     return payload
 
 
-def _step_files(directory: Path) -> list[tuple[int, Path]]:
-    """(step, path) of ``step_NNNNNN.pt`` files in ``directory``, newest first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found, reverse=True)
-
-
 def previous_good_checkpoint(path: str | os.PathLike) -> Path | None:
     """The newest checkpoint in ``path``'s directory with a lower step than ``path`` (all of them
     when ``path`` is not a ``step_NNNNNN.pt``) that passes ``verify_checkpoint``; None if none."""
     path = Path(path)
     m = CHECKPOINT_RE.match(path.name)
     below = int(m.group(1)) if m else None
-    for step, candidate in _step_files(path.parent):
+    for candidate in reversed(checkpoint_files(path.parent)):
+        step = int(CHECKPOINT_RE.match(candidate.name).group(1))
         if (below is None or step < below) and candidate != path:
             try:
                 verify_checkpoint(candidate)
@@ -141,12 +217,10 @@ def previous_good_checkpoint(path: str | os.PathLike) -> Path | None:
 def last_good_checkpoint(directory: str | os.PathLike, max_abs: float | None = None) -> Path | None:
     """The newest ``step_NNNNNN.pt`` in ``directory`` that passes ``verify_checkpoint`` (intact,
     finite weights, none beyond ``max_abs``); None if there is none. The divergence message names it."""
-    for _, candidate in _step_files(Path(directory)):
+    for candidate in reversed(checkpoint_files(directory)):
         try:
             verify_checkpoint(candidate, max_abs)
         except CheckpointError:
             continue
         return candidate
     return None
-
-

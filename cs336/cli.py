@@ -26,9 +26,9 @@ import inspect
 import textwrap
 from collections.abc import Sequence
 
-from cs336.config import (MODEL_PRESETS, PRESETS, SECTIONS, ConfigError, TrainConfig, check_positive,
-                          kernel_backends, model_preset, preset)
+from cs336.config import SECTIONS, ConfigError, TrainConfig, check_positive, kernel_backends
 from cs336.config_io import apply_overrides, load_config
+from cs336.presets import MODEL_PRESETS, PRESETS, model_preset, preset
 
 # short flag -> (config key, value for a flag without argument or None when it takes one)
 SHORTCUTS: dict[str, tuple[str, str | None]] = {

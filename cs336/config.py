@@ -5,8 +5,7 @@
     data   DataConfig       corpus, tokenizer and token files
     train  TrainLoopConfig  the loop: length, batching, evaluation, checkpoints, device, logging
 
-Defaults live here and nowhere else. Named presets are plain functions returning a config
-(``MODEL_PRESETS`` for the model section, ``PRESETS`` for a whole run). Each section validates
+Defaults live here and nowhere else; named presets are ``cs336.presets``. Each section validates
 itself in ``__post_init__`` with the one positive-number check, ``check_positive``. Reading files
 and ``section.field=value`` overrides is ``cs336.config_io``; the command-line flags generated
 from the fields are ``cs336.cli``.
@@ -18,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 FFN_TYPES = ("swiglu", "silu")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,12 @@ def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r}; valid choices: {', '.join(choices)}")
+
+
+def check_device_name(name: str, value: str) -> None:
+    """``value`` names a device kind (``cs336.hardware.resolve_device`` checks it is there)."""
+    if not (value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())):
+        raise ConfigError(f"{name}={value!r}; valid choices: {DEVICES}")
 
 
 def kernel_backends() -> tuple[str, ...]:
@@ -103,52 +109,6 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
 
-# Named model presets. GPT-2 shapes (layers, width, heads) are those of the GPT-2 paper; with this
-# architecture (SwiGLU, untied embeddings, RoPE, no biases) d_ff = 4 * d_model as in the CS336
-# handout's accounting question, vocab 50,257 and context 1,024.
-def tinystories_model() -> ModelConfig:
-    """The CS336 handout's TinyStories model (section 7.2)."""
-    return ModelConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4,
-                       num_heads=16, d_ff=1344, rope_theta=10_000.0)
-
-
-def _gpt2(d_model: int, num_layers: int, num_heads: int) -> ModelConfig:
-    return ModelConfig(vocab_size=50_257, context_length=1_024, d_model=d_model,
-                       num_layers=num_layers, num_heads=num_heads, d_ff=4 * d_model,
-                       rope_theta=10_000.0)
-
-
-def gpt2_small() -> ModelConfig:
-    return _gpt2(768, 12, 12)
-
-
-def gpt2_medium() -> ModelConfig:
-    return _gpt2(1024, 24, 16)
-
-
-def gpt2_large() -> ModelConfig:
-    return _gpt2(1280, 36, 20)
-
-
-def gpt2_xl() -> ModelConfig:
-    return _gpt2(1600, 48, 25)
-
-
-MODEL_PRESETS = {
-    "tinystories": tinystories_model,
-    "gpt2-small": gpt2_small,
-    "gpt2-medium": gpt2_medium,
-    "gpt2-large": gpt2_large,
-    "gpt2-xl": gpt2_xl,
-}
-
-
-def model_preset(name: str) -> ModelConfig:
-    try:
-        return MODEL_PRESETS[name]()
-    except KeyError:
-        raise ConfigError(f"unknown model preset {name!r}; valid choices: {', '.join(MODEL_PRESETS)}") from None
-
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer, data and run sections, and the TrainConfig nesting them.
@@ -157,7 +117,6 @@ def model_preset(name: str) -> ModelConfig:
 DATASETS = ("embedded", "tinystories", "owt")
 AUTOCAST = ("none", "bf16")
 
-DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 @dataclass
@@ -349,9 +308,7 @@ class TrainLoopConfig:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} does not divide "
                               f"train.batch_size={self.batch_size}; each optimizer step's batch is split into "
                               "grad_accum_steps equal micro-batches, so pick a divisor of batch_size")
-        dev = self.device
-        if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise ConfigError(f"train.device={dev!r}; valid choices: {DEVICES}")
+        check_device_name("train.device", self.device)
 
 
 @dataclass
@@ -388,78 +345,3 @@ def demo_model() -> ModelConfig:
     """The main job's model: small enough to learn the embedded corpus on 2 CPU cores in minutes."""
     return ModelConfig(vocab_size=1024, context_length=128, d_model=128, num_layers=4, num_heads=4,
                        d_ff=384, rope_theta=10_000.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Run presets.
-# ---------------------------------------------------------------------------------------------
-
-TINYSTORIES_TOKENS = 327_680_000
-"""Tokens processed by the CS336 handout's TinyStories run (section 7.2)."""
-
-
-def default_config() -> TrainConfig:
-    """`python -m cs336.train` with no arguments: the embedded corpus on a CPU in minutes."""
-    return TrainConfig()
-
-
-def tinystories_config(batch_size: int = 128) -> TrainConfig:
-    """The handout's TinyStories run: the tinystories model for 327.68M tokens.
-
-    max_steps = 327,680,000 / (batch_size * 256), e.g. 10,000 steps at batch 128. Give the text
-    files with --train-text/--valid-text, or --dataset tinystories to download them.
-    """
-    model = tinystories_model()
-    steps = TINYSTORIES_TOKENS // (batch_size * model.context_length)
-    return TrainConfig(
-        model=model,
-        optim=OptimConfig(lr=2e-3, warmup_iters=200, weight_decay=0.1),
-        data=DataConfig(tokenizer_sample_mb=None),
-        train=TrainLoopConfig(max_steps=steps, batch_size=batch_size, eval_interval=500, eval_batches=50,
-                        log_interval=20, checkpoint_interval=1000, autocast="bf16",
-                        sample_tokens=256),
-    )
-
-
-def smoke_config() -> TrainConfig:
-    """A seconds-long run of a tiny model on a small embedded corpus (tests, quick checks)."""
-    return TrainConfig(
-        model=ModelConfig(vocab_size=320, context_length=32, d_model=32, num_layers=1, num_heads=2,
-                          d_ff=64),
-        data=DataConfig(corpus_mb=0.2),
-        train=TrainLoopConfig(max_steps=40, batch_size=8, eval_interval=20, eval_batches=4, log_interval=5,
-                        checkpoint_interval=20, sample_tokens=20, progress=False),
-    )
-
-
-def profile_config() -> TrainConfig:
-    """``python -m cs336.profile`` with no arguments: the TinyStories model, 2 sequences per step."""
-    return TrainConfig(model=tinystories_model(), train=TrainLoopConfig(batch_size=2))
-
-
-def accounting_config() -> TrainConfig:
-    """``python -m cs336.accounting`` with no arguments: the TinyStories model, one sequence."""
-    return TrainConfig(model=tinystories_model(), train=TrainLoopConfig(batch_size=1))
-
-
-PRESETS = {"default": default_config, "tinystories": tinystories_config, "smoke": smoke_config,
-           "profile": profile_config, "accounting": accounting_config}
-
-
-def preset(name: str) -> TrainConfig:
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}") from None
-
-
-# The file and override functions live in cs336.config_io; they are re-exported here so that
-# ``from cs336.config import load_config`` keeps working (config_io imports this module first).
-from cs336.config_io import (  # noqa: E402
-    apply_overrides,
-    coerce,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    section_fields,
-)

@@ -148,17 +148,26 @@ def config_from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
     return replace(base, **sections)
 
 
+def read_text_file(flag: str, path: str | Path) -> str:
+    """The UTF-8 text of the file ``flag`` names; a missing, binary (a checkpoint passed by
+    mistake) or undecodable file is a ConfigError saying what it is."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{flag} {p} does not exist; check the path")
+    data = p.read_bytes()
+    if b"\x00" in data[:8192]:
+        kind = "a zip archive (a checkpoint?)" if data[:2] == b"PK" else "a binary file"
+        raise ConfigError(f"{flag} {p} is {kind}, not a text config file; pass a JSON config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{flag} {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     """Read a TOML or JSON file of sections (``[optim] lr = 3e-4``) on top of ``base``."""
-    from cs336.validate import FlagError, read_text_file
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; check the --config path")
-    try:
-        text = read_text_file("--config", path)
-    except FlagError as exc:
-        raise ConfigError(str(exc)) from None
+    text = read_text_file("--config", path)
     try:
         if path.suffix == ".toml":
             d = tomllib.loads(text)
@@ -187,3 +196,14 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             raise _unknown("section", section, SECTIONS)
         nested.setdefault(section, {})[name] = value
     return config_from_dict(nested, cfg)
+
+
+def changed_fields(cfg: TrainConfig, base: TrainConfig | None = None) -> list[str]:
+    """``section.field=value`` for every field of ``cfg`` that differs from ``base`` (default:
+    ``TrainConfig()``), in field order: the short form of a config for a log line."""
+    base = TrainConfig() if base is None else base
+    out = []
+    for section in SECTIONS:
+        mine, theirs = asdict(getattr(cfg, section)), asdict(getattr(base, section))
+        out += [f"{section}.{k}={v!r}" for k, v in mine.items() if v != theirs.get(k)]
+    return out

@@ -1,22 +1,14 @@
 """Divergence detection for the training loop, checked every step before the optimizer step.
 
-``DivergenceGuard.check(step, loss, grad_norm)`` raises ``Diverged`` when
-
-- the loss or the gradient norm is NaN or infinite, or
-- after ``warmup_steps`` steps, the loss exceeds ``spike_factor`` (None: no limit) times its running mean (an
-  exponential moving average with time constant ``1 / (1 - ema)`` steps; the mean is updated
-  only by accepted steps, so a slow climb is compared against where it started), or
-- with ``max_grad_norm`` set, the (pre-clipping) gradient norm exceeds it.
-
-The message names the step, the values, the threshold that fired, and the newest checkpoint that
-is intact and holds finite weights no larger than ``max_abs_weight``
-(``cs336.checkpoint_integrity.last_good_checkpoint``), which is where to resume from. The loop
-reads loss and gradient norm once per step anyway, so the check adds no host sync.
-
-Default thresholds: a cross-entropy loss that triples its running mean after warm-up is far
-outside step-to-step noise (a few percent on CS336-sized runs) and is the onset of the blow-up
-that reaches NaN a few steps later; weights above 1e4 do not occur in a healthy pre-norm
-Transformer (initial weights are O(1), trained ones O(10) at most).
+``DivergenceGuard.check(step, loss, grad_norm)`` raises ``Diverged`` on a NaN/inf loss or
+gradient norm, on a loss above ``spike_factor`` times its running mean (an exponential moving
+average updated only by accepted steps, after ``warmup_steps``), or on a gradient norm above
+``max_grad_norm``. The message names the newest intact checkpoint with finite weights no larger
+than ``max_abs_weight`` (``cs336.checkpoint_integrity.last_good_checkpoint``). The loop reads the
+loss and gradient norm once per step anyway, so the check adds no host sync. Defaults: a loss
+that triples its running mean after warm-up is far outside step-to-step noise (a few percent on
+CS336-sized runs) and precedes the NaN by a few steps; weights above 1e4 do not occur in a
+healthy pre-norm Transformer (initial weights are O(1), trained ones O(10) at most).
 """
 
 from __future__ import annotations
@@ -25,6 +17,8 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from cs336.checkpoint_integrity import last_good_checkpoint
 
 DEFAULT_MAX_ABS_WEIGHT = 1e4
 """Pre-save guard bound on |weight| (see the module docstring)."""
@@ -67,8 +61,6 @@ class DivergenceGuard:
     def last_good(self) -> Path | None:
         if self.checkpoints_dir is None:
             return None
-        from cs336.checkpoint_integrity import last_good_checkpoint
-
         return last_good_checkpoint(self.checkpoints_dir, max_abs=self.max_abs_weight)
 
     def _fail(self, what: str, step: int) -> None:

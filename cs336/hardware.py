@@ -19,6 +19,8 @@ NVIDIA L4 datasheet (242 sparse; 300 GB/s, 24 GB).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import re
 import time
@@ -26,25 +28,44 @@ from dataclasses import dataclass
 
 import torch
 
+from cs336.config import ConfigError, check_device_name
+
 
 def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
     """``auto`` is CUDA, then MPS, then the CPU; an explicit device must be visible (ConfigError
     naming ``flag`` otherwise)."""
-    from cs336.config import DEVICES, ConfigError
-
+    check_device_name(flag, name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if not (name in ("cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise ConfigError(f"{flag}={name!r}; valid choices: {DEVICES}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{flag}={name!r} but no CUDA device is visible; use {flag}=cpu or auto")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{flag}='mps' but MPS is not available; use {flag}=cpu or auto")
     return torch.device(name)
+
+
+def autocast_for(mode: str, device: torch.device):
+    """The context of ``train.autocast``: ``bf16`` is ``torch.autocast(bfloat16)`` on ``device``
+    (weights and optimizer stay fp32), ``none`` changes nothing. Trainer and profiler share it."""
+    if mode == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (CPU: physical RAM); None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-from cs336.config import ConfigError, TrainConfig, config_from_dict
+from cs336.config import ConfigError, TrainConfig
+from cs336.config_io import config_from_dict
 from cs336.hardware import resolve_device
+from cs336.preflight import check_tokenizer_fits
 from cs336.run_dir import RunDir, RunDirError
-from cs336.run_guard import check_tokenizer_fits_model
 
 
 def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = None,
@@ -56,10 +56,10 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
         raise RunDirError(f"no tokenizer at {tok_dir} (vocab.json + merges.txt); pass --tokenizer-dir")
     tokenizer = Tokenizer.from_files(str(vocab), str(merges), list(cfg.data.special_tokens))
     try:
-        check_tokenizer_fits_model(max(tokenizer.vocab) + 1, cfg.model.vocab_size,
-                                   tokenizer=f"the tokenizer in {tok_dir}", model=f"the model of {ckpt}",
-                                   fix="it belongs to another model; pass the --tokenizer-dir the model "
-                                       "was trained with")
+        check_tokenizer_fits(max(tokenizer.vocab) + 1, cfg.model.vocab_size,
+                             tokenizer=f"the tokenizer in {tok_dir}", model=f"the model of {ckpt}",
+                             fix="it belongs to another model; pass the --tokenizer-dir the model "
+                                 "was trained with")
     except ValueError as exc:
         raise RunDirError(str(exc)) from None
     return model, tokenizer

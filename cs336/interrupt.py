@@ -1,41 +1,17 @@
 """SIGINT/SIGTERM for the command lines: one exception, raised only where it cannot crash.
 
-Why: numba-compiled code calls back into Python (``numba.core.serialize._numba_unpickle``, when
-it boxes a result or raises an exception). A ``KeyboardInterrupt`` raised by a signal handler
-inside such a callback returns NULL to compiled code that does not expect it, and the process
-segfaults or fails with ``SystemError: ... returned a result with an exception set``: Ctrl-C while
-``python -m cs336.tokenizer encode`` worked on one 5 MB word crashed in ``encode_array`` (8 of 8
-times in the probe that found it; ``tests/test_reliability_interrupt.py`` hammers the same path).
-
-How: CPython runs Python-level signal handlers in the main thread, between bytecodes, and hands
-them the frame that was running. The handlers here look at that frame's stack: when a frame
-belongs to the numba package, they raise nothing; instead they set a trace function on every
-Python frame above the outermost numba frame (as pdb does) and switch tracing on, so the
-exception is raised by the first line (or return) executed outside numba, and tracing is
-switched off again. A compiled loop runs no bytecode, so it is never torn; the exception waits
-until the call returns (the callers keep each call bounded: an encode call holds one chunk of
-text). Re-sending the signal later would not do: in a loop that spends its time in compiled code,
-the first bytecode after the signal is nearly always the next callback, so it would be deferred
-forever.
-
-- ``handling_signals()``: the command-line context. SIGINT and SIGTERM raise ``Interrupted``
-  (a ``BaseException``, so ``except Exception`` blocks do not swallow it) in the process that
-  entered it. Processes forked from it (worker pools) ignore SIGINT, since the parent decides and
-  terminates them, and die quietly on SIGTERM (the default action, no traceback).
-- ``run_cli(body, ...)``: the top-level handler of a command. A user error prints one line
-  ``error: ...`` and exits 2; an interruption prints one line naming what was done and what was
-  kept and exits 130 (SIGINT) or 143 (SIGTERM); no traceback. Under DDP (``RANK`` set by
-  torchrun) only rank 0 prints; the other ranks exit with the same status quietly. After the
-  first signal, later ones are ignored so that cleanup (removing temporary files) completes;
-  SIGKILL still ends the process.
-- ``deferred_signals()``: within ``handling_signals``, a block a signal must not split (creating
-  a temporary file and remembering its name; renaming two files that belong together); a signal
-  arriving inside is raised when the block ends.
-- ``StopRequest()``: the training loop's handler: while installed, SIGINT/SIGTERM are recorded
-  (``.signal``) instead of raised, so the loop finishes its step and saves a checkpoint.
-- ``make_default_handler_numba_safe()``: for library use (called by ``Tokenizer``). When SIGINT
-  still has Python's default handler, it is replaced by one that raises ``KeyboardInterrupt``
-  exactly as before, except inside numba, where it defers as above.
+- ``run_cli(body, ...)``: a command's top level. A user error is one line ``error: ...`` and exit
+  2; an interruption one line naming what was kept (``Stage.report``) and 128 + signal; only
+  rank 0 prints under torchrun. ``handling_signals()`` makes SIGINT/SIGTERM raise ``Interrupted``
+  (a ``BaseException``); forked workers leave the decision to the parent.
+- ``deferred_signals()``: a block a signal must not split (create a temporary file and remember
+  its name); ``StopRequest()``: the training loop records a signal instead of raising it.
+Deviation from Python's default handler: a signal that lands while numba code runs is not raised
+there (an exception inside numba's callbacks into Python segfaults the process); the handler
+sets a trace function on the Python frames above numba's, as pdb does, and the exception is
+raised at the first line executed outside it. ``make_default_handler_numba_safe()`` does the
+same for library users who keep Python's own SIGINT handler. Sources: the CPython ``signal``
+documentation (handlers run between bytecodes in the main thread), ``sys.settrace``.
 """
 
 from __future__ import annotations
@@ -209,6 +185,23 @@ def _rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+class Stage:
+    """What a command is doing and what is kept, for the one line ``run_cli`` prints when a
+    signal ends it (``on_interrupt=stage.report``). ``kept`` may be a function, asked at that
+    moment (e.g. whether an output file changed since the stage began)."""
+
+    def __init__(self, doing: str = "checking the configuration",
+                 kept: str | Callable[[], str] = "nothing was written") -> None:
+        self.doing, self.kept = doing, kept
+
+    def set(self, doing: str, kept: str | Callable[[], str]) -> None:
+        self.doing, self.kept = doing, kept
+
+    def report(self) -> str:
+        kept = self.kept() if callable(self.kept) else self.kept
+        return f"stopped while {self.doing}; {kept}"
 
 
 def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException], ...] = (ValueError, OSError),

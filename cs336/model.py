@@ -1,10 +1,9 @@
 """The Transformer language model of CS336 assignment 1 (section 3.5), with the ablation switches
 of its section 7.3.
 
-``TransformerBlock`` is pre-norm by default: ``h = x + attn(ln1(x))``, ``y = h + ffn(ln2(h))``.
-``TransformerLM`` is token embedding, ``num_layers`` blocks, a final RMSNorm and an untied LM
-head. Every block shares one RoPE table. The layers themselves live in ``cs336.layers`` and are
-re-exported here, so ``cs336.model`` is the one import for the whole model API.
+Pre-norm blocks ``h = x + attn(ln1(x))``, ``y = h + ffn(ln2(h))``; token embedding, the blocks,
+a final RMSNorm and an untied LM head; one RoPE table shared by every block. The layers live in
+``cs336.layers`` and are re-exported here (``cs336.model`` is the one import of the model API).
 
 Ablation switches (each off by default; at the defaults the state dict is the standard one):
 - ``remove_rmsnorm``: every RMSNorm, the final one included, becomes the identity (``NoNorm``),
@@ -15,16 +14,10 @@ Ablation switches (each off by default; at the defaults the state dict is the st
 - ``ffn_type="silu"``: ``w2(silu(w1 x))`` instead of SwiGLU (no ``w3``); pass a d_ff 1.5x the
   SwiGLU one (e.g. 4 * d_model) to match parameter counts.
 
-``forward`` and ``loss`` run inside ``ops.use_backend(self.kernels)``, so the model's ``kernels``
-setting picks reference PyTorch or Triton for RMSNorm, the SwiGLU gate and the loss. ``loss``
-calls ``ops.linear_cross_entropy`` on the final hidden state, which lets the Triton path avoid
-materializing all logits.
-
-Incremental decoding: ``forward(token_ids, kv_cache=cache)`` with a ``KVCache`` from
-``new_kv_cache`` runs only the new tokens, at the cache's next positions, attending to the cached
-keys and values of every layer (prefill the prompt once, then one token per call; see
-``cs336.generate``). The logits equal those of a full forward over the whole sequence up to
-summation order.
+``forward`` and ``loss`` run inside ``ops.use_backend(self.kernels)``; ``loss`` calls
+``ops.linear_cross_entropy`` so the Triton path need not materialize all logits. With a
+``KVCache`` (``new_kv_cache``) ``forward`` runs only the new tokens against the cached keys and
+values (``cs336.generate``); its logits equal a full forward up to summation order.
 """
 
 from __future__ import annotations

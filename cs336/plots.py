@@ -6,20 +6,10 @@ evaluation lines ``val_loss``). Uses matplotlib's Agg backend, so no display is 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cs336.fileio import atomic_open
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-    return rows
+from cs336.run_dir import read_metrics
 
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str | None = None) -> Path:

@@ -1,42 +1,23 @@
 """Data preparation for a training run: corpus, tokenizer, token files, and their checks.
 
-``prepare_data(cfg, run_dir, info, say)`` returns ``(train_tokens, valid_tokens, tokenizer)``.
-Rank 0 does the work, the other ranks wait at a barrier and then open the same files:
-
-1. Text: the embedded story corpus (``cs336.corpus``, written to ``DIR/data``), the user's
-   ``--train-text/--valid-text`` files, or ``--dataset`` downloads (``cs336.datasets``).
-   Pre-encoded ``data.train_tokens/valid_tokens`` skip steps 1-3.
-2. Tokenizer: ``data.tokenizer_dir`` if given, else byte-level BPE trained with
-   ``model.vocab_size`` entries on the first ``data.tokenizer_sample_mb`` MB of the training
-   text (cut after a document separator); saved as ``DIR/tokenizer/{vocab.json,merges.txt}``.
-3. Encoding: ``cs336.tokenizer.encode_file.encode_file`` writes ``DIR/data/{train,valid}.bin``
-   with their ``.json`` sidecars (worker processes for texts above ``PARALLEL_ENCODE_BYTES``).
-4. Checks, on every rank: each token file is non-empty, holds at least one training window, was
-   encoded with this tokenizer (when its sidecar records the hash), and no id reaches
-   ``model.vocab_size`` (a file encoded with another tokenizer or read with the
-   wrong dtype fails here with a message naming it).
-
-Caches are keyed by their inputs and rebuilt when stale, so a run in a directory left by another
-run never trains on files made from other inputs:
-
-- the embedded corpus by ``DIR/data/corpus.json`` (corpus_mb, corpus_seed);
-- the tokenizer by ``DIR/tokenizer/source.json``: the training text's resolved path, size and
-  mtime, ``model.vocab_size``, the special tokens and ``tokenizer_sample_mb`` (or, for
-  ``data.tokenizer_dir``, the source directory and its SHA-256);
-- each token file by its ``.json`` sidecar: the text's resolved path, size and mtime and the
-  tokenizer's SHA-256 (``gpt2_files.tokenizer_hash``).
-
-A file without a matching key is made again (tokenizer training and encoding are deterministic,
-so a resumed run whose inputs did not change gets identical files back). Every file is written
-to a temporary name and renamed into place when complete, and a key is written only after the
-files it describes, so an interrupted preparation leaves no partial file under a final name and
-is redone on the next run.
+``prepare_data(cfg, run_dir, info, say, source)`` returns ``(train_tokens, valid_tokens,
+tokenizer)``: the text (embedded corpus, ``--train-text``, or ``--dataset`` downloads), a BPE
+tokenizer trained on its first ``data.tokenizer_sample_mb`` MB (or ``data.tokenizer_dir``), and
+``DIR/data/{train,valid}.bin`` encoded with it. Rank 0 does the work; the other ranks wait at a
+barrier, receive the tokenizer's hash and open the same token files (only rank 0 gets the
+tokenizer, for the final sample). The tokenizer is parsed and hashed once per run:
+``source_tokenizer(cfg)`` reads a ``data.tokenizer_dir`` before any work (on every rank, so one
+too large for the model stops them all) and ``prepare_data`` reuses it. Every cache is keyed by its inputs
+(``source.json``, ``corpus.json``, the token files' sidecars) and rebuilt when stale; every file
+is written under a temporary name first (``cs336.fileio``). Follows the handout's pipeline
+(train BPE, encode to uint16, memmap); the keys and checks are ours.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +26,14 @@ from cs336 import corpus
 from cs336 import distributed as dist_utils
 from cs336.config import ConfigError, TrainConfig
 from cs336.data import TokenFileError, load_tokens, sidecar_path
+from cs336.datasets import fetch
 from cs336.fileio import atomic_write_bytes, atomic_write_text
+from cs336.preflight import check_text_file, check_tokenizer_fits
 from cs336.run_dir import RunDir
 from cs336.tokenizer import Tokenizer
 from cs336.tokenizer.encode_file import encode_file
 from cs336.tokenizer.gpt2_files import load_vocab_merges, save_vocab_merges, tokenizer_hash
+from cs336.tokenizer.train_bpe import train_bpe
 
 PARALLEL_ENCODE_BYTES = 64_000_000
 """Texts larger than this are encoded by one worker process per CPU (up to 8); smaller ones
@@ -110,13 +94,8 @@ def token_file_is_current(path: Path, text: Path, tok_hash: str) -> str | None:
 def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
     source = cfg.data.source
     if source == "text":
-        paths = (Path(cfg.data.train_text), Path(cfg.data.valid_text))
-        for flag, p in zip(("--train-text", "--valid-text"), paths):
-            if not p.is_file():
-                raise ConfigError(f"{flag} {p} does not exist; pass the path of a UTF-8 text file")
-            if p.stat().st_size == 0:
-                raise ConfigError(f"{flag} {p} is empty; pass a file with text in it")
-        return paths
+        return (check_text_file("--train-text", cfg.data.train_text),
+                check_text_file("--valid-text", cfg.data.valid_text))
     if source == "embedded":
         train, valid = rd.data / "train.txt", rd.data / "valid.txt"
         key = {"corpus_mb": cfg.data.corpus_mb, "corpus_seed": cfg.data.corpus_seed}
@@ -126,8 +105,6 @@ def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
             corpus.write_corpus(rd.data, cfg.data.corpus_mb, cfg.data.corpus_seed)
             _write_key(rd.data / CORPUS_KEY, key)
         return train, valid
-    from cs336.datasets import fetch
-
     return fetch(source, cfg.data.data_dir, base_url=cfg.data.dataset_base_url)
 
 
@@ -145,48 +122,71 @@ def _tokenizer_sample(train_text: Path, rd: RunDir, megabytes: float | None, sep
     return out
 
 
-def _tokenizer(cfg: TrainConfig, rd: RunDir, train_text: Path | None, say) -> Tokenizer:
+@dataclass
+class SourceTokenizer:
+    """A ``data.tokenizer_dir`` as read once: its directory, parsed files and SHA-256."""
+
+    path: Path
+    vocab: dict[int, bytes]
+    merges: list[tuple[bytes, bytes]]
+    sha256: str
+
+
+def _build(vocab, merges, cfg: TrainConfig, where: Path) -> Tokenizer:
+    tokenizer = Tokenizer(vocab, merges, list(cfg.data.special_tokens))
+    check_tokenizer_fits(max(tokenizer.vocab) + 1, cfg.model.vocab_size, tokenizer=f"the tokenizer in {where}")
+    return tokenizer
+
+
+def source_tokenizer(cfg: TrainConfig) -> SourceTokenizer | None:
+    """Read and check ``data.tokenizer_dir`` (None without one); before any work, once per run."""
+    if cfg.data.tokenizer_dir is None:
+        return None
+    src = Path(cfg.data.tokenizer_dir)
+    for name in ("vocab.json", "merges.txt"):
+        if not (src / name).is_file():
+            raise ConfigError(f"data.tokenizer_dir {src} has no {name}; point it at a directory "
+                              "holding vocab.json and merges.txt")
+    vocab, merges = load_vocab_merges(src / "vocab.json", src / "merges.txt")
+    _build(vocab, merges, cfg, src)
+    return SourceTokenizer(src, vocab, merges, tokenizer_hash(src))
+
+
+def _tokenizer(cfg: TrainConfig, rd: RunDir, train_text: Path | None, say,
+               source: SourceTokenizer | None) -> tuple[Tokenizer, str]:
+    """The run's tokenizer in ``rd.tokenizer`` and its SHA-256: copied from ``source``, kept when
+    its key matches, else trained on ``train_text``."""
     specials = list(cfg.data.special_tokens)
     key_path = rd.tokenizer / TOKENIZER_KEY
     if cfg.data.tokenizer_dir is not None:
-        src = Path(cfg.data.tokenizer_dir)
-        for name in ("vocab.json", "merges.txt"):
-            if not (src / name).is_file():
-                raise ConfigError(f"data.tokenizer_dir {src} has no {name}; point it at a directory "
-                                  "holding vocab.json and merges.txt")
-        key = {"copied_from": str(src.resolve()), "sha256": tokenizer_hash(src)}
-        if src.resolve() != rd.tokenizer.resolve() and _read_key(key_path) != key:
+        source = source or source_tokenizer(cfg)
+        key = {"copied_from": str(source.path.resolve()), "sha256": source.sha256}
+        if source.path.resolve() != rd.tokenizer.resolve() and _read_key(key_path) != key:
             key_path.unlink(missing_ok=True)
             for name in ("vocab.json", "merges.txt"):
-                atomic_write_bytes(rd.tokenizer / name, (src / name).read_bytes())
+                atomic_write_bytes(rd.tokenizer / name, (source.path / name).read_bytes())
             _write_key(key_path, key)
-    elif train_text is not None:
-        key = {"train_text": file_key(train_text), "vocab_size": cfg.model.vocab_size,
-               "special_tokens": specials, "sample_mb": cfg.data.tokenizer_sample_mb}
-        have_files = rd.vocab_path.is_file() and rd.merges_path.is_file()
-        old = _read_key(key_path)
-        if not (have_files and old == key):
-            from cs336.tokenizer.train_bpe import train_bpe
-
-            if have_files:
-                say(f"the tokenizer in {rd.tokenizer} was made from {_differences(old, key)}; training it again")
-            key_path.unlink(missing_ok=True)
-            sample = _tokenizer_sample(train_text, rd, cfg.data.tokenizer_sample_mb, specials[0])
-            say(f"training a {cfg.model.vocab_size}-token BPE tokenizer on {sample} "
-                f"({sample.stat().st_size / 1e6:.1f} MB)")
-            try:
-                vocab, merges = train_bpe(str(sample), cfg.model.vocab_size, specials)
-            except (ValueError, OSError) as exc:  # unreadable or non-UTF-8 input; the message names it
-                raise ConfigError(str(exc)) from None
-            save_vocab_merges(vocab, merges, rd.vocab_path, rd.merges_path)
-            _write_key(key_path, key)
-    vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
-    tokenizer = Tokenizer(vocab, merges, specials)
-    if len(tokenizer.vocab) > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer in {rd.tokenizer} has {len(tokenizer.vocab)} tokens but "
-                          f"model.vocab_size is {cfg.model.vocab_size}; set --model.vocab_size="
-                          f"{len(tokenizer.vocab)} or use a smaller tokenizer")
-    return tokenizer
+        return _build(source.vocab, source.merges, cfg, source.path), source.sha256
+    key = {"train_text": file_key(train_text), "vocab_size": cfg.model.vocab_size,
+           "special_tokens": specials, "sample_mb": cfg.data.tokenizer_sample_mb}
+    have_files = rd.vocab_path.is_file() and rd.merges_path.is_file()
+    old = _read_key(key_path)
+    if have_files and old == key:
+        vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
+    else:
+        if have_files:
+            say(f"the tokenizer in {rd.tokenizer} was made from {_differences(old, key)}; training it again")
+        key_path.unlink(missing_ok=True)
+        sample = _tokenizer_sample(train_text, rd, cfg.data.tokenizer_sample_mb, specials[0])
+        say(f"training a {cfg.model.vocab_size}-token BPE tokenizer on {sample} "
+            f"({sample.stat().st_size / 1e6:.1f} MB)")
+        try:
+            vocab, merges = train_bpe(str(sample), cfg.model.vocab_size, specials)
+        except (ValueError, OSError) as exc:  # unreadable or non-UTF-8 input; the message names it
+            raise ConfigError(str(exc)) from None
+        save_vocab_merges(vocab, merges, rd.vocab_path, rd.merges_path)
+        _write_key(key_path, key)
+    return _build(vocab, merges, cfg, rd.tokenizer), tokenizer_hash(rd.tokenizer)
 
 
 def check_tokens(tokens: np.ndarray, path: Path, cfg: TrainConfig) -> None:
@@ -216,18 +216,21 @@ def check_tokenizer_of(path: Path, tok_hash: str, tok_dir: Path) -> None:
                              "tokenizer or pass the matching --data.tokenizer_dir")
 
 
-def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
+def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say,
+                 source: SourceTokenizer | None = None):
+    """(train tokens, valid tokens, tokenizer; None on ranks other than 0); ``source``: the
+    ``data.tokenizer_dir`` as ``source_tokenizer`` read it (read here when not given)."""
+    tokenizer, tok_hash = None, None
     if cfg.data.source == "tokens":
         paths = (Path(cfg.data.train_tokens), Path(cfg.data.valid_tokens))
         if info.is_main:
-            _tokenizer(cfg, rd, None, say)
+            tokenizer, tok_hash = _tokenizer(cfg, rd, None, say, source)
     else:
         paths = (rd.data / "train.bin", rd.data / "valid.bin")
         if info.is_main:
             train_text, valid_text = _text_paths(cfg, rd, say)
-            tokenizer = _tokenizer(cfg, rd, train_text, say)
-            tok_hash = tokenizer_hash(rd.tokenizer)
-            for text, path in zip((train_text, valid_text), paths):
+            tokenizer, tok_hash = _tokenizer(cfg, rd, train_text, say, source)
+            for text, path in zip((train_text, valid_text), paths, strict=True):
                 stale = token_file_is_current(path, text, tok_hash)
                 if stale is None:
                     continue
@@ -242,9 +245,8 @@ def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
                 except (ValueError, OSError) as exc:  # e.g. non-UTF-8 text; the message names it
                     raise ConfigError(str(exc)) from None
     dist_utils.barrier(info)
-    vocab, merges = load_vocab_merges(rd.vocab_path, rd.merges_path)
-    tokenizer = Tokenizer(vocab, merges, list(cfg.data.special_tokens))
-    tok_hash = tokenizer_hash(rd.tokenizer)
+    if info.enabled:
+        tok_hash = dist_utils.broadcast_object(tok_hash, info)
     arrays = []
     for path in paths:
         tokens = load_tokens(path)

@@ -12,7 +12,8 @@ tokens, inside ``torch.profiler.profile`` with ``schedule(wait, warmup, active)`
 ``record_shapes=True``. Writes ``<out>/step<N>.json`` (N = the step count when the active window
 closed; open it in https://ui.perfetto.dev or chrome://tracing) and ``<out>/key_averages.txt``
 (the top ops by self time, grouped by op name and input shapes), and prints the table. On CUDA
-the steps run under ``torch.autocast(bfloat16)`` and the table is sorted by self device time.
+the table is sorted by self device time. ``--train.autocast=bf16`` profiles the mixed-precision
+step, as it trains.
 ``StepProfiler`` is the reusable part: a context manager whose ``step()`` the caller's own loop
 calls (``train --profile`` does); ``profile_steps`` drives it with a step function. See
 profiles/README.md for reading the outputs.
@@ -21,7 +22,6 @@ profiles/README.md for reading the outputs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import tempfile
 import time
@@ -36,7 +36,10 @@ from cs336 import ops
 from cs336.cli import add_config_arguments, config_from_args, parse_args
 from cs336.config import ConfigError, TrainConfig, check_positive
 from cs336.fileio import atomic_write_bytes, atomic_write_text
-from cs336.hardware import resolve_device
+from cs336.hardware import autocast_for, resolve_device
+from cs336.interrupt import run_cli
+from cs336.model import TransformerLM
+from cs336.optim import AdamW
 
 
 @dataclass(frozen=True)
@@ -141,9 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]:
     """A closure running one training step of ``cfg``'s model on random tokens, and a description."""
-    from cs336.model import TransformerLM
-    from cs336.optim import AdamW
-
     device = resolve_device(cfg.train.device)
     ops.resolve_backend(cfg.model.kernels)  # a clear error now if the backend cannot run here
     torch.manual_seed(cfg.train.seed)
@@ -153,8 +153,7 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
     B, T = cfg.train.batch_size, cfg.context_length
     tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = autocast_for(cfg.train.autocast, device)
 
     def step() -> torch.Tensor:
         with record_function("zero_grad"):
@@ -174,8 +173,6 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parse_args(parser, argv)
-    from cs336.interrupt import run_cli
-
     def body() -> None:
         cfg = config_from_args(args)
         step, info = make_train_step(cfg)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cs336.fileio import atomic_open, atomic_write_text
+from cs336.run_dir import read_metrics
 
 
 def finite(x: Any) -> bool:
@@ -33,20 +34,6 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 COLUMNS = ("steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s", "wallclock_s")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of ``run_dir/metrics.jsonl``; a missing file or a torn last line yields what parses."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def write_reports(rows: Sequence[dict], out: Path, keys: Sequence[str], *, x_tokens: bool = False,

@@ -8,34 +8,11 @@
     python -m cs336.train --train.grad_accum_steps=4       # same batch, 4 micro-batches per step
     torchrun --nproc_per_node=8 -m cs336.train --preset tinystories --dataset tinystories
 
-Steps: prepare data (generate or download the corpus, train the BPE tokenizer, encode train and
-valid text; ``cs336.prepare``), build the model and AdamW, then per step: cosine learning rate,
-a random batch (in ``train.grad_accum_steps`` micro-batches), forward/backward (bf16 autocast
-optional), gradient clipping, optimizer step under the model's kernel backend. Every
-``eval_interval`` steps it measures the validation loss on the first ``eval_batches`` batches of
-the valid file; every ``checkpoint_interval`` steps it writes a checkpoint. At the end it plots
-``loss.png``, prints a sample and a one-line summary. The loop is ``cs336.trainer``;
-``cs336.run_dir`` describes the run directory. ``--profile`` records the first five steps with
-``cs336.profile.StepProfiler`` (trace and op table in ``DIR/profile``); ``--wandb`` logs the
-metrics to Weights & Biases (offline files under DIR unless ``--train.wandb_mode=online``).
-
-Exact resume: a checkpoint holds model, optimizer, step, the batch sampler's generator state and
-the process RNG states, so a resumed run draws the same batches and reaches the same losses as
-one that never stopped. SIGINT/SIGTERM during training finish the current step, save a checkpoint
-and return normally (exit status 0; under torchrun at the next logging step); at any other moment
-(data preparation, tokenizer training) they end the command with one line naming what was kept
-and exit status 130/143 (``cs336.interrupt.run_cli``, ``cs336.run_start.Stage``). Divergence (a
-non-finite loss or gradient norm, a loss spike, ``train.diverge_*``) stops the run before the
-optimizer step with ``TrainingDiverged`` (exit 1) naming the last checkpoint with finite weights;
-weights beyond ``train.diverge_max_weight`` are never checkpointed.
-
-Safety (``cs336.run_start``): every value is checked when the config is built; a run directory
-is claimed (an ordinary non-empty directory is refused) and locked for the whole run; a
-``--resume`` whose flags conflict with the saved config, or whose checkpoint is corrupt, is
-refused before anything is written.
-
-Data parallel: under torchrun every rank draws the same global batch and trains on its own rows
-(``cs336.distributed``); rank 0 prepares data and writes every file.
+This module is the command line: flags to a ``TrainConfig`` (``cs336.cli``; for ``--resume`` the
+run's config.json plus the flags, refused when a flag changes what the run cannot continue with,
+``cs336.preflight.resume_conflicts``), then ``cs336.trainer.run`` under ``run_cli``: a user error
+is one line and exit 2, divergence exit 1, an interruption outside the loop one line and 130/143.
+What each failure does is the README's "What happens when".
 """
 
 from __future__ import annotations
@@ -48,17 +25,15 @@ from cs336.config import ConfigError, TrainConfig
 from cs336.config_io import apply_overrides, config_to_dict, load_config
 from cs336.data import TokenFileError
 from cs336.datasets import DatasetError
-from cs336.interrupt import run_cli
+from cs336.interrupt import Stage, run_cli
 from cs336.ops import BackendError
-from cs336.run_dir import RunDir, RunDirError
-from cs336.run_guard import RunDirRefused
-from cs336.run_start import Stage, resume_conflicts
+from cs336.preflight import resume_conflicts
+from cs336.run_dir import RunDir, RunDirError, RunDirRefused
 from cs336.tokenizer.gpt2_files import TokenizerFileError
 from cs336.trainer import TrainingDiverged, run
-from cs336.validate import FlagError
 
 USER_ERRORS = (ConfigError, CheckpointError, TokenFileError, DatasetError, BackendError, RunDirError,
-               RunDirRefused, TokenizerFileError, FlagError)
+               RunDirRefused, TokenizerFileError)
 """Errors whose message is the whole story for the user: one line, exit status 2."""
 
 __all__ = ["TrainingDiverged", "build_parser", "config_for", "main", "run"]

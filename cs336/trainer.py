@@ -1,45 +1,26 @@
-"""The training loop of ``python -m cs336.train``: state, one step, evaluation, logging, saving.
+"""The training loop of ``python -m cs336.train``: state, one step, evaluation, saving.
 
-Read ``train`` from top to bottom: open the run directory, prepare the data, build a
-``Trainer`` (model, AdamW, batch sampler, loss wrapper), restore a checkpoint when resuming, then
-the loop: learning rate, ``train_step``, the per-step check, and at interval boundaries
-``log_metrics`` / ``evaluate`` / ``save``. The structure follows nanoGPT's ``train.py`` (a plain
-loop, values read from the device only when logged) with torchtitan's separation of concerns
-(a trainer object owning model and optimizer, the profiler a context manager the loop steps).
-
-One step (``Trainer.train_step``): sample the optimizer-step batch of ``train.batch_size``
-sequences (every rank draws the same global batch and keeps its rows, ``cs336.distributed``),
-split this rank's rows into ``train.grad_accum_steps`` micro-batches, forward and backward each
-with its loss divided by the number of micro-batches (so the gradients add up to those of the
-whole batch; under DDP only the last micro-batch all-reduces, the others run in ``no_sync``), clip
-the gradient norm, check the loss, then the AdamW step under the model's kernel backend
-(``ops.use_backend(cfg.model.kernels)``, so ``AdamW(fused=None)`` follows the model).
-
-Host synchronization: one per step, reading the loss and the gradient norm together (one
-``tolist()`` of a stacked pair) for the divergence check (``cs336.divergence.DivergenceGuard``: a
-non-finite value, a loss spike against the running mean, or a gradient norm above
-``train.diverge_grad_norm`` stops the run with ``TrainingDiverged`` before the optimizer step,
-naming the last checkpoint whose weights are intact and finite). Before each save the weights
-are checked (``check_weights``, one more sync at checkpoint steps): non-finite weights or weights
-beyond ``train.diverge_max_weight`` are never written. The per-step loss and gradient norm are
-otherwise kept on the device and read every ``log_interval`` steps. Under DDP the step's loss is
-summed across ranks on the device (one all-reduce per step, no extra host sync), and the stop
-request of SIGINT/SIGTERM is reduced across ranks at log steps only; a single process checks it
-every step.
-
-Hook points: ``cs336.run_start.open_run_dir`` opens, claims and locks the run directory;
-``check_step`` is the per-step check on the loss and gradient norm; ``Stage`` (updated as the run
-moves from data preparation to training to the final sample) feeds the interruption report.
+``train`` reads top to bottom: the checks before work (``cs336.preflight``), the run directory,
+the data (``cs336.prepare``), a ``Trainer`` (model, AdamW, batch sampler, loss wrapper), the
+checkpoint when resuming, then the loop: learning rate, ``forward_backward`` (gradient
+accumulation over ``train.grad_accum_steps`` micro-batches, ``no_sync`` on all but the last
+under DDP), ``check_step``, the optimizer step under the model's kernel backend, and at interval
+boundaries the metrics (``cs336.metrics``), evaluation and ``save``. It follows nanoGPT's
+``train.py`` (a plain loop, values read from the device only when logged) and torchtitan's split
+of concerns (a trainer object, the profiler a context manager the loop steps). Host syncs: one
+per step (loss and gradient norm in one ``tolist()`` for ``DivergenceGuard``; the triton loss
+kernel adds its own check of the targets, ``kernels/cross_entropy.py``), one per log line, one
+per checkpoint (``check_weights``). A resume re-applies the resolved config's optimizer
+hyperparameters after loading the optimizer state, so every accepted ``--optim.*`` change takes
+effect.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -47,26 +28,30 @@ from tqdm import tqdm
 
 from cs336 import distributed as dist_utils
 from cs336 import ops
-from cs336.checkpoint import CheckpointError, load_checkpoint_full, restore_rng_state, save_checkpoint
-from cs336.checkpoint_integrity import NonFiniteWeightsError, check_weights
+from cs336.checkpoint import (CheckpointError, NonFiniteWeightsError, check_weights, load_checkpoint_full,
+                              restore_rng_state, write_checkpoint)
 from cs336.config import TrainConfig
+from cs336.config_io import changed_fields, config_to_dict
 from cs336.data import get_batch, iter_batches
 from cs336.divergence import DivergenceGuard, Diverged
-from cs336.hardware import resolve_device
-from cs336.interrupt import StopRequest
+from cs336.hardware import autocast_for, resolve_device
+from cs336.interrupt import Stage, StopRequest
+from cs336.metrics import Window, close_window, finish, init_wandb, log_metrics
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
 from cs336.optim import AdamW, lr_cosine_schedule
-from cs336.prepare import prepare_data
+from cs336.preflight import open_run_dir, preflight
+from cs336.prepare import SourceTokenizer, prepare_data, source_tokenizer
+from cs336.profile import StepProfiler
 from cs336.run_dir import RunDir
-from cs336.run_start import Stage, open_run_dir, preflight
 
 PROFILE_STEPS = 5
 """Steps recorded by --profile at the start of the run: 1 skipped, 1 warm-up, 3 traced."""
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; ``.summary`` holds the run summary up to that point."""
+    """The run stopped as diverged (a non-finite or spiking loss, an exploding gradient norm, or
+    weights that may not be saved); ``.summary`` holds the run summary up to that point."""
 
     def __init__(self, message: str, summary: dict):
         super().__init__(message)
@@ -101,29 +86,6 @@ class TrainState:
                 "tokens_per_s": self.tokens_per_s, "wallclock_s": self.wallclock_s}
 
 
-class Window:
-    """Sums over the steps since the last log line, kept on the device until ``read``."""
-
-    def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.grad_norm = torch.zeros((), device=device)
-        self.steps = 0
-        self.tokens = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
-        self.loss_sum += loss
-        self.grad_norm = grad_norm
-        self.steps += 1
-        self.tokens += tokens
-
-    def read(self) -> tuple[float, float, float, float]:
-        """(mean loss, last grad norm, seconds, tokens/s) of the window (a host sync)."""
-        seconds = time.perf_counter() - self.start
-        return (float(self.loss_sum) / self.steps, float(self.grad_norm), seconds,
-                self.tokens / max(seconds, 1e-9))
-
-
 class LossModule(torch.nn.Module):
     """forward(x, y) = model.loss(x, y), so DistributedDataParallel wraps the loss computation."""
 
@@ -141,6 +103,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, rd: RunDir, device: torch.device, info: dist_utils.DistInfo,
                  train_tokens, valid_tokens):
         self.cfg, self.rd, self.device, self.info = cfg, rd, device, info
+        self.config_dict = config_to_dict(cfg)
         self.train_tokens, self.valid_tokens = train_tokens, valid_tokens
         rows = dist_utils.rank_rows(cfg.train.batch_size, info)
         self.micro_batches = dist_utils.micro_batches(rows, cfg.train.grad_accum_steps)
@@ -157,15 +120,12 @@ class Trainer:
 
             step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
         self.step_fn = step_fn
-        self.dtype = torch.bfloat16 if cfg.train.autocast == "bf16" else None
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         self.cycle = cfg.optim.cosine_cycle_iters or cfg.train.max_steps
         self.warmup = min(cfg.optim.warmup_iters, self.cycle)
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast_for(self.cfg.train.autocast, self.device)
 
     def set_lr(self, step: int) -> float:
         """The cosine schedule's learning rate for optimizer step ``step`` (0-based), applied."""
@@ -218,7 +178,7 @@ class Trainer:
     def save(self, state: TrainState, guard: DivergenceGuard | None = None) -> None:
         """Checkpoint of step ``state.step`` (rank 0 writes; every rank waits for it). Weights that
         are non-finite or beyond ``train.diverge_max_weight`` are never saved: every rank checks
-        its (identical) copy and raises TrainingDiverged."""
+        its (identical) copy, once, and raises TrainingDiverged."""
         try:
             check_weights(self.model, self.cfg.train.diverge_max_weight, where=f"step {state.step}")
         except NonFiniteWeightsError as exc:
@@ -229,16 +189,21 @@ class Trainer:
             state.guard = guard.state_dict()
         if self.info.is_main:
             path = self.rd.checkpoint_path(state.step)
-            save_checkpoint(self.model, self.opt, state.step, path,
-                            config=json.loads(self.rd.config_file.read_text()),
-                            data_rng=self.gen.get_state(), tracker=state.tracker())
+            write_checkpoint(self.model, self.opt, state.step, path,
+                             {"config": self.config_dict, "data_rng": self.gen.get_state(),
+                              "tracker": state.tracker()})
             self.rd.mark_latest(path, self.cfg.train.keep_last)
         dist_utils.barrier(self.info)
 
     def restore(self, path: Path, payload: dict | None = None) -> TrainState:
         """Load ``path`` (or ``payload``, its dict already read) into model and optimizer, restore
         the RNGs and the sampler."""
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         ckpt = load_checkpoint_full(path, self.model, self.opt, payload=payload)
+        # load_state_dict restored the saved param groups; the resolved config's values win
+        # (every optimizer hyperparameter the builder set, for any optimizer it builds).
+        for group, values in zip(self.opt.param_groups, hyper, strict=True):
+            group.update(values)
         extra = ckpt["extra"]
         if "data_rng" not in extra:
             raise CheckpointError(f"{path} has no batch-sampler state (it was not written by "
@@ -273,14 +238,12 @@ def profiler_for(cfg: TrainConfig, rd: RunDir, start: int, info: dist_utils.Dist
     """A StepProfiler over the first PROFILE_STEPS steps with --profile (rank 0), else a no-op."""
     if not (cfg.train.profile and info.is_main and cfg.train.max_steps - start >= PROFILE_STEPS):
         return contextlib.nullcontext(None)
-    from cs336.profile import StepProfiler
-
     return StepProfiler(rd.path / "profile", wait=1, warmup=1, active=PROFILE_STEPS - 2)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, stage: Stage | None = None) -> dict:
     """Train per ``cfg``; returns the summary dict (see the module docstring). ``stage`` is kept
-    up to date with what the run is doing (``cs336.run_start.Stage``)."""
+    up to date with what the run is doing (``cs336.interrupt.Stage``)."""
     device = resolve_device(cfg.train.device)
     info = dist_utils.init_distributed(device.type)
     try:
@@ -300,17 +263,20 @@ def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils
     if cfg.optim.fused:
         ops.resolve_backend("triton")
     preflight(cfg, device, micro[0].stop - micro[0].start)
+    source = source_tokenizer(cfg)  # every rank, so every rank raises the same error
     rd, latest, lock, payload = open_run_dir(cfg, resume, info)
     try:
-        return train_in(cfg, resume, device, info, stage, rd, latest, payload)
+        return train_in(cfg, resume, device, info, stage, rd, latest, payload, source)
     finally:
         if lock is not None:
             lock.release()
 
 
 def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils.DistInfo, stage: Stage,
-             rd: RunDir, latest: Path | None, payload: dict | None = None) -> dict:
-    """The run in the opened, locked run directory ``rd``; ``payload``: ``latest`` as already read."""
+             rd: RunDir, latest: Path | None, payload: dict | None = None,
+             source: SourceTokenizer | None = None) -> dict:
+    """The run in the opened, locked run directory ``rd``; ``payload``: ``latest`` as already read;
+    ``source``: the ``data.tokenizer_dir`` as already read."""
     say = tqdm.write if info.is_main else (lambda msg: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -323,12 +289,14 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
         rd.create()
         if not resume:  # a resume writes its config only once its checkpoint has loaded
             rd.write_config(cfg)
-    say(f"config: {json.dumps(asdict(cfg))}")
+    changed = [f for f in changed_fields(cfg) if not f.startswith("train.out_dir=")]  # on the next line
+    say(f"config (full: {rd.config_file}): {' '.join(changed) if changed else 'the defaults'}")
     say(f"run directory: {rd.path}  device: {device}  ranks: {info.world_size}")
+    say(f"to continue this run if it stops: python -m cs336.train --out-dir {rd.path} --resume")
 
     stage.set(f"preparing data in {rd.data}", f"{kept}; finished files are kept and partial ones removed, "
               "so the same command continues the preparation")
-    train_tokens, valid_tokens, tokenizer = prepare_data(cfg, rd, info, say)
+    train_tokens, valid_tokens, tokenizer = prepare_data(cfg, rd, info, say, source)
     stage.set("building the model", kept)
     trainer = Trainer(cfg, rd, device, info, train_tokens, valid_tokens)
     guard = DivergenceGuard(spike_factor=cfg.train.diverge_loss_factor, max_grad_norm=cfg.train.diverge_grad_norm,
@@ -397,15 +365,6 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
     return summary
 
 
-def close_window(window: Window, state: TrainState) -> dict:
-    """Read the window (the log interval's host sync) into ``state``; the metrics row fields."""
-    loss, grad_norm, seconds, tokens_per_s = window.read()
-    state.train_loss, state.tokens_per_s = loss, tokens_per_s
-    state.wallclock_s += seconds
-    return {"train_loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-            "wallclock_s": state.wallclock_s}
-
-
 def evaluate(trainer: Trainer, state: TrainState, say) -> dict:
     """Validation loss into ``state`` (best so far too); the metrics row fields."""
     val = trainer.evaluate()
@@ -414,43 +373,3 @@ def evaluate(trainer: Trainer, state: TrainState, say) -> dict:
         state.best_val_loss = val
     say(f"step {state.step}: val loss {val:.4f}")
     return {"val_loss": val, "perplexity": math.exp(min(val, 50.0))}
-
-
-def log_metrics(rd: RunDir, wandb_run, info: dist_utils.DistInfo, row: dict) -> None:
-    """One metrics line (rank 0): metrics.jsonl, and wandb when enabled."""
-    if not info.is_main:
-        return
-    rd.append_metrics(row)
-    if wandb_run is not None:
-        wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-
-def init_wandb(cfg: TrainConfig, rd: RunDir):
-    import wandb
-
-    return wandb.init(project=cfg.train.wandb_project, group=cfg.train.wandb_group, name=rd.path.name,
-                      dir=str(rd.path), mode=cfg.train.wandb_mode, config=asdict(cfg))
-
-
-def finish(cfg: TrainConfig, rd: RunDir, model, tokenizer, summary: dict, say) -> None:
-    """Loss plot, final sample and the one-line summary (rank 0)."""
-    from cs336.generate import generate_text
-    from cs336.plots import plot_losses
-
-    if rd.metrics_file.is_file():
-        plot_losses(rd.metrics_file, rd.plot_file, title=rd.path.name)
-    if cfg.train.sample_tokens > 0 and not summary["interrupted"]:
-        text = generate_text(model, tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
-                             temperature=cfg.train.sample_temperature, top_p=cfg.train.sample_top_p,
-                             seed=cfg.train.seed)
-        with open(rd.samples_file, "a", encoding="utf-8") as fh:
-            fh.write(f"=== step {summary['steps']} (T={cfg.train.sample_temperature}, "
-                     f"top-p={cfg.train.sample_top_p}) ===\n{text}\n\n")
-        say(f"sample:\n{text}\n")
-    say(f"done: {summary['steps']} steps, train loss {_fmt(summary['final_train_loss'])}, val loss "
-        f"{_fmt(summary['final_val_loss'])} (best {_fmt(summary['best_val_loss'])}), "
-        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['wallclock_s']:.1f} s -> {rd.path}")
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

@@ -110,8 +110,8 @@ def cross_entropy_cases(full: bool) -> Iterator[Case]:
 
 @case("adamw")
 def adamw_cases(full: bool) -> Iterator[Case]:
-    from cs336.config import MODEL_PRESETS
     from cs336.model import TransformerLM
+    from cs336.presets import MODEL_PRESETS
     from kernels import adamw as k
 
     # (param, grad, exp_avg, exp_avg_sq) storage dtypes the optimizer produces or accepts.

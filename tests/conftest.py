@@ -9,9 +9,11 @@ has, and the tests using them skip elsewhere.
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +62,32 @@ def cs336_fixtures(shared_dir: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+    """A finished 8-step run (checkpoints at 4 and 8) that tests copy and damage."""
+    from cs336.train import run
+    from run_helpers import cfg
+
+    out = tmp_path_factory.mktemp("base") / "run"
+    run(cfg(out))
+    return out
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(base_run, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def texts(tmp_path_factory):
+    """A training text whose BPE training takes several seconds, and a small valid text."""
+    root = tmp_path_factory.mktemp("texts")
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrst"), size=rng.integers(3, 12))) for _ in range(30000)]
+    (root / "train.txt").write_text(" ".join(rng.choice(words, size=300_000)), encoding="utf-8")
+    (root / "valid.txt").write_text(" ".join(rng.choice(words, size=5_000)), encoding="utf-8")
+    return root

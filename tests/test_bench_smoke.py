@@ -71,8 +71,8 @@ def test_bench_modules_import_the_harness_not_conftest():
 
 
 def test_nanogpt_reference_has_the_projects_shape():
-    from cs336.config import model_preset
     from cs336.model import TransformerLM
+    from cs336.presets import model_preset
 
     nanogpt = _load("nanogpt_ref")
     cfg = model_preset("tinystories")

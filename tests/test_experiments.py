@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cs336 import config as cfglib
-from cs336 import experiments
+from cs336 import experiments, presets
 
 
 def test_sgd_step_matches_decaying_rule():
@@ -145,7 +145,7 @@ def test_ffn_experiment_matches_parameter_counts(tmp_path, fake_train, capsys):
 
 
 def test_norm_experiment_points(tmp_path, fake_train):
-    status = experiments.run_experiment("norm", cfglib.default_config(), [], tmp_path / "n")
+    status = experiments.run_experiment("norm", presets.default_config(), [], tmp_path / "n")
     assert status == 0
     assert [(c.model.use_post_norm, c.model.remove_rmsnorm) for c in fake_train] == [
         (False, False), (True, False), (False, True)]

@@ -15,8 +15,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cs336 import flops, ops
-from cs336.config import MODEL_PRESETS, model_preset
 from cs336.model import TransformerLM
+from cs336.presets import MODEL_PRESETS, model_preset
 
 REL = 0.01  # the bound; the counts agree exactly today
 

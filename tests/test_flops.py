@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from cs336 import flops, hardware
-from cs336.config import MODEL_PRESETS, ConfigError, ModelConfig, model_preset
+from cs336.config import ConfigError, ModelConfig
 from cs336.model import TransformerLM
+from cs336.presets import MODEL_PRESETS, model_preset
 
 
 def _grouped_numel(model: torch.nn.Module) -> Counter:
@@ -53,7 +54,6 @@ def test_forward_flops_equal_params_formula(preset, batch):
     T, tokens = cfg.context_length, batch * cfg.context_length
     expected = 2 * tokens * matmul_weights + cfg.num_layers * 4 * batch * T * T * cfg.d_model
     assert flops.total_forward_flops(cfg, batch) == expected
-    assert flops.training_flops(cfg, batch) == 3 * expected
 
 
 def test_attention_share_grows_with_context():
@@ -84,7 +84,11 @@ def test_memory_rows_and_max_batch():
 def test_training_time():
     cfg = model_preset("tinystories")
     seconds = flops.training_time_seconds(cfg, 32, 1000, peak_flops=1e12, mfu=0.5)
-    assert seconds == pytest.approx(1000 * 3 * flops.total_forward_flops(cfg, 32) / 5e11)
+    # The handout's TinyStories model, by hand: 17.6M matmul weights x 2 x 8192 tokens = 2.88e11
+    # FLOPs, attention 4 x 4 x 32 x 256^2 x 512 = 1.7e10, so 3.05e11 forward and 9.2e11 per step
+    # with the backward; 1000 steps at 5e11 FLOP/s: about 1,830 s.
+    assert 1750 < seconds < 1900
+    assert flops.training_time_seconds(cfg, 64, 1000, peak_flops=1e12, mfu=0.5) > 2 * seconds * 0.99
     with pytest.raises(ConfigError, match="mfu"):
         flops.training_time_seconds(cfg, 32, 1000, peak_flops=1e12, mfu=0.0)
     with pytest.raises(ConfigError, match="steps"):

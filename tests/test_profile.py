@@ -85,3 +85,25 @@ def test_help():
     done = subprocess.run([sys.executable, "-m", "cs336.profile", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "--warmup" in done.stdout and "--model.d_model" in done.stdout
+
+
+@pytest.mark.parametrize("mode", ["none", "bf16"])
+def test_the_profiled_step_honours_train_autocast(monkeypatch, mode):
+    """The step runs under bf16 autocast exactly when --train.autocast=bf16, as training does
+    (the profiler used to force bf16 on CUDA whatever the config said)."""
+    from cs336.cli import config_from_args
+    from cs336.model import TransformerLM
+
+    seen = []
+    real = TransformerLM.loss
+
+    def spy(self, x, y):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(self, x, y)
+
+    monkeypatch.setattr(TransformerLM, "loss", spy)
+    args = profile.parse_args(profile.build_parser(), [*TINY, "--kernels", "torch", "--device", "cpu",
+                                                       f"--train.autocast={mode}"])
+    step, _ = profile.make_train_step(config_from_args(args))
+    step()
+    assert seen == [mode == "bf16"]

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from cs336.interrupt import deferred_signals, run_cli
+from cs336.interrupt import Stage, deferred_signals, run_cli
 
 from .gpt2_files import (
     MERGES_FILE,
@@ -46,17 +46,6 @@ def _peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) * scale / 1e6
-
-
-class _Stage:
-    """What the command is doing and what it keeps if interrupted now (for the one-line report)."""
-
-    def __init__(self) -> None:
-        self.doing = "starting"
-        self.kept = lambda: "nothing was written"
-
-    def report(self) -> str:
-        return f"stopped while {self.doing}; {self.kept()}"
 
 
 def _stamp(path: Path) -> tuple | None:
@@ -89,7 +78,7 @@ def _check_workers(workers: int | None) -> None:
         raise ValueError(f"--workers {workers}: pass a number of processes >= 1")
 
 
-def _train(args: argparse.Namespace, stage: _Stage) -> None:
+def _train(args: argparse.Namespace, stage: Stage) -> None:
     src = Path(args.input)
     if not src.is_file():
         raise ValueError(f"{src}: no such file; pass an existing text file with --input")
@@ -145,7 +134,7 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return src, out
 
 
-def _encode(args: argparse.Namespace, stage: _Stage) -> None:
+def _encode(args: argparse.Namespace, stage: Stage) -> None:
     src, out = _check_encode_paths(args)
     from .encode_file import encode_file
     from .tokenizer import Tokenizer
@@ -196,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    stage = _Stage()
+    stage = Stage("starting")
     run_cli(lambda: args.run(args, stage), user_errors=(TokenizerFileError, ValueError, OSError),
             on_interrupt=stage.report)
 

@@ -1,6 +1,7 @@
-"""Data caches are keyed by their inputs: a run in a directory left by another run rebuilds what
-was made from other inputs (the stale train.bin case), reuses what is current, and an interrupted
-preparation leaves no partial file under a final name."""
+"""cs336.prepare: data caches are keyed by their inputs (a run in a directory left by another run
+rebuilds what was made from other inputs, the stale train.bin case, and reuses what is current),
+an interrupted preparation leaves no partial file under a final name, and the tokenizer is
+parsed and hashed once per preparation."""
 
 import json
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from cs336 import prepare
 from cs336.data import sidecar_path
 from cs336.distributed import DistInfo
 from cs336.prepare import TOKENIZER_KEY, prepare_data, token_file_is_current
@@ -132,3 +134,29 @@ def test_pre_encoded_tokens_of_another_tokenizer_are_refused(tmp_path):
     cfg.data.tokenizer_dir = str(tmp_path / "tok_a")
     _, tokens, _, _ = _prepare(cfg, tmp_path / "run_a")
     assert len(tokens) == len("the cat sat on the mat. " * 50)
+
+
+@pytest.mark.parametrize("kind", ["trained", "cached", "tokenizer_dir"])
+def test_the_tokenizer_is_parsed_and_hashed_once(tmp_path, monkeypatch, kind):
+    train, valid = _texts(tmp_path, "a", "cat")
+    cfg = _cfg(train, valid)
+    if kind != "trained":
+        _prepare(cfg, tmp_path / "first")
+    if kind == "tokenizer_dir":
+        cfg = _cfg(train, valid, tokenizer_dir=str(tmp_path / "first" / "tokenizer"))
+    calls = {"parse": 0, "hash": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(prepare, "load_vocab_merges", counted("parse", prepare.load_vocab_merges))
+    monkeypatch.setattr(prepare, "tokenizer_hash", counted("hash", prepare.tokenizer_hash))
+    source = prepare.source_tokenizer(cfg)  # what the trainer does before opening the run directory
+    rd = RunDir(tmp_path / ("first" if kind == "cached" else "second"))
+    rd.create()
+    tokens, _, tok = prepare_data(cfg, rd, DistInfo(), lambda msg: None, source)
+    assert calls == {"parse": 0 if kind == "trained" else 1, "hash": 1}
+    assert tok.decode(np.asarray(tokens[:20]).tolist()) in train.read_text()

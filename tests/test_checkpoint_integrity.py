@@ -1,4 +1,4 @@
-"""Checkpoint integrity: a changed byte is caught on load and names the checkpoint to fall back to;
+"""cs336.checkpoint_integrity: a changed byte is caught on load and names the checkpoint to fall back to;
 non-finite weights are never saved; the last good checkpoint is the newest intact, finite one."""
 
 import zipfile

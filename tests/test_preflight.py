@@ -1,0 +1,49 @@
+"""cs336.preflight: the checks made before any work (paths, tokenizer size, resume conflicts)."""
+
+import pytest
+
+from cs336.config import ConfigError
+from cs336.preflight import (FlagError, check_text_file, check_tokenizer_fits, config_conflicts, existing_file,
+                             resume_conflicts, writable_dir)
+
+
+def test_config_conflicts_lists_changed_leaves_except_allowed():
+    saved = {"model": {"d_model": 64, "num_layers": 2}, "train": {"max_steps": 100, "lr": 1e-3},
+             "data": {"special_tokens": ["<|endoftext|>"]}}
+    requested = {"model": {"d_model": 128, "num_layers": 2}, "train": {"max_steps": 500, "lr": 1e-3},
+                 "data": {"special_tokens": ("<|endoftext|>",)}}
+    assert config_conflicts(saved, requested, allowed=("train.max_steps",)) == [
+        "model.d_model: saved 64, requested 128"]
+    assert config_conflicts(saved, saved) == []
+
+
+def test_tokenizer_larger_than_model_is_refused():
+    check_tokenizer_fits(500, 500)
+    with pytest.raises(ConfigError, match=r"600 token ids .* 500 embedding rows .* --model\.vocab_size=600"):
+        check_tokenizer_fits(600, 500)
+
+
+def test_path_validation(tmp_path):
+    with pytest.raises(FlagError, match="--train-text .* does not exist"):
+        existing_file("--train-text", tmp_path / "missing.txt")
+    with pytest.raises(FlagError, match="is a directory"):
+        existing_file("--train-text", tmp_path)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FlagError, match="is a file; pass a directory"):
+        writable_dir("--out-dir", tmp_path / "f")
+    assert writable_dir("--out-dir", tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(FlagError, match="--train-text .* is empty"):
+        check_text_file("--train-text", tmp_path / "empty.txt")
+    assert check_text_file("--train-text", tmp_path / "f") == tmp_path / "f"
+
+
+def test_resume_may_change_optim_fields_but_not_the_optimizer():
+    saved = {"model": {"d_model": 32}, "optim": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.95]},
+             "train": {"max_steps": 10, "seed": 0}}
+    changed = {"model": {"d_model": 32}, "optim": {"name": "adamw", "lr": 1e-4, "betas": [0.8, 0.9]},
+               "train": {"max_steps": 20, "seed": 0}}
+    assert resume_conflicts(saved, changed) == []
+    other = {**changed, "optim": {**changed["optim"], "name": "muon"}, "train": {"max_steps": 20, "seed": 1}}
+    assert resume_conflicts(saved, other) == ["optim.name: saved 'adamw', requested 'muon'",
+                                              "train.seed: saved 0, requested 1"]

@@ -1,0 +1,235 @@
+"""cs336.trainer, the loop: signals (a checkpoint, exit 0), the lock, divergence stopping before a
+bad step or checkpoint, and a resume that applies every changed optimizer field."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from run_helpers import ROOT, TIMEOUT, cfg, cli_error, env, finish, resume_args, start_cli, steps
+
+from cs336.checkpoint_integrity import verify_checkpoint
+from cs336.divergence import DivergenceGuard
+
+from cs336.config import OptimConfig
+from cs336.config_io import apply_overrides, changed_fields, config_to_dict
+from cs336.distributed import DistInfo
+from cs336.presets import smoke_config
+from cs336.run_dir import RunDir
+from cs336.train import run
+from cs336.trainer import Trainer, TrainingDiverged, TrainState, check_step
+
+# Every OptimConfig field, changed far enough from the base run's value that one optimizer step
+# from the same checkpoint and batch must land elsewhere (at step 6: past the warm-up of 4).
+OPTIM_CHANGES = {"lr": 3e-2, "min_lr": 2.9e-3, "warmup_iters": 2, "cosine_cycle_iters": 9,
+                 "betas": (0.5, 0.6), "eps": 0.1, "weight_decay": 0.9, "grad_clip": 1e-3, "fused": False}
+BASE = ["optim.lr=3e-3", "optim.warmup_iters=4", "optim.weight_decay=0.1", "optim.grad_clip=1.0",
+        "model.kernels=native", "train.max_steps=20", "train.batch_size=4"]
+
+
+def _trainer(cfg, rd):
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 4000).astype(np.uint16)
+    return Trainer(cfg, rd, torch.device("cpu"), DistInfo(), tokens, tokens)
+
+
+def _step(trainer, step):
+    trainer.set_lr(step)
+    trainer.forward_backward()
+    trainer.optimizer_step()
+
+
+def test_the_table_covers_every_optim_field():
+    assert set(OPTIM_CHANGES) == {f.name for f in dataclasses.fields(OptimConfig)}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIM_CHANGES))
+def test_resume_applies_a_changed_optim_field(tmp_path, name):
+    """A --resume that changes optim.<name> continues with the new value, not the checkpoint's:
+    the next step from the same state and batch differs from the unchanged resume."""
+    cfg = apply_overrides(smoke_config(), BASE)
+    rd = RunDir(tmp_path)
+    rd.create()
+    first = _trainer(cfg, rd)
+    for step in range(6):
+        _step(first, step)
+    first.save(TrainState(step=6))
+    changed = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **{name: OPTIM_CHANGES[name]}))
+    weights = {}
+    for label, c in (("same", cfg), ("changed", changed)):
+        trainer = _trainer(c, rd)
+        state = trainer.restore(rd.latest_checkpoint())
+        assert state.step == 6
+        group = trainer.opt.param_groups[0]
+        for key in ("betas", "eps", "weight_decay", "fused"):
+            assert group[key] == (tuple(getattr(c.optim, key)) if key == "betas" else getattr(c.optim, key))
+        _step(trainer, 6)
+        weights[label] = [p.detach().clone() for p in trainer.model.parameters()]
+    if name == "fused":  # False (the reference loop) and None (native here) agree to rounding
+        return
+    assert any(not torch.equal(a, b) for a, b in zip(weights["same"], weights["changed"], strict=True)), \
+        f"optim.{name}={OPTIM_CHANGES[name]!r} had no effect after the resume"
+
+
+def test_a_save_checks_the_weights_once_and_takes_the_config_from_memory(tmp_path, monkeypatch):
+    import cs336.checkpoint
+    import cs336.trainer
+
+    cfg = apply_overrides(smoke_config(), BASE)
+    rd = RunDir(tmp_path)
+    rd.create()
+    trainer = _trainer(cfg, rd)
+    _step(trainer, 0)
+    calls = []
+    real = cs336.trainer.check_weights
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("where"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cs336.trainer, "check_weights", counted)
+    monkeypatch.setattr(cs336.checkpoint, "check_weights", counted)
+    assert not rd.config_file.exists()  # nothing to re-read: the config comes from memory
+    trainer.save(TrainState(step=1))
+    assert calls == ["step 1"]
+    saved = torch.load(rd.checkpoint_path(1), weights_only=True)["extra"]["config"]
+    assert saved == config_to_dict(cfg)
+
+
+def test_changed_fields_lists_only_what_differs_from_the_defaults():
+    cfg = apply_overrides(smoke_config(), ["optim.lr=1e-2"])
+    listed = changed_fields(cfg)
+    assert "optim.lr=0.01" in listed and "model.d_model=32" in listed
+    assert not any(item.startswith(("optim.eps=", "train.seed=")) for item in listed)
+    assert changed_fields(type(cfg)()) == []
+
+
+# ------------------------------------------------------------------ signals, lock, divergence
+
+def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+
+    def fire_when_training():
+        deadline = time.time() + 60
+        metrics = out / "metrics.jsonl"
+        while time.time() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    timer = threading.Thread(target=fire_when_training, daemon=True)
+    timer.start()
+    summary = run(cfg(out, "train.max_steps=100000", "train.checkpoint_interval=100000"))
+    timer.join()
+    assert summary["interrupted"] is True
+    stopped = summary["steps"]
+    assert 2 <= stopped < 100000
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:06d}.pt"
+    resumed = run(cfg(out, f"train.max_steps={stopped + 3}", "train.checkpoint_interval=100000"), resume=True)
+    assert resumed["steps"] == stopped + 3 and resumed["interrupted"] is False
+    assert steps(out)[-1] == stopped + 3
+
+def test_sigterm_exits_0_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "cs336.train", "--preset", "smoke", "--out-dir", str(out),
+                             "--max-steps", "100000", "--data.corpus_mb=0.1", "--train.progress=false",
+                             "--train.log_interval=1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "checkpoint saved" in stdout and "--resume" in stdout
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert (out / "checkpoints" / latest).is_file()
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_data_preparation_is_one_line_and_leaves_no_temp_files(texts, tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc, out_lines = start_cli(["--out-dir", str(out), "--train-text", str(texts / "train.txt"), "--valid-text",
+                              str(texts / "valid.txt"), "--model.vocab_size=8000"], tmp_path)
+    assert out_lines.wait_for("BPE tokenizer", proc), finish(proc)
+    proc.send_signal(sig)
+    err = finish(proc)
+    assert proc.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"interrupted by {signal.Signals(sig).name}: stopped while preparing data in "), err
+    assert "no checkpoint was written" in lines[0]
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert not (out / "tokenizer" / "vocab.json").exists()  # the tokenizer was not finished
+    if sig == signal.SIGINT:  # the same command (here a 2-step run) continues the preparation
+        again = subprocess.run([sys.executable, "-m", "cs336.train", "--preset", "smoke", "--train.progress=false",
+                                "--out-dir", str(out), "--train-text", str(texts / "train.txt"), "--valid-text",
+                                str(texts / "valid.txt"), "--model.vocab_size=8000", "--max-steps", "2",
+                                "--train.sample_tokens=0"], cwd=tmp_path, env=env(), capture_output=True,
+                               text=True, timeout=TIMEOUT)
+        assert again.returncode == 0, again.stderr
+        assert (out / "checkpoints" / "step_000002.pt").is_file()
+
+def test_second_run_in_the_same_out_dir_fails_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    first, first_lines = start_cli(["--out-dir", str(out), "--max-steps", "100000", "--data.corpus_mb=0.1",
+                                 "--train.log_interval=1", "--train.checkpoint_interval=100000"], tmp_path)
+    try:
+        assert first_lines.wait_for("step 0: val loss", first), finish(first)
+        metrics = (out / "metrics.jsonl").read_bytes()
+        err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), "--train.progress=false"])
+        assert f"in use by another training run (pid {first.pid}" in err
+        assert first.poll() is None
+        assert (out / "metrics.jsonl").read_bytes().startswith(metrics)  # the second run wrote nothing
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first_err = finish(first)
+    assert first.returncode == 0, first_err
+    assert "checkpoint saved" in first_lines.text()
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_copy, capsys):
+    ckpt = run_copy / "checkpoints" / "step_000008.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(TrainingDiverged) as exc:
+        run(cfg(run_copy, "train.max_steps=40", "optim.lr=1e30", "optim.warmup_iters=0",
+                "optim.grad_clip=0"), resume=True)
+    assert "diverged" in str(exc.value) and "step_000008.pt" in str(exc.value)
+    assert exc.value.summary["steps"] >= 8
+    assert (run_copy / "checkpoints" / "latest").read_text().strip() == "step_000008.pt"
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in (run_copy / "checkpoints").glob("*.pt")) == ["step_000004.pt", "step_000008.pt"]
+    err = cli_error(capsys, resume_args(run_copy, "--max-steps", "40", "--optim.lr=1e30",
+                                        "--optim.warmup_iters=0", "--optim.grad_clip=0"), code=1)
+    assert "lower --optim.lr" in err
+
+def test_exploding_run_stops_before_a_bad_checkpoint(run_copy):
+    with pytest.raises(TrainingDiverged) as exc:
+        run(cfg(run_copy, "train.max_steps=60", "train.checkpoint_interval=1", "optim.lr=30",
+                "optim.warmup_iters=0", "optim.grad_clip=0"), resume=True)
+    assert "diverged" in str(exc.value) and "checkpoint" in str(exc.value)
+    files = sorted((run_copy / "checkpoints").glob("step_*.pt"))
+    assert files
+    for path in files:
+        verify_checkpoint(path, max_abs=1e4)  # every checkpoint kept holds finite, bounded weights
+
+def test_loss_spike_stops_the_step_and_names_the_last_good_checkpoint(run_copy):
+    guard = DivergenceGuard(warmup_steps=3, checkpoints_dir=run_copy / "checkpoints")
+    trainer = SimpleNamespace(rd=RunDir(run_copy), cfg=cfg(run_copy))
+    state = TrainState(step=10)
+    for _ in range(3):
+        check_step(state, trainer, torch.tensor(5.0), torch.tensor(1.0), 1e-3, guard)
+    with pytest.raises(TrainingDiverged) as exc:
+        check_step(state, trainer, torch.tensor(16.0), torch.tensor(1.0), 1e-3, guard)
+    assert "more than 3x its running mean" in str(exc.value)
+    assert "step_000008.pt" in str(exc.value)
+    with pytest.raises(TrainingDiverged, match="gradient norm is inf"):
+        check_step(state, trainer, torch.tensor(5.0), torch.tensor(float("inf")), 1e-3, guard)
