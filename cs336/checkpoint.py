@@ -24,6 +24,10 @@ with a message naming the file and ``previous_good_checkpoint``, the newest earl
 older files) load unverified. ``save_checkpoint`` refuses a model with NaN or inf weights
 (``NonFiniteWeightsError``, nothing written).
 
+A directory is a sharded checkpoint of an fsdp run (``cs336.sharded_checkpoint``):
+``read_checkpoint`` and ``load_checkpoint_full`` consolidate it into the same dict (optimizer
+None), so every reader of single files reads it too.
+
 Every user-visible failure (missing, truncated or corrupt file, a file that is not a checkpoint,
 a checkpoint of a model with other settings, missing or unexpected weights) raises one
 ``CheckpointError`` naming the file and what to do. Files from other CS336 implementations load if
@@ -210,6 +214,10 @@ def read_checkpoint(src: PathOrFile) -> dict[str, Any]:
 def _read(src: PathOrFile, hint: bool = True) -> dict[str, Any]:
     """The checkpoint dict of ``src``, checked; ``hint`` adds the fallback checkpoint to errors."""
     name = _name(src)
+    from cs336.sharded_checkpoint import is_sharded_checkpoint, read_sharded
+
+    if is_sharded_checkpoint(src):  # a DCP directory of an fsdp run, consolidated here
+        return read_sharded(src)
 
     def earlier() -> str:
         return fallback_hint(src) if hint else "use an earlier checkpoint"

@@ -71,14 +71,24 @@ def payload_digest(payload: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where: str = "model") -> None:
+def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where: str = "model",
+                  reduce=None) -> None:
     """Raise ``NonFiniteWeightsError`` when a parameter or buffer holds NaN/inf or, with
-    ``max_abs``, a value beyond it; the message names the first such tensors. One host sync."""
+    ``max_abs``, a value beyond it; the message names the first such tensors. One host sync.
+    ``reduce``: applied to the vector of per-tensor peaks (under FSDP, the max over ranks of
+    each rank's shards, ``cs336.parallel.max_across_ranks``)."""
     named = [(n, t) for n, t in list(_unwrap_model(model).named_parameters()) + list(_unwrap_model(model).named_buffers())
              if t.is_floating_point() and t.numel()]
     if not named:
         return
-    peaks = torch.stack([t.detach().abs().amax().float() for _, t in named]).cpu()
+    from cs336.parallel import local
+
+    shards = [local(t.detach()) for _, t in named]
+    peaks = torch.stack([t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                         for t in shards])
+    if reduce is not None:
+        peaks = reduce(peaks)
+    peaks = peaks.cpu()
     bad = [(n, float(p)) for (n, _), p in zip(named, peaks) if not torch.isfinite(p)
            or (max_abs is not None and p > max_abs)]
     if bad:

@@ -5,6 +5,7 @@ Layout::
     DIR/config.json              resolved TrainConfig (config_to_dict)
     DIR/metrics.jsonl            one JSON object per logged step
     DIR/checkpoints/step_NNNNNN.pt, DIR/checkpoints/latest (file name of the newest checkpoint)
+    DIR/checkpoints/step_NNNNNN.dcp/   sharded checkpoint of an fsdp run (cs336.sharded_checkpoint)
     DIR/tokenizer/vocab.json, merges.txt
     DIR/data/                    generated corpus and encoded token files
     DIR/loss.png, DIR/samples.txt
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from cs336.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from cs336.fileio import atomic_write_text
 
-CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+CKPT_RE = re.compile(r"^step_(\d+)\.(pt|dcp)$")
 
 
 class RunDirError(ValueError):
@@ -86,8 +88,9 @@ class RunDir:
         atomic_write_text(self.metrics_file, "".join(line + "\n" for line in kept))
 
     # --- checkpoints ----------------------------------------------------------------------
-    def checkpoint_path(self, step: int) -> Path:
-        return self.checkpoints / f"step_{step:06d}.pt"
+    def checkpoint_path(self, step: int, sharded: bool = False) -> Path:
+        """``step_NNNNNN.pt``, or the sharded (fsdp) directory ``step_NNNNNN.dcp``."""
+        return self.checkpoints / f"step_{step:06d}.{'dcp' if sharded else 'pt'}"
 
     def checkpoint_files(self) -> list[Path]:
         if not self.checkpoints.is_dir():
@@ -101,7 +104,7 @@ class RunDir:
             return None
         name = pointer.read_text(encoding="utf-8").strip()
         path = self.checkpoints / name
-        if not CKPT_RE.match(name) or not path.is_file():
+        if not CKPT_RE.match(name) or not (path.is_file() or (name.endswith(".dcp") and path.is_dir())):
             raise RunDirError(f"{pointer} names {name!r}, which is not a checkpoint in {self.checkpoints}; "
                               "write the file name of an existing step_NNNNNN.pt into it")
         return path
@@ -111,4 +114,7 @@ class RunDir:
         atomic_write_text(self.checkpoints / "latest", path.name + "\n")
         for old in self.checkpoint_files()[:-keep_last]:
             if old != path:
-                old.unlink(missing_ok=True)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)

@@ -1,0 +1,109 @@
+"""FSDP2 on two gloo ranks (CPU) trains like one process; sharded checkpoints resume at 1 and 2 ranks,
+and generate/export read them; the bad launches and shapes get one clear error."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from cs336.config import ConfigError, apply_overrides, smoke_config
+from cs336.train import run
+
+STEPS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(out_dir, data_dir, *extra):
+    return apply_overrides(smoke_config(), [
+        f"train.out_dir={out_dir}", f"train.max_steps={STEPS}", "train.log_interval=1",
+        f"train.eval_interval={STEPS}", "train.eval_batches=3", "train.batch_size=8",
+        "train.checkpoint_interval=4", "train.keep_last=5", f"optim.cosine_cycle_iters={STEPS}",
+        "train.sample_tokens=0", "train.device=cpu", "train.threads=1", "model.num_layers=3",
+        "model.kernels=native",
+        f"data.train_tokens={data_dir}/data/train.bin", f"data.valid_tokens={data_dir}/data/valid.bin",
+        f"data.tokenizer_dir={data_dir}/tokenizer", *extra])
+
+
+def _rank(rank: int, world: int, port: int, out_dir: str, data_dir: str, extra: tuple, resume: bool) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run(_cfg(out_dir, data_dir, "train.parallel=fsdp", *extra), resume=resume)
+
+
+def _fsdp(out_dir, data_dir, *extra, resume=False):
+    mp.spawn(_rank, args=(2, _free_port(), str(out_dir), str(data_dir), extra, resume), nprocs=2, join=True)
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("train_loss"), r.get("val_loss"), r.get("grad_norm")) for r in rows]
+
+
+def _same(a, b, rel=1e-4):
+    assert [r[0] for r in a] == [r[0] for r in b] == list(range(STEPS + 1))
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra[1:], rb[1:]):
+            assert (x is None) == (y is None), (ra, rb)
+            if x is not None:
+                assert y == pytest.approx(x, rel=rel), (ra, rb)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp_data")
+    run(apply_overrides(smoke_config(), [f"train.out_dir={d}", "train.max_steps=1", "train.sample_tokens=0",
+                                         "data.corpus_mb=0.1"]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def single(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    run(_cfg(out, data))
+    return out
+
+
+def test_fsdp_with_accumulation_matches_one_process(data, single, tmp_path):
+    out = tmp_path / "fsdp"
+    _fsdp(out, data, "train.grad_accum_steps=2")
+    _same(_losses(single), _losses(out))
+    shards = sorted(p.name for p in (out / "checkpoints" / "step_000008.dcp").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000008.dcp"
+
+
+def test_fsdp_bf16_with_checkpointing_matches_one_process_bf16(data, tmp_path):
+    ref = tmp_path / "single_bf16"
+    run(_cfg(ref, data, "train.autocast=bf16"))
+    out = tmp_path / "fsdp_bf16"
+    _fsdp(out, data, "train.autocast=bf16", "train.activation_checkpointing=full")
+    _same(_losses(ref), _losses(out))
+
+
+def test_resume_two_ranks_to_one_and_one_to_two(data, single, tmp_path):
+    """A sharded checkpoint of step 4 resumes in one process; a single file of step 4 under fsdp."""
+    a = tmp_path / "two_then_one"
+    _fsdp(a, data, f"train.max_steps={STEPS // 2}")
+    run(_cfg(a, data), resume=True)
+    _same(_losses(single), _losses(a))
+    assert (a / "checkpoints" / "step_000008.pt").is_file()
+
+    b = tmp_path / "one_then_two"
+    run(_cfg(b, data, f"train.max_steps={STEPS // 2}"))
+    _fsdp(b, data, resume=True)
+    _same(_losses(single), _losses(b))
+    assert (b / "checkpoints" / "step_000008.dcp").is_dir()
+
+
+def test_fsdp_on_one_rank_is_refused_before_writing(data, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match="two or more ranks"):
+        run(_cfg(out, data, "train.parallel=fsdp"))
+    assert not out.exists()
