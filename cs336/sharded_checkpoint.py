@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,9 @@ def load_sharded_into(path, model, optimizer, meta: dict | None = None) -> dict[
     sharded = any(is_sharded(p) for p in model.parameters())
     state = _state(model, optimizer, sharded)
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not sharded)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path), no_dist=not sharded)
     except Exception as exc:  # a key or shape the checkpoint lacks
         raise CheckpointError(f"sharded checkpoint {path} does not fit this model or optimizer "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
@@ -199,5 +202,7 @@ def read_sharded(path) -> dict[str, Any]:
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("model.") and hasattr(md, "size"):
             model[key[len("model."):]] = torch.empty(md.size, dtype=md.properties.dtype)
-    dcp.load({"model": model}, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, checkpoint_id=str(path), no_dist=True)
     return {**meta, "model": model, "optimizer": None}

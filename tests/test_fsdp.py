@@ -41,18 +41,22 @@ def _fsdp(out_dir, data_dir, *extra, resume=False):
     mp.spawn(_rank, args=(2, _free_port(), str(out_dir), str(data_dir), extra, resume), nprocs=2, join=True)
 
 
-def _losses(run_dir):
+def _losses(run_dir, stopped_at=None):
+    """(step, train loss, val loss, grad norm) per metrics row; ``stopped_at``: the step where a
+    first run ended, whose extra final evaluation is left out."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("train_loss"), r.get("val_loss"), r.get("grad_norm")) for r in rows]
+    return [(r["step"], r.get("train_loss"), None if r["step"] == stopped_at else r.get("val_loss"),
+             r.get("grad_norm")) for r in rows]
 
 
-def _same(a, b, rel=1e-4):
+def _same(a, b, rel=1e-4, grad_rel=1e-4):
+    """Same steps, train/val losses within ``rel``, gradient norms within ``grad_rel``."""
     assert [r[0] for r in a] == [r[0] for r in b] == list(range(STEPS + 1))
     for ra, rb in zip(a, b):
-        for x, y in zip(ra[1:], rb[1:]):
+        for x, y, tol in zip(ra[1:], rb[1:], (rel, rel, grad_rel)):
             assert (x is None) == (y is None), (ra, rb)
             if x is not None:
-                assert y == pytest.approx(x, rel=rel), (ra, rb)
+                assert y == pytest.approx(x, rel=tol), (ra, rb)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,9 @@ def test_fsdp_bf16_with_checkpointing_matches_one_process_bf16(data, tmp_path):
     run(_cfg(ref, data, "train.autocast=bf16"))
     out = tmp_path / "fsdp_bf16"
     _fsdp(out, data, "train.autocast=bf16", "train.activation_checkpointing=full")
-    _same(_losses(ref), _losses(out))
+    # Each rank's weight gradient leaves its bf16 matmul rounded to bf16 before the fp32 reduction,
+    # where one process rounds the sum of all rows once: the norms differ by ~1e-4, the losses less.
+    _same(_losses(ref), _losses(out), grad_rel=1e-3)
 
 
 def test_resume_two_ranks_to_one_and_one_to_two(data, single, tmp_path):
@@ -92,13 +98,13 @@ def test_resume_two_ranks_to_one_and_one_to_two(data, single, tmp_path):
     a = tmp_path / "two_then_one"
     _fsdp(a, data, f"train.max_steps={STEPS // 2}")
     run(_cfg(a, data), resume=True)
-    _same(_losses(single), _losses(a))
+    _same(_losses(single), _losses(a, STEPS // 2))
     assert (a / "checkpoints" / "step_000008.pt").is_file()
 
     b = tmp_path / "one_then_two"
     run(_cfg(b, data, f"train.max_steps={STEPS // 2}"))
     _fsdp(b, data, resume=True)
-    _same(_losses(single), _losses(b))
+    _same(_losses(single), _losses(b, STEPS // 2))
     assert (b / "checkpoints" / "step_000008.dcp").is_dir()
 
 
