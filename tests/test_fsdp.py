@@ -74,15 +74,23 @@ def single(data, tmp_path_factory):
     return out
 
 
-def test_fsdp_with_accumulation_matches_one_process(data, single, tmp_path):
-    out = tmp_path / "fsdp"
+@pytest.fixture(scope="module")
+def fsdp_run(data, tmp_path_factory):
+    """2 ranks, 2 micro-batches each; sharded checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
     _fsdp(out, data, "train.grad_accum_steps=2")
+    return out
+
+
+def test_fsdp_with_accumulation_matches_one_process(single, fsdp_run):
+    out = fsdp_run
     _same(_losses(single), _losses(out))
     shards = sorted(p.name for p in (out / "checkpoints" / "step_000008.dcp").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000008.dcp"
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_with_checkpointing_matches_one_process_bf16(data, tmp_path):
     ref = tmp_path / "single_bf16"
     run(_cfg(ref, data, "train.autocast=bf16"))
@@ -112,4 +120,68 @@ def test_fsdp_on_one_rank_is_refused_before_writing(data, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(ConfigError, match="two or more ranks"):
         run(_cfg(out, data, "train.parallel=fsdp"))
+    assert not out.exists()
+
+
+def test_generate_and_export_read_a_sharded_checkpoint(single, fsdp_run, tmp_path):
+    """The sharded step-4 checkpoint consolidates to the weights one process trained."""
+    import torch
+
+    from cs336.checkpoint import read_checkpoint
+    from cs336.export import main as export_main
+    from cs336.generate import main as generate_main
+    from cs336.inference import load_for_inference
+
+    out = fsdp_run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000004.dcp",
+                                                                      "step_000008.dcp"]
+    dcp_dir = out / "checkpoints" / "step_000004.dcp"
+    whole = read_checkpoint(single / "checkpoints" / "step_000004.pt")["model"]
+    model, _ = load_for_inference(checkpoint=str(dcp_dir))
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(t, whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert generate_main(["--run", str(out), "--prompt", "Once", "--max-tokens", "5", "--seed", "0"]) in (0, None)
+    assert export_main(["--checkpoint", str(dcp_dir), "--out", str(tmp_path / "hf")]) in (0, None)
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_sharded_checkpoint_integrity_and_other_shape(fsdp_run, tmp_path):
+    """A changed shard file and a model of another shape are refused with one CheckpointError."""
+    import shutil
+
+    from cs336.checkpoint import CheckpointError, read_checkpoint
+    from cs336.config import ModelConfig
+    from cs336.model import TransformerLM
+    from cs336.sharded_checkpoint import load_sharded_into
+
+    src = fsdp_run / "checkpoints" / "step_000008.dcp"
+    other = TransformerLM.from_config(ModelConfig(vocab_size=320, context_length=32, d_model=48, num_layers=3,
+                                                  num_heads=2, d_ff=64))
+    with pytest.raises(CheckpointError, match="other settings.*d_model: checkpoint 32, model 48"):
+        load_sharded_into(src, other, None)
+    bad = tmp_path / "bad.dcp"
+    shutil.copytree(src, bad)
+    with open(bad / "__1_0.distcp", "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="__1_0.distcp is missing or changed"):
+        read_checkpoint(bad)
+    (bad / "meta.pt").unlink()
+    with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
+        read_checkpoint(bad)
+
+
+def test_rank_count_not_dividing_the_batch_is_refused_before_writing(data, tmp_path):
+    import torch
+
+    from cs336.distributed import DistInfo
+    from cs336.run_start import Stage
+    from cs336.trainer import train
+
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match="batch_size=9 is not divisible by the 2 data-parallel ranks"):
+        train(_cfg(out, data, "train.parallel=fsdp", "train.batch_size=9"), False, torch.device("cpu"),
+              DistInfo(rank=0, world_size=2), Stage())
     assert not out.exists()
