@@ -14,7 +14,8 @@ micro-batches (``micro_batch``); the last one reduce-scatters the sum.
 
 ``--train.activation_checkpointing``: ``full`` recomputes every block in the backward pass,
 ``selective`` every other block (even indices, so about half the block activations are kept),
-both with non-reentrant ``torch.utils.checkpoint``. The state-dict names do not change.
+both with non-reentrant ``torch.utils.checkpoint`` (autocast is restored by it, the kernel backend
+by ``_recomputed``). The state-dict names do not change.
 
 Optimizers that need a whole matrix (Muon's orthogonalization) call ``full_grad(p)``: the
 gradient all-gathered (``DTensor.full_tensor()``), or ``p.grad`` itself when not sharded.
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cs336 import ops
 from cs336.config import ACTIVATION_CHECKPOINTING, PARALLEL, ConfigError  # noqa: F401
 
 try:  # torch >= 2.5 (2.11 on the GPU machine, 2.13 here)
@@ -68,7 +70,12 @@ def _recomputed(forward):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        backend = ops.get_backend()  # the recompute runs in backward, outside the model's use_backend
+
+        def again(*a, **k):
+            with ops.use_backend(backend):
+                return forward(*a, **k)
+        return checkpoint(again, *args, use_reentrant=False, **kwargs)
     return run
 
 

@@ -76,9 +76,9 @@ def single(data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp_run(data, tmp_path_factory):
-    """2 ranks, 2 micro-batches each; sharded checkpoints at steps 4 and 8."""
+    """2 ranks, 2 micro-batches each, every other block recomputed; sharded checkpoints at steps 4, 8."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    _fsdp(out, data, "train.grad_accum_steps=2")
+    _fsdp(out, data, "train.grad_accum_steps=2", "train.activation_checkpointing=selective")
     return out
 
 
