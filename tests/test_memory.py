@@ -1,0 +1,89 @@
+"""The per-rank memory accounting (cs336.memory) against measurement: saved-for-backward bytes
+from saved_tensors_hooks on the real model (every provider, fp32 and bf16, with and without
+checkpointing), and FSDP's local shard sizes on two gloo ranks."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cs336.config import ModelConfig
+from cs336.memory import measure_saved_bytes, per_rank_memory, saved_activation_bytes, shard_elements
+from cs336.model import TransformerLM
+from cs336.parallel import apply_activation_checkpointing
+
+# Sizes unlike the ones the table was read off (cs336.memory.STORED).
+CFG = dict(vocab_size=200, context_length=96, d_model=64, num_layers=4, num_heads=4, d_ff=176)
+
+
+def _measure(kernels, autocast, checkpointing, B=3, T=96):
+    torch.manual_seed(0)
+    model = TransformerLM.from_config(ModelConfig(**CFG, kernels=kernels))
+    apply_activation_checkpointing(model, checkpointing)
+    x = torch.randint(0, 200, (B, T))
+    return measure_saved_bytes(model, x, x, autocast=autocast)
+
+
+CASES = [(k, a, c) for k in ("torch", "native") for a in ("none", "bf16") for c in ("none", "full", "selective")]
+CASES += [("triton", "none", "none"), ("triton", "none", "full"),
+          pytest.param("triton", "none", "selective", marks=pytest.mark.slow)]  # the interpreter is slow
+# triton under bf16 is not measured: its fused LM head + loss fails under CPU bf16 autocast
+# (kernels/cross_entropy.py, torch.mm out= dtype), with or without checkpointing.
+
+
+@pytest.mark.parametrize("kernels,autocast,checkpointing", CASES)
+def test_saved_bytes_match_measurement(kernels, autocast, checkpointing):
+    measured = _measure(kernels, autocast, checkpointing)
+    counted = sum(saved_activation_bytes(ModelConfig(**CFG), 3, 96, provider=kernels, autocast=autocast,
+                                         checkpointing=checkpointing).values())
+    assert counted == pytest.approx(measured, rel=0.10), (counted, measured)
+
+
+def test_reference_stores_scores_and_fused_paths_do_not():
+    """The T x T scores are what the torch provider keeps and native/triton do not (issue 18, 9)."""
+    cfg = ModelConfig(**{**CFG, "context_length": 4096})
+    ref, native, triton = (sum(saved_activation_bytes(cfg, 1, 4096, provider=p).values())
+                           for p in ("torch", "native", "triton"))
+    assert ref > 10 * native > 10 * triton / 2 > 0
+    assert native > triton
+
+
+def _shards(rank, world, port, report):
+    import torch.distributed as dist
+
+    from cs336.optim import AdamW
+    from cs336.parallel import local, shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = TransformerLM.from_config(ModelConfig(**CFG, kernels="native"))
+        shard_model(model, torch.device("cpu"), "none")
+        opt = AdamW(model.parameters())
+        x = torch.randint(0, 200, (2, 96))
+        model.loss(x, x).backward()
+        opt.step()
+        params = sum(local(p).numel() * 4 for p in model.parameters())
+        grads = sum(local(p.grad).numel() * 4 for p in model.parameters())
+        state = sum(local(s[k]).numel() * 4 for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+        torch.save({"params": params, "grads": grads, "state": state}, f"{report}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_per_rank_bytes_match_fsdp_local_shards(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    report = tmp_path / "shards"
+    mp.spawn(_shards, args=(2, port, str(report)), nprocs=2, join=True)
+    cfg = ModelConfig(**CFG)
+    for rank in (0, 1):
+        got = torch.load(f"{report}.{rank}", weights_only=True)
+        mem = per_rank_memory(cfg, 1, 96, provider="native", parallel="fsdp", world_size=2, rank=rank)
+        assert got == {"params": mem["parameters"], "grads": mem["gradients"],
+                       "state": mem["adamw.m"] + mem["adamw.v"]}
+    whole = shard_elements(cfg)
+    assert shard_elements(cfg, 2, 0) + shard_elements(cfg, 2, 1) == whole
