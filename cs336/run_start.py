@@ -154,17 +154,21 @@ def device_memory(device) -> int | None:
     return None
 
 
-def check_memory(cfg: TrainConfig, device, micro_batch: int) -> None:
-    """Refuse a model and micro-batch whose training memory (``cs336.flops.training_memory``:
-    fp32 parameters, gradients, AdamW m and v, saved activations) exceeds the device's total
-    memory: the run would fail allocating, after data preparation."""
-    from cs336.flops import training_memory
+def check_memory(cfg: TrainConfig, device, micro_batch: int, world_size: int = 1) -> None:
+    """Refuse a model and micro-batch whose per-rank training memory (``cs336.memory``: fp32
+    parameters, gradients, AdamW m and v, sharded under fsdp, and the activations the provider the
+    run uses really keeps) exceeds the device's total memory: the run would fail allocating, after
+    data preparation."""
+    from cs336 import ops
+    from cs336.memory import per_rank_memory
 
     total = device_memory(device)
     if total is None:
         return
-    act_bytes = 2 if cfg.train.autocast == "bf16" else 4
-    memory = training_memory(cfg.model, micro_batch, cfg.context_length, act_bytes=act_bytes)
+    memory = per_rank_memory(cfg.model, micro_batch, cfg.context_length,
+                             provider=ops.resolve_backend(cfg.model.kernels), autocast=cfg.train.autocast,
+                             checkpointing=cfg.train.activation_checkpointing, parallel=cfg.train.parallel,
+                             world_size=world_size)
     need = sum(memory.values())
     if need <= total:
         return
@@ -173,16 +177,17 @@ def check_memory(cfg: TrainConfig, device, micro_batch: int) -> None:
         f"training this model needs about {need / 1e9:.3g} GB ({fixed / 1e9:.3g} GB for parameters, "
         f"gradients and AdamW state, the rest for the activations of {micro_batch} sequences of "
         f"{cfg.context_length} tokens) but {device} has {total / 1e9:.3g} GB; lower --model.d_model, "
-        "--model.num_layers or --model.vocab_size, or the batch (--batch-size, --train.grad_accum_steps)")
+        "--model.num_layers or --model.vocab_size, or the batch (--batch-size, --train.grad_accum_steps), "
+        "or add --train.activation_checkpointing=full or --train.parallel=fsdp")
 
 
-def preflight(cfg: TrainConfig, device=None, micro_batch: int | None = None) -> None:
+def preflight(cfg: TrainConfig, device=None, micro_batch: int | None = None, world_size: int = 1) -> None:
     """Fail now on what would otherwise fail only after all the training work, or after data
     preparation: input paths, the final sample's prompt, the wandb package, a tokenizer
     directory with more ids than the model has rows, a model too large for the device."""
     check_paths(cfg)
     if device is not None and micro_batch is not None:
-        check_memory(cfg, device, micro_batch)
+        check_memory(cfg, device, micro_batch, world_size)
     if cfg.train.sample_tokens > 0 and not cfg.train.sample_prompt:
         raise ConfigError("train.sample_prompt is empty; the final sample needs a prompt: pass "
                           "--train.sample_prompt=TEXT or --train.sample_tokens=0")

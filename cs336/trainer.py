@@ -333,7 +333,7 @@ def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils
     ops.resolve_backend(cfg.model.kernels)
     if cfg.optim.fused:
         ops.resolve_backend("triton")
-    preflight(cfg, device, micro[0].stop - micro[0].start)
+    preflight(cfg, device, micro[0].stop - micro[0].start, info.world_size)
     rd, latest, lock, payload = open_run_dir(cfg, resume, info)
     try:
         return train_in(cfg, resume, device, info, stage, rd, latest, payload)

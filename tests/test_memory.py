@@ -87,3 +87,48 @@ def test_per_rank_bytes_match_fsdp_local_shards(tmp_path):
                        "state": mem["adamw.m"] + mem["adamw.v"]}
     whole = shard_elements(cfg)
     assert shard_elements(cfg, 2, 0) + shard_elements(cfg, 2, 1) == whole
+
+
+def test_pre_run_check_uses_the_runs_provider(monkeypatch):
+    """A 64k-token context fits when the provider keeps O and the logsumexp; the torch reference,
+    which keeps the T x T scores, is refused (issue 18, friction 9: both were refused before)."""
+    from cs336 import run_start
+    from cs336.config import ConfigError, apply_overrides, smoke_config
+
+    monkeypatch.setattr(run_start, "device_memory", lambda device: 8 * 10**9)
+    cfg = apply_overrides(smoke_config(), ["model.context_length=65536", "model.kernels=native"])
+    run_start.check_memory(cfg, torch.device("cpu"), micro_batch=1)
+    cfg = apply_overrides(cfg, ["model.kernels=torch"])
+    with pytest.raises(ConfigError, match="needs about .* GB .* has 8 GB"):
+        run_start.check_memory(cfg, torch.device("cpu"), micro_batch=1)
+    run_start.check_memory(apply_overrides(cfg, ["model.context_length=8192"]), torch.device("cpu"), 1)
+
+
+def test_accounting_cli_takes_the_training_flags(capsys):
+    import json
+
+    from cs336.accounting import main
+
+    main(["--model", "gpt2-xl", "--batch-size", "8", "--world-size", "8", "--train.parallel=fsdp",
+          "--train.activation_checkpointing=full", "--train.autocast=bf16", "--kernels", "triton",
+          "--device-memory", "80GiB", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    cfg = ModelConfig(**out["config"])
+    assert out["micro_batch_per_rank"] == 1
+    expect = per_rank_memory(cfg, 1, 1024, provider="triton", autocast="bf16", checkpointing="full",
+                             parallel="fsdp", world_size=8)
+    assert out["per_rank_by_component"] == expect
+    assert expect["parameters"] == 4 * shard_elements(cfg, 8, 0) < 4 * shard_elements(cfg) / 7
+    assert sum(per_rank_memory(cfg, out["max_micro_batch_per_rank"], 1024, **out["per_rank_setup"]).values()) \
+        <= 80 * 2**30 < sum(per_rank_memory(cfg, out["max_micro_batch_per_rank"] + 1, 1024,
+                                            **out["per_rank_setup"]).values())
+
+
+def test_accounting_cli_rejects_a_batch_the_ranks_cannot_split(capsys):
+    from cs336.accounting import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--batch-size", "6", "--world-size", "4"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--world-size=4" in err
