@@ -21,14 +21,18 @@ def _free_port() -> int:
 
 
 def _cfg(out_dir, data_dir, *extra):
-    return apply_overrides(smoke_config(), [
+    return apply_overrides(smoke_config(), _overrides(out_dir, data_dir, *extra))
+
+
+def _overrides(out_dir, data_dir, *extra):
+    return [
         f"train.out_dir={out_dir}", f"train.max_steps={STEPS}", "train.log_interval=1",
         f"train.eval_interval={STEPS}", "train.eval_batches=3", "train.batch_size=8",
         "train.checkpoint_interval=4", "train.keep_last=5", f"optim.cosine_cycle_iters={STEPS}",
         "train.sample_tokens=0", "train.device=cpu", "train.threads=1", "model.num_layers=3",
         "model.kernels=native",
         f"data.train_tokens={data_dir}/data/train.bin", f"data.valid_tokens={data_dir}/data/valid.bin",
-        f"data.tokenizer_dir={data_dir}/tokenizer", *extra])
+        f"data.tokenizer_dir={data_dir}/tokenizer", *extra]
 
 
 def _rank(rank: int, world: int, port: int, out_dir: str, data_dir: str, extra: tuple, resume: bool) -> None:
@@ -185,3 +189,25 @@ def test_rank_count_not_dividing_the_batch_is_refused_before_writing(data, tmp_p
         train(_cfg(out, data, "train.parallel=fsdp", "train.batch_size=9"), False, torch.device("cpu"),
               DistInfo(rank=0, world_size=2), Stage())
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_rank_each_on_loopback(data, single, tmp_path):
+    """torchrun --nnodes=2 with a c10d rendezvous on 127.0.0.1: the README's multi-node command."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "two_nodes"
+    port = _free_port()
+    flags = ["--preset", "smoke", *(f"--{o}" for o in _overrides(out, data, "train.parallel=fsdp"))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={n}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=cs336-test", "-m", "cs336.train", *flags],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert "ranks: 2" in "".join(logs)
+    _same(_losses(single), _losses(out))
