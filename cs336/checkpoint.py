@@ -217,7 +217,7 @@ def _read(src: PathOrFile, hint: bool = True) -> dict[str, Any]:
     from cs336.sharded_checkpoint import is_sharded_checkpoint, read_sharded
 
     if is_sharded_checkpoint(src):  # a DCP directory of an fsdp run, consolidated here
-        return read_sharded(src)
+        return read_sharded(src, hint=hint)
 
     def earlier() -> str:
         return fallback_hint(src) if hint else "use an earlier checkpoint"

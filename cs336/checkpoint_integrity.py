@@ -32,8 +32,9 @@ class NonFiniteWeightsError(CheckpointError):
     """Weights hold NaN/inf (or exceed a bound): they must not become a checkpoint."""
 
 
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
-"""File names of the trainer's checkpoints (``cs336.run_dir``): ``step_NNNNNN.pt``."""
+CHECKPOINT_RE = re.compile(r"^step_(\d+)\.(pt|dcp)$")
+"""Names of the trainer's checkpoints (``cs336.run_dir``): ``step_NNNNNN.pt`` files and the
+``step_NNNNNN.dcp`` directories of fsdp runs."""
 
 
 

@@ -92,30 +92,33 @@ def save_sharded(model, optimizer, iteration: int, out: Path, is_main: bool, **e
     dist.barrier()
 
 
-def read_meta(path) -> dict[str, Any]:
-    """``meta.pt`` of a sharded checkpoint, with every DCP file's SHA-256 checked."""
+def read_meta(path, hint: bool = True) -> dict[str, Any]:
+    """``meta.pt`` of a sharded checkpoint, with every DCP file's SHA-256 checked; ``hint``: name
+    the previous valid checkpoint in errors."""
+    from cs336.checkpoint_integrity import fallback_hint
+
     path = Path(path)
     name = str(path)
+    earlier = fallback_hint(path) if hint else "Use an earlier checkpoint."
     meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"{name} is a directory but not a complete sharded checkpoint (no {META}; an "
-                              "interrupted save leaves such directories); use an earlier checkpoint")
+                              "interrupted save leaves such directories). {earlier}")
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{meta_file} is corrupt ({type(exc).__name__}: {exc}); use an earlier "
-                              "checkpoint") from None
+        raise CheckpointError(f"{meta_file} is corrupt ({type(exc).__name__}: {exc}). {earlier}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
         raise CheckpointError(f"{meta_file} is not a {FORMAT} version <= {VERSION} file")
     checksum = meta.get("checksum", {}).get("sha256")
     if checksum is None or payload_digest(meta) != checksum:
         raise CheckpointError(f"sharded checkpoint {name} is corrupt: {META} no longer matches its "
-                              "SHA-256; use an earlier checkpoint")
+                              f"SHA-256. {earlier}")
     for fname, digest in meta["files"].items():
         f = path / fname
         if not f.is_file() or _sha256(f) != digest:
             raise CheckpointError(f"sharded checkpoint {name} is corrupt: {fname} is missing or changed "
-                                  "since it was saved (SHA-256 mismatch); use an earlier checkpoint")
+                                  f"since it was saved (SHA-256 mismatch). {earlier}")
     meta.setdefault("extra", {})
     return meta
 
@@ -190,13 +193,13 @@ def _check_names(name: str, state: dict, model) -> None:
                               "belongs to a different architecture or size")
 
 
-def read_sharded(path) -> dict[str, Any]:
+def read_sharded(path, hint: bool = True) -> dict[str, Any]:
     """A sharded checkpoint consolidated in this process: the dict of ``read_checkpoint`` (keys
     iteration, model (whole tensors), optimizer None, model_config, rng, extra)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    meta = read_meta(path)
+    meta = read_meta(path, hint)
     metadata = FileSystemReader(str(path)).read_metadata()
     model = {}
     for key, md in metadata.state_dict_metadata.items():

@@ -172,6 +172,14 @@ def test_sharded_checkpoint_integrity_and_other_shape(fsdp_run, tmp_path):
         fh.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(CheckpointError, match="__1_0.distcp is missing or changed"):
         read_checkpoint(bad)
+    beside = fsdp_run / "checkpoints" / "step_000008.dcp" / "__0_0.distcp"
+    backup = beside.read_bytes()
+    beside.write_bytes(backup[:-1])
+    try:  # in the run directory the error names the previous valid checkpoint
+        with pytest.raises(CheckpointError, match="previous valid checkpoint is .*step_000004.dcp"):
+            read_checkpoint(src)
+    finally:
+        beside.write_bytes(backup)
     (bad / "meta.pt").unlink()
     with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
         read_checkpoint(bad)
