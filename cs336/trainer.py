@@ -424,8 +424,8 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
             f"{profiler.result.table_path}")
     summary = {**state.summary(rd), "interrupted": state.stopped_by is not None}
     model = trainer.model
-    if trainer.fsdp:  # the plot and the sample need the whole model on rank 0 (every rank gathers)
-        model = parallel.full_model_copy(trainer.model, info.is_main)
+    if trainer.fsdp and cfg.train.sample_tokens > 0 and not summary["interrupted"]:
+        model = parallel.full_model_copy(trainer.model, info.is_main)  # the sample runs on rank 0 alone
     if info.is_main:
         finish(cfg, rd, model, tokenizer, summary, say)
     if wandb_run is not None:

@@ -82,7 +82,7 @@ def single(data, tmp_path_factory):
 def fsdp_run(data, tmp_path_factory):
     """2 ranks, 2 micro-batches each, every other block recomputed; sharded checkpoints at steps 4, 8."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    _fsdp(out, data, "train.grad_accum_steps=2", "train.activation_checkpointing=selective")
+    _fsdp(out, data, "train.grad_accum_steps=2", "train.activation_checkpointing=selective", "train.sample_tokens=5")
     return out
 
 
@@ -92,6 +92,7 @@ def test_fsdp_with_accumulation_matches_one_process(single, fsdp_run):
     shards = sorted(p.name for p in (out / "checkpoints" / "step_000008.dcp").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000008.dcp"
+    assert "=== step 8" in (out / "samples.txt").read_text()  # rank 0 sampled from the gathered model
 
 
 @pytest.mark.slow
