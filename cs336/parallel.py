@@ -108,7 +108,7 @@ def shard_model(model: nn.Module, device: torch.device, autocast: str) -> nn.Mod
         bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                     cast_forward_inputs=False)
     for block in model.layers:
-        for norm in (block.ln1, block.ln2):
+        for norm in (block.ln1, block.ln2) if bf16 else ():  # fp32 units of their own under bf16
             if any(True for _ in norm.parameters()):
                 fully_shard(norm, mesh=mesh)
         fully_shard(block, mesh=mesh, **({"mp_policy": bf16} if bf16 else {}))
