@@ -12,7 +12,10 @@ parameters by tensor, forward matmul FLOPs by component with their fractions, tr
 component for ``train.batch_size`` sequences of ``train.context_length`` tokens), the largest
 batch that fits ``--device-memory`` (default: the ``--hardware`` table entry), and the time to
 train ``--steps`` steps at ``--mfu`` of that hardware's dense BF16 peak. The conventions are those
-of ``cs336.flops``.
+of ``cs336.flops``. Then one rank's bytes (``cs336.memory``) under the run's own flags:
+``--train.parallel``, ``--world-size``, ``--train.activation_checkpointing``, ``--train.autocast``,
+``--kernels`` (what that provider stores for backward) and ``--train.grad_accum_steps``, and the
+largest micro-batch per rank that fits the device memory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import re
 
 from cs336 import flops, hardware
+from cs336 import memory as rank_memory
 from cs336.cli import add_config_arguments, config_from_args, parse_args
 from cs336.config import ConfigError, TrainConfig
 from cs336.interrupt import run_cli
@@ -54,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory for the largest-batch answer, e.g. 80GiB (default: the --hardware entry)")
     group.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilization (default 0.5)")
     group.add_argument("--steps", type=int, default=None, help="steps to time (needs --hardware)")
+    group.add_argument("--world-size", type=int, default=1,
+                       help="data-parallel ranks for the per-rank figures (with --train.parallel)")
     group.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     add_config_arguments(p, default_preset="accounting")
     return p
@@ -73,9 +79,11 @@ def account(cfg: TrainConfig, args: argparse.Namespace) -> dict:
                training_flops=flops.training_flops(model, B, T),
                memory_bytes=sum(memory.values()), memory_by_component=memory)
     mem_limit = parse_bytes(args.device_memory) if args.device_memory else (spec.memory if spec else None)
+    out.update(_per_rank(cfg, args, spec))
     if mem_limit is not None:
         out["device_memory_bytes"] = mem_limit
         out["max_batch_size"] = flops.max_batch_size(model, mem_limit, T)
+        out["max_micro_batch_per_rank"] = rank_memory.max_micro_batch(model, mem_limit, T, **out["per_rank_setup"])
     if args.steps is not None:
         if spec is None:
             raise ConfigError("--steps needs --hardware to know the peak FLOP/s; valid choices: "
@@ -84,6 +92,29 @@ def account(cfg: TrainConfig, args: argparse.Namespace) -> dict:
                    training_time_s=flops.training_time_seconds(model, B, args.steps, spec.bf16_flops,
                                                                args.mfu, T))
     return out
+
+
+def _per_rank(cfg: TrainConfig, args: argparse.Namespace, spec) -> dict:
+    """Per-rank bytes (``cs336.memory``) for the run's provider, parallelism, checkpointing and
+    precision; ``auto`` is triton with --hardware (a GPU), else what this machine resolves."""
+    from cs336 import ops
+
+    world = args.world_size
+    if world < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world}")
+    t = cfg.train
+    rows = t.batch_size // world
+    if t.batch_size % world or rows % t.grad_accum_steps:
+        raise ConfigError(f"train.batch_size={t.batch_size} does not split into --world-size={world} ranks x "
+                          f"train.grad_accum_steps={t.grad_accum_steps} equal micro-batches; pick a multiple")
+    kernels = cfg.model.kernels
+    provider = kernels if kernels != "auto" else ("triton" if spec is not None else ops.resolve_backend("auto"))
+    setup = dict(provider=provider, autocast=t.autocast, checkpointing=t.activation_checkpointing,
+                 parallel=t.parallel, world_size=world)
+    micro = rows // t.grad_accum_steps
+    per_rank = rank_memory.per_rank_memory(cfg.model, micro, cfg.context_length, **setup)
+    return {"per_rank_setup": setup, "micro_batch_per_rank": micro, "per_rank_bytes": sum(per_rank.values()),
+            "per_rank_by_component": per_rank}
 
 
 def _table(title: str, rows: dict[str, int], unit: str, base: int = 1000) -> list[str]:
@@ -107,9 +138,15 @@ def render(out: dict) -> str:
     lines += ["", f"training FLOPs per step (forward + 2x backward): "
                   f"{flops.humanize(out['training_flops'], 'FLOP')} ({out['training_flops']:,})", ""]
     lines += _table("AdamW training memory (fp32)", out["memory_by_component"], "B", 1024)
+    setup = out["per_rank_setup"]
+    lines += [""] + _table(f"per-rank training memory ({setup['parallel']} x {setup['world_size']} ranks, "
+                           f"provider {setup['provider']}, autocast {setup['autocast']}, checkpointing "
+                           f"{setup['checkpointing']}; micro-batch {out['micro_batch_per_rank']})",
+                           out["per_rank_by_component"], "B", 1024)
     if "max_batch_size" in out:
         lines += ["", f"largest batch fitting {flops.humanize(out['device_memory_bytes'], 'B', 1024)}: "
-                      f"{out['max_batch_size']}"]
+                      f"{out['max_batch_size']} (handout list, fp32); per rank as configured: micro-batch "
+                      f"{out['max_micro_batch_per_rank']}"]
     if "training_time_s" in out:
         seconds = out["training_time_s"]
         lines += ["", f"{out['steps']:,} steps on {out['device']} at MFU {out['mfu']:g} "

@@ -10,7 +10,9 @@ Deviations from the handout's ``torch.save`` of a dict: the file is written atom
 containers of them; NaN/inf weights are refused before writing. Loading names what does not fit
 (another model's settings, missing or reshaped weights) and tolerates the ``module.`` and
 ``_orig_mod.`` prefixes of DDP and torch.compile. Files of other CS336 implementations load when
-they are dicts with ``model`` and ``iteration``.
+they are dicts with ``model`` and ``iteration``. A directory is the
+sharded (DCP) checkpoint of an fsdp run: ``read_checkpoint`` consolidates it into the same dict
+(optimizer None; ``cs336.checkpoint_integrity``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import IO, Any
@@ -77,7 +78,10 @@ def _is_zip(src: PathOrFile) -> bool:
 
 def read_checkpoint(src: PathOrFile, *, hint: bool = True) -> dict[str, Any]:
     """The checkpoint dict of ``src``: archive, format and checksum checked; an error names the
-    previous intact checkpoint beside it (``hint=False``: not searched)."""
+    previous intact checkpoint beside it (``hint=False``: not searched). A directory is a sharded
+    checkpoint, consolidated in this process (``read_sharded``)."""
+    if is_sharded_checkpoint(src):
+        return read_sharded(src, hint=hint)
     name = source_name(src)
 
     def earlier() -> str:
@@ -155,15 +159,25 @@ def payload_digest(payload: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where: str = "model") -> None:
+def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where: str = "model",
+                  reduce=None) -> None:
     """Raise ``NonFiniteWeightsError`` when a parameter or buffer holds NaN/inf or, with
-    ``max_abs``, a value beyond it; the message names the first such tensors. One host sync."""
+    ``max_abs``, a value beyond it; the message names the first such tensors. One host sync.
+    ``reduce``: applied to the vector of per-tensor peaks (under FSDP, the max over ranks of
+    each rank's shards, ``cs336.parallel.max_across_ranks``)."""
     model = unwrap_model(model)
     named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
              if t.is_floating_point() and t.numel()]
     if not named:
         return
-    peaks = torch.stack([t.detach().abs().amax().float() for _, t in named]).cpu()
+    from cs336.parallel import local
+
+    shards = [local(t.detach()) for _, t in named]
+    peaks = torch.stack([t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                         for t in shards])
+    if reduce is not None:
+        peaks = reduce(peaks)
+    peaks = peaks.cpu()
     bad = [(n, float(p)) for (n, _), p in zip(named, peaks, strict=True) if not torch.isfinite(p)
            or (max_abs is not None and p > max_abs)]
     if bad:
@@ -224,3 +238,68 @@ def last_good_checkpoint(directory: str | os.PathLike, max_abs: float | None = N
             continue
         return candidate
     return None
+
+# ------------------------------------------------------- sharded (DCP) checkpoints of fsdp runs
+
+SHARDED_FORMAT = "cs336-sharded-checkpoint"
+SHARDED_VERSION = 1
+SHARDED_META = "meta.pt"
+
+
+def is_sharded_checkpoint(path) -> bool:
+    return isinstance(path, (str, os.PathLike)) and Path(path).is_dir()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_meta(path, hint: bool = True) -> dict[str, Any]:
+    """``meta.pt`` of a sharded checkpoint, with every DCP file's SHA-256 checked; ``hint``: name
+    the previous valid checkpoint in errors."""
+    path = Path(path)
+    name = str(path)
+    earlier = fallback_hint(path) if hint else "Use an earlier checkpoint."
+    meta_file = path / SHARDED_META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{name} is a directory but not a complete sharded checkpoint (no {SHARDED_META}; an "
+                              f"interrupted save leaves such directories). {earlier}")
+    try:
+        meta = torch.load(meta_file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{meta_file} is corrupt ({type(exc).__name__}: {exc}). {earlier}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SHARDED_FORMAT or meta.get("version", 0) > SHARDED_VERSION:
+        raise CheckpointError(f"{meta_file} is not a {SHARDED_FORMAT} version <= {SHARDED_VERSION} file")
+    checksum = meta.get("checksum", {}).get("sha256")
+    if checksum is None or payload_digest(meta) != checksum:
+        raise CheckpointError(f"sharded checkpoint {name} is corrupt: {SHARDED_META} no longer matches its "
+                              f"SHA-256. {earlier}")
+    for fname, digest in meta["files"].items():
+        f = path / fname
+        if not f.is_file() or sha256_file(f) != digest:
+            raise CheckpointError(f"sharded checkpoint {name} is corrupt: {fname} is missing or changed "
+                                  f"since it was saved (SHA-256 mismatch). {earlier}")
+    meta.setdefault("extra", {})
+    return meta
+
+
+def read_sharded(path, hint: bool = True) -> dict[str, Any]:
+    """A sharded checkpoint consolidated in this process: the dict of ``read_checkpoint`` (keys
+    iteration, model (whole tensors), optimizer None, model_config, rng, extra)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = read_meta(path, hint)
+    metadata = FileSystemReader(str(path)).read_metadata()
+    model = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(md, "size"):
+            model[key[len("model."):]] = torch.empty(md.size, dtype=md.properties.dtype)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, checkpoint_id=str(path), no_dist=True)
+    return {**meta, "model": model, "optimizer": None}

@@ -116,6 +116,8 @@ class ModelConfig:
 
 DATASETS = ("embedded", "tinystories", "owt")
 AUTOCAST = ("none", "bf16")
+PARALLEL = ("ddp", "fsdp")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 
@@ -253,6 +255,12 @@ class TrainLoopConfig:
     """Allow TF32 matmuls on CUDA."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters,
+    gradients and AdamW state sharded over the ranks; cs336.parallel)."""
+    activation_checkpointing: str = "none"
+    """Recompute block activations in backward: none, full (every block) or selective (every
+    other block)."""
     threads: int | None = None
     """torch CPU threads; None keeps torch's default."""
     wandb: bool = False
@@ -303,6 +311,8 @@ class TrainLoopConfig:
             check_positive("train.diverge_grad_norm", self.diverge_grad_norm, integer=False)
         check_positive("train.diverge_max_weight", self.diverge_max_weight, integer=False)
         check_choice("train.autocast", self.autocast, AUTOCAST)
+        check_choice("train.parallel", self.parallel, PARALLEL)
+        check_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
         check_choice("train.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} does not divide "

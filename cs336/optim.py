@@ -17,7 +17,8 @@ backend in force when ``step()`` runs (the trainer and ``cs336.profile`` step in
 Deviation from ``torch.optim.AdamW``: torch decays the weights before the Adam update
 (``p *= 1 - lr*wd`` first), the handout after it; the two differ by a term of order
 lr^2 * wd per step. The step counter is a Python int in ``state["step"]`` (checkpointable with
-``weights_only=True``); ``exp_avg``/``exp_avg_sq`` have the parameter's dtype.
+``weights_only=True``); ``exp_avg``/``exp_avg_sq`` have the parameter's dtype. Sharded (FSDP) parameters keep DTensor
+moments, and the step runs on each rank's local shards (``cs336.parallel.local``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from cs336 import ops
+from cs336.parallel import local
 
 
 class AdamW(torch.optim.Optimizer):
@@ -76,10 +78,11 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] = int(state["step"]) + 1
                 params, grads, exp_avgs, exp_avg_sqs = buckets[state["step"]]
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
+                # Under FSDP the tensors are DTensors: every backend steps this rank's shards.
+                params.append(local(p))
+                grads.append(local(p.grad))
+                exp_avgs.append(local(state["exp_avg"]))
+                exp_avg_sqs.append(local(state["exp_avg_sq"]))
             beta1, beta2 = group["betas"]
             for t, (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
                 ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=t, lr=group["lr"],

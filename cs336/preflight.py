@@ -4,8 +4,8 @@
   ``check_text_file`` (exists, readable, not empty), composed by ``check_paths(cfg)``.
 - ``check_tokenizer_fits(n_ids, vocab_size)``: the one test, and the one message, that a
   tokenizer's ids all index the model's embedding (preflight, data preparation, decoding).
-- ``check_memory(cfg, device, micro_batch)``: training memory as ``cs336.flops`` counts it
-  against the device's total.
+- ``check_memory(cfg, device, micro_batch, world_size)``: per-rank training memory as
+  ``cs336.memory`` counts it for the run's provider and parallel mode, against the device's total.
 - ``resume_conflicts`` / ``RESUME_MAY_CHANGE``: what a ``--resume`` may change; and
   ``open_run_dir``: rank 0 claims and locks the run directory and verifies the checkpoint to
   resume from, all ranks learn the outcome, so a corrupt checkpoint stops the run before data work.
@@ -22,9 +22,10 @@ import os
 from pathlib import Path
 
 from cs336 import distributed as dist_utils
+from cs336 import ops
 from cs336.checkpoint_integrity import read_checkpoint
 from cs336.config import ConfigError, TrainConfig
-from cs336.flops import training_memory
+from cs336.memory import per_rank_memory
 from cs336.hardware import device_memory
 from cs336.run_dir import (RunDir, RunDirError, RunDirRefused, RunLock, claim_run_dir, is_run_dir, link_latest,
                            new_run_dir)
@@ -33,7 +34,7 @@ RESUME_MAY_CHANGE = (
     "model.kernels",
     "train.out_dir", "train.max_steps", "train.eval_interval", "train.eval_batches", "train.log_interval",
     "train.checkpoint_interval", "train.keep_last", "train.device", "train.autocast", "train.tf32",
-    "train.compile", "train.threads", "train.wandb", "train.wandb_mode", "train.wandb_project",
+    "train.compile", "train.threads", "train.parallel", "train.activation_checkpointing", "train.wandb", "train.wandb_mode", "train.wandb_project",
     "train.wandb_group", "train.profile", "train.sample_prompt", "train.sample_tokens",
     "train.sample_temperature", "train.sample_top_p", "train.progress", "train.grad_accum_steps",
     "train.diverge_loss_factor", "train.diverge_grad_norm", "train.diverge_max_weight",
@@ -119,14 +120,17 @@ def check_tokenizer_fits(n_ids: int, vocab_size: int, *, tokenizer: str = "the t
                           f"(model.vocab_size); {fix}")
 
 
-def check_memory(cfg: TrainConfig, device, micro_batch: int) -> None:
-    """Refuse a model and micro-batch whose training memory (fp32 parameters, gradients, AdamW
-    m and v, saved activations) exceeds the device's total: it would fail after data preparation."""
+def check_memory(cfg: TrainConfig, device, micro_batch: int, world_size: int = 1) -> None:
+    """Refuse a model and micro-batch whose per-rank training memory (``cs336.memory``: fp32
+    parameters, gradients, AdamW m and v, sharded under fsdp, and the activations that the run's
+    provider really keeps) exceeds the device's total: it would fail after data preparation."""
     total = device_memory(device)
     if total is None:
         return
-    act_bytes = 2 if cfg.train.autocast == "bf16" else 4
-    memory = training_memory(cfg.model, micro_batch, cfg.context_length, act_bytes=act_bytes)
+    memory = per_rank_memory(cfg.model, micro_batch, cfg.context_length,
+                             provider=ops.resolve_backend(cfg.model.kernels), autocast=cfg.train.autocast,
+                             checkpointing=cfg.train.activation_checkpointing, parallel=cfg.train.parallel,
+                             world_size=world_size)
     need = sum(memory.values())
     if need <= total:
         return
@@ -135,16 +139,17 @@ def check_memory(cfg: TrainConfig, device, micro_batch: int) -> None:
         f"training this model needs about {need / 1e9:.3g} GB ({fixed / 1e9:.3g} GB for parameters, "
         f"gradients and AdamW state, the rest for the activations of {micro_batch} sequences of "
         f"{cfg.context_length} tokens) but {device} has {total / 1e9:.3g} GB; lower --model.d_model, "
-        "--model.num_layers or --model.vocab_size, or the batch (--batch-size, --train.grad_accum_steps)")
+        "--model.num_layers or --model.vocab_size, or the batch (--batch-size, --train.grad_accum_steps), "
+        "or add --train.activation_checkpointing=full or --train.parallel=fsdp")
 
 
-def preflight(cfg: TrainConfig, device=None, micro_batch: int | None = None) -> None:
+def preflight(cfg: TrainConfig, device=None, micro_batch: int | None = None, world_size: int = 1) -> None:
     """Fail now on what would otherwise fail only after data preparation or after training:
     paths, the memory, the final sample's prompt, the wandb package. (A ``--data.tokenizer_dir``
     is checked against the model where it is loaded, once, in ``cs336.prepare``, before encoding.)"""
     check_paths(cfg)
     if device is not None and micro_batch is not None:
-        check_memory(cfg, device, micro_batch)
+        check_memory(cfg, device, micro_batch, world_size)
     if cfg.train.sample_tokens > 0 and not cfg.train.sample_prompt:
         raise ConfigError("train.sample_prompt is empty; the final sample needs a prompt: pass "
                           "--train.sample_prompt=TEXT or --train.sample_tokens=0")

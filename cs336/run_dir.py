@@ -5,6 +5,7 @@
     DIR/config.json              resolved TrainConfig
     DIR/metrics.jsonl            one JSON object per logged step
     DIR/checkpoints/step_NNNNNN.pt, DIR/checkpoints/latest (file name of the newest checkpoint)
+    DIR/checkpoints/step_NNNNNN.dcp/   sharded checkpoint of an fsdp run (cs336.sharded_checkpoint)
     DIR/tokenizer/, DIR/data/, DIR/loss.png, DIR/samples.txt, DIR/profile/
 
 One room for the directory, so the layout, the marker, the lock, the run naming, the checkpoint
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from datetime import datetime, timezone
@@ -38,8 +40,9 @@ except ImportError:  # Windows: the lock is a no-op
 
 MARKER = ".cs336-run"
 LOCK = ".cs336-lock"
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
-"""File names of the trainer's checkpoints: ``step_NNNNNN.pt``."""
+CHECKPOINT_RE = re.compile(r"^step_(\d+)\.(pt|dcp)$")
+"""Names of the trainer's checkpoints: ``step_NNNNNN.pt`` files and the ``step_NNNNNN.dcp``
+directories of fsdp runs."""
 LAYOUT = frozenset({MARKER, LOCK, "config.json", "metrics.jsonl", "checkpoints", "tokenizer", "data",
                     "loss.png", "samples.txt", "profile", "wandb"})
 """Every name ``cs336.train`` writes at the top of a run directory."""
@@ -139,8 +142,9 @@ class RunDir:
         if self.metrics_file.is_file():
             atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def checkpoint_path(self, step: int) -> Path:
-        return self.checkpoints / f"step_{step:06d}.pt"
+    def checkpoint_path(self, step: int, sharded: bool = False) -> Path:
+        """``step_NNNNNN.pt``, or the sharded (fsdp) directory ``step_NNNNNN.dcp``."""
+        return self.checkpoints / f"step_{step:06d}.{'dcp' if sharded else 'pt'}"
 
     def checkpoint_files(self) -> list[Path]:
         return checkpoint_files(self.checkpoints)
@@ -151,7 +155,7 @@ class RunDir:
             return None
         name = pointer.read_text(encoding="utf-8").strip()
         path = self.checkpoints / name
-        if not CHECKPOINT_RE.match(name) or not path.is_file():
+        if not CHECKPOINT_RE.match(name) or not (path.is_file() or (name.endswith(".dcp") and path.is_dir())):
             raise RunDirError(f"{pointer} names {name!r}, which is not a checkpoint in {self.checkpoints}; "
                               "write the file name of an existing step_NNNNNN.pt into it")
         return path
@@ -161,7 +165,10 @@ class RunDir:
         atomic_write_text(self.checkpoints / "latest", path.name + "\n")
         for old in self.checkpoint_files()[:-keep_last]:
             if old != path:
-                old.unlink(missing_ok=True)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
 
 
 def _has_run_layout(path: Path) -> bool:

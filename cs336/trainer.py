@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from cs336 import distributed as dist_utils
 from cs336 import ops
+from cs336 import parallel
 from cs336.checkpoint import (CheckpointError, NonFiniteWeightsError, check_weights, load_checkpoint_full,
-                              restore_rng_state, write_checkpoint)
+                              read_checkpoint, restore_rng_state, write_checkpoint)
 from cs336.config import TrainConfig
 from cs336.config_io import changed_fields, config_to_dict
 from cs336.data import get_batch, iter_batches
@@ -44,6 +45,7 @@ from cs336.preflight import open_run_dir, preflight
 from cs336.prepare import SourceTokenizer, prepare_data, source_tokenizer
 from cs336.profile import StepProfiler
 from cs336.run_dir import RunDir
+from cs336.sharded_checkpoint import is_sharded_checkpoint, load_full_into, load_sharded_into, save_sharded
 
 PROFILE_STEPS = 5
 """Steps recorded by --profile at the start of the run: 1 skipped, 1 warm-up, 3 traced."""
@@ -109,13 +111,17 @@ class Trainer:
         self.micro_batches = dist_utils.micro_batches(rows, cfg.train.grad_accum_steps)
         torch.manual_seed(cfg.train.seed)
         self.model = TransformerLM.from_config(cfg.model, device=device)
+        parallel.apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
+        self.fsdp = info.enabled and cfg.train.parallel == "fsdp"
+        if self.fsdp:
+            parallel.shard_model(self.model, device, cfg.train.autocast)
         self.opt = AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         step_fn = LossModule(self.model)
         if cfg.train.compile:
             step_fn = torch.compile(step_fn)
-        if info.enabled:
+        if info.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
@@ -143,12 +149,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i, rows in enumerate(self.micro_batches):
             sync = i == n - 1 or not self.info.enabled
-            with contextlib.nullcontext() if sync else self.step_fn.no_sync():
+            if self.fsdp:
+                context = parallel.micro_batch(self.model, last=i == n - 1)
+            else:
+                context = contextlib.nullcontext() if sync else self.step_fn.no_sync()
+            with context:
                 with self.autocast():
                     loss = self.step_fn(x[rows], y[rows]) / n
                 loss.backward()
             loss_sum += loss.detach().float()
-        grad_norm = clip_gradients([p for p in self.model.parameters() if p.grad is not None], self.clip)
+        clip = parallel.clip_global if self.fsdp else clip_gradients
+        grad_norm = clip([p for p in self.model.parameters() if p.grad is not None], self.clip)
         return dist_utils.mean_across_ranks(loss_sum, self.info), grad_norm
 
     def optimizer_step(self) -> None:
@@ -164,12 +175,18 @@ class Trainer:
         batches = iter_batches(self.valid_tokens, self.cfg.train.batch_size, self.cfg.context_length,
                                self.device, max_batches=self.cfg.train.eval_batches)
         for i, (x, y) in enumerate(batches):
-            if i % self.info.world_size != self.info.rank:
+            counted = True
+            if self.fsdp:  # every rank joins every forward (its all-gathers): its rows of each batch
+                xs, ys = (t.tensor_split(self.info.world_size) for t in (x, y))
+                counted = ys[self.info.rank].shape[0] > 0  # a short last batch: run row 0, uncounted
+                x, y = (xs[self.info.rank], ys[self.info.rank]) if counted else (x[:1], y[:1])
+            elif i % self.info.world_size != self.info.rank:
                 continue
             with self.autocast():
                 loss = self.model.loss(x, y)
-            total[0] += loss.double() * y.numel()
-            total[1] += y.numel()
+            if counted:
+                total[0] += loss.double() * y.numel()
+                total[1] += y.numel()
         if self.info.enabled:
             torch.distributed.all_reduce(total)
         self.model.train()
@@ -180,14 +197,22 @@ class Trainer:
         are non-finite or beyond ``train.diverge_max_weight`` are never saved: every rank checks
         its (identical) copy, once, and raises TrainingDiverged."""
         try:
-            check_weights(self.model, self.cfg.train.diverge_max_weight, where=f"step {state.step}")
+            check_weights(self.model, self.cfg.train.diverge_max_weight, where=f"step {state.step}",
+                          reduce=parallel.max_across_ranks if self.fsdp else None)
         except NonFiniteWeightsError as exc:
             last = guard.last_good() if guard is not None and self.info.is_main else None
             where = f"Last good checkpoint: {last}" if last is not None else "No good checkpoint exists yet"
             raise TrainingDiverged(f"training diverged: {exc}. {where}", state.summary(self.rd)) from None
         if guard is not None:
             state.guard = guard.state_dict()
-        if self.info.is_main:
+        if self.fsdp:  # every rank writes its shards
+            path = self.rd.checkpoint_path(state.step, sharded=True)
+            save_sharded(self.model, self.opt, state.step, path, self.info.is_main,
+                         config=self.config_dict if self.info.is_main else None,
+                         data_rng=self.gen.get_state(), tracker=state.tracker())
+            if self.info.is_main:
+                self.rd.mark_latest(path, self.cfg.train.keep_last)
+        elif self.info.is_main:
             path = self.rd.checkpoint_path(state.step)
             write_checkpoint(self.model, self.opt, state.step, path,
                              {"config": self.config_dict, "data_rng": self.gen.get_state(),
@@ -199,7 +224,13 @@ class Trainer:
         """Load ``path`` (or ``payload``, its dict already read) into model and optimizer, restore
         the RNGs and the sampler."""
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
-        ckpt = load_checkpoint_full(path, self.model, self.opt, payload=payload)
+        if is_sharded_checkpoint(path):  # DCP reshards to this run's ranks (or loads whole tensors)
+            ckpt = load_sharded_into(path, self.model, self.opt)
+        elif self.fsdp:
+            ckpt = payload if payload is not None else read_checkpoint(path)
+            load_full_into(ckpt, str(path), self.model, self.opt)
+        else:
+            ckpt = load_checkpoint_full(path, self.model, self.opt, payload=payload)
         # load_state_dict restored the saved param groups; the resolved config's values win
         # (every optimizer hyperparameter the builder set, for any optimizer it builds).
         for group, values in zip(self.opt.param_groups, hyper, strict=True):
@@ -259,10 +290,12 @@ def train(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_utils
     # Fail on a batch the ranks and micro-batches cannot split, an unusable kernel backend, or
     # anything else that would fail later, before anything is written.
     micro = dist_utils.micro_batches(dist_utils.rank_rows(cfg.train.batch_size, info), cfg.train.grad_accum_steps)
+    if cfg.train.parallel == "fsdp":
+        parallel.check_fsdp_launch(info.world_size)
     ops.resolve_backend(cfg.model.kernels)
     if cfg.optim.fused:
         ops.resolve_backend("triton")
-    preflight(cfg, device, micro[0].stop - micro[0].start)
+    preflight(cfg, device, micro[0].stop - micro[0].start, info.world_size)
     source = source_tokenizer(cfg)  # every rank, so every rank raises the same error
     rd, latest, lock, payload = open_run_dir(cfg, resume, info)
     try:
@@ -357,8 +390,11 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
         say(f"profile of steps 3-{PROFILE_STEPS} of this run: {profiler.result.traces[-1]}, "
             f"{profiler.result.table_path}")
     summary = {**state.summary(rd), "interrupted": state.stopped_by is not None}
+    model = trainer.model
+    if trainer.fsdp and cfg.train.sample_tokens > 0 and not summary["interrupted"]:
+        model = parallel.full_model_copy(trainer.model, info.is_main)  # the sample runs on rank 0 alone
     if info.is_main:
-        finish(cfg, rd, trainer.model, tokenizer, summary, say)
+        finish(cfg, rd, model, tokenizer, summary, say)
     if wandb_run is not None:
         wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         wandb_run.finish()

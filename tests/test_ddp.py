@@ -1,5 +1,6 @@
 """Two gloo ranks on the CPU train exactly like one process on the same global batch, the ranks
-with two micro-batches each (gradient accumulation under DDP)."""
+with two micro-batches each (gradient accumulation under DDP) and every block recomputed in
+backward (activation checkpointing)."""
 
 import json
 import os
@@ -33,7 +34,7 @@ def _cfg(out_dir, data_dir, *extra):
 def _rank(rank: int, world: int, port: int, out_dir: str, data_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    run(_cfg(out_dir, data_dir, "train.grad_accum_steps=2"))
+    run(_cfg(out_dir, data_dir, "train.grad_accum_steps=2", "train.activation_checkpointing=full"))
 
 
 def _losses(run_dir):

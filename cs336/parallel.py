@@ -1,0 +1,165 @@
+"""Training past one device: FSDP2 sharding, activation checkpointing and the global reductions.
+
+``--train.parallel=fsdp`` (under torchrun, two or more ranks) calls ``shard_model``: one
+``fully_shard`` per ``TransformerBlock`` and one for the root, on a 1-D ``DeviceMesh`` of the ranks
+(torchtitan's ``parallelize`` order; an explicit CPU mesh with gloo). Parameters, gradients and
+the AdamW moments are then DTensors sharded on dim 0; ``local`` gives the shard the project's
+kernels step in place. Under ``--train.autocast=bf16`` a ``MixedPrecisionPolicy`` all-gathers the
+blocks' matmul weights in bf16 and reduce-scatters gradients in fp32; the fp32 shards stay the
+master weights. Deviation from torchtitan (whose policy casts every parameter and the block
+inputs): the RMSNorm weights, the embedding and the LM head are their own fp32 groups and block
+inputs are not cast, so FSDP under bf16 computes exactly what ``torch.autocast`` computes in one
+process. Gradient accumulation keeps gradients unsharded and parameters gathered between
+micro-batches (``micro_batch``); the last one reduce-scatters the sum.
+
+``--train.activation_checkpointing``: ``full`` recomputes every block in the backward pass,
+``selective`` every other block (even indices, so about half the block activations are kept),
+both with non-reentrant ``torch.utils.checkpoint`` (autocast is restored by it, the kernel backend
+by ``_recomputed``). The state-dict names do not change.
+
+Optimizers that need a whole matrix (Muon's orthogonalization) call ``full_grad(p)``: the
+gradient all-gathered (``DTensor.full_tensor()``), or ``p.grad`` itself when not sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cs336 import ops
+from cs336.config import ACTIVATION_CHECKPOINTING, PARALLEL, ConfigError  # noqa: F401
+
+try:  # torch >= 2.5 (2.11 on the GPU machine, 2.13 here)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment]
+
+
+def is_sharded(t: torch.Tensor | None) -> bool:
+    return isinstance(t, DTensor) if DTensor else False
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place updates reach the DTensor), else ``t``."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """The whole gradient of ``p`` (all-gathered from every rank's shard under FSDP)."""
+    g = p.grad
+    return g.full_tensor() if is_sharded(g) else g
+
+
+def checkpointed_blocks(num_layers: int, mode: str) -> list[int]:
+    """Indices of the blocks recomputed in backward under ``mode``."""
+    if mode == "none":
+        return []
+    if mode == "full":
+        return list(range(num_layers))
+    if mode == "selective":
+        return list(range(0, num_layers, 2))
+    raise ConfigError(f"train.activation_checkpointing={mode!r}; valid choices: "
+                      f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+
+
+def _recomputed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        backend = ops.get_backend()  # the recompute runs in backward, outside the model's use_backend
+
+        def again(*a, **k):
+            with ops.use_backend(backend):
+                return forward(*a, **k)
+        return checkpoint(again, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> list[int]:
+    """Make the blocks ``checkpointed_blocks`` names recompute their forward in backward (the
+    module tree and state dict are unchanged); returns their indices."""
+    chosen = checkpointed_blocks(len(model.layers), mode)
+    for i in chosen:
+        block = model.layers[i]
+        block.forward = _recomputed(block.forward)
+    return chosen
+
+
+def check_fsdp_launch(world_size: int) -> None:
+    """fsdp needs torchrun with two or more ranks; one process has nothing to shard across."""
+    if world_size < 2:
+        raise ConfigError("--train.parallel=fsdp needs two or more ranks (launch with torchrun "
+                          "--nproc_per_node=N, N >= 2); on one device drop --train.parallel "
+                          "(the same training, unsharded)")
+
+
+def shard_model(model: nn.Module, device: torch.device, autocast: str) -> nn.Module:
+    """``fully_shard`` every block, then the root, on a mesh of all ranks (see the module docstring)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    bf16 = None
+    if autocast == "bf16":
+        bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
+    for block in model.layers:
+        for norm in (block.ln1, block.ln2) if bf16 else ():  # fp32 units of their own under bf16
+            if any(True for _ in norm.parameters()):
+                fully_shard(norm, mesh=mesh)
+        fully_shard(block, mesh=mesh, **({"mp_policy": bf16} if bf16 else {}))
+    fully_shard(model, mesh=mesh)
+    for name in ("loss", "hidden_states"):  # entry points other than forward gather the root too
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+def micro_batch(model: nn.Module, last: bool):
+    """Context for one micro-batch's forward and backward under FSDP: all but the last keep the
+    gradients unreduced and the parameters gathered (no reshard, no reduce-scatter)."""
+    model.set_requires_gradient_sync(last)
+    model.set_reshard_after_backward(last)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def clip_global(params, max_l2_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """``cs336.nn_utils.clip_gradients`` over sharded gradients: the squares of every rank's shards
+    are summed across ranks, so the norm (returned, before clipping) is the global one."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        total += g.float().pow(2).sum()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    norm = total.sqrt()
+    scale = torch.clamp(max_l2_norm / (norm + eps), max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm
+
+
+def max_across_ranks(peaks: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks (NaN-preserving: NaN is mapped to inf first)."""
+    peaks = torch.nan_to_num(peaks.clone(), nan=float("inf"))
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    return peaks
+
+
+def full_model_copy(model: nn.Module, is_main: bool) -> nn.Module | None:
+    """A plain (unsharded, CPU-gathered) copy of a sharded model on rank 0, None elsewhere. Every
+    rank must call it (it all-gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from cs336.model import TransformerLM
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    copy = TransformerLM.from_config(model.config)
+    copy.load_state_dict(state)
+    return copy.eval()
