@@ -118,7 +118,7 @@ def render(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cs336.interrupt import run_cli
+    from cs336.cli import run_cli
 
     args = parse_args(build_parser(), argv)
 

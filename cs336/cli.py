@@ -13,6 +13,12 @@ Precedence of sources, each applied on top of the previous one: ``--preset NAME`
 each command has its own default preset, e.g. ``profile`` for cs336.profile), ``--model NAME``
 (replaces the model section by a model preset such as gpt2-xl), ``--config FILE`` (TOML or
 JSON), then the flags in the order given.
+
+``run_cli`` is the top level of every command: ``cs336.interrupt.run_cli`` (one line and exit
+130/143 on SIGINT/SIGTERM, one line and exit 2 for the command's own user errors) plus the errors
+any command can meet: an ``OSError`` the user can fix (no space, permission, read-only, busy,
+missing path; ``cs336.fileio.FIXES``) is one line naming the file and the fix, exit 2, whatever
+line of code it came from.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
+import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cs336.config import (MODEL_PRESETS, PRESETS, SECTIONS, ConfigError, TrainConfig, check_positive,
                           kernel_backends, model_preset, preset)
@@ -158,3 +166,58 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Tra
     if args.config:
         cfg = load_config(args.config, cfg)
     return apply_overrides(cfg, [*overrides_from_args(args), *extra])
+
+
+class UserError(Exception):
+    """An error whose message is the whole story for the user (``run_cli`` prints it, exit 2)."""
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """One line for an exception the user caused and can fix, or None (a bug: keep the traceback).
+
+    ``WriteError`` already names its file; any other ``OSError`` with an errno in
+    ``cs336.fileio.FIXES`` is told as ``FILE: cause; fix``.
+    """
+    from cs336.fileio import FIXES, WriteError
+
+    if isinstance(exc, WriteError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in FIXES:
+        where = " -> ".join(os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None)
+        fix = FIXES[exc.errno]
+        return f"{where}: {exc.strerror}; {fix}" if where else f"{exc.strerror}; {fix}"
+    return None
+
+
+def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException], ...] = (),
+            on_interrupt: Callable[[], str] | None = None, is_main: bool | None = None,
+            exit_codes: dict[type[BaseException], int] | None = None) -> None:
+    """Run ``body()`` as a command: ``cs336.interrupt.run_cli`` with the same arguments, plus any
+    user-fixable ``OSError`` (``user_error_message``) as one line and exit 2. A closed stdout
+    (``... | head``) ends the command quietly."""
+    from cs336.interrupt import run_cli as run_with_signals
+
+    def guarded() -> None:
+        try:
+            body()
+        except BrokenPipeError:
+            _quiet_stdout()
+        except (*user_errors, *(exit_codes or {})):
+            raise
+        except Exception as exc:
+            message = user_error_message(exc)
+            if message is None:
+                raise
+            raise UserError(message) from None
+
+    run_with_signals(guarded, user_errors=(*user_errors, UserError), on_interrupt=on_interrupt,
+                     is_main=is_main, exit_codes=exit_codes)
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE on stdout, point it at /dev/null so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -205,18 +205,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{name}: {exp.question}\n    points: {'; '.join(points)}")
         print("common settings: " + " ".join(SCALE))
     elif args.command == "run":
+        from cs336.cli import run_cli
+
         out = args.out or Path("runs") / "experiments" / args.name
-        try:
+        status = {}
+
+        def body() -> None:
             base = base_config(args)
             if args.config:
                 base = cfglib.load_config(args.config, base)
             overrides = [*overrides_from_args(args), *args.sets]
-            status = run_experiment(args.name, base, overrides, out, args.grid)
-        except (sweep.SweepError, cfglib.ConfigError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        if status:
-            sys.exit(status)
+            status["code"] = run_experiment(args.name, base, overrides, out, args.grid)
+
+        run_cli(body, user_errors=(sweep.SweepError, cfglib.ConfigError),
+                on_interrupt=lambda: f"finished points are kept in {out}; run the same command again "
+                                     "to continue")
+        if status.get("code"):
+            sys.exit(status["code"])
 
 
 if __name__ == "__main__":

@@ -36,18 +36,18 @@ is an earlier export of this tool.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from cs336.config import ConfigError, ModelConfig
-from cs336.fileio import atomic_write_text
+from cs336.fileio import atomic_write_text, current_umask, writing
+from cs336.interrupt import deferred_signals
 from cs336.inference import add_source_arguments
-from cs336.tokenizer.gpt2_files import token_to_str
 
 EOT = "<|endoftext|>"
 MARKER = "cs336_export.json"
@@ -77,6 +77,8 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 def rope_permutation(d_head: int) -> torch.Tensor:
     """Row order within a head that maps adjacent-pair RoPE to half-split RoPE."""
+    import torch
+
     return torch.cat([torch.arange(0, d_head, 2), torch.arange(1, d_head, 2)])
 
 
@@ -141,15 +143,18 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int | None) -> di
 
 
 def generation_config(cfg: ModelConfig, eos_id: int | None) -> dict:
-    """Sampling defaults of ``python -m cs336.generate`` (T=0.7, top-p 0.9), at most
-    ``context_length`` tokens in all (the model never saw later positions)."""
+    """Sampling defaults of ``python -m cs336.generate`` (T=0.7, top-p 0.9). No ``max_length``:
+    transformers warns on every ``generate(max_new_tokens=...)`` when one is set; the context
+    length is ``max_position_embeddings`` in config.json."""
     return {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
-            "do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_length": cfg.context_length}
+            "do_sample": True, "temperature": 0.7, "top_p": 0.9}
 
 
 def tokenizer_json(tokenizer) -> dict:
     """HF ``tokenizers`` file for our byte-level BPE: GPT-2's pre-tokenizer regex and byte
     alphabet, our merges in order, special tokens as added tokens (never split, never merged)."""
+    from cs336.tokenizer.gpt2_files import token_to_str
+
     vocab = {token_to_str(tok): idx for idx, tok in sorted(tokenizer.vocab.items())}
     specials = []
     for text in tokenizer.special_tokens:
@@ -214,23 +219,68 @@ def export_hf(model, tokenizer, out: str | os.PathLike, *, source: dict | None =
     eos, eos_id = _eos(model, tokenizer)
     tensors = llama_state_dict(model)
     dtype = next(iter(tensors.values())).dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        tmp = _temp_dir(out, ".tmp")
     try:
         def dump(name: str, obj: dict) -> None:
             atomic_write_text(tmp / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        weights = tmp / "model.safetensors"
+        with writing(weights):
+            save_file(tensors, str(weights), metadata={"format": "pt"})
+            os.chmod(weights, 0o666 & ~current_umask())  # safetensors writes it 0600
         dump("config.json", llama_config(cfg, dtype, eos_id))
         dump("generation_config.json", generation_config(cfg, eos_id))
         dump("tokenizer.json", tokenizer_json(tokenizer))
         dump("tokenizer_config.json", tokenizer_config(cfg, eos))
         dump(MARKER, {"format": "cs336-hf-export", "version": 1, **(source or {})})
-        _replace_dir(tmp, out)
+        with writing(out):
+            _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+TEMP_TAG = "cs336-export"
+"""Temporary directories beside ``out`` are ``.{out.name}.cs336-export-{pid}-{random}{.tmp|.old}``."""
+
+
+def _temp_dir(out: Path, suffix: str) -> Path:
+    """A new directory beside ``out`` named for this process, readable per the umask (``mkdtemp``
+    makes it 0700)."""
+    with deferred_signals():
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{TEMP_TAG}-{os.getpid()}-",
+                                    suffix=suffix))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete the temporary directories an export to ``out`` left when it was killed (SIGKILL,
+    power loss): those whose process no longer exists. Returns what was removed."""
+    removed = []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{TEMP_TAG}-(\d+)-[^/]*\.(tmp|old)")
+    for entry in out.parent.glob(f".{glob.escape(out.name)}.{TEMP_TAG}-*"):
+        found = pattern.fullmatch(entry.name)
+        if found and entry.is_dir() and not _alive(int(found.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _replace_dir(new: Path, out: Path) -> None:
@@ -239,7 +289,7 @@ def _replace_dir(new: Path, out: Path) -> None:
     if not out.exists():
         os.replace(new, out)
         return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    old = _temp_dir(out, ".old")
     os.replace(out, old / "dir")
     try:
         os.replace(new, out)
@@ -257,13 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before the torch import: --help stays fast
     from cs336.checkpoint import CheckpointError
+    from cs336.cli import run_cli
     from cs336.inference import load_for_inference
     from cs336.run_dir import RunDirError
-
-    from cs336.interrupt import run_cli
-
-    args = build_parser().parse_args(argv)
 
     def body() -> None:
         _check_destination(Path(args.out))

@@ -281,7 +281,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from cs336.checkpoint import CheckpointError
-    from cs336.interrupt import run_cli
+    from cs336.cli import run_cli
     from cs336.run_dir import RunDirError
 
     args = build_parser().parse_args(argv)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 
 from cs336.config import ConfigError, TrainConfig, config_from_dict
-from cs336.hardware import resolve_device
 from cs336.run_dir import RunDir, RunDirError
 from cs336.run_guard import check_tokenizer_fits_model
 
@@ -22,6 +21,7 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
                        tokenizer_dir: str | None = None, device: str = "cpu"):
     """(model in eval mode, tokenizer) from a run directory or a checkpoint file."""
     from cs336.checkpoint import CheckpointError, load_checkpoint_full
+    from cs336.hardware import resolve_device
     from cs336.model import TransformerLM
     from cs336.tokenizer import Tokenizer
 

@@ -174,7 +174,7 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parse_args(parser, argv)
-    from cs336.interrupt import run_cli
+    from cs336.cli import run_cli
 
     def body() -> None:
         cfg = config_from_args(args)

@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         _worker(args.worker)
         return
-    from cs336.interrupt import run_cli
+    from cs336.cli import run_cli
 
     setup: dict = {}
 

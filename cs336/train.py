@@ -48,7 +48,7 @@ from cs336.config import ConfigError, TrainConfig
 from cs336.config_io import apply_overrides, config_to_dict, load_config
 from cs336.data import TokenFileError
 from cs336.datasets import DatasetError
-from cs336.interrupt import run_cli
+from cs336.cli import run_cli
 from cs336.ops import BackendError
 from cs336.run_dir import RunDir, RunDirError
 from cs336.run_guard import RunDirRefused

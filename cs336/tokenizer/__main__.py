@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from cs336.interrupt import deferred_signals, run_cli
+from cs336.cli import run_cli
+from cs336.interrupt import deferred_signals
 
 from .gpt2_files import (
     MERGES_FILE,

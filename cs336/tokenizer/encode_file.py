@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cs336.fileio import temp_beside
+from cs336.fileio import temp_beside, writing
 from cs336.interrupt import deferred_signals, ignore_sigint_in_worker
 
 from .tokenizer import Tokenizer
@@ -168,7 +168,7 @@ def encode_file(
     try:
         with deferred_signals():  # the cleanup below knows the name before a signal can land
             fd, tmp = temp_beside(dst)
-        with os.fdopen(fd, "wb") as out:
+        with writing(dst), os.fdopen(fd, "wb") as out:
 
             def write(ids: np.ndarray, text: str) -> None:
                 nonlocal tokens
@@ -205,7 +205,7 @@ def encode_file(
         meta_path = dst.with_name(dst.name + ".json")
         with deferred_signals():
             fd_meta, tmp_meta = temp_beside(meta_path)
-        with os.fdopen(fd_meta, "w", encoding="utf-8") as f:
+        with writing(meta_path), os.fdopen(fd_meta, "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
             f.write("\n")
         with deferred_signals():  # token file and sidecar change together
