@@ -13,7 +13,8 @@ The CS336 model (pre-norm RMSNorm, SwiGLU, RoPE, no biases, untied LM head) is a
 many key/value heads as query heads. Written files: ``config.json`` (``LlamaConfig``),
 ``model.safetensors`` (Llama parameter names), ``generation_config.json``, ``tokenizer.json`` (HF
 ``tokenizers`` format: byte-level BPE with our vocabulary and merges, special tokens as added
-tokens), ``tokenizer_config.json`` (``<|endoftext|>`` as bos and eos, no token added to the input)
+tokens), ``tokenizer_config.json`` (the first special token, ``<|endoftext|>`` by default, as bos and
+eos, no token added to the input)
 and ``cs336_export.json`` (where the weights came from).
 
 Parameter map: ``token_embeddings`` -> ``model.embed_tokens``; per layer ``attn.{q,k,v}_proj`` ->
@@ -30,7 +31,10 @@ since q and k get the same permutation, ``q . k`` (the attention scores) is unch
 Ablations Llama cannot express (post-norm, no RMSNorm, NoPE, the ungated SiLU FFN) are refused
 with an ``ExportError`` naming the switch. The directory is written next to its destination under
 a temporary name and renamed into place; an existing non-empty destination is replaced only if it
-is an earlier export of this tool.
+is an earlier export of this tool. Files and directory get the modes ``open``/``mkdir`` would
+give them under the process umask (0644/0755 under umask 022), so other users can read the export;
+temporary directories of an export killed without cleanup (SIGKILL) are removed by the next
+export to the same destination.
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ from cs336.fileio import atomic_write_text, current_umask, writing
 from cs336.interrupt import deferred_signals
 from cs336.inference import add_source_arguments
 
-EOT = "<|endoftext|>"
 MARKER = "cs336_export.json"
 FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
          "tokenizer_config.json", MARKER)
@@ -187,13 +190,16 @@ def tokenizer_config(cfg: ModelConfig, eos: str | None) -> dict:
 
 
 def _eos(model, tokenizer) -> tuple[str | None, int | None]:
-    if EOT not in tokenizer.special_tokens:
+    """The end-of-sequence token: the tokenizer's first special token (the run's
+    ``data.special_tokens[0]``, the one ``cs336.generate`` stops at), with its id."""
+    if not tokenizer.special_tokens:
         return None, None
-    eos_id = tokenizer.token_id(EOT.encode("utf-8"))
+    eos = tokenizer.special_tokens[0]
+    eos_id = tokenizer.token_id(eos.encode("utf-8"))
     if eos_id is None or eos_id >= model.config.vocab_size:
-        raise ExportError(f"the tokenizer gives {EOT} id {eos_id}, outside the model's vocab_size "
+        raise ExportError(f"the tokenizer gives {eos} id {eos_id}, outside the model's vocab_size "
                           f"{model.config.vocab_size}; export with the tokenizer the run was trained with")
-    return EOT, eos_id
+    return eos, eos_id
 
 
 def _is_previous_export(path: Path) -> bool:
