@@ -74,9 +74,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str = "default",
-                         shortcuts: bool = True, config_aliases: Sequence[str] = ()) -> None:
-    """Add --preset, --model, --config (plus ``config_aliases``), the short flags and one
-    --section.field flag per config field; ``default_preset`` is the base without --preset."""
+                         shortcuts: bool = True, config_aliases: Sequence[str] = (),
+                         without: Sequence[str] = ()) -> None:
+    """Add --preset, --model, --config (plus ``config_aliases``), the short flags (less those in
+    ``without``, which the command spells itself) and one --section.field flag per config field;
+    ``default_preset`` is the base without --preset."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help=f"start from a named run preset (default: {default_preset})")
     parser.set_defaults(default_preset=default_preset)
@@ -87,6 +89,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str
     if shortcuts:
         group = parser.add_argument_group("short flags")
         for flag, (key, const) in SHORTCUTS.items():
+            if flag in without:
+                continue
             if const is None:
                 group.add_argument(flag, dest=f"short:{key}", metavar="VALUE", default=None,
                                    help=f"same as --{key}")
@@ -107,6 +111,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str
                 metavar="BOOL" if is_bool else "VALUE", nargs="?" if is_bool else None,
                 const="true" if is_bool else None,
                 help=f"{doc} (default: {value!r})".strip())
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's dest and prints a one-line note."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """Accept ``old`` as a hidden alias of the already added flag ``new`` (same dest; ``kwargs``
+    such as ``type=`` as for ``new``), with a deprecation note on use. One spelling per idea
+    across the commands: ``--out-dir DIR`` for a directory a command writes, ``--out FILE`` for a
+    file, ``--run DIR`` for a training run directory it reads."""
+    action = next(a for a in parser._actions if new in a.option_strings)
+    parser.add_argument(old, dest=action.dest, action=_DeprecatedAlias, new=new, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS, metavar=action.metavar, **kwargs)
 
 
 def positive_int(text: str) -> int:

@@ -2,7 +2,7 @@
 
     python -m cs336.experiments sgd-toy [--lrs 1e1,1e2,1e3] [--steps 10] [--seed 0]
     python -m cs336.experiments list
-    python -m cs336.experiments run lr|batch|norm|rope|ffn [--preset NAME] [--config FILE] [--out DIR]
+    python -m cs336.experiments run lr|batch|norm|rope|ffn [--preset NAME] [--config FILE] [--out-dir DIR]
         [--section.field=VALUE ...] [--set key=value ...] [--grid KEY=V1,V2,...]
 
 ``sgd-toy`` is the handout's learning-rate toy (problem learning_rate_tuning): a 10x10 weight
@@ -34,7 +34,7 @@ import torch
 
 from cs336 import config as cfglib
 from cs336 import sweep
-from cs336.cli import add_config_arguments, base_config, overrides_from_args, parse_args, positive_int
+from cs336.cli import add_config_arguments, add_deprecated_alias, base_config, overrides_from_args, parse_args, positive_int
 
 
 class SGD(torch.optim.Optimizer):
@@ -141,7 +141,6 @@ def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out
                    grids: Sequence[str] = ()) -> int:
     """Run experiment ``name`` as a sweep into ``out``; ``grids`` (``KEY=V1,V2`` strings) replace
     its points. Returns the sweep's exit status."""
-    sweep.check_out(out)
     try:
         scaled = cfglib.apply_overrides(base, [*SCALE, *sets])
     except cfglib.ConfigError as exc:
@@ -150,8 +149,9 @@ def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out
         points = sweep.grid_points([sweep.parse_grid(g) for g in grids])
     else:
         points = EXPERIMENTS[name].points(scaled)
-    planned = sweep.share_data(sweep.plan_sweep(scaled, points, [], out), out)
-    return sweep.run_and_report(planned, out)
+    planned = sweep.plan_sweep(scaled, points, [], out)
+    previous = sweep.open_sweep_dir(out, planned)  # the same command again continues the sweep
+    return sweep.run_and_report(sweep.share_data(planned, out), out, previous)
 
 
 def _parse_lrs(text: str) -> list[float]:
@@ -177,12 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the named experiments")
     run = sub.add_parser("run", help="run one named experiment as a sweep")
     run.add_argument("name", choices=sorted(EXPERIMENTS), help="experiment")
-    add_config_arguments(run, config_aliases=("--base",))
+    add_config_arguments(run, config_aliases=("--base",), without=("--out-dir",))
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                      help="same as --KEY=VALUE: applied to every run, after the experiment's scale settings")
     run.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                      help="replace the experiment's points by this grid (repeatable, as in cs336.sweep)")
-    run.add_argument("--out", type=Path, help="sweep directory (default runs/experiments/NAME)")
+    run.add_argument("--out-dir", type=Path, default=None,
+                     help="sweep directory (default runs/experiments/NAME); the same command again continues it")
+    add_deprecated_alias(run, "--out", "--out-dir", type=Path)
     return parser
 
 
@@ -207,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "run":
         from cs336.cli import run_cli
 
-        out = args.out or Path("runs") / "experiments" / args.name
+        out = args.out_dir or Path("runs") / "experiments" / args.name
         status = {}
 
         def body() -> None:
