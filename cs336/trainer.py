@@ -57,6 +57,7 @@ from cs336.interrupt import StopRequest
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
 from cs336.optim import AdamW, lr_cosine_schedule
+from cs336.plots import record_resume
 from cs336.prepare import prepare_data
 from cs336.run_dir import RunDir
 from cs336.run_start import Stage, open_run_dir, preflight
@@ -343,6 +344,7 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
         if info.is_main:
             rd.write_config(cfg)
             rd.truncate_metrics(state.step)
+            record_resume(rd.path, state.step, state.wallclock_s)  # marked on loss.png
     wandb_run = init_wandb(cfg, rd) if cfg.train.wandb and info.is_main else None
     stage.set("evaluating before training", kept)
     if state.step == 0:
