@@ -1,7 +1,7 @@
 """Export a trained run to a Hugging Face ``transformers`` Llama directory.
 
-    python -m cs336.export --run runs/DIR --out hf/DIR
-    python -m cs336.export --checkpoint runs/DIR/checkpoints/step_000600.pt --out hf/DIR
+    python -m cs336.export --run runs/DIR --out-dir hf/DIR
+    python -m cs336.export --checkpoint runs/DIR/checkpoints/step_000600.pt --out-dir hf/DIR
 
 Then, with ``pip install -e ".[hf]"``::
 
@@ -48,6 +48,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cs336.cli import add_deprecated_alias
 from cs336.config import ConfigError, ModelConfig
 from cs336.fileio import atomic_write_text, current_umask, writing
 from cs336.interrupt import deferred_signals
@@ -208,9 +209,9 @@ def _is_previous_export(path: Path) -> bool:
 
 def _check_destination(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; pass a directory path")
+        raise ExportError(f"--out-dir {out} is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
-        raise ExportError(f"--out {out} exists, is not empty and is not an earlier export of "
+        raise ExportError(f"--out-dir {out} exists, is not empty and is not an earlier export of "
                           "cs336.export; pass a new directory (or empty this one)")
 
 
@@ -308,28 +309,32 @@ def _replace_dir(new: Path, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cs336.export", description=__doc__.split("\n\n")[0])
     add_source_arguments(p)
-    p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
+    p.add_argument("--out-dir", metavar="HF_DIR", help="directory to write (required)")
+    add_deprecated_alias(p, "--out", "--out-dir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # before the torch import: --help stays fast
+    parser = build_parser()
+    args = parser.parse_args(argv)  # before the torch import: --help stays fast
+    if args.out_dir is None:  # not argparse's required=: the old spelling --out also counts
+        parser.error("the following arguments are required: --out-dir")
     from cs336.checkpoint import CheckpointError
     from cs336.cli import run_cli
     from cs336.inference import load_for_inference
     from cs336.run_dir import RunDirError
 
     def body() -> None:
-        _check_destination(Path(args.out))
+        _check_destination(Path(args.out_dir))
         model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
                                               tokenizer_dir=args.tokenizer_dir)
         source = {"run": args.run, "checkpoint": args.checkpoint, "tokenizer_dir": args.tokenizer_dir}
-        out = export_hf(model, tokenizer, args.out,
+        out = export_hf(model, tokenizer, args.out_dir,
                         source={k: str(Path(v).resolve()) for k, v in source.items() if v})
         print(f"wrote {out}: {', '.join(FILES)} ({model.num_parameters():,} parameters)")
 
     run_cli(body, user_errors=(ExportError, ConfigError, CheckpointError, RunDirError),
-            on_interrupt=lambda: f"{args.out} was not changed (the export is written aside and renamed "
+            on_interrupt=lambda: f"{args.out_dir} was not changed (the export is written aside and renamed "
                                  "into place only when complete)")
     return 0
 

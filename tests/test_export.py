@@ -173,7 +173,7 @@ def run_dir(tokenizer, tmp_path_factory):
 
 def test_cli_exports_a_run_and_refuses_bad_input(run_dir, tmp_path, capsys):
     rd, model = run_dir
-    main(["--run", str(rd.path), "--out", str(tmp_path / "hf")])
+    main(["--run", str(rd.path), "--out-dir", str(tmp_path / "hf")])
     assert "wrote" in capsys.readouterr().out
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -181,14 +181,14 @@ def test_cli_exports_a_run_and_refuses_bad_input(run_dir, tmp_path, capsys):
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
     marker = json.loads((tmp_path / "hf" / "cs336_export.json").read_text())
     assert marker["run"] == str(rd.path.resolve())
-    main(["--checkpoint", str(rd.checkpoint_path(5)), "--out", str(tmp_path / "hf")])
+    main(["--checkpoint", str(rd.checkpoint_path(5)), "--out-dir", str(tmp_path / "hf")])
     capsys.readouterr()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("x")
     for args, fragment in ((["--run", str(tmp_path / "missing")], "does not exist"),
-                           (["--run", str(rd.path), "--out", str(tmp_path / "other")], "is not an earlier export")):
-        if "--out" not in args:
-            args = args + ["--out", str(tmp_path / "new")]
+                           (["--run", str(rd.path), "--out-dir", str(tmp_path / "other")], "is not an earlier export")):
+        if "--out-dir" not in args:
+            args = args + ["--out-dir", str(tmp_path / "new")]
         with pytest.raises(SystemExit) as exc:
             main(args)
         assert exc.value.code == 2
@@ -203,7 +203,7 @@ def test_disk_full_in_export_is_one_line_and_keeps_the_earlier_export(run_dir, t
 
     rd, _ = run_dir
     out = tmp_path / "hf"
-    main(["--run", str(rd.path), "--out", str(out)])
+    main(["--run", str(rd.path), "--out-dir", str(out)])
     before = (out / "model.safetensors").read_bytes()
     capsys.readouterr()
 
@@ -213,7 +213,7 @@ def test_disk_full_in_export_is_one_line_and_keeps_the_earlier_export(run_dir, t
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(SystemExit) as exc:
-        main(["--run", str(rd.path), "--out", str(out)])
+        main(["--run", str(rd.path), "--out-dir", str(out)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "model.safetensors: No space left on device; free space" in err
@@ -262,3 +262,13 @@ def test_generate_of_an_export_does_not_warn(exported, recwarn, caplog, capfd):
     messages = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
     messages += capfd.readouterr().err.splitlines()  # transformers' own logger prints to stderr
     assert not [m for m in messages if "max_length" in m or "max_new_tokens" in m], messages
+
+
+def test_out_is_a_deprecated_alias_of_out_dir(run_dir, tmp_path, capsys):
+    rd, _ = run_dir
+    main(["--run", str(rd.path), "--out", str(tmp_path / "hf")])
+    assert capsys.readouterr().err == "note: --out is deprecated; use --out-dir\n"
+    assert (tmp_path / "hf" / "config.json").is_file()
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(rd.path)])
+    assert exc.value.code == 2 and "required: --out-dir" in capsys.readouterr().err

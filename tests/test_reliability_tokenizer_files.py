@@ -51,7 +51,7 @@ def test_huge_id_through_the_command_line_stays_small(tokdir, tmp_path):
             "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"  # would need > 4 GB otherwise
             "sys.argv = ['cs336.tokenizer'] + sys.argv[1:]\n"
             "runpy.run_module('cs336.tokenizer', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", code, "encode", "--tokenizer", str(tokdir), "--input",
+    proc = subprocess.run([sys.executable, "-c", code, "encode", "--tokenizer-dir", str(tokdir), "--input",
                            str(tmp_path / "in.txt"), "--out", str(tmp_path / "in.bin"), "--quiet"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                           timeout=300)
@@ -127,7 +127,7 @@ def test_merges_consistent_with_vocab_and_tokenizer_json(tokdir):
 def test_command_line_reports_each_kind_in_one_line(tokdir, tmp_path):
     (tmp_path / "in.txt").write_text("hello", encoding="utf-8")
     _set_vocab(tokdir, "")
-    proc = subprocess.run([sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tokdir), "--input",
+    proc = subprocess.run([sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tokdir), "--input",
                            str(tmp_path / "in.txt"), "--out", str(tmp_path / "in.bin"), "--quiet"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                           timeout=300)

@@ -38,7 +38,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokdir(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tok"
-    main(["train", "--input", str(corpus), "--vocab-size", "400", "--special-token", EOT, "--out", str(out)])
+    main(["train", "--input", str(corpus), "--vocab-size", "400", "--special-token", EOT, "--out-dir", str(out)])
     return out
 
 
@@ -53,7 +53,7 @@ def test_train_writes_tokenizer_dir(tokdir, capsys):
 
 
 def test_train_prints_summary(corpus, tmp_path, capsys):
-    main(["train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+    main(["train", "--input", str(corpus), "--vocab-size", "300", "--out-dir", str(tmp_path / "t")])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "in " in line and "peak memory" in line and "longest token" in line
 
@@ -61,7 +61,7 @@ def test_train_prints_summary(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_encode_matches_tokenizer(tokdir, corpus, tmp_path, workers, capsys):
     out = tmp_path / "corpus.bin"
-    main(["encode", "--tokenizer", str(tokdir), "--input", str(corpus), "--out", str(out),
+    main(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--out", str(out),
           "--workers", str(workers), "--quiet"])
     tok = Tokenizer(*load_tokenizer_dir(tokdir))
     expected = tok.encode(_read(corpus))
@@ -110,27 +110,27 @@ def _exit_2(argv, capsys) -> str:
 
 def test_bad_inputs_exit_2(tokdir, corpus, tmp_path, capsys):
     missing = tmp_path / "missing.txt"
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(missing), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(missing), "--out", str(tmp_path / "x.bin")], capsys)
     assert str(missing) in err
     assert not (tmp_path / "x.bin").exists()
-    err = _exit_2(["encode", "--tokenizer", str(tmp_path / "nodir"), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tmp_path / "nodir"), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
     assert "nodir" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "vocab.json").write_text('{"a": 0,', encoding="utf-8")
     (broken / "merges.txt").write_text("", encoding="utf-8")
-    err = _exit_2(["encode", "--tokenizer", str(broken), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(broken), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
     assert "vocab.json:1" in err
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 10)
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(latin1), "--out", str(tmp_path / "y.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(latin1), "--out", str(tmp_path / "y.bin")], capsys)
     assert str(latin1) in err and "at byte 3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "latin1.txt"]
-    err = _exit_2(["train", "--input", str(corpus), "--vocab-size", "200", "--out", str(tmp_path / "t")], capsys)
+    err = _exit_2(["train", "--input", str(corpus), "--vocab-size", "200", "--out-dir", str(tmp_path / "t")], capsys)
     assert "--vocab-size 200" in err
-    err = _exit_2(["train", "--input", str(missing), "--vocab-size", "300", "--out", str(tmp_path / "t")], capsys)
+    err = _exit_2(["train", "--input", str(missing), "--vocab-size", "300", "--out-dir", str(tmp_path / "t")], capsys)
     assert str(missing) in err
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(corpus), "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
     assert "workers" in err
 
 
@@ -140,15 +140,27 @@ def test_module_entry_point(tokdir, corpus, tmp_path):
     ).stdout
     assert "--workers" in help_text
     run = subprocess.run(
-        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tokdir), "--input", str(corpus),
+        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus),
          "--out", str(tmp_path / "c.bin"), "--workers", "2", "--quiet"],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr
     assert "bytes/token" in run.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tokdir), "--input",
+        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tokdir), "--input",
          str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d.bin")],
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "nope.txt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_old_flag_spellings_still_work_with_a_note(corpus, tmp_path, capsys):
+    main(["train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+    assert "note: --out is deprecated; use --out-dir" in capsys.readouterr().err
+    main(["encode", "--tokenizer", str(tmp_path / "t"), "--input", str(corpus), "--out", str(tmp_path / "c.bin"),
+          "--quiet"])
+    assert "note: --tokenizer is deprecated; use --tokenizer-dir" in capsys.readouterr().err
+    assert (tmp_path / "c.bin").stat().st_size > 0
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--input", str(corpus), "--vocab-size", "300"])
+    assert exc.value.code == 2 and "required: --out-dir" in capsys.readouterr().err
