@@ -26,57 +26,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from cs336 import config as cfglib
 from cs336 import sweep
 from cs336.cli import add_config_arguments, add_deprecated_alias, base_config, overrides_from_args, parse_args, positive_int
 
 
-class SGD(torch.optim.Optimizer):
-    """SGD with the handout's decaying step: ``p <- p - lr / sqrt(t + 1) * grad``, t counted per
-    parameter from 0."""
+def __getattr__(name: str):
+    """``SGD`` and ``sgd_toy`` live in ``cs336.sgd_toy`` (torch is imported only when used, so
+    ``--help`` stays fast)."""
+    if name in ("SGD", "sgd_toy"):
+        from cs336 import sgd_toy
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3) -> None:
-        if not lr >= 0:
-            raise ValueError(f"SGD learning rate must be non-negative, got {lr!r}")
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr = group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                t = state.get("t", 0)
-                p.add_(p.grad, alpha=-lr / math.sqrt(t + 1))
-                state["t"] = t + 1
-        return loss
-
-
-def sgd_toy(lr: float, steps: int = 10, seed: int = 0) -> list[float]:
-    """Loss before each of ``steps`` SGD steps on ``mean(w ** 2)``, w = 5 * randn(10, 10)."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = torch.nn.Parameter(5 * torch.randn((10, 10), generator=generator))
-    optimizer = SGD([weights], lr=lr)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = (weights**2).mean()
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-    return losses
+        return getattr(sgd_toy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def format_sgd_toy(results: dict[float, list[float]]) -> str:
@@ -191,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(build_parser(), argv)
     if args.command == "sgd-toy":
+        from cs336.sgd_toy import sgd_toy
+
         results = {lr: sgd_toy(lr, args.steps, args.seed) for lr in args.lrs}
         print(format_sgd_toy(results))
         verdicts = []

@@ -24,12 +24,13 @@ import re
 import time
 from dataclasses import dataclass
 
-import torch
 
 
 def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
     """``auto`` is CUDA, then MPS, then the CPU; an explicit device must be visible (ConfigError
     naming ``flag`` otherwise)."""
+    import torch
+
     from cs336.config import DEVICES, ConfigError
 
     if name == "auto":
@@ -116,6 +117,8 @@ def cpu_model() -> str:
 
 
 def device_name(device: torch.device | str) -> str:
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -123,6 +126,8 @@ def device_name(device: torch.device | str) -> str:
 
 
 def versions() -> dict[str, str]:
+    import torch
+
     out = {"torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
@@ -146,6 +151,8 @@ def _best_seconds(fn, repeats: int) -> float:
 
 def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of the best of ``repeats`` fp32 (n x n) @ (n x n) matmuls on this CPU."""
+    import torch
+
     a = torch.randn(n, n)
     b = torch.randn(n, n)
     return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), repeats)
@@ -153,6 +160,8 @@ def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
 
 def measure_cpu_copy_bandwidth(numel: int = 2**25, repeats: int = 3) -> float:
     """Bytes/s of the best of ``repeats`` fp32 copies of ``numel`` elements (read + write)."""
+    import torch
+
     src = torch.randn(numel)
     dst = torch.empty_like(src)
     return 2 * numel * 4 / _best_seconds(lambda: dst.copy_(src), repeats)
@@ -172,6 +181,8 @@ def peak_for(device: torch.device | str) -> Peak:
     CUDA: the table's dense BF16 entry (UnknownDeviceError if the GPU is not listed). CPU: a
     large fp32 matmul and a large copy measured now.
     """
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -68,3 +68,29 @@ def test_closed_stdout_ends_quietly(capsys):
 def test_sigint_is_one_line_exit_130(capsys):
     status, err = _exit(capsys, _fails_with(KeyboardInterrupt()), on_interrupt=lambda: "nothing written")
     assert status == 130 and err == "interrupted by SIGINT: nothing written\n"
+
+
+def test_kernel_choices_in_help_are_the_backends():
+    from cs336 import ops
+    from cs336.config import kernel_backends
+
+    assert kernel_backends() == ops.BACKENDS
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "export", "sweep", "experiments", "accounting",
+                                     "profile", "tokenizer"])
+def test_help_does_not_import_torch(command):
+    """--help of every command answers without paying the torch import (seconds on a loaded machine)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import sys; sys.argv = ['x', '--help']; import runpy\n"
+            f"try:\n    runpy.run_module('cs336.{command}', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'numba' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "False False", proc.stdout[-300:]
