@@ -153,6 +153,8 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfi
     from cs336.validate import FlagError, read_text_file
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a TOML or JSON file to --config")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the --config path")
     try:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from cs336.cli import add_deprecated_alias
 from cs336.config import ConfigError, ModelConfig
-from cs336.fileio import atomic_write_text, current_umask, writing
+from cs336.fileio import WriteError, atomic_write_text, current_umask, writing
 from cs336.interrupt import deferred_signals
 from cs336.inference import add_source_arguments
 
@@ -245,6 +245,10 @@ def export_hf(model, tokenizer, out: str | os.PathLike, *, source: dict | None =
         dump(MARKER, {"format": "cs336-hf-export", "version": 1, **(source or {})})
         with writing(out):
             _replace_dir(tmp, out)
+    except WriteError as exc:  # name the file of the destination, not of the hidden temp dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = Path(os.fsdecode(exc.filename))
+        raise WriteError(exc.errno, exc.strerror, str(out / name.name) if name.parent == tmp else str(name)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

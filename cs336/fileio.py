@@ -36,22 +36,22 @@ from cs336.interrupt import deferred_signals
 FIXES = {
     errno.ENOSPC: "free space on that file system or write somewhere else",
     errno.EDQUOT: "free space within your quota or write somewhere else",
-    errno.EFBIG: "the file is larger than the file system allows; write somewhere else",
+    errno.EFBIG: "write it to a file system that allows larger files",
     errno.EACCES: "fix its permissions or write somewhere else",
     errno.EPERM: "fix its permissions or write somewhere else",
-    errno.EROFS: "the file system is read-only; write somewhere else",
-    errno.EBUSY: "it is in use by another process; retry once it is free, or use another path",
-    errno.ETXTBSY: "it is in use by another process; retry once it is free, or use another path",
-    errno.EISDIR: "it is a directory; pass a file path",
-    errno.ENOTDIR: "a component of the path is a file, not a directory; fix the path",
+    errno.EROFS: "write somewhere else",
+    errno.EBUSY: "another process holds it; retry once it is free, or use another path",
+    errno.ETXTBSY: "another process holds it; retry once it is free, or use another path",
+    errno.EISDIR: "pass a file path",
+    errno.ENOTDIR: "a component of the path is a file; fix the path",
     errno.ENOENT: "check the path",
     errno.ENAMETOOLONG: "use a shorter path",
-    errno.EEXIST: "it already exists; remove it or use another path",
-    errno.ENOTEMPTY: "it is a non-empty directory; remove it or use another path",
-    errno.ELOOP: "the path loops through symbolic links; fix the path",
-    errno.EMLINK: "the directory holds too many entries; use another directory",
-    errno.EIO: "the device reported an I/O error; check the disk, or write somewhere else",
-    errno.EXDEV: "source and destination are on different file systems; use one file system",
+    errno.EEXIST: "remove it or use another path",
+    errno.ENOTEMPTY: "empty or remove it, or use another path",
+    errno.ELOOP: "fix the symbolic links of the path",
+    errno.EMLINK: "use another directory",
+    errno.EIO: "check the disk, or write somewhere else",
+    errno.EXDEV: "keep source and destination on one file system",
 }
 """errno -> the fix a user can make; any other errno is not treated as the user's to fix."""
 
@@ -102,9 +102,16 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         code = _errno_of(exc, Path(path))
         if code is None:
             raise
+        if code == errno.EEXIST and _file_in_the_way(exc):  # mkdir(parents=True) under a file
+            code = errno.ENOTDIR
         if code == -1:
             code = errno.ENOSPC if _nearly_full(Path(path).parent) else errno.EIO
         raise WriteError(code, os.strerror(code), str(path)) from None
+
+
+def _file_in_the_way(exc: BaseException) -> bool:
+    name = getattr(exc, "filename", None)
+    return name is not None and os.path.lexists(name) and not os.path.isdir(name)
 
 
 def _nearly_full(directory: Path) -> bool:

@@ -40,6 +40,9 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
                               "or the file as --checkpoint")
         if not rd.path.is_dir():
             raise RunDirError(f"run directory {rd.path} does not exist; pass the --out-dir of a training run")
+        if not rd.checkpoints.is_dir():
+            raise RunDirError(f"--run {rd.path} has no checkpoints/ directory, so it is not a run directory "
+                              "of python -m cs336.train; pass a training run's --out-dir, or --checkpoint FILE")
         ckpt = rd.latest_checkpoint()
         if ckpt is None:
             raise RunDirError(f"{rd.checkpoints} has no 'latest' checkpoint; train first or pass --checkpoint")

@@ -127,6 +127,26 @@ def test_bad_config_files_name_the_file(tmp_path, name, text, fragment):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is a directory; pass a TOML or JSON file"):
+        load_config(tmp_path)
+
+
+def test_read_only_out_dir_is_named_as_such(tmp_path, monkeypatch):
+    """validate.writable_dir: os.access fails on a read-only mount too; the cause is told apart."""
+    import os
+
+    from cs336 import validate
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(validate.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(validate.os, "statvfs", lambda path: ReadOnly())
+    with pytest.raises(validate.FlagError, match=r"\(a read-only file system\)"):
+        validate.writable_dir("--out-dir", tmp_path / "run")
+    monkeypatch.setattr(validate.os, "statvfs", lambda path: type("Rw", (), {"f_flag": 0})())
+    with pytest.raises(validate.FlagError, match=r"\(permissions\)"):
+        validate.writable_dir("--out-dir", tmp_path / "run")
 
 
 def test_cli_flags_are_generated_and_layered(tmp_path):

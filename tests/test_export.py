@@ -216,7 +216,7 @@ def test_disk_full_in_export_is_one_line_and_keeps_the_earlier_export(run_dir, t
         main(["--run", str(rd.path), "--out-dir", str(out)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert "model.safetensors: No space left on device; free space" in err
+    assert f"cannot write {out / 'model.safetensors'}: No space left on device; free space" in err
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 

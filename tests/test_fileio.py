@@ -163,7 +163,7 @@ def test_unrelated_errors_pass_unchanged(tmp_path):
             raise RuntimeError("shape mismatch")
 
 
-@pytest.mark.parametrize("code, fix", [(13, "fix its permissions"), (30, "read-only"), (16, "in use")])
+@pytest.mark.parametrize("code, fix", [(13, "fix its permissions"), (30, "write somewhere else"), (16, "another process holds it")])
 def test_refused_temp_file_is_a_write_error_naming_the_destination(tmp_path, monkeypatch, code, fix):
     """mkstemp refused (no permission, read-only file system, busy): simulated, so the test holds
     under root too."""
@@ -178,3 +178,12 @@ def test_refused_temp_file_is_a_write_error_naming_the_destination(tmp_path, mon
         atomic_write_text(tmp_path / "f.txt", "x")
     assert str(exc.value).startswith(f"cannot write {tmp_path / 'f.txt'}: {os.strerror(code)}; ")
     assert fix in str(exc.value)
+
+
+def test_a_file_where_a_directory_should_be_is_named_as_such(tmp_path):
+    from cs336.fileio import WriteError
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(WriteError) as exc:
+        atomic_write_text(tmp_path / "notes.txt" / "sub" / "f.txt", "x")
+    assert "a component of the path is a file" in str(exc.value)

@@ -224,8 +224,13 @@ def test_cli_generates_from_a_run_dir_reproducibly(run_dir, capsys):
     (["--temperature", "nan"], "--temperature must be >= 0 and finite"),
     (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
     (["--top-p", "nan"], "--top-p must be in"),
+    (["--seed", "-1"], "--seed must be in"),
+    (["--run", "RUN/config.json"], "is a file; pass a run directory"),
+    (["--run", "RUN/tokenizer"], "has no checkpoints/ directory"),
+    (["--checkpoint", "RUN"], "is a directory; pass a checkpoint file"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(run_dir, capsys, args, fragment):
+    args = [a.replace("RUN", str(run_dir.path)) for a in args]
     if "--run" not in args and "--checkpoint" not in args:
         args = ["--run", str(run_dir.path)] + args
     with pytest.raises(SystemExit) as exc:

@@ -164,3 +164,35 @@ def test_old_flag_spellings_still_work_with_a_note(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--input", str(corpus), "--vocab-size", "300"])
     assert exc.value.code == 2 and "required: --out-dir" in capsys.readouterr().err
+
+
+def test_empty_input_and_an_impossible_vocab_size_are_refused(corpus, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "is empty" in _exit_2(["train", "--input", str(empty), "--vocab-size", "300", "--out-dir",
+                                  str(tmp_path / "t")], capsys)
+    err = _exit_2(["train", "--input", str(corpus), "--vocab-size", str(10**11), "--out-dir", str(tmp_path / "t")],
+                  capsys)
+    assert "is more than" in err and "at most" in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_encode_reads_a_training_runs_tokenizer_dir(tokdir, corpus, tmp_path, capsys):
+    """A run's DIR/tokenizer has vocab.json + merges.txt but no tokenizer.json: its special tokens
+    come from the run's config.json (or --special-token)."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokdir / name, run / "tokenizer" / name)
+    args = ["encode", "--tokenizer-dir", str(run / "tokenizer"), "--input", str(corpus), "--quiet"]
+    err = _exit_2([*args, "--out", str(tmp_path / "a.bin")], capsys)
+    assert "pass each with --special-token" in err
+    (run / "config.json").write_text(json.dumps({"data": {"special_tokens": [EOT]}}))
+    main([*args, "--out", str(tmp_path / "b.bin")])
+    main(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--quiet", "--out", str(tmp_path / "c.bin")])
+    assert (tmp_path / "b.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()
+    (run / "config.json").unlink()
+    main([*args, "--special-token", EOT, "--out", str(tmp_path / "d.bin")])
+    assert (tmp_path / "d.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()

@@ -21,6 +21,7 @@ complete, so an interrupted command leaves the previous files (or none) and no t
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -108,6 +109,16 @@ def _train(args: argparse.Namespace, stage: _Stage) -> None:
             f"--vocab-size {args.vocab_size} is below 256 byte tokens + {len(specials)} special "
             f"tokens; pass at least {256 + len(specials)}"
         )
+    size = src.stat().st_size
+    if size == 0:
+        raise ValueError(f"--input {src} is empty; pass a file with text in it")
+    # Each merge joins two adjacent tokens of the input, so an input of n bytes makes at most
+    # n - 1 merges; ids must also fit the uint32 token files.
+    limit = min(256 + len(specials) + size - 1, 2**32)
+    if args.vocab_size > limit:
+        raise ValueError(f"--vocab-size {args.vocab_size} is more than {src} ({size:,} bytes) can make: at "
+                         f"most {limit:,} (256 bytes + {len(specials)} special tokens + one merge per input "
+                         "byte); pass a smaller --vocab-size or a larger --input")
     stage.doing = f"training a {args.vocab_size}-token BPE vocabulary on {src}"
     stage.kept = lambda: f"nothing was written to {out}"
     from .train_bpe import train_bpe
@@ -146,13 +157,26 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return src, out
 
 
+def _run_special_tokens(args: argparse.Namespace) -> list[str]:
+    """--special-token, else, for a training run's DIR/tokenizer, the run's data.special_tokens
+    (its tokenizer directory has no tokenizer.json)."""
+    if args.special_token:
+        return list(dict.fromkeys(args.special_token))
+    config = Path(args.tokenizer_dir) / ".." / "config.json"
+    try:
+        specials = json.loads(config.read_text(encoding="utf-8"))["data"]["special_tokens"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return []
+    return [t for t in specials if isinstance(t, str) and t] if isinstance(specials, list) else []
+
+
 def _encode(args: argparse.Namespace, stage: _Stage) -> None:
     src, out = _check_encode_paths(args)
     from .encode_file import encode_file
     from .tokenizer import Tokenizer
 
     stage.doing = f"loading the tokenizer in {args.tokenizer_dir}"
-    vocab, merges, specials = load_tokenizer_dir(args.tokenizer_dir)
+    vocab, merges, specials = load_tokenizer_dir(args.tokenizer_dir, _run_special_tokens(args))
     tokenizer = Tokenizer(vocab, merges, specials)
     stage.doing = f"encoding {src}"
     stage.kept = _outcome(out, Path(f"{out}.json"))
@@ -191,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_deprecated_alias(enc, "--tokenizer", "--tokenizer-dir")
     enc.add_argument("--input", required=True, help="UTF-8 text file to encode")
     enc.add_argument("--out", required=True, help="token file to write (a .json sidecar is written beside it)")
+    enc.add_argument("--special-token", action="append", default=[],
+                     help="special token of a tokenizer directory without tokenizer.json (repeat for several; "
+                          "default: those in tokenizer.json, or the run's config for a run's DIR/tokenizer)")
     enc.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     enc.set_defaults(run=_encode)
