@@ -10,10 +10,12 @@ KV cache, several prompts decoded together.
 ``--run DIR`` loads the checkpoint named by ``DIR/checkpoints/latest``; ``--checkpoint FILE``
 loads that file (its run directory, two levels up, supplies the tokenizer unless
 ``--tokenizer-dir`` is given). The model configuration comes from the checkpoint itself.
-Generation stops after ``--max-tokens`` new tokens or at the first ``<|endoftext|>``, which is
-not printed. ``--prompt-file`` holds one prompt per line; ``--num-samples N`` decodes N samples
+Generation stops after ``--max-tokens`` new tokens or at the run's first special token
+(``data.special_tokens[0]``, ``<|endoftext|>`` by default), which is not printed. ``--prompt-file`` holds one prompt per line; ``--num-samples N`` decodes N samples
 of every prompt. Results print in input order (one block per result, or one JSON object per line
-with ``--jsonl``).
+with ``--jsonl``), each batch of ``--batch-size`` results as soon as it is done; the rows of
+a batch are built only when it starts, so memory does not grow with ``--num-samples``. Each
+decode step copies to the host once for all rows of a batch (``next_tokens``).
 
 The reference (``kv_cache=False``, ``--no-kv-cache``) reruns the model over the window for every
 new token: the last ``context_length`` tokens at positions 0..context_length-1. The KV cache path
