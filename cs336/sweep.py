@@ -60,6 +60,7 @@ from cs336 import config as cfglib
 from cs336.cli import add_config_arguments, add_deprecated_alias, config_from_args, parse_args
 from cs336.interrupt import Interrupted
 from cs336.sweep_report import finite, fmt, read_metrics, write_json, write_reports
+from cs336.sweep_resume import FINISHED, MANIFEST, open_sweep_dir, resumable  # noqa: F401 (re-exported)
 
 
 class SweepError(ValueError):
@@ -300,18 +301,6 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
     return [r for r in rows if r is not None]
 
 
-def resumable(run: PlannedRun) -> bool:
-    """Whether the point's run directory holds a checkpoint to continue from."""
-    from cs336.run_dir import RunDir
-
-    return run.run_dir.is_dir() and RunDir(run.run_dir).latest_checkpoint() is not None
-
-
-FINISHED = ("ok", "diverged")
-"""Statuses of a point that a continued sweep keeps (an ``error`` or ``interrupted`` point runs again,
-from its latest checkpoint when it has one)."""
-
-
 def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] | None = None, *,
               worker_cmd: Sequence[str] | None = None, previous: dict[str, dict] | None = None) -> list[dict]:
     """Run every planned point, rewriting the reports in ``out`` after each one; with more than
@@ -352,70 +341,6 @@ def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] |
         if done[-1]["status"] == "interrupted":
             raise Interrupted(signal.SIGINT)
     return done
-
-
-MANIFEST = "sweep.json"
-"""The plan of a sweep (point names and configs), written in its directory before any point runs;
-re-running the same command finds it and continues the sweep."""
-
-
-def _plan_record(planned: Sequence[PlannedRun]) -> dict:
-    """What identifies a sweep: its points and their configs (less the run directory, whose
-    spelling may differ between two invocations of one command)."""
-    points = {}
-    for run in planned:
-        cfg = cfglib.config_to_dict(run.config)
-        cfg["train"].pop("out_dir", None)
-        points[run.name] = cfg
-    return {"format": "cs336-sweep", "version": 1, "points": points}
-
-
-def open_sweep_dir(out: Path, planned: Sequence[PlannedRun]) -> dict[str, dict]:
-    """Claim ``out`` for this sweep: a new or empty directory gets the manifest; a directory of
-    the same sweep (its manifest equals this plan) is continued, and its result rows are
-    returned by point name; anything else is refused, and nothing in it is touched."""
-    record = _plan_record(planned)
-    manifest = out / MANIFEST
-    if out.exists() and not out.is_dir():
-        raise SweepError(f"--out-dir {out} is a file; pass a directory for the sweep")
-    if manifest.is_file():
-        try:
-            saved = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SweepError(f"{manifest} is unreadable ({exc}); choose a new --out-dir") from None
-        if saved != record:
-            diff = _plan_difference(saved.get("points", {}) if isinstance(saved, dict) else {}, record["points"])
-            raise SweepError(f"--out-dir {out} holds another sweep ({diff}); re-run that sweep's own command "
-                             "to continue it, or choose a new --out-dir")
-        return _previous_rows(out)
-    if out.exists() and any(out.iterdir()):
-        raise SweepError(f"--out-dir {out} already holds files and is not a sweep directory (no {MANIFEST}); "
-                         "choose a new directory")
-    write_json(manifest, record)
-    return {}
-
-
-def _plan_difference(saved: dict, now: dict) -> str:
-    gone, new = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
-    if gone or new:
-        return "its points differ: " + "; ".join(
-            part for part in (f"only there: {', '.join(gone)}" if gone else "",
-                              f"only in this command: {', '.join(new)}" if new else "") if part)
-    for name in now:
-        for section, fields in now[name].items():
-            for field_name, value in fields.items():
-                old = saved[name].get(section, {}).get(field_name)
-                if old != value:
-                    return f"point {name}: {section}.{field_name} is {old!r} there, {value!r} here"
-    return "its manifest differs"
-
-
-def _previous_rows(out: Path) -> dict[str, dict]:
-    try:
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return {r["name"]: r for r in summary.get("runs", []) if isinstance(r, dict) and "name" in r}
 
 
 def default_devices() -> list[str]:
