@@ -27,9 +27,8 @@ import re
 
 from cs336 import flops, hardware
 from cs336 import memory as rank_memory
-from cs336.cli import add_config_arguments, config_from_args, parse_args
+from cs336.cli import add_config_arguments, config_from_args, parse_args, run_cli
 from cs336.config import ConfigError, TrainConfig
-from cs336.interrupt import run_cli
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

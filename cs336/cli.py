@@ -13,6 +13,12 @@ Precedence of sources, each applied on top of the previous one: ``--preset NAME`
 each command has its own default preset, e.g. ``profile`` for cs336.profile), ``--model NAME``
 (replaces the model section by a model preset such as gpt2-xl), ``--config FILE`` (TOML or
 JSON), then the flags in the order given.
+
+``run_cli`` is the top level of every command: ``cs336.interrupt.run_cli`` (one line and exit
+130/143 on SIGINT/SIGTERM, one line and exit 2 for the command's own user errors) plus the errors
+any command can meet: an ``OSError`` the user can fix (no space, permission, read-only, busy,
+missing path; ``cs336.fileio.FIXES``) is one line naming the file and the fix, exit 2, whatever
+line of code it came from.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
+import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cs336.config import SECTIONS, ConfigError, TrainConfig, check_positive, kernel_backends
 from cs336.config_io import apply_overrides, load_config
@@ -66,9 +74,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str = "default",
-                         shortcuts: bool = True, config_aliases: Sequence[str] = ()) -> None:
-    """Add --preset, --model, --config (plus ``config_aliases``), the short flags and one
-    --section.field flag per config field; ``default_preset`` is the base without --preset."""
+                         shortcuts: bool = True, config_aliases: Sequence[str] = (),
+                         without: Sequence[str] = ()) -> None:
+    """Add --preset, --model, --config (plus ``config_aliases``), the short flags (less those in
+    ``without``, which the command spells itself) and one --section.field flag per config field;
+    ``default_preset`` is the base without --preset."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help=f"start from a named run preset (default: {default_preset})")
     parser.set_defaults(default_preset=default_preset)
@@ -79,6 +89,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str
     if shortcuts:
         group = parser.add_argument_group("short flags")
         for flag, (key, const) in SHORTCUTS.items():
+            if flag in without:
+                continue
             if const is None:
                 group.add_argument(flag, dest=f"short:{key}", metavar="VALUE", default=None,
                                    help=f"same as --{key}")
@@ -99,6 +111,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_preset: str
                 metavar="BOOL" if is_bool else "VALUE", nargs="?" if is_bool else None,
                 const="true" if is_bool else None,
                 help=f"{doc} (default: {value!r})".strip())
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's dest and prints a one-line note."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """Accept ``old`` as a hidden alias of the already added flag ``new`` (same dest; ``kwargs``
+    such as ``type=`` as for ``new``), with a deprecation note on use. One spelling per idea
+    across the commands: ``--out-dir DIR`` for a directory a command writes, ``--out FILE`` for a
+    file, ``--run DIR`` for a training run directory it reads."""
+    action = next(a for a in parser._actions if new in a.option_strings)
+    parser.add_argument(old, dest=action.dest, action=_DeprecatedAlias, new=new, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS, metavar=action.metavar, **kwargs)
 
 
 def positive_int(text: str) -> int:
@@ -158,3 +192,58 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Tra
     if args.config:
         cfg = load_config(args.config, cfg)
     return apply_overrides(cfg, [*overrides_from_args(args), *extra])
+
+
+class UserError(Exception):
+    """An error whose message is the whole story for the user (``run_cli`` prints it, exit 2)."""
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """One line for an exception the user caused and can fix, or None (a bug: keep the traceback).
+
+    ``WriteError`` already names its file; any other ``OSError`` with an errno in
+    ``cs336.fileio.FIXES`` is told as ``FILE: cause; fix``.
+    """
+    from cs336.fileio import FIXES, WriteError
+
+    if isinstance(exc, WriteError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in FIXES:
+        where = " -> ".join(os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None)
+        fix = FIXES[exc.errno]
+        return f"{where}: {exc.strerror}; {fix}" if where else f"{exc.strerror}; {fix}"
+    return None
+
+
+def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException], ...] = (),
+            on_interrupt: Callable[[], str] | None = None, is_main: bool | None = None,
+            exit_codes: dict[type[BaseException], int] | None = None) -> None:
+    """Run ``body()`` as a command: ``cs336.interrupt.run_cli`` with the same arguments, plus any
+    user-fixable ``OSError`` (``user_error_message``) as one line and exit 2. A closed stdout
+    (``... | head``) ends the command quietly."""
+    from cs336.interrupt import run_cli as run_with_signals
+
+    def guarded() -> None:
+        try:
+            body()
+        except BrokenPipeError:
+            _quiet_stdout()
+        except (*user_errors, *(exit_codes or {})):
+            raise
+        except Exception as exc:
+            message = user_error_message(exc)
+            if message is None:
+                raise
+            raise UserError(message) from None
+
+    run_with_signals(guarded, user_errors=(*user_errors, UserError), on_interrupt=on_interrupt,
+                     is_main=is_main, exit_codes=exit_codes)
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE on stdout, point it at /dev/null so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

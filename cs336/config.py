@@ -49,11 +49,14 @@ def check_device_name(name: str, value: str) -> None:
         raise ConfigError(f"{name}={value!r}; valid choices: {DEVICES}")
 
 
-def kernel_backends() -> tuple[str, ...]:
-    """The kernel backends, ``cs336.ops.BACKENDS`` (imported here on use: it imports torch)."""
-    from cs336.ops import BACKENDS
+KERNEL_BACKENDS = ("auto", "torch", "native", "triton")
+"""``cs336.ops.BACKENDS``, spelled here so that building a config (and every ``--help``) does not
+import torch; tests/test_cli.py checks that the two agree."""
 
-    return BACKENDS
+
+def kernel_backends() -> tuple[str, ...]:
+    """The kernel backends (``cs336.ops.BACKENDS``)."""
+    return KERNEL_BACKENDS
 
 
 @dataclass

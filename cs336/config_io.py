@@ -167,6 +167,10 @@ def read_text_file(flag: str, path: str | Path) -> str:
 def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     """Read a TOML or JSON file of sections (``[optim] lr = 3e-4``) on top of ``base``."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a TOML or JSON file to --config")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the --config path")
     text = read_text_file("--config", path)
     try:
         if path.suffix == ".toml":

@@ -2,7 +2,7 @@
 
     python -m cs336.experiments sgd-toy [--lrs 1e1,1e2,1e3] [--steps 10] [--seed 0]
     python -m cs336.experiments list
-    python -m cs336.experiments run lr|batch|norm|rope|ffn [--preset NAME] [--config FILE] [--out DIR]
+    python -m cs336.experiments run lr|batch|norm|rope|ffn [--preset NAME] [--config FILE] [--out-dir DIR]
         [--section.field=VALUE ...] [--set key=value ...] [--grid KEY=V1,V2,...]
 
 ``sgd-toy`` is the handout's learning-rate toy (problem learning_rate_tuning): a 10x10 weight
@@ -26,57 +26,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from cs336 import config as cfglib
 from cs336 import config_io, presets, sweep
-from cs336.cli import add_config_arguments, base_config, overrides_from_args, parse_args, positive_int
+from cs336.cli import add_config_arguments, add_deprecated_alias, base_config, overrides_from_args, parse_args, positive_int
 
 
-class SGD(torch.optim.Optimizer):
-    """SGD with the handout's decaying step: ``p <- p - lr / sqrt(t + 1) * grad``, t counted per
-    parameter from 0."""
+def __getattr__(name: str):
+    """``SGD`` and ``sgd_toy`` live in ``cs336.sgd_toy`` (torch is imported only when used, so
+    ``--help`` stays fast)."""
+    if name in ("SGD", "sgd_toy"):
+        from cs336 import sgd_toy
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3) -> None:
-        if not lr >= 0:
-            raise ValueError(f"SGD learning rate must be non-negative, got {lr!r}")
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr = group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                t = state.get("t", 0)
-                p.add_(p.grad, alpha=-lr / math.sqrt(t + 1))
-                state["t"] = t + 1
-        return loss
-
-
-def sgd_toy(lr: float, steps: int = 10, seed: int = 0) -> list[float]:
-    """Loss before each of ``steps`` SGD steps on ``mean(w ** 2)``, w = 5 * randn(10, 10)."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = torch.nn.Parameter(5 * torch.randn((10, 10), generator=generator))
-    optimizer = SGD([weights], lr=lr)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = (weights**2).mean()
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-    return losses
+        return getattr(sgd_toy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def format_sgd_toy(results: dict[float, list[float]]) -> str:
@@ -141,7 +107,6 @@ def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out
                    grids: Sequence[str] = ()) -> int:
     """Run experiment ``name`` as a sweep into ``out``; ``grids`` (``KEY=V1,V2`` strings) replace
     its points. Returns the sweep's exit status."""
-    sweep.check_out(out)
     try:
         scaled = config_io.apply_overrides(base, [*SCALE, *sets])
     except cfglib.ConfigError as exc:
@@ -150,8 +115,9 @@ def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out
         points = sweep.grid_points([sweep.parse_grid(g) for g in grids])
     else:
         points = EXPERIMENTS[name].points(scaled)
-    planned = sweep.share_data(sweep.plan_sweep(scaled, points, [], out), out)
-    return sweep.run_and_report(planned, out)
+    planned = sweep.plan_sweep(scaled, points, [], out)
+    previous = sweep.open_sweep_dir(out, planned)  # the same command again continues the sweep
+    return sweep.run_and_report(sweep.share_data(planned, out), out, previous)
 
 
 def _parse_lrs(text: str) -> list[float]:
@@ -177,18 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the named experiments")
     run = sub.add_parser("run", help="run one named experiment as a sweep")
     run.add_argument("name", choices=sorted(EXPERIMENTS), help="experiment")
-    add_config_arguments(run, config_aliases=("--base",))
+    add_config_arguments(run, config_aliases=("--base",), without=("--out-dir",))
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                      help="same as --KEY=VALUE: applied to every run, after the experiment's scale settings")
     run.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                      help="replace the experiment's points by this grid (repeatable, as in cs336.sweep)")
-    run.add_argument("--out", type=Path, help="sweep directory (default runs/experiments/NAME)")
+    run.add_argument("--out-dir", type=Path, default=None,
+                     help="sweep directory (default runs/experiments/NAME); the same command again continues it")
+    add_deprecated_alias(run, "--out", "--out-dir", type=Path)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(build_parser(), argv)
     if args.command == "sgd-toy":
+        from cs336.sgd_toy import sgd_toy
+
         results = {lr: sgd_toy(lr, args.steps, args.seed) for lr in args.lrs}
         print(format_sgd_toy(results))
         verdicts = []
@@ -205,18 +175,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{name}: {exp.question}\n    points: {'; '.join(points)}")
         print("common settings: " + " ".join(SCALE))
     elif args.command == "run":
-        out = args.out or Path("runs") / "experiments" / args.name
-        try:
+        from cs336.cli import run_cli
+
+        out = args.out_dir or Path("runs") / "experiments" / args.name
+        status = {}
+
+        def body() -> None:
             base = base_config(args)
             if args.config:
                 base = config_io.load_config(args.config, base)
             overrides = [*overrides_from_args(args), *args.sets]
-            status = run_experiment(args.name, base, overrides, out, args.grid)
-        except (sweep.SweepError, cfglib.ConfigError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        if status:
-            sys.exit(status)
+            status["code"] = run_experiment(args.name, base, overrides, out, args.grid)
+
+        run_cli(body, user_errors=(sweep.SweepError, cfglib.ConfigError),
+                on_interrupt=lambda: f"finished points are kept in {out}; run the same command again "
+                                     "to continue")
+        if status.get("code"):
+            sys.exit(status["code"])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Export a trained run to a Hugging Face ``transformers`` Llama directory.
 
-    python -m cs336.export --run runs/DIR --out hf/DIR
-    python -m cs336.export --checkpoint runs/DIR/checkpoints/step_000600.pt --out hf/DIR
+    python -m cs336.export --run runs/DIR --out-dir hf/DIR
+    python -m cs336.export --checkpoint runs/DIR/checkpoints/step_000600.pt --out-dir hf/DIR
 
 Then, with ``pip install -e ".[hf]"``::
 
@@ -13,7 +13,8 @@ The CS336 model (pre-norm RMSNorm, SwiGLU, RoPE, no biases, untied LM head) is a
 many key/value heads as query heads. Written files: ``config.json`` (``LlamaConfig``),
 ``model.safetensors`` (Llama parameter names), ``generation_config.json``, ``tokenizer.json`` (HF
 ``tokenizers`` format: byte-level BPE with our vocabulary and merges, special tokens as added
-tokens), ``tokenizer_config.json`` (``<|endoftext|>`` as bos and eos, no token added to the input)
+tokens), ``tokenizer_config.json`` (the first special token, ``<|endoftext|>`` by default, as bos and
+eos, no token added to the input)
 and ``cs336_export.json`` (where the weights came from).
 
 Parameter map: ``token_embeddings`` -> ``model.embed_tokens``; per layer ``attn.{q,k,v}_proj`` ->
@@ -30,26 +31,29 @@ since q and k get the same permutation, ``q . k`` (the attention scores) is unch
 Ablations Llama cannot express (post-norm, no RMSNorm, NoPE, the ungated SiLU FFN) are refused
 with an ``ExportError`` naming the switch. The directory is written next to its destination under
 a temporary name and renamed into place; an existing non-empty destination is replaced only if it
-is an earlier export of this tool.
+is an earlier export of this tool. Files and directory get the modes ``open``/``mkdir`` would
+give them under the process umask (0644/0755 under umask 022), so other users can read the export;
+temporary directories of an export killed without cleanup (SIGKILL) are removed by the next
+export to the same destination.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
+from cs336.cli import add_deprecated_alias
 from cs336.config import ConfigError, ModelConfig
-from cs336.fileio import atomic_write_text
+from cs336.fileio import WriteError, atomic_write_text, current_umask, writing
+from cs336.interrupt import deferred_signals
 from cs336.inference import add_source_arguments
-from cs336.tokenizer.gpt2_files import token_to_str
 
-EOT = "<|endoftext|>"
 MARKER = "cs336_export.json"
 FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
          "tokenizer_config.json", MARKER)
@@ -77,6 +81,8 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 def rope_permutation(d_head: int) -> torch.Tensor:
     """Row order within a head that maps adjacent-pair RoPE to half-split RoPE."""
+    import torch
+
     return torch.cat([torch.arange(0, d_head, 2), torch.arange(1, d_head, 2)])
 
 
@@ -141,15 +147,18 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int | None) -> di
 
 
 def generation_config(cfg: ModelConfig, eos_id: int | None) -> dict:
-    """Sampling defaults of ``python -m cs336.generate`` (T=0.7, top-p 0.9), at most
-    ``context_length`` tokens in all (the model never saw later positions)."""
+    """Sampling defaults of ``python -m cs336.generate`` (T=0.7, top-p 0.9). No ``max_length``:
+    transformers warns on every ``generate(max_new_tokens=...)`` when one is set; the context
+    length is ``max_position_embeddings`` in config.json."""
     return {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
-            "do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_length": cfg.context_length}
+            "do_sample": True, "temperature": 0.7, "top_p": 0.9}
 
 
 def tokenizer_json(tokenizer) -> dict:
     """HF ``tokenizers`` file for our byte-level BPE: GPT-2's pre-tokenizer regex and byte
     alphabet, our merges in order, special tokens as added tokens (never split, never merged)."""
+    from cs336.tokenizer.gpt2_files import token_to_str
+
     vocab = {token_to_str(tok): idx for idx, tok in sorted(tokenizer.vocab.items())}
     specials = []
     for text in tokenizer.special_tokens:
@@ -182,13 +191,16 @@ def tokenizer_config(cfg: ModelConfig, eos: str | None) -> dict:
 
 
 def _eos(model, tokenizer) -> tuple[str | None, int | None]:
-    if EOT not in tokenizer.special_tokens:
+    """The end-of-sequence token: the tokenizer's first special token (the run's
+    ``data.special_tokens[0]``, the one ``cs336.generate`` stops at), with its id."""
+    if not tokenizer.special_tokens:
         return None, None
-    eos_id = tokenizer.token_id(EOT.encode("utf-8"))
+    eos = tokenizer.special_tokens[0]
+    eos_id = tokenizer.token_id(eos.encode("utf-8"))
     if eos_id is None or eos_id >= model.config.vocab_size:
-        raise ExportError(f"the tokenizer gives {EOT} id {eos_id}, outside the model's vocab_size "
+        raise ExportError(f"the tokenizer gives {eos} id {eos_id}, outside the model's vocab_size "
                           f"{model.config.vocab_size}; export with the tokenizer the run was trained with")
-    return EOT, eos_id
+    return eos, eos_id
 
 
 def _is_previous_export(path: Path) -> bool:
@@ -197,9 +209,9 @@ def _is_previous_export(path: Path) -> bool:
 
 def _check_destination(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; pass a directory path")
+        raise ExportError(f"--out-dir {out} is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
-        raise ExportError(f"--out {out} exists, is not empty and is not an earlier export of "
+        raise ExportError(f"--out-dir {out} exists, is not empty and is not an earlier export of "
                           "cs336.export; pass a new directory (or empty this one)")
 
 
@@ -214,23 +226,72 @@ def export_hf(model, tokenizer, out: str | os.PathLike, *, source: dict | None =
     eos, eos_id = _eos(model, tokenizer)
     tensors = llama_state_dict(model)
     dtype = next(iter(tensors.values())).dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        tmp = _temp_dir(out, ".tmp")
     try:
         def dump(name: str, obj: dict) -> None:
             atomic_write_text(tmp / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        weights = tmp / "model.safetensors"
+        with writing(weights):
+            save_file(tensors, str(weights), metadata={"format": "pt"})
+            os.chmod(weights, 0o666 & ~current_umask())  # safetensors writes it 0600
         dump("config.json", llama_config(cfg, dtype, eos_id))
         dump("generation_config.json", generation_config(cfg, eos_id))
         dump("tokenizer.json", tokenizer_json(tokenizer))
         dump("tokenizer_config.json", tokenizer_config(cfg, eos))
         dump(MARKER, {"format": "cs336-hf-export", "version": 1, **(source or {})})
-        _replace_dir(tmp, out)
+        with writing(out):
+            _replace_dir(tmp, out)
+    except WriteError as exc:  # name the file of the destination, not of the hidden temp dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = Path(os.fsdecode(exc.filename))
+        raise WriteError(exc.errno, exc.strerror, str(out / name.name) if name.parent == tmp else str(name)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+TEMP_TAG = "cs336-export"
+"""Temporary directories beside ``out`` are ``.{out.name}.cs336-export-{pid}-{random}{.tmp|.old}``."""
+
+
+def _temp_dir(out: Path, suffix: str) -> Path:
+    """A new directory beside ``out`` named for this process, readable per the umask (``mkdtemp``
+    makes it 0700)."""
+    with deferred_signals():
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{TEMP_TAG}-{os.getpid()}-",
+                                    suffix=suffix))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete the temporary directories an export to ``out`` left when it was killed (SIGKILL,
+    power loss): those whose process no longer exists. Returns what was removed."""
+    removed = []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{TEMP_TAG}-(\d+)-[^/]*\.(tmp|old)")
+    for entry in out.parent.glob(f".{glob.escape(out.name)}.{TEMP_TAG}-*"):
+        found = pattern.fullmatch(entry.name)
+        if found and entry.is_dir() and not _alive(int(found.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _replace_dir(new: Path, out: Path) -> None:
@@ -239,7 +300,7 @@ def _replace_dir(new: Path, out: Path) -> None:
     if not out.exists():
         os.replace(new, out)
         return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    old = _temp_dir(out, ".old")
     os.replace(out, old / "dir")
     try:
         os.replace(new, out)
@@ -252,30 +313,32 @@ def _replace_dir(new: Path, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cs336.export", description=__doc__.split("\n\n")[0])
     add_source_arguments(p)
-    p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
+    p.add_argument("--out-dir", metavar="HF_DIR", help="directory to write (required)")
+    add_deprecated_alias(p, "--out", "--out-dir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # before the torch import: --help stays fast
+    if args.out_dir is None:  # not argparse's required=: the old spelling --out also counts
+        parser.error("the following arguments are required: --out-dir")
     from cs336.checkpoint import CheckpointError
+    from cs336.cli import run_cli
     from cs336.inference import load_for_inference
     from cs336.run_dir import RunDirError
 
-    from cs336.interrupt import run_cli
-
-    args = build_parser().parse_args(argv)
-
     def body() -> None:
-        _check_destination(Path(args.out))
+        _check_destination(Path(args.out_dir))
         model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
                                               tokenizer_dir=args.tokenizer_dir)
         source = {"run": args.run, "checkpoint": args.checkpoint, "tokenizer_dir": args.tokenizer_dir}
-        out = export_hf(model, tokenizer, args.out,
+        out = export_hf(model, tokenizer, args.out_dir,
                         source={k: str(Path(v).resolve()) for k, v in source.items() if v})
         print(f"wrote {out}: {', '.join(FILES)} ({model.num_parameters():,} parameters)")
 
     run_cli(body, user_errors=(ExportError, ConfigError, CheckpointError, RunDirError),
-            on_interrupt=lambda: f"{args.out} was not changed (the export is written aside and renamed "
+            on_interrupt=lambda: f"{args.out_dir} was not changed (the export is written aside and renamed "
                                  "into place only when complete)")
     return 0
 

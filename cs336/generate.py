@@ -10,10 +10,12 @@ KV cache, several prompts decoded together.
 ``--run DIR`` loads the checkpoint named by ``DIR/checkpoints/latest``; ``--checkpoint FILE``
 loads that file (its run directory, two levels up, supplies the tokenizer unless
 ``--tokenizer-dir`` is given). The model configuration comes from the checkpoint itself.
-Generation stops after ``--max-tokens`` new tokens or at the first ``<|endoftext|>``, which is
-not printed. ``--prompt-file`` holds one prompt per line; ``--num-samples N`` decodes N samples
+Generation stops after ``--max-tokens`` new tokens or at the run's first special token
+(``data.special_tokens[0]``, ``<|endoftext|>`` by default), which is not printed. ``--prompt-file`` holds one prompt per line; ``--num-samples N`` decodes N samples
 of every prompt. Results print in input order (one block per result, or one JSON object per line
-with ``--jsonl``).
+with ``--jsonl``), each batch of ``--batch-size`` results as soon as it is done; the rows of
+a batch are built only when it starts, so memory does not grow with ``--num-samples``. Each
+decode step copies to the host once for all rows of a batch (``next_tokens``).
 
 The reference (``kv_cache=False``, ``--no-kv-cache``) reruns the model over the window for every
 new token: the last ``context_length`` tokens at positions 0..context_length-1. The KV cache path
@@ -45,19 +47,15 @@ whose total probability reaches ``top_p``, renormalize, sample.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import torch
-
-from cs336 import nn_utils
 from cs336.config import ConfigError
 from cs336.inference import add_source_arguments
-
-EOT = "<|endoftext|>"
-
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the nucleus of ``probs`` (..., V) and renormalize over the last dim.
@@ -65,6 +63,8 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     A token is kept when the probability mass of the tokens ranked above it is below ``top_p``;
     the most probable token is always kept. Ties are ranked by ``torch.sort`` (stable, by id).
     """
+    import torch
+
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_p >= 1.0:
@@ -78,19 +78,32 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float,
-               generator: torch.Generator | None = None) -> int:
-    """Pick the next id from a (V,) logit vector; temperature 0 is argmax (greedy)."""
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                generators: Sequence[torch.Generator | None] | None = None) -> list[int]:
+    """Next ids of a (B, V) batch of logits: argmax at temperature 0, else a nucleus sample per
+    row from ``generators[i]`` (None: the global RNG). One device-to-host copy for all rows: the
+    ids (greedy) or the filtered probabilities, which are then sampled on the CPU."""
+    import torch
+
+    from cs336 import nn_utils
+
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()
     if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = top_p_filter(nn_utils.softmax(logits / temperature, dim=-1), top_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        return torch.argmax(logits, dim=-1).tolist()
+    probs = top_p_filter(nn_utils.softmax(logits / temperature, dim=-1), top_p).cpu()  # (B, V)
+    gens = generators if generators is not None else [None] * len(probs)
+    return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, gens)]
 
 
-Picker = Callable[[int, torch.Tensor], int]  # (row, logits (V,)) -> next id
+def next_token(logits: torch.Tensor, temperature: float, top_p: float,
+               generator: torch.Generator | None = None) -> int:
+    """Pick the next id from a (V,) logit vector; temperature 0 is argmax (greedy)."""
+    return next_tokens(logits[None], temperature, top_p, [generator])[0]
+
+
+Picker = Callable[[Sequence[int], "torch.Tensor"], list[int]]  # (rows, logits (B, V)) -> next ids
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -100,11 +113,13 @@ def _device(model: torch.nn.Module) -> torch.device:
 def _recompute(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, pick: Picker,
                row: int, eos_id: int | None) -> list[int]:
     """The reference: one full forward over the last ``context_length`` tokens per new token."""
+    import torch
+
     ctx, device = model.context_length, _device(model)
     seq, out = list(prompt), []
     for _ in range(max_new_tokens):
         window = torch.tensor(seq[-ctx:], dtype=torch.long, device=device)[None]  # (1, T)
-        tok = pick(row, model(window)[0, -1])
+        tok = pick([row], model(window)[:, -1])[0]
         if eos_id is not None and tok == eos_id:
             break
         out.append(tok)
@@ -115,6 +130,8 @@ def _recompute(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, p
 def _prefill(model: torch.nn.Module, cache, seqs: list[list[int]]) -> torch.Tensor:
     """Reset ``cache`` and run each row's window (last ``max_len`` tokens), left-padded to a
     common width; returns the last position's logits (B, V)."""
+    import torch
+
     windows = [s[-cache.max_len:] for s in seqs]
     width = max(len(w) for w in windows)
     pads = [width - len(w) for w in windows]
@@ -128,6 +145,8 @@ def _prefill(model: torch.nn.Module, cache, seqs: list[list[int]]) -> torch.Tens
 def _decode_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
                    pick: Picker, eos_id: int | None) -> list[list[int]]:
     """All rows in one KV cache: prefill, then one token per step (module docstring)."""
+    import torch
+
     if not hasattr(model, "new_kv_cache"):
         raise TypeError(f"{type(model).__name__} has no KV cache (new_kv_cache); pass kv_cache=False")
     outs: list[list[int]] = [[] for _ in prompts]
@@ -139,8 +158,7 @@ def _decode_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
     logits = _prefill(model, cache, seqs)  # (B, V)
     for step in range(max_new_tokens):
         kept, new_ids = [], []
-        for i, row in enumerate(rows):
-            tok = pick(row, logits[i])
+        for i, (row, tok) in enumerate(zip(rows, pick(rows, logits))):
             if eos_id is not None and tok == eos_id:
                 continue
             outs[row].append(tok)
@@ -160,7 +178,6 @@ def _decode_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
     return outs
 
 
-@torch.no_grad()
 def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, *,
                    temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
                    generators: Sequence[torch.Generator | None] | None = None,
@@ -170,6 +187,8 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new
     ``generators[i]`` draws row i's samples (None: the global RNG). ``kv_cache=False`` decodes
     each row alone with the recompute reference.
     """
+    import torch
+
     prompts = [list(p) for p in prompts]
     for i, p in enumerate(prompts):
         if not p:
@@ -178,15 +197,16 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new
     if generators is not None and len(generators) != len(prompts):
         raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts; give one per prompt")
 
-    def pick(row: int, logits: torch.Tensor) -> int:
-        return next_token(logits, temperature, top_p, generators[row] if generators else None)
+    def pick(rows: Sequence[int], logits: torch.Tensor) -> list[int]:
+        return next_tokens(logits, temperature, top_p, [generators[r] for r in rows] if generators else None)
 
     was_training = model.training
     model.eval()
     try:
-        if kv_cache:
-            return _decode_cached(model, prompts, max_new_tokens, pick, eos_id)
-        return [_recompute(model, p, max_new_tokens, pick, i, eos_id) for i, p in enumerate(prompts)]
+        with torch.no_grad():
+            if kv_cache:
+                return _decode_cached(model, prompts, max_new_tokens, pick, eos_id)
+            return [_recompute(model, p, max_new_tokens, pick, i, eos_id) for i, p in enumerate(prompts)]
     finally:
         model.train(was_training)
 
@@ -200,8 +220,13 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: 
                           kv_cache=kv_cache)[0]
 
 
-def _eos_id(tokenizer) -> int | None:
-    return tokenizer.token_id(EOT.encode("utf-8")) if hasattr(tokenizer, "token_id") else None
+def stop_id(tokenizer) -> int | None:
+    """The id decoding stops at: the tokenizer's first special token (the run's
+    ``data.special_tokens[0]``, which separates its documents), None without one."""
+    specials = getattr(tokenizer, "special_tokens", None)
+    if not specials or not hasattr(tokenizer, "token_id"):
+        return None
+    return tokenizer.token_id(specials[0].encode("utf-8"))
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
@@ -209,11 +234,13 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                    kv_cache: bool = True) -> list[str]:
     """Each prompt plus its continuation as text; row i samples with a generator seeded
     ``seed + i`` (the global RNG when ``seed`` is None)."""
+    import torch
+
     generators = None
     if seed is not None:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     ids = generate_batch(model, [tokenizer.encode(p) for p in prompts], max_new_tokens,
-                         temperature=temperature, top_p=top_p, eos_id=_eos_id(tokenizer),
+                         temperature=temperature, top_p=top_p, eos_id=stop_id(tokenizer),
                          generators=generators, kv_cache=kv_cache)
     return [p + tokenizer.decode(out) for p, out in zip(prompts, ids)]
 
@@ -248,13 +275,15 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cs336.generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cs336.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_source_arguments(p)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="Once upon a time", help="text to continue")
     prompt.add_argument("--prompt-file", metavar="FILE", help="one prompt per line, decoded together")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--batch-size", type=int, default=16, help="most rows decoded together")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="most rows decoded together; each batch's results print when it is done")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus threshold in (0, 1]")
@@ -277,42 +306,56 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--temperature must be >= 0 and finite, got {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before the torch import: --help stays fast
     from cs336.checkpoint import CheckpointError
-    from cs336.interrupt import run_cli
+    from cs336.cli import run_cli
     from cs336.run_dir import RunDirError
 
-    args = build_parser().parse_args(argv)
-    run_cli(lambda: _generate(args), user_errors=(ConfigError, CheckpointError, RunDirError, ValueError, OSError),
-            on_interrupt=lambda: "no sample was printed")
+    printed = [0]
+    run_cli(lambda: _generate(args, printed),
+            user_errors=(ConfigError, CheckpointError, RunDirError, ValueError),
+            on_interrupt=lambda: f"{printed[0]} result(s) were printed before it")
     return 0
 
 
-def _generate(args: argparse.Namespace) -> None:
+def result_batches(num_prompts: int, num_samples: int, batch_size: int) -> Iterator[list[tuple[int, int]]]:
+    """(prompt index, sample index) of every result, in output order, ``batch_size`` at a time;
+    built lazily, so memory does not grow with ``num_prompts * num_samples``."""
+    rows = ((i, j) for i in range(num_prompts) for j in range(num_samples))
+    while batch := list(itertools.islice(rows, batch_size)):
+        yield batch
+
+
+def _generate(args: argparse.Namespace, printed: list[int]) -> None:
     from cs336.inference import load_for_inference
 
     _check_args(args)
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
-    rows = [(i, j) for i in range(len(prompts)) for j in range(args.num_samples)]
     model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
                                           tokenizer_dir=args.tokenizer_dir, device=args.device)
-    texts: list[str] = []
-    for start in range(0, len(rows), args.batch_size):
-        chunk = rows[start:start + args.batch_size]
+    single = len(prompts) * args.num_samples == 1
+    start = 0
+    for chunk in result_batches(len(prompts), args.num_samples, args.batch_size):
         seed = None if args.seed is None else args.seed + start
-        texts += generate_texts(model, tokenizer, [prompts[i] for i, _ in chunk], args.max_tokens,
-                                temperature=args.temperature, top_p=args.top_p, seed=seed,
-                                kv_cache=not args.no_kv_cache)
-    for (i, j), text in zip(rows, texts):
-        if args.jsonl:
-            print(json.dumps({"prompt_index": i, "sample": j, "text": text}, ensure_ascii=False))
-        elif len(rows) == 1:
-            print(text)
-        else:
-            print(f"=== prompt {i}" + (f", sample {j}" if args.num_samples > 1 else "") + " ===")
-            print(text)
+        texts = generate_texts(model, tokenizer, [prompts[i] for i, _ in chunk], args.max_tokens,
+                               temperature=args.temperature, top_p=args.top_p, seed=seed,
+                               kv_cache=not args.no_kv_cache)
+        for (i, j), text in zip(chunk, texts):
+            if args.jsonl:
+                print(json.dumps({"prompt_index": i, "sample": j, "text": text}, ensure_ascii=False))
+            elif single:
+                print(text)
+            else:
+                print(f"=== prompt {i}" + (f", sample {j}" if args.num_samples > 1 else "") + " ===")
+                print(text)
+        sys.stdout.flush()
+        start += len(chunk)
+        printed[0] = start
 
 
 if __name__ == "__main__":

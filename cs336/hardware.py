@@ -25,15 +25,19 @@ import platform
 import re
 import time
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from cs336.config import ConfigError, check_device_name
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
     """``auto`` is CUDA, then MPS, then the CPU; an explicit device must be visible (ConfigError
     naming ``flag`` otherwise)."""
+    import torch
+
     check_device_name(flag, name)
     if name == "auto":
         if torch.cuda.is_available():
@@ -51,6 +55,8 @@ def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
 def autocast_for(mode: str, device: torch.device):
     """The context of ``train.autocast``: ``bf16`` is ``torch.autocast(bfloat16)`` on ``device``
     (weights and optimizer stay fp32), ``none`` changes nothing. Trainer and profiler share it."""
+    import torch
+
     if mode == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -58,6 +64,8 @@ def autocast_for(mode: str, device: torch.device):
 
 def device_memory(device: torch.device) -> int | None:
     """Total memory of ``device`` in bytes (CPU: physical RAM); None when unknown."""
+    import torch
+
     try:
         if device.type == "cuda":
             return int(torch.cuda.get_device_properties(device).total_memory)
@@ -137,6 +145,8 @@ def cpu_model() -> str:
 
 
 def device_name(device: torch.device | str) -> str:
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -144,6 +154,8 @@ def device_name(device: torch.device | str) -> str:
 
 
 def versions() -> dict[str, str]:
+    import torch
+
     out = {"torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
@@ -167,6 +179,8 @@ def _best_seconds(fn, repeats: int) -> float:
 
 def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of the best of ``repeats`` fp32 (n x n) @ (n x n) matmuls on this CPU."""
+    import torch
+
     a = torch.randn(n, n)
     b = torch.randn(n, n)
     return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), repeats)
@@ -174,6 +188,8 @@ def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
 
 def measure_cpu_copy_bandwidth(numel: int = 2**25, repeats: int = 3) -> float:
     """Bytes/s of the best of ``repeats`` fp32 copies of ``numel`` elements (read + write)."""
+    import torch
+
     src = torch.randn(numel)
     dst = torch.empty_like(src)
     return 2 * numel * 4 / _best_seconds(lambda: dst.copy_(src), repeats)
@@ -193,6 +209,8 @@ def peak_for(device: torch.device | str) -> Peak:
     CUDA: the table's dense BF16 entry (UnknownDeviceError if the GPU is not listed). CPU: a
     large fp32 matmul and a large copy measured now.
     """
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

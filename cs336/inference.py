@@ -4,40 +4,56 @@ checkpoint file written by ``python -m cs336.train``.
 The model configuration comes from the checkpoint itself (``extra["config"]``, the resolved
 ``TrainConfig``); the tokenizer from the run directory (``DIR/tokenizer``) unless a tokenizer
 directory is given; a tokenizer with ids beyond the model's embedding rows is refused (it
-belongs to another model). Checkpoints load with ``weights_only=True`` (``cs336.checkpoint``).
+belongs to another model). Checkpoints load with ``weights_only=True`` (``cs336.checkpoint``),
+read and SHA-256-checked once.
+
+Kernels: the run's ``model.kernels`` is a training choice (the weights do not depend on it). The
+model decodes with it when it runs here, on ``device``; otherwise (a run trained with ``triton``
+on a GPU, loaded on a machine without CUDA) with ``auto``, which picks what runs here
+(``inference_kernels``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from cs336.config import ConfigError, TrainConfig
 from cs336.config_io import config_from_dict
-from cs336.hardware import resolve_device
-from cs336.preflight import check_tokenizer_fits
 from cs336.run_dir import RunDir, RunDirError
 
 
 def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = None,
                        tokenizer_dir: str | None = None, device: str = "cpu"):
     """(model in eval mode, tokenizer) from a run directory or a checkpoint file."""
-    from cs336.checkpoint import CheckpointError, load_checkpoint_full
+    from cs336.checkpoint import CheckpointError, load_checkpoint_full, read_checkpoint
+    from cs336.hardware import resolve_device
     from cs336.model import TransformerLM
+    from cs336.preflight import check_tokenizer_fits
     from cs336.tokenizer import Tokenizer
 
     if (run_dir is None) == (checkpoint is None):
         raise ConfigError("give exactly one of a run directory (--run) or a checkpoint (--checkpoint)")
     if run_dir is not None:
         rd = RunDir(run_dir)
+        if rd.path.exists() and not rd.path.is_dir():
+            raise RunDirError(f"--run {rd.path} is a file; pass a run directory (a training run's --out-dir), "
+                              "or the file as --checkpoint")
         if not rd.path.is_dir():
             raise RunDirError(f"run directory {rd.path} does not exist; pass the --out-dir of a training run")
+        if not rd.checkpoints.is_dir():
+            raise RunDirError(f"--run {rd.path} has no checkpoints/ directory, so it is not a run directory "
+                              "of python -m cs336.train; pass a training run's --out-dir, or --checkpoint FILE")
         ckpt = rd.latest_checkpoint()
         if ckpt is None:
             raise RunDirError(f"{rd.checkpoints} has no 'latest' checkpoint; train first or pass --checkpoint")
     else:
         ckpt = Path(checkpoint)
         rd = RunDir(ckpt.resolve().parent.parent)
-    state = load_checkpoint_full(ckpt)
+    if ckpt.is_dir():
+        raise CheckpointError(f"--checkpoint {ckpt} is a directory; pass a checkpoint file (e.g. "
+                              f"{ckpt}/checkpoints/step_*.pt) or use --run {ckpt}")
+    state = read_checkpoint(ckpt)
     cfg_dict = state.get("extra", {}).get("config")
     if cfg_dict is None:
         raise CheckpointError(f"{ckpt} carries no training config (it was not written by "
@@ -47,8 +63,10 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
         cfg: TrainConfig = config_from_dict(cfg_dict)
     except ConfigError as exc:
         raise CheckpointError(f"{ckpt}: its stored config is invalid ({exc})") from None
-    model = TransformerLM.from_config(cfg.model, device=resolve_device(device, "--device"))
-    load_checkpoint_full(ckpt, model)
+    torch_device = resolve_device(device, "--device")
+    model_cfg = dataclasses.replace(cfg.model, kernels=inference_kernels(cfg.model.kernels, torch_device))
+    model = TransformerLM.from_config(model_cfg, device=torch_device)
+    load_checkpoint_full(ckpt, model, payload=state)
     model.eval()
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else rd.tokenizer
     vocab, merges = tok_dir / "vocab.json", tok_dir / "merges.txt"
@@ -63,6 +81,16 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
     except ValueError as exc:
         raise RunDirError(str(exc)) from None
     return model, tokenizer
+
+
+def inference_kernels(trained_with: str, device) -> str:
+    """The kernel provider to decode with on ``device``: the run's own when it runs there, else
+    ``auto`` (triton on CUDA, native elsewhere)."""
+    from cs336 import ops
+
+    if trained_with == "triton" and device.type != "cuda" and not ops.triton_interpreted():
+        return "auto"
+    return trained_with if ops.backend_available(trained_with) else "auto"
 
 
 def add_source_arguments(parser) -> None:

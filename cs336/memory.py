@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import math
 
-import torch
+from typing import TYPE_CHECKING
 
 from cs336.config import ConfigError, ModelConfig
 from cs336.flops import param_counts
+
+if TYPE_CHECKING:
+    import torch
 
 # Elements kept for backward, by shape unit and kind ("a": the activation dtype, bf16 under
 # autocast; "f": always fp32; "b": bool; "i": int64), per layer and once per model. Units: BTd =
@@ -157,6 +160,8 @@ def measure_saved_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     """Bytes autograd keeps after ``model.loss(x, y)``: every tensor packed by
     ``saved_tensors_hooks`` (by storage, once), plus the inputs checkpointed blocks hold, less
     the parameters and buffers themselves."""
+    import torch
+
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
 

@@ -79,7 +79,12 @@ def writable_dir(flag: str, path) -> Path:
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise FlagError(f"{flag} {p}: cannot write in {probe} (permissions); pass another directory")
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        cause = "a read-only file system" if read_only else "permissions"
+        raise FlagError(f"{flag} {p}: cannot write in {probe} ({cause}); pass another directory")
     return p
 
 

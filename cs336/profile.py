@@ -29,17 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, record_function
-
-from cs336 import ops
 from cs336.cli import add_config_arguments, config_from_args, parse_args
 from cs336.config import ConfigError, TrainConfig, check_positive
 from cs336.fileio import atomic_write_bytes, atomic_write_text
-from cs336.hardware import autocast_for, resolve_device
-from cs336.interrupt import run_cli
-from cs336.model import TransformerLM
-from cs336.optim import AdamW
 
 
 @dataclass(frozen=True)
@@ -70,6 +62,9 @@ class StepProfiler:
         self.total = wait + warmup + active
         self.steps = 0
         self.row_limit = row_limit
+        import torch
+        from torch.profiler import ProfilerActivity
+
         cuda = torch.cuda.is_available()
         self.sort_by = sort_by or ("self_device_time_total" if cuda else "self_cpu_time_total")
         self.traces: list[Path] = []
@@ -144,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]:
     """A closure running one training step of ``cfg``'s model on random tokens, and a description."""
+    import torch
+    from torch.profiler import record_function
+
+    from cs336 import ops
+    from cs336.model import TransformerLM
+    from cs336.hardware import autocast_for, resolve_device
+    from cs336.optim import AdamW
+
     device = resolve_device(cfg.train.device)
     ops.resolve_backend(cfg.model.kernels)  # a clear error now if the backend cannot run here
     torch.manual_seed(cfg.train.seed)
@@ -173,6 +176,9 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parse_args(parser, argv)
+    from cs336 import ops
+    from cs336.cli import run_cli
+
     def body() -> None:
         cfg = config_from_args(args)
         step, info = make_train_step(cfg)

@@ -44,7 +44,7 @@ CHECKPOINT_RE = re.compile(r"^step_(\d+)\.(pt|dcp)$")
 """Names of the trainer's checkpoints: ``step_NNNNNN.pt`` files and the ``step_NNNNNN.dcp``
 directories of fsdp runs."""
 LAYOUT = frozenset({MARKER, LOCK, "config.json", "metrics.jsonl", "checkpoints", "tokenizer", "data",
-                    "loss.png", "samples.txt", "profile", "wandb"})
+                    "loss.png", "samples.txt", "profile", "wandb", "resumes.json"})
 """Every name ``cs336.train`` writes at the top of a run directory."""
 RUNS = Path("runs")
 """Parent of the run directories named automatically (no ``--out-dir``); ``runs/latest`` links the newest."""

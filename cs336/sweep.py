@@ -1,7 +1,7 @@
 """Hyperparameter sweeps: one training run per point of a cartesian grid of config overrides.
 
     python -m cs336.sweep [--preset NAME] [--config FILE] [--section.field=VALUE ...] \
-        --grid "optim.lr=1e-4,3e-4,1e-3,3e-3" [--grid ...] [--set key=value ...] [--out DIR]
+        --grid "optim.lr=1e-4,3e-4,1e-3,3e-3" [--grid ...] [--set key=value ...] [--out-dir DIR]
 
 The base config comes from the same flags as ``python -m cs336.train`` (``cs336.cli``;
 ``--base FILE`` is ``--config FILE``, and ``--set KEY=VALUE`` is ``--KEY=VALUE`` applied after
@@ -14,8 +14,15 @@ Runs go one after another in this process; with several CUDA devices visible the
 device in subprocesses (``CUDA_VISIBLE_DEVICES``). A run that diverges (``TrainingDiverged``, a
 non-finite loss, or a final train or val loss above the loss at step 0) is marked as diverged
 and the sweep goes on; a run that fails for another reason is marked ``error`` with its message,
-and the sweep exits with status 1 at the end. A run stopped by SIGINT/SIGTERM (it saves a
-checkpoint) ends the sweep. After every run the sweep rewrites ``summary.json``, ``summary.csv``
+and the sweep exits with status 1 at the end. SIGINT/SIGTERM (during a point's training, which
+saves a checkpoint, or anywhere else) end the sweep with one line, exit 130/143 and no "best".
+
+Continuing: the plan (every point's config) is written to ``DIR/sweep.json`` before the first
+run. The same command again (same ``--out-dir``) finds it and continues: finished points (``ok``,
+``diverged``) are kept, an interrupted or failed point runs again (resumed from its latest
+checkpoint when it has one), the rest run. A directory holding another plan, or files but no
+``sweep.json``, is refused, and nothing in it is touched. (``--out`` is the deprecated spelling
+of ``--out-dir``.) After every run the sweep rewrites ``summary.json``, ``summary.csv``
 and ``summary.md`` (point, steps, final train/val loss, best val loss, tokens/s, wallclock,
 status) and ``curves.png`` (val loss of every run against step and against wallclock) in DIR;
 ``tokens/s`` is the training throughput of the run's last logging window, as ``cs336.train``
@@ -40,6 +47,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -50,12 +58,10 @@ from typing import Any
 
 from cs336 import config as cfglib
 from cs336 import config_io
-from cs336.cli import add_config_arguments, config_from_args, parse_args
+from cs336.cli import add_config_arguments, add_deprecated_alias, config_from_args, parse_args
+from cs336.interrupt import Interrupted
 from cs336.sweep_report import finite, fmt, read_metrics, write_json, write_reports
-
-
-class SweepError(ValueError):
-    """A sweep argument is invalid; the message names it and the fix."""
+from cs336.sweep_resume import FINISHED, MANIFEST, SweepError, open_sweep_dir, resumable  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -207,12 +213,13 @@ def classify(summary: dict, run_dir: Path) -> tuple[str, str]:
     return "ok", ""
 
 
-def run_point(run: PlannedRun) -> dict:
-    """Train one point in this process; never raises for divergence or a failed run."""
+def run_point(run: PlannedRun, resume: bool = False) -> dict:
+    """Train one point in this process (``resume``: continue it from its latest checkpoint);
+    never raises for divergence or a failed run."""
     from cs336 import train
 
     try:
-        summary = train.run(run.config)
+        summary = train.run(run.config, resume=resume) if resume else train.run(run.config)
         status, reason = classify(summary, Path(summary.get("run_dir", run.run_dir)))
     except train.TrainingDiverged as exc:
         summary = dict(getattr(exc, "summary", None) or {})
@@ -237,7 +244,7 @@ def _worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     run = PlannedRun(spec["name"], spec["point"], config_io.config_from_dict(spec["config"]),
                      Path(spec["run_dir"]))
-    row = run_point(run)
+    row = run_point(run, resume=bool(spec.get("resume")))
     write_json(Path(spec["result"]), row)
 
 
@@ -255,6 +262,7 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
     pending = list(enumerate(planned))
     running: dict[str, tuple[subprocess.Popen, int, Path]] = {}
     rows: list[dict | None] = [None] * len(planned)
+    stopped: Interrupted | None = None
     while pending or running:
         try:
             for device in devices:
@@ -264,12 +272,14 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
                 spec = specs_dir / f"{index}.json"
                 result = specs_dir / f"{index}.result.json"
                 write_json(spec, {"name": run.name, "point": run.point, "run_dir": str(run.run_dir),
-                                  "config": config_io.config_to_dict(run.config), "result": str(result)})
+                                  "config": config_io.config_to_dict(run.config), "result": str(result),
+                                  "resume": resumable(run)})
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
                 running[device] = (subprocess.Popen([*cmd, str(spec)], env=env), index, result)
             time.sleep(0.2)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted) as exc:
             print("interrupted: no further points start; waiting for the running ones", flush=True)
+            stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
             pending.clear()
         for device, (proc, index, result) in list(running.items()):
             if proc.poll() is None:
@@ -283,13 +293,19 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
             if rows[index]["status"] == "interrupted":
                 pending.clear()
             on_row(rows[index], planned)
+    if stopped is not None:
+        raise stopped
     return [r for r in rows if r is not None]
 
 
 def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] | None = None, *,
-              worker_cmd: Sequence[str] | None = None) -> list[dict]:
+              worker_cmd: Sequence[str] | None = None, previous: dict[str, dict] | None = None) -> list[dict]:
     """Run every planned point, rewriting the reports in ``out`` after each one; with more than
-    one device, in parallel subprocesses (``run_parallel``)."""
+    one device, in parallel subprocesses (``run_parallel``). ``previous``: result rows of an
+    earlier, interrupted run of this sweep by point name; finished ones are kept, not rerun.
+
+    Stopped by a signal (a point's training saves a checkpoint and returns, or the signal lands
+    between points) it raises ``Interrupted`` after writing the reports of the points done."""
     out.mkdir(parents=True, exist_ok=True)
     done: list[dict] = []
     keys = list(dict.fromkeys(k for run in planned for k in run.point))
@@ -304,14 +320,23 @@ def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] |
         write_reports(sorted(done, key=lambda r: order[r["name"]]), out, keys,
                       x_tokens=batch_axis, configs={r.name: r.config for r in plan})
 
+    kept = {name: row for name, row in (previous or {}).items() if row.get("status") in FINISHED}
+    todo = [run for run in planned if run.name not in kept]
+    for run in planned:
+        if run.name in kept:
+            on_row(kept[run.name], planned)
+    if kept:
+        print(f"continuing the sweep in {out}: {len(kept)} finished point(s) kept, {len(todo)} to run",
+              flush=True)
     if devices and len(devices) > 1:
-        return run_parallel(planned, devices, out, on_row, worker_cmd)
-    for i, run in enumerate(planned):
-        print(f"[{i + 1}/{len(planned)}] running {run.name}", flush=True)
-        on_row(run_point(run), planned)
+        run_parallel(todo, devices, out, lambda row, _: on_row(row, planned), worker_cmd)
+        return done
+    for run in todo:
+        resume = resumable(run)
+        print(f"[{len(done) + 1}/{len(planned)}] {'resuming' if resume else 'running'} {run.name}", flush=True)
+        on_row(run_point(run, resume=resume), planned)
         if done[-1]["status"] == "interrupted":
-            print("sweep stopped by a signal; the remaining points did not run", flush=True)
-            break
+            raise Interrupted(signal.SIGINT)
     return done
 
 
@@ -324,13 +349,16 @@ def default_devices() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cs336.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, config_aliases=("--base",))
+    add_config_arguments(parser, config_aliases=("--base",), without=("--out-dir",))
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="one sweep axis; repeat for a cartesian product")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                         help="same as --KEY=VALUE: applied to every point, after the other flags and "
                              "before the grid values")
-    parser.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-<keys>-<time>)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="sweep directory (default runs/sweep-<keys>-<time>); re-running a command "
+                             "with the same --out-dir continues that sweep")
+    add_deprecated_alias(parser, "--out", "--out-dir", type=Path)
     parser.add_argument("--no-share-data", action="store_false", dest="share_data",
                         help="let every run prepare its own corpus, tokenizer and token files "
                              "(by default they are prepared once in DIR/_data when no point varies them)")
@@ -338,15 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_out(out: Path) -> None:
-    """Refuse a sweep directory that already holds files (nothing of an earlier sweep is lost)."""
-    if out.exists() and any(out.iterdir()):
-        raise SweepError(f"--out {out} already holds files; choose a new directory or remove it")
-
-
-def run_and_report(planned: Sequence[PlannedRun], out: Path) -> int:
-    """Run the sweep, print its one-line summary, and return the exit status (1 if a run failed)."""
-    rows = run_sweep(planned, out, default_devices())
+def run_and_report(planned: Sequence[PlannedRun], out: Path, previous: dict[str, dict] | None = None) -> int:
+    """Run the sweep, print its one-line summary, and return the exit status (1 if a run failed);
+    an interrupted sweep raises ``Interrupted`` and prints no best point."""
+    rows = run_sweep(planned, out, default_devices(), previous=previous)
     ok = [r for r in rows if r["status"] == "ok" and finite(r["final_val_loss"])]
     best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
     n_div = sum(r["diverged"] for r in rows)
@@ -362,27 +385,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         _worker(args.worker)
         return
-    from cs336.interrupt import run_cli
+    from cs336.cli import run_cli
 
     setup: dict = {}
 
-    def plan() -> None:  # the runs themselves handle Ctrl-C in run_sweep (no further points start)
+    def body() -> None:
         if not args.grid:
             raise SweepError("no --grid given; add at least one, e.g. --grid optim.lr=1e-4,3e-4")
         axes = [parse_grid(g) for g in args.grid]
         base = config_from_args(args)
         keys = "-".join(a.key.split(".")[-1] for a in axes)
-        setup["out"] = out = args.out or Path("runs") / f"sweep-{keys}-{time.strftime('%Y%m%d-%H%M%S')}"
-        check_out(out)
+        setup["out"] = out = args.out_dir or Path("runs") / f"sweep-{keys}-{time.strftime('%Y%m%d-%H%M%S')}"
         planned = plan_sweep(base, grid_points(axes), args.sets, out)
-        setup["planned"] = share_data(planned, out) if args.share_data else planned
+        previous = open_sweep_dir(out, planned)
+        if args.out_dir is None:
+            print(f"sweep directory {out}; to continue it after an interruption, re-run with "
+                  f"--out-dir {out}", flush=True)
+        planned = share_data(planned, out) if args.share_data else planned
+        setup["status"] = run_and_report(planned, out, previous)
 
-    run_cli(plan, user_errors=(SweepError, cfglib.ConfigError, OSError),
-            on_interrupt=lambda: "no run of the sweep was started; finished data files are kept")
-    out, planned = setup["out"], setup["planned"]
-    status = run_and_report(planned, out)
-    if status:
-        sys.exit(status)
+    def on_interrupt() -> str:
+        out = setup.get("out")
+        if out is None:
+            return "no run of the sweep was started"
+        return (f"finished points are kept in {out}; re-run the same command with --out-dir {out} "
+                "to continue (the interrupted point resumes from its checkpoint)")
+
+    run_cli(body, user_errors=(SweepError, cfglib.ConfigError), on_interrupt=on_interrupt)
+    if setup.get("status"):
+        sys.exit(setup["status"])
 
 
 if __name__ == "__main__":

@@ -18,23 +18,40 @@ What each failure does is the README's "What happens when".
 from __future__ import annotations
 
 import argparse
+import sys
 
-from cs336.checkpoint import CheckpointError
-from cs336.cli import add_config_arguments, config_from_args, overrides_from_args, parse_args
+from cs336.cli import add_config_arguments, config_from_args, overrides_from_args, parse_args, run_cli
 from cs336.config import ConfigError, TrainConfig
-from cs336.config_io import apply_overrides, config_to_dict, load_config
-from cs336.data import TokenFileError
-from cs336.datasets import DatasetError
-from cs336.interrupt import Stage, run_cli
-from cs336.ops import BackendError
-from cs336.preflight import resume_conflicts
-from cs336.run_dir import RunDir, RunDirError, RunDirRefused
-from cs336.tokenizer.gpt2_files import TokenizerFileError
-from cs336.trainer import TrainingDiverged, run
+from cs336.config_io import apply_overrides, load_config
+from cs336.run_dir import RunDir
 
-USER_ERRORS = (ConfigError, CheckpointError, TokenFileError, DatasetError, BackendError, RunDirError,
-               RunDirRefused, TokenizerFileError)
-"""Errors whose message is the whole story for the user: one line, exit status 2."""
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story for the user: one line, exit status 2 (imported
+    here on use: most of them come with torch)."""
+    from cs336.checkpoint import CheckpointError
+    from cs336.data import TokenFileError
+    from cs336.datasets import DatasetError
+    from cs336.ops import BackendError
+    from cs336.run_dir import RunDirError, RunDirRefused
+    from cs336.tokenizer.gpt2_files import TokenizerFileError
+    from cs336.preflight import FlagError
+
+    return (ConfigError, CheckpointError, TokenFileError, DatasetError, BackendError, RunDirError,
+            RunDirRefused, TokenizerFileError, FlagError)
+
+
+def __getattr__(name: str):
+    """``run``, ``TrainingDiverged`` (``cs336.trainer``) and ``USER_ERRORS``, imported on first use
+    so that ``--help`` does not pay the torch import."""
+    if name in ("run", "TrainingDiverged"):
+        from cs336 import trainer
+
+        return getattr(trainer, name)
+    if name == "USER_ERRORS":
+        return user_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["TrainingDiverged", "build_parser", "config_for", "main", "run"]
 
@@ -64,6 +81,9 @@ def config_for(args: argparse.Namespace) -> TrainConfig:
     saved = RunDir(out).read_config()
     cfg = load_config(args.config, saved) if args.config else saved
     cfg = apply_overrides(cfg, overrides)
+    from cs336.config_io import config_to_dict
+    from cs336.preflight import resume_conflicts
+
     conflicts = resume_conflicts(config_to_dict(saved), config_to_dict(cfg))
     if conflicts:
         raise ConfigError(f"--resume: these flags differ from {RunDir(out).config_file}, and the run cannot "
@@ -73,10 +93,14 @@ def config_for(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
+    args = parse_args(build_parser(), argv)  # before the torch import: --help stays fast
+    from cs336.interrupt import Stage
+
+    module = sys.modules[__name__]
     stage = Stage()
-    run_cli(lambda: run(config_for(args), resume=args.resume, stage=stage), user_errors=USER_ERRORS,
-            exit_codes={TrainingDiverged: 1}, on_interrupt=stage.report)
+    train_run, diverged = module.run, module.TrainingDiverged  # as patched, if a test replaced them
+    run_cli(lambda: train_run(config_for(args), resume=args.resume, stage=stage), user_errors=user_errors(),
+            exit_codes={diverged: 1}, on_interrupt=stage.report)
     return 0
 
 

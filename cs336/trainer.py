@@ -41,6 +41,7 @@ from cs336.metrics import Window, close_window, finish, init_wandb, log_metrics
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
 from cs336.optim import AdamW, lr_cosine_schedule
+from cs336.plots import record_resume
 from cs336.preflight import open_run_dir, preflight
 from cs336.prepare import SourceTokenizer, prepare_data, source_tokenizer
 from cs336.profile import StepProfiler
@@ -344,6 +345,7 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
         if info.is_main:
             rd.write_config(cfg)
             rd.truncate_metrics(state.step)
+            record_resume(rd.path, state.step, state.wallclock_s)  # marked on loss.png
     wandb_run = init_wandb(cfg, rd) if cfg.train.wandb and info.is_main else None
     stage.set("evaluating before training", kept)
     if state.step == 0:

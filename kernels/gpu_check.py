@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = [x for x in given if x not in valid]
         if bad or not given:
             parser.error(f"{flag}: unknown {', '.join(bad) or 'empty list'}; valid: {', '.join(valid)}")
+    if args.json is not None and args.json.is_dir():  # refused before minutes of compiling
+        parser.error(f"--json {args.json} is a directory; pass the path of the JSON file to write")
     if interpreted():
         # The kernels were defined as interpreter functions in this process: compile in a fresh one.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -345,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         from cs336.fileio import atomic_write_text
         payload = {"triton": triton.__version__, "torch": torch.__version__, "full": args.full,
                    "targets": targets, "rows": [dataclasses.asdict(r) for r in rows], "failures": failures}
-        atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
+        try:
+            atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
+        except OSError as exc:  # cs336.fileio.WriteError names the file and the fix
+            print(f"gpu_check: error: {exc}", file=sys.stderr)
+            return 2
     for f in failures:
         print(f"FAIL {f}", file=sys.stderr)
     names = ", ".join(f"{t} ({TARGETS[t].gpu}, {TARGETS[t].sm_count} SMs)" for t in targets)

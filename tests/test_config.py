@@ -123,6 +123,8 @@ def test_bad_config_files_name_the_file(tmp_path, name, text, fragment):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is a directory; pass a TOML or JSON file"):
+        load_config(tmp_path)
 
 
 def test_cli_flags_are_generated_and_layered(tmp_path):

@@ -132,7 +132,7 @@ def test_list_names_every_experiment(capsys):
 def test_ffn_experiment_matches_parameter_counts(tmp_path, fake_train, capsys):
     from cs336.model import TransformerLM
 
-    experiments.main(["run", "ffn", "--out", str(tmp_path / "ffn"), "--set", "train.max_steps=7"])
+    experiments.main(["run", "ffn", "--out-dir", str(tmp_path / "ffn"), "--set", "train.max_steps=7"])
     assert "2 runs, 0 diverged" in capsys.readouterr().out
     swiglu, silu = fake_train
     assert (swiglu.model.ffn_type, silu.model.ffn_type) == ("swiglu", "silu")
@@ -153,17 +153,17 @@ def test_norm_experiment_points(tmp_path, fake_train):
 
 def test_run_rejects_bad_set_and_used_out(tmp_path, fake_train, capsys):
     with pytest.raises(SystemExit) as exc:
-        experiments.main(["run", "lr", "--out", str(tmp_path / "a"), "--set", "optim.nope=1"])
+        experiments.main(["run", "lr", "--out-dir", str(tmp_path / "a"), "--set", "optim.nope=1"])
     assert exc.value.code == 2 and "nope" in capsys.readouterr().err
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "summary.json").write_text("{}")
     with pytest.raises(SystemExit) as exc:
-        experiments.main(["run", "rope", "--out", str(tmp_path / "b")])
+        experiments.main(["run", "rope", "--out-dir", str(tmp_path / "b")])
     assert exc.value.code == 2 and "already holds files" in capsys.readouterr().err
     assert not fake_train
 
 
 def test_run_grid_replaces_the_points(tmp_path, fake_train):
-    experiments.main(["run", "lr", "--grid", "optim.lr=3,10", "--out", str(tmp_path / "hi")])
+    experiments.main(["run", "lr", "--grid", "optim.lr=3,10", "--out-dir", str(tmp_path / "hi")])
     assert [c.optim.lr for c in fake_train] == [3.0, 10.0]
     assert all(c.model.d_model == 64 for c in fake_train)  # still at the experiments' scale

@@ -9,6 +9,11 @@ imported once for the module.
 
 import dataclasses
 import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +31,7 @@ from cs336.tokenizer.gpt2_files import save_vocab_merges
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install -e '.[hf]' or '.[dev]')")
 
+ROOT = Path(__file__).resolve().parents[1]
 EOT = "<|endoftext|>"
 CORPUS = ("The cat sat on the mat. It's 2024; we'll see 1,234 foxes!\n"
           "Größe, Straße. 狐狸跳过了懒狗。 Emoji 🦊🐕 and tabs\tand  double  spaces.\n")
@@ -168,7 +174,7 @@ def run_dir(tokenizer, tmp_path_factory):
 
 def test_cli_exports_a_run_and_refuses_bad_input(run_dir, tmp_path, capsys):
     rd, model = run_dir
-    main(["--run", str(rd.path), "--out", str(tmp_path / "hf")])
+    main(["--run", str(rd.path), "--out-dir", str(tmp_path / "hf")])
     assert "wrote" in capsys.readouterr().out
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -176,16 +182,94 @@ def test_cli_exports_a_run_and_refuses_bad_input(run_dir, tmp_path, capsys):
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
     marker = json.loads((tmp_path / "hf" / "cs336_export.json").read_text())
     assert marker["run"] == str(rd.path.resolve())
-    main(["--checkpoint", str(rd.checkpoint_path(5)), "--out", str(tmp_path / "hf")])
+    main(["--checkpoint", str(rd.checkpoint_path(5)), "--out-dir", str(tmp_path / "hf")])
     capsys.readouterr()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("x")
     for args, fragment in ((["--run", str(tmp_path / "missing")], "does not exist"),
-                           (["--run", str(rd.path), "--out", str(tmp_path / "other")], "is not an earlier export")):
-        if "--out" not in args:
-            args = args + ["--out", str(tmp_path / "new")]
+                           (["--run", str(rd.path), "--out-dir", str(tmp_path / "other")], "is not an earlier export")):
+        if "--out-dir" not in args:
+            args = args + ["--out-dir", str(tmp_path / "new")]
         with pytest.raises(SystemExit) as exc:
             main(args)
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err
+
+
+def test_disk_full_in_export_is_one_line_and_keeps_the_earlier_export(run_dir, tmp_path, capsys, monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError (its text as safetensors writes it)."""
+    import safetensors
+    import safetensors.torch
+
+    rd, _ = run_dir
+    out = tmp_path / "hf"
+    main(["--run", str(rd.path), "--out-dir", str(out)])
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(rd.path), "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"cannot write {out / 'model.safetensors'}: No space left on device; free space" in err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_export_is_readable_per_umask(tokenizer, tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        out = export_hf(_model(), tokenizer, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
+
+
+def test_stale_temp_dirs_of_a_killed_export_are_removed(tokenizer, tmp_path):
+    """An export killed by SIGKILL leaves its hidden temp dir; the next export to the same place
+    removes it (its process is gone) and leaves a live export's and unrelated ones alone."""
+    code = ("import os, sys, tempfile; from pathlib import Path; from cs336.export import _temp_dir;"
+            "d = _temp_dir(Path(sys.argv[1]), '.tmp'); (d / 'model.safetensors').write_bytes(b'x' * 100);"
+            "os.kill(os.getpid(), 9)")
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -9
+    stale = [p.name for p in tmp_path.iterdir()]
+    assert len(stale) == 1 and stale[0].startswith(".hf.cs336-export-")
+    live = tmp_path / f".hf.cs336-export-{os.getppid()}-abc.tmp"  # a live process (pytest's parent)
+    live.mkdir()
+    (tmp_path / ".hf.mine.tmp").mkdir()  # not ours by name
+    export_hf(_model(), tokenizer, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".hf.mine.tmp", live.name, "hf"])
+
+
+def test_generate_of_an_export_does_not_warn(exported, recwarn, caplog, capfd):
+    """generation_config.json holds no max_length, so generate(max_new_tokens=...) has no conflict."""
+    _, out = exported
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert "max_length" not in gen
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with caplog.at_level("WARNING"):
+        hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    messages = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    messages += capfd.readouterr().err.splitlines()  # transformers' own logger prints to stderr
+    assert not [m for m in messages if "max_length" in m or "max_new_tokens" in m], messages
+
+
+def test_out_is_a_deprecated_alias_of_out_dir(run_dir, tmp_path, capsys):
+    rd, _ = run_dir
+    main(["--run", str(rd.path), "--out", str(tmp_path / "hf")])
+    assert capsys.readouterr().err == "note: --out is deprecated; use --out-dir\n"
+    assert (tmp_path / "hf" / "config.json").is_file()
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(rd.path)])
+    assert exc.value.code == 2 and "required: --out-dir" in capsys.readouterr().err

@@ -78,3 +78,112 @@ def test_token_file_and_sidecar_honour_umask(tmp_path, umask):
     encode_file(tmp_path / "in.txt", tmp_path / "out.bin", Tokenizer({b: bytes([b]) for b in range(256)}, []))
     for name in ("out.bin", "out.bin.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o664, name
+
+
+# ------------------------------------------------------------- failures the user can fix
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Every atomic write goes to /dev/full (the kernel answers ENOSPC), through a real temp name;
+    ``disk_full(pattern)`` limits it to destinations whose name contains ``pattern``."""
+    import cs336.fileio as fileio
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    real = fileio.temp_beside
+    chosen = {"pattern": ""}
+
+    def full(path, suffix=".tmp"):
+        fd, tmp = real(path, suffix)
+        if chosen["pattern"] in os.fspath(path):
+            os.close(fd)
+            fd = os.open("/dev/full", os.O_WRONLY)
+        return fd, tmp
+
+    monkeypatch.setattr(fileio, "temp_beside", full)
+    return lambda pattern="": chosen.update(pattern=pattern)
+
+
+def test_disk_full_is_a_write_error_naming_the_file_and_keeps_the_old_one(tmp_path, disk_full):
+    import errno
+
+    from cs336.fileio import WriteError
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    disk_full()
+    with pytest.raises(WriteError) as exc:
+        atomic_write_bytes(path, b"x" * 100_000)
+    assert exc.value.errno == errno.ENOSPC
+    assert str(exc.value) == (f"cannot write {path}: No space left on device; free space on that file "
+                              "system or write somewhere else")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_torch_and_safetensors_write_failures_become_write_errors(tmp_path, monkeypatch):
+    """torch's zip writer drops the errno; safetensors puts it in its message."""
+    import errno
+
+    import cs336.fileio as fileio
+    from cs336.fileio import WriteError, writing
+
+    torch_text = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+    monkeypatch.setattr(fileio, "_nearly_full", lambda d: True)
+    with pytest.raises(WriteError) as exc:
+        with atomic_open(tmp_path / "c.pt") as f:
+            f.write(b"part")
+            raise RuntimeError(torch_text)
+    assert exc.value.errno == errno.ENOSPC and "c.pt" in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
+
+    class SafetensorError(Exception):
+        pass
+
+    with pytest.raises(WriteError) as exc:
+        with writing(tmp_path / "m.safetensors"):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 122, kind: QuotaExceeded, '
+                                  'message: "Disk quota exceeded" })')
+    assert exc.value.errno == errno.EDQUOT and "quota" in str(exc.value)
+    monkeypatch.setattr(fileio, "_nearly_full", lambda d: False)
+    with pytest.raises(WriteError) as exc:
+        with writing(tmp_path / "c.pt"):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert exc.value.errno == errno.EIO
+
+
+def test_unrelated_errors_pass_unchanged(tmp_path):
+    from cs336.fileio import writing
+
+    with pytest.raises(FileNotFoundError):  # about another file: it names that one itself
+        with writing(tmp_path / "out.bin"):
+            open(tmp_path / "elsewhere" / "in.txt")
+    with pytest.raises(RuntimeError, match="shape"):
+        with writing(tmp_path / "out.bin"):
+            raise RuntimeError("shape mismatch")
+
+
+@pytest.mark.parametrize("code, fix", [(13, "fix its permissions"), (30, "write somewhere else"), (16, "another process holds it")])
+def test_refused_temp_file_is_a_write_error_naming_the_destination(tmp_path, monkeypatch, code, fix):
+    """mkstemp refused (no permission, read-only file system, busy): simulated, so the test holds
+    under root too."""
+    import cs336.fileio as fileio
+    from cs336.fileio import WriteError
+
+    def refuse(dir, prefix, suffix):
+        raise OSError(code, os.strerror(code), os.path.join(dir, prefix + "abc" + suffix))
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", refuse)
+    with pytest.raises(WriteError) as exc:
+        atomic_write_text(tmp_path / "f.txt", "x")
+    assert str(exc.value).startswith(f"cannot write {tmp_path / 'f.txt'}: {os.strerror(code)}; ")
+    assert fix in str(exc.value)
+
+
+def test_a_file_where_a_directory_should_be_is_named_as_such(tmp_path):
+    from cs336.fileio import WriteError
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(WriteError) as exc:
+        atomic_write_text(tmp_path / "notes.txt" / "sub" / "f.txt", "x")
+    assert "a component of the path is a file" in str(exc.value)

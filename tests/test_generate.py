@@ -1,6 +1,7 @@
 """Decoding: top-p math, greedy determinism, the stop token, seeded sampling, the KV cache against
 the recompute reference (past the context length too), batched prompts, and the CLI."""
 
+import dataclasses
 import json
 
 import pytest
@@ -224,8 +225,13 @@ def test_cli_generates_from_a_run_dir_reproducibly(run_dir, capsys):
     (["--temperature", "nan"], "--temperature must be >= 0 and finite"),
     (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
     (["--top-p", "nan"], "--top-p must be in"),
+    (["--seed", "-1"], "--seed must be in"),
+    (["--run", "RUN/config.json"], "is a file; pass a run directory"),
+    (["--run", "RUN/tokenizer"], "has no checkpoints/ directory"),
+    (["--checkpoint", "RUN"], "is a directory; pass a checkpoint file"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(run_dir, capsys, args, fragment):
+    args = [a.replace("RUN", str(run_dir.path)) for a in args]
     if "--run" not in args and "--checkpoint" not in args:
         args = ["--run", str(run_dir.path)] + args
     with pytest.raises(SystemExit) as exc:
@@ -299,3 +305,118 @@ def test_tokenizer_of_another_model_is_refused(run_dir, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "belongs to another model" in err and str(tmp_path) in err and "Traceback" not in err
+
+
+# ------------------------------------------------ streaming, host syncs, stop token, providers
+
+def test_result_rows_are_built_lazily_per_batch():
+    """A billion results: the first batches come at once, and nothing holds all rows."""
+    import itertools
+    import tracemalloc
+
+    from cs336.generate import result_batches
+
+    tracemalloc.start()
+    batches = list(itertools.islice(result_batches(2, 10**9, 16), 3))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert batches[0] == [(0, j) for j in range(16)] and batches[2][-1] == (0, 47)
+    assert peak < 1 << 20
+    assert list(result_batches(2, 3, 4)) == [[(0, 0), (0, 1), (0, 2), (1, 0)], [(1, 1), (1, 2)]]
+
+
+def test_cli_prints_each_batch_when_done(run_dir, capsys, monkeypatch):
+    """--num-samples 1e9 --max-tokens 1: results appear batch by batch; SIGINT after the third
+    batch is one line, exit 130, with the 12 results already printed."""
+    import cs336.generate as gen
+
+    real, calls = gen.generate_texts, []
+
+    def counted(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 4:
+            assert capsys.readouterr().out.count("=== prompt 0, sample") == 12  # already printed
+            raise KeyboardInterrupt
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_texts", counted)
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run_dir.path), "--num-samples", "1000000000", "--max-tokens", "1",
+              "--batch-size", "4", "--seed", "0"])
+    assert exc.value.code == 130 and calls == [4, 4, 4, 4]
+    assert capsys.readouterr().err == "interrupted by SIGINT: 12 result(s) were printed before it\n"
+
+
+def test_one_host_sync_per_decode_step_for_all_rows(tiny_model, monkeypatch):
+    """The picker gets the whole batch per step (one copy to the host), not one row at a time,
+    and picks what per-row sampling picks."""
+    import cs336.generate as gen
+    from cs336.generate import next_tokens
+
+    model = tiny_model
+    real, widths = gen.next_tokens, []
+    monkeypatch.setattr(gen, "next_tokens", lambda logits, *a, **k: widths.append(len(logits)) or real(logits, *a, **k))
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    generate_batch(model, prompts, 5, temperature=0.0)
+    assert widths == [3] * 5
+    logits = torch.randn(4, 50)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    alone = [next_token(logits[i], 0.8, 0.9, torch.Generator().manual_seed(i)) for i in range(4)]
+    assert next_tokens(logits, 0.8, 0.9, gens) == alone
+    assert next_tokens(logits, 0.0, 0.9) == torch.argmax(logits, -1).tolist()
+
+
+def test_stop_token_is_the_runs_first_special_token():
+    from cs336.generate import stop_id
+    from cs336.tokenizer import Tokenizer
+
+    vocab = {i: bytes([i]) for i in range(256)}
+    tok = Tokenizer(vocab, [], ["<|stop|>", "<|endoftext|>"])
+    assert stop_id(tok) == tok.token_id(b"<|stop|>") != tok.token_id(b"<|endoftext|>")
+    assert stop_id(Tokenizer(vocab, [])) is None
+
+
+def test_checkpoint_is_read_and_hashed_once(run_dir, monkeypatch):
+    import cs336.checkpoint_integrity as ck
+    from cs336.inference import load_for_inference
+
+    reads, digests = [], []
+    real_load, real_digest = ck.torch.load, ck.payload_digest
+    monkeypatch.setattr(ck.torch, "load", lambda *a, **k: reads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(ck, "payload_digest", lambda p: digests.append(1) or real_digest(p))
+    load_for_inference(run_dir=str(run_dir.path))
+    assert (len(reads), len(digests)) == (1, 1)
+
+
+def test_run_trained_with_triton_decodes_without_cuda(run_dir, tmp_path, capsys, monkeypatch):
+    """The run's kernels is a training choice: without CUDA (and no interpreter) it decodes
+    with auto (native here), and the output equals a run saved with kernels=native."""
+    import shutil
+
+    from cs336.inference import load_for_inference
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    triton_run = tmp_path / "run"
+    shutil.copytree(run_dir.path, triton_run)
+    rd = RunDir(triton_run)
+    payload = torch.load(rd.checkpoint_path(3), weights_only=True)
+    cfg = TrainConfig(model=ModelConfig(**{**payload["extra"]["config"]["model"], "kernels": "triton"}))
+    model = TransformerLM.from_config(dataclasses.replace(cfg.model, kernels="native"))
+    model.load_state_dict(payload["model"])
+    save_checkpoint(model, None, 3, rd.checkpoint_path(3), config=config_to_dict(cfg))
+    loaded, _ = load_for_inference(run_dir=str(triton_run))
+    assert loaded.kernels == "auto" and ops.resolve_backend(loaded.kernels) == "native"
+    args = ["--prompt", "the cat", "--max-tokens", "6", "--temperature", "0"]
+    main(["--run", str(triton_run), *args])
+    out = capsys.readouterr()
+    main(["--run", str(run_dir.path), *args])
+    assert out.err == "" and out.out == capsys.readouterr().out
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 256)", "(default: 0.7)", "(default: 0.9)", "(default: 16)", "(default: cpu)"):
+        assert default in text

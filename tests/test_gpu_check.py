@@ -198,3 +198,9 @@ def test_full_matrix_passes(tmp_path):
     proc, report = run_gate(tmp_path / "full.json", "--full")
     assert proc.returncode == 0, f"{report['failures']}\n{proc.stderr[-3000:]}"
     assert report["full"] and len(report["rows"]) > 150
+
+
+def test_json_path_that_is_a_directory_is_refused_before_compiling(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--kernels", "rms_norm", "--json", str(tmp_path)])
+    assert exc.value.code == 2 and "is a directory" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def _one_clean_line(err: str, signame: str) -> str:
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_encode_of_one_long_word_interrupted(letters_tok, tmp_path, sig, code):
     out = tmp_path / "word.bin"
-    cmd = [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(letters_tok / "tok"),
+    cmd = [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(letters_tok / "tok"),
            "--input", str(letters_tok / "word.txt"), "--out", str(out), "--quiet"]
     rc, err = _start_and_signal(cmd, lambda: any(tmp_path.glob(".word.bin.*")), sig)
     assert rc == code, err
@@ -76,7 +76,7 @@ def test_encode_of_one_long_word_interrupted(letters_tok, tmp_path, sig, code):
 def test_interrupted_encode_keeps_the_previous_output(letters_tok, tmp_path):
     out = tmp_path / "word.bin"
     out.write_bytes(b"previous")
-    cmd = [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(letters_tok / "tok"),
+    cmd = [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(letters_tok / "tok"),
            "--input", str(letters_tok / "word.txt"), "--out", str(out), "--quiet"]
     rc, err = _start_and_signal(cmd, lambda: any(tmp_path.glob(".word.bin.*")), signal.SIGINT)
     assert rc == 130 and f"{out} is unchanged" in _one_clean_line(err, "SIGINT")
@@ -138,7 +138,7 @@ def test_bpe_training_interrupted(tmp_path):
     (tmp_path / "text.txt").write_text(" ".join(rng.choice(words, size=400_000)), encoding="utf-8")
     out = tmp_path / "tok"
     cmd = [sys.executable, "-m", "cs336.tokenizer", "train", "--input", str(tmp_path / "text.txt"),
-           "--vocab-size", "20000", "--out", str(out), "--workers", "2"]
+           "--vocab-size", "20000", "--out-dir", str(out), "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     seen = b""
     while b"merge" not in seen and proc.poll() is None:  # the merge bar: pre-tokenization is done
@@ -163,7 +163,7 @@ def test_parallel_encode_interrupted_leaves_no_worker_tracebacks(tmp_path):
     save_tokenizer_dir(tmp_path / "tok", vocab, [], [])
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    cmd = [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tmp_path / "tok"),
+    cmd = [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tmp_path / "tok"),
            "--input", str(tmp_path / "big.txt"), "--out", str(out_dir / "big.bin"), "--quiet", "--workers", "2"]
     # Ctrl-C in a terminal reaches the whole process group: do the same.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
@@ -253,7 +253,7 @@ def test_encode_refuses_out_equal_to_input_or_inside_the_tokenizer(letters_tok, 
     text.write_text("hello world", encoding="utf-8")
     tok = letters_tok / "tok"
     before = {p.name: p.read_bytes() for p in tok.iterdir()}
-    base = ["encode", "--tokenizer", str(tok), "--input", str(text), "--quiet"]
+    base = ["encode", "--tokenizer-dir", str(tok), "--input", str(text), "--quiet"]
     alias = tmp_path / "sub" / ".." / "in.txt"
     (tmp_path / "sub").mkdir()
     for out in (text, alias):
@@ -269,8 +269,8 @@ def test_train_refuses_out_that_would_overwrite_its_input(tmp_path, capsys):
     out.mkdir()
     src = out / "merges.txt"
     src.write_text("some text to train on " * 20, encoding="utf-8")
-    err = _exit_2(["train", "--input", str(src), "--vocab-size", "260", "--out", str(out)], capsys)
+    err = _exit_2(["train", "--input", str(src), "--vocab-size", "260", "--out-dir", str(out)], capsys)
     assert "would overwrite the input" in err
     assert src.read_text(encoding="utf-8") == "some text to train on " * 20
-    assert "--workers 0" in _exit_2(["train", "--input", str(src), "--vocab-size", "260", "--out",
+    assert "--workers 0" in _exit_2(["train", "--input", str(src), "--vocab-size", "260", "--out-dir",
                                      str(tmp_path / "t2"), "--workers", "0"], capsys)

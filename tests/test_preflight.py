@@ -47,3 +47,21 @@ def test_resume_may_change_optim_fields_but_not_the_optimizer():
     other = {**changed, "optim": {**changed["optim"], "name": "muon"}, "train": {"max_steps": 20, "seed": 1}}
     assert resume_conflicts(saved, other) == ["optim.name: saved 'adamw', requested 'muon'",
                                               "train.seed: saved 0, requested 1"]
+
+
+def test_read_only_out_dir_is_named_as_such(tmp_path, monkeypatch):
+    """preflight.writable_dir: os.access fails on a read-only mount too; the cause is told apart."""
+    import os
+
+    from cs336 import preflight
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(preflight.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(preflight.os, "statvfs", lambda path: ReadOnly())
+    with pytest.raises(preflight.FlagError, match=r"\(a read-only file system\)"):
+        preflight.writable_dir("--out-dir", tmp_path / "run")
+    monkeypatch.setattr(preflight.os, "statvfs", lambda path: type("Rw", (), {"f_flag": 0})())
+    with pytest.raises(preflight.FlagError, match=r"\(permissions\)"):
+        preflight.writable_dir("--out-dir", tmp_path / "run")

@@ -229,8 +229,11 @@ def test_sweep_stops_after_an_interrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "run", interrupted_run)
     out = tmp_path / "sw"
-    rows = sweep.run_sweep(sweep.plan_sweep(tiny_config(), points("optim.lr=1e-3,1e-2"), [], out), out)
-    assert len(calls) == 1 and [r["status"] for r in rows] == ["interrupted"]
+    from cs336.interrupt import Interrupted
+
+    with pytest.raises(Interrupted):
+        sweep.run_sweep(sweep.plan_sweep(tiny_config(), points("optim.lr=1e-3,1e-2"), [], out), out)
+    assert len(calls) == 1
     assert len(json.loads((out / "summary.json").read_text())["runs"]) == 1
 
 
@@ -257,7 +260,7 @@ def _base_file(tmp_path: Path) -> Path:
 def test_cli_runs_the_grid_and_prints_a_summary(tmp_path, fake_train, capsys):
     out = tmp_path / "cli"
     sweep.main(["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=1e-2,2.0",
-                "--grid", "train.batch_size=4,8", "--set", "train.seed=3", "--out", str(out)])
+                "--grid", "train.batch_size=4,8", "--set", "train.seed=3", "--out-dir", str(out)])
     text = capsys.readouterr().out
     assert "4 runs, 2 diverged, 0 failed" in text
     assert "best optim.lr=1e-2__train.batch_size=" in text
@@ -268,7 +271,7 @@ def test_cli_runs_the_grid_and_prints_a_summary(tmp_path, fake_train, capsys):
 
 def test_cli_exits_1_when_a_point_fails(tmp_path, fake_train):
     with pytest.raises(SystemExit) as exc:
-        sweep.main(["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=0.25", "--out",
+        sweep.main(["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=0.25", "--out-dir",
                     str(tmp_path / "o")])
     assert exc.value.code == 1
 
@@ -281,7 +284,7 @@ def test_cli_exits_1_when_a_point_fails(tmp_path, fake_train):
 ])
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, fake_train, capsys, argv, fragment):
     with pytest.raises(SystemExit) as exc:
-        sweep.main([*argv, "--out", str(tmp_path / "o")])
+        sweep.main([*argv, "--out-dir", str(tmp_path / "o")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
@@ -292,9 +295,83 @@ def test_cli_refuses_a_nonempty_out_dir(tmp_path, fake_train, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "x").write_text("keep")
     with pytest.raises(SystemExit) as exc:
-        sweep.main(["--grid", "optim.lr=1e-3", "--out", str(tmp_path / "o")])
+        sweep.main(["--grid", "optim.lr=1e-3", "--out-dir", str(tmp_path / "o")])
     assert exc.value.code == 2 and "already holds files" in capsys.readouterr().err
     assert (tmp_path / "o" / "x").read_text() == "keep"
+
+
+def _interrupt_at(monkeypatch, fake_train, lr, where="training"):
+    """cs336.train.run stops at point ``lr``: inside training (it saves a checkpoint and returns
+    an interrupted summary) or ``before`` training starts (a raw KeyboardInterrupt)."""
+    from cs336 import train
+    from cs336.run_dir import RunDir
+
+    real = train.run
+    resumed = []
+
+    def run(cfg, *, resume=False):
+        if resume:
+            resumed.append(cfg.optim.lr)
+        if cfg.optim.lr == lr and not resume:
+            if where == "before":
+                raise KeyboardInterrupt
+            rd = RunDir(cfg.train.out_dir)
+            rd.create()
+            (rd.checkpoints / "step_000002.pt").write_bytes(b"ck")
+            (rd.checkpoints / "latest").write_text("step_000002.pt\n")
+            _write_metrics(Path(cfg.train.out_dir), [5.0, 4.0])
+            return {"run_dir": cfg.train.out_dir, "steps": 2, "final_train_loss": 4.0, "final_val_loss": 4.1,
+                    "best_val_loss": 4.1, "tokens_per_s": 1.0, "wallclock_s": 1.0, "interrupted": True}
+        return real(cfg, resume=resume)
+
+    monkeypatch.setattr(train, "run", run)
+    return resumed
+
+
+@pytest.mark.parametrize("where", ["training", "before"])
+def test_interrupted_sweep_exits_130_without_best_and_the_same_command_continues(
+        tmp_path, fake_train, capsys, monkeypatch, where):
+    from cs336 import train
+
+    argv = ["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=1e-2,2e-2,3e-2", "--out-dir",
+            str(tmp_path / "sw")]
+    real = train.run
+    resumed = _interrupt_at(monkeypatch, fake_train, 2e-2, where)
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(argv)
+    captured = capsys.readouterr()
+    assert exc.value.code == 130 and "best" not in captured.out
+    assert captured.err.count("\n") == 1 and captured.err.startswith("interrupted by SIGINT: finished points")
+    assert [c.optim.lr for c in fake_train] == [1e-2]
+    monkeypatch.setattr(train, "run", real)
+    fake_train.clear()
+    resumed = _interrupt_at(monkeypatch, fake_train, None)
+    sweep.main(argv)  # the same command: 1e-2 kept, 2e-2 resumed (if it saved a checkpoint), 3e-2 run
+    out = capsys.readouterr().out
+    assert [c.optim.lr for c in fake_train] == [2e-2, 3e-2]
+    assert resumed == ([2e-2] if where == "training" else [])
+    assert "1 finished point(s) kept, 2 to run" in out and "3 runs, 0 diverged, 0 failed; best" in out
+    assert [r["status"] for r in json.loads((tmp_path / "sw" / "summary.json").read_text())["runs"]] == ["ok"] * 3
+
+
+def test_a_different_sweep_in_the_same_directory_is_refused(tmp_path, fake_train, capsys):
+    base = str(_base_file(tmp_path))
+    sweep.main(["--base", base, "--grid", "optim.lr=1e-2", "--out-dir", str(tmp_path / "sw")])
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "sw").rglob("*"))
+    for extra, fragment in ((["--grid", "optim.lr=1e-2,2e-2"], "only in this command: optim.lr=2e-2"),
+                            (["--grid", "optim.lr=1e-2", "--train.seed=9"], "train.seed is 0 there, 9 here")):
+        with pytest.raises(SystemExit) as exc:
+            sweep.main(["--base", base, *extra, "--out-dir", str(tmp_path / "sw")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "holds another sweep" in err and fragment in err, err
+    assert sorted(p.name for p in (tmp_path / "sw").rglob("*")) == before
+
+
+def test_out_is_a_deprecated_alias_of_out_dir(tmp_path, fake_train, capsys):
+    sweep.main(["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=1e-2", "--out", str(tmp_path / "o")])
+    assert capsys.readouterr().err == "note: --out is deprecated; use --out-dir\n"
+    assert (tmp_path / "o" / "summary.json").is_file()
 
 
 # ---- shared data and a real run ---------------------------------------------------------------
@@ -321,7 +398,7 @@ def test_real_sweep_marks_a_huge_learning_rate_as_diverged(tmp_path, capsys):
     Slow: corpus generation, tokenizer training and numba compilation take 30-50 s on 2 cores.
     """
     out = tmp_path / "real"
-    sweep.main(["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=3e-3,1e4", "--out", str(out),
+    sweep.main(["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=3e-3,1e4", "--out-dir", str(out),
                 "--set", "data.corpus_mb=0.05", "--set", "model.vocab_size=300",
                 "--set", "model.context_length=16", "--set", "train.batch_size=4",
                 "--set", "train.max_steps=6", "--set", "train.eval_interval=3",

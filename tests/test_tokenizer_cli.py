@@ -40,7 +40,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokdir(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tok"
-    main(["train", "--input", str(corpus), "--vocab-size", "400", "--special-token", EOT, "--out", str(out)])
+    main(["train", "--input", str(corpus), "--vocab-size", "400", "--special-token", EOT, "--out-dir", str(out)])
     return out
 
 
@@ -52,7 +52,7 @@ def test_train_writes_tokenizer_dir(tokdir, corpus):
 
 
 def test_train_prints_summary(corpus, tmp_path, capsys):
-    main(["train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+    main(["train", "--input", str(corpus), "--vocab-size", "300", "--out-dir", str(tmp_path / "t")])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "in " in line and "peak memory" in line and "longest token" in line
 
@@ -60,7 +60,7 @@ def test_train_prints_summary(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_encode_matches_tokenizer(tokdir, corpus, tmp_path, workers, capsys):
     out = tmp_path / "corpus.bin"
-    main(["encode", "--tokenizer", str(tokdir), "--input", str(corpus), "--out", str(out),
+    main(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--out", str(out),
           "--workers", str(workers), "--quiet"])
     tok = Tokenizer(*load_tokenizer_dir(tokdir))
     expected = tok.encode(_read(corpus))
@@ -109,27 +109,27 @@ def _exit_2(argv, capsys) -> str:
 
 def test_bad_inputs_exit_2(tokdir, corpus, tmp_path, capsys):
     missing = tmp_path / "missing.txt"
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(missing), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(missing), "--out", str(tmp_path / "x.bin")], capsys)
     assert str(missing) in err
     assert not (tmp_path / "x.bin").exists()
-    err = _exit_2(["encode", "--tokenizer", str(tmp_path / "nodir"), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tmp_path / "nodir"), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
     assert "nodir" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "vocab.json").write_text('{"a": 0,', encoding="utf-8")
     (broken / "merges.txt").write_text("", encoding="utf-8")
-    err = _exit_2(["encode", "--tokenizer", str(broken), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(broken), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
     assert "vocab.json:1" in err
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 10)
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(latin1), "--out", str(tmp_path / "y.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(latin1), "--out", str(tmp_path / "y.bin")], capsys)
     assert str(latin1) in err and "at byte 3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "latin1.txt"]
-    err = _exit_2(["train", "--input", str(corpus), "--vocab-size", "200", "--out", str(tmp_path / "t")], capsys)
+    err = _exit_2(["train", "--input", str(corpus), "--vocab-size", "200", "--out-dir", str(tmp_path / "t")], capsys)
     assert "--vocab-size 200" in err
-    err = _exit_2(["train", "--input", str(missing), "--vocab-size", "300", "--out", str(tmp_path / "t")], capsys)
+    err = _exit_2(["train", "--input", str(missing), "--vocab-size", "300", "--out-dir", str(tmp_path / "t")], capsys)
     assert str(missing) in err
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(corpus), "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
     assert "workers" in err
 
 
@@ -151,7 +151,7 @@ def test_huge_id_through_the_command_line_stays_small(tiny_tokdir, tmp_path):
             "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"  # would need > 4 GB otherwise
             "sys.argv = ['cs336.tokenizer'] + sys.argv[1:]\n"
             "runpy.run_module('cs336.tokenizer', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", code, "encode", "--tokenizer", str(tiny_tokdir), "--input",
+    proc = subprocess.run([sys.executable, "-c", code, "encode", "--tokenizer-dir", str(tiny_tokdir), "--input",
                            str(tmp_path / "in.txt"), "--out", str(tmp_path / "in.bin"), "--quiet"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                           timeout=300)
@@ -163,7 +163,7 @@ def test_huge_id_through_the_command_line_stays_small(tiny_tokdir, tmp_path):
 def test_command_line_reports_each_kind_in_one_line(tiny_tokdir, tmp_path):
     (tmp_path / "in.txt").write_text("hello", encoding="utf-8")
     (tiny_tokdir / "vocab.json").write_text("", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tiny_tokdir), "--input",
+    proc = subprocess.run([sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tiny_tokdir), "--input",
                            str(tmp_path / "in.txt"), "--out", str(tmp_path / "in.bin"), "--quiet"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                           timeout=300)
@@ -177,15 +177,59 @@ def test_module_entry_point(tokdir, corpus, tmp_path):
     ).stdout
     assert "--workers" in help_text
     run = subprocess.run(
-        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tokdir), "--input", str(corpus),
+        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus),
          "--out", str(tmp_path / "c.bin"), "--workers", "2", "--quiet"],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr
     assert "bytes/token" in run.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer", str(tokdir), "--input",
+        [sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tokdir), "--input",
          str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d.bin")],
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "nope.txt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_old_flag_spellings_still_work_with_a_note(corpus, tmp_path, capsys):
+    main(["train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+    assert "note: --out is deprecated; use --out-dir" in capsys.readouterr().err
+    main(["encode", "--tokenizer", str(tmp_path / "t"), "--input", str(corpus), "--out", str(tmp_path / "c.bin"),
+          "--quiet"])
+    assert "note: --tokenizer is deprecated; use --tokenizer-dir" in capsys.readouterr().err
+    assert (tmp_path / "c.bin").stat().st_size > 0
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--input", str(corpus), "--vocab-size", "300"])
+    assert exc.value.code == 2 and "required: --out-dir" in capsys.readouterr().err
+
+
+def test_empty_input_and_an_impossible_vocab_size_are_refused(corpus, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "is empty" in _exit_2(["train", "--input", str(empty), "--vocab-size", "300", "--out-dir",
+                                  str(tmp_path / "t")], capsys)
+    err = _exit_2(["train", "--input", str(corpus), "--vocab-size", str(10**11), "--out-dir", str(tmp_path / "t")],
+                  capsys)
+    assert "is more than" in err and "at most" in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_encode_reads_a_training_runs_tokenizer_dir(tokdir, corpus, tmp_path, capsys):
+    """A run's DIR/tokenizer has vocab.json + merges.txt but no tokenizer.json: its special tokens
+    come from the run's config.json (or --special-token)."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokdir / name, run / "tokenizer" / name)
+    args = ["encode", "--tokenizer-dir", str(run / "tokenizer"), "--input", str(corpus), "--quiet"]
+    err = _exit_2([*args, "--out", str(tmp_path / "a.bin")], capsys)
+    assert "pass each with --special-token" in err
+    (run / "config.json").write_text(json.dumps({"data": {"special_tokens": [EOT]}}))
+    main([*args, "--out", str(tmp_path / "b.bin")])
+    main(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--quiet", "--out", str(tmp_path / "c.bin")])
+    assert (tmp_path / "b.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()
+    (run / "config.json").unlink()
+    main([*args, "--special-token", EOT, "--out", str(tmp_path / "d.bin")])
+    assert (tmp_path / "d.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()

@@ -2,12 +2,13 @@
 user error it refuses (one line, exit 2, nothing written or changed)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from run_helpers import cfg, cli_error, resume_args, token_args
+from run_helpers import BASE, cfg, cli_error, resume_args, token_args
 
 from cs336.data import save_tokens
 from cs336.config_io import apply_overrides
@@ -288,3 +289,40 @@ def test_model_too_large_for_the_device_fails_before_any_work(tmp_path, capsys):
                              "--model.d_model=131072", "--model.d_ff=131072", "--model.num_heads=2"])
     assert "training this model needs about" in err and "lower --model.d_model" in err
     assert not out.exists()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(pattern)``: atomic writes of files whose name contains ``pattern`` go to
+    /dev/full, so the kernel answers ENOSPC (no root needed); everything else is written."""
+    import cs336.fileio as fileio
+
+    if not Path("/dev/full").is_char_device():
+        pytest.skip("no /dev/full character device here")
+    real = fileio.temp_beside
+
+    def arm(pattern):
+        def temp_beside(path, suffix=".tmp"):
+            fd, tmp = real(path, suffix)
+            if pattern in os.fspath(path):
+                os.close(fd)
+                fd = os.open("/dev/full", os.O_WRONLY)
+            return fd, tmp
+        monkeypatch.setattr(fileio, "temp_beside", temp_beside)
+        import cs336.tokenizer.encode_file as encode_file
+        monkeypatch.setattr(encode_file, "temp_beside", temp_beside)
+
+    return arm
+
+
+@pytest.mark.parametrize("pattern, what", [("step_", "checkpoint"), ("train.bin", "token file"),
+                                           ("vocab.json", "tokenizer")])
+def test_disk_full_is_one_line_exit_2_and_leaves_no_partial_file(tmp_path, capsys, full_disk, pattern, what):
+    full_disk(pattern)
+    out = tmp_path / "run"
+    err = cli_error(capsys, ["--preset", "smoke", "--out-dir", str(out), "--train.progress=false",
+                             *[f"--{o}" for o in BASE]])
+    assert err.count("\n") == 1, err
+    assert f"{pattern}" in err and "No space left on device; free space" in err, (what, err)
+    leftovers = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".part"))]
+    assert leftovers == []

@@ -21,12 +21,14 @@ complete, so an interrupted command leaves the previous files (or none) and no t
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
 from pathlib import Path
 
-from cs336.interrupt import Stage, deferred_signals, run_cli
+from cs336.cli import add_deprecated_alias, run_cli
+from cs336.interrupt import Stage, deferred_signals
 
 from .gpt2_files import (
     MERGES_FILE,
@@ -83,19 +85,29 @@ def _train(args: argparse.Namespace, stage: Stage) -> None:
     if not src.is_file():
         raise ValueError(f"{src}: no such file; pass an existing text file with --input")
     _check_workers(args.workers)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a directory (it receives vocab.json, merges.txt, "
+        raise ValueError(f"--out-dir {out} is a file; pass a directory (it receives vocab.json, merges.txt, "
                          "tokenizer.json)")
     written = [(out / name).resolve() for name in (VOCAB_FILE, MERGES_FILE, META_FILE)]
     if src.resolve() in written:
-        raise ValueError(f"--out {out} would overwrite the input {src}; pass another --out directory")
+        raise ValueError(f"--out-dir {out} would overwrite the input {src}; pass another --out-dir")
     specials = list(dict.fromkeys(args.special_token))
     if args.vocab_size < 256 + len(specials):
         raise ValueError(
             f"--vocab-size {args.vocab_size} is below 256 byte tokens + {len(specials)} special "
             f"tokens; pass at least {256 + len(specials)}"
         )
+    size = src.stat().st_size
+    if size == 0:
+        raise ValueError(f"--input {src} is empty; pass a file with text in it")
+    # Each merge joins two adjacent tokens of the input, so an input of n bytes makes at most
+    # n - 1 merges; ids must also fit the uint32 token files.
+    limit = min(256 + len(specials) + size - 1, 2**32)
+    if args.vocab_size > limit:
+        raise ValueError(f"--vocab-size {args.vocab_size} is more than {src} ({size:,} bytes) can make: at "
+                         f"most {limit:,} (256 bytes + {len(specials)} special tokens + one merge per input "
+                         "byte); pass a smaller --vocab-size or a larger --input")
     stage.doing = f"training a {args.vocab_size}-token BPE vocabulary on {src}"
     stage.kept = lambda: f"nothing was written to {out}"
     from .train_bpe import train_bpe
@@ -104,21 +116,21 @@ def _train(args: argparse.Namespace, stage: Stage) -> None:
     vocab, merges = train_bpe(src, args.vocab_size, specials, num_workers=args.workers, progress=True)
     seconds = time.perf_counter() - start
     with deferred_signals():  # the three files are written together or not at all
-        save_tokenizer_dir(args.out, vocab, merges, specials)
+        save_tokenizer_dir(args.out_dir, vocab, merges, specials)
         stage.kept = lambda: f"the tokenizer was written completely to {out}"
     special_bytes = {s.encode("utf-8") for s in specials}
     longest = max((t for t in vocab.values() if t not in special_bytes), key=len)
     print(
         f"trained {len(vocab)} tokens ({len(merges)} merges) on {src} in {seconds:.2f} s; "
         f"peak memory {_peak_rss_mb():.0f} MB; longest token {longest!r} ({len(longest)} bytes); "
-        f"wrote {args.out}/vocab.json, merges.txt, tokenizer.json"
+        f"wrote {args.out_dir}/vocab.json, merges.txt, tokenizer.json"
     )
 
 
 def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """Refuse an ``--out`` (or its ``.json`` sidecar) that is an input or lies in the tokenizer
     directory; return (input, out)."""
-    src, out, tok = Path(args.input), Path(args.out), Path(args.tokenizer)
+    src, out, tok = Path(args.input), Path(args.out), Path(args.tokenizer_dir)
     if not src.is_file():
         raise ValueError(f"{src}: no such file; pass an existing UTF-8 text file with --input")
     _check_workers(args.workers)
@@ -134,13 +146,26 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return src, out
 
 
+def _run_special_tokens(args: argparse.Namespace) -> list[str]:
+    """--special-token, else, for a training run's DIR/tokenizer, the run's data.special_tokens
+    (its tokenizer directory has no tokenizer.json)."""
+    if args.special_token:
+        return list(dict.fromkeys(args.special_token))
+    config = Path(args.tokenizer_dir) / ".." / "config.json"
+    try:
+        specials = json.loads(config.read_text(encoding="utf-8"))["data"]["special_tokens"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return []
+    return [t for t in specials if isinstance(t, str) and t] if isinstance(specials, list) else []
+
+
 def _encode(args: argparse.Namespace, stage: Stage) -> None:
     src, out = _check_encode_paths(args)
     from .encode_file import encode_file
     from .tokenizer import Tokenizer
 
-    stage.doing = f"loading the tokenizer in {args.tokenizer}"
-    vocab, merges, specials = load_tokenizer_dir(args.tokenizer)
+    stage.doing = f"loading the tokenizer in {args.tokenizer_dir}"
+    vocab, merges, specials = load_tokenizer_dir(args.tokenizer_dir, _run_special_tokens(args))
     tokenizer = Tokenizer(vocab, merges, specials)
     stage.doing = f"encoding {src}"
     stage.kept = _outcome(out, Path(f"{out}.json"))
@@ -149,7 +174,7 @@ def _encode(args: argparse.Namespace, stage: Stage) -> None:
         args.out,
         tokenizer,
         workers=args.workers,
-        tokenizer_hash=tokenizer_hash(args.tokenizer),
+        tokenizer_hash=tokenizer_hash(args.tokenizer_dir),
         progress=not args.quiet,
     )
     print(
@@ -169,14 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--special-token", action="append", default=[], help="special token (repeat for several)"
     )
-    train.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer.json")
+    train.add_argument("--out-dir", help="directory for vocab.json, merges.txt, tokenizer.json (required)")
+    add_deprecated_alias(train, "--out", "--out-dir")
     train.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
     train.set_defaults(run=_train)
 
     enc = sub.add_parser("encode", help="encode a text file to a flat token file")
-    enc.add_argument("--tokenizer", required=True, help="directory written by `train`")
+    enc.add_argument("--tokenizer-dir", help="directory written by `train` (required)")
+    add_deprecated_alias(enc, "--tokenizer", "--tokenizer-dir")
     enc.add_argument("--input", required=True, help="UTF-8 text file to encode")
     enc.add_argument("--out", required=True, help="token file to write (a .json sidecar is written beside it)")
+    enc.add_argument("--special-token", action="append", default=[],
+                     help="special token of a tokenizer directory without tokenizer.json (repeat for several; "
+                          "default: those in tokenizer.json, or the run's config for a run's DIR/tokenizer)")
     enc.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     enc.set_defaults(run=_encode)
@@ -184,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    required = {"train": ("out_dir", "--out-dir"), "encode": ("tokenizer_dir", "--tokenizer-dir")}[args.command]
+    if getattr(args, required[0], None) is None:  # not argparse's required=: the old spelling also counts
+        parser.error(f"{args.command}: the following arguments are required: {required[1]}")
     stage = Stage("starting")
     run_cli(lambda: args.run(args, stage), user_errors=(TokenizerFileError, ValueError, OSError),
             on_interrupt=stage.report)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cs336.fileio import temp_beside
+from cs336.fileio import temp_beside, writing
 from cs336.interrupt import deferred_signals, ignore_sigint_in_worker
 
 from .tokenizer import Tokenizer
@@ -152,7 +152,8 @@ def encode_file(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     dst = Path(out_path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    with writing(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     src_stat = src.stat()
     input_bytes = src_stat.st_size
@@ -166,9 +167,9 @@ def encode_file(
     tmp = tmp_meta = None
     tokens = 0
     try:
-        with deferred_signals():  # the cleanup below knows the name before a signal can land
+        with deferred_signals(), writing(dst):  # the cleanup below knows the name before a signal lands
             fd, tmp = temp_beside(dst)
-        with os.fdopen(fd, "wb") as out:
+        with writing(dst), os.fdopen(fd, "wb") as out:
 
             def write(ids: np.ndarray, text: str) -> None:
                 nonlocal tokens
@@ -203,9 +204,9 @@ def encode_file(
             "input_mtime_ns": src_stat.st_mtime_ns,
         }
         meta_path = dst.with_name(dst.name + ".json")
-        with deferred_signals():
+        with deferred_signals(), writing(meta_path):
             fd_meta, tmp_meta = temp_beside(meta_path)
-        with os.fdopen(fd_meta, "w", encoding="utf-8") as f:
+        with writing(meta_path), os.fdopen(fd_meta, "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
             f.write("\n")
         with deferred_signals():  # token file and sidecar change together

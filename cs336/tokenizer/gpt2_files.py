@@ -304,17 +304,30 @@ def check_tokenizer_dir(
 
 
 def load_tokenizer_dir(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike, special_tokens: list[str] | None = None,
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]], list[str]]:
-    """Read a directory written by ``save_tokenizer_dir``: (vocab, merges, special_tokens)."""
+    """Read a directory written by ``save_tokenizer_dir``: (vocab, merges, special_tokens).
+
+    A directory without ``tokenizer.json`` (e.g. a training run's ``DIR/tokenizer``, whose
+    special tokens are in the run's config) takes its special tokens from ``special_tokens``."""
     path = Path(directory)
     if not path.is_dir():
         raise TokenizerFileError(
-            f"{path}: not a directory; pass the --out directory of `python -m cs336.tokenizer train`"
+            f"{path}: not a directory; pass the --out-dir of `python -m cs336.tokenizer train` (or a "
+            "training run's DIR/tokenizer)"
         )
     meta = load_meta(path)
+    if meta is None and special_tokens:
+        meta = {"special_tokens": list(special_tokens)}
     vocab, merges = load_vocab_merges(path / VOCAB_FILE, path / MERGES_FILE)
-    check_tokenizer_dir(path, vocab, merges, meta)
+    try:
+        check_tokenizer_dir(path, vocab, merges, meta)
+    except TokenizerFileError as exc:
+        if meta is None and "is made by no merge" in str(exc):
+            raise TokenizerFileError(
+                f"{exc} (or it is a special token: {path} has no {META_FILE} listing them; pass each with "
+                "--special-token)") from None
+        raise
     return vocab, merges, [] if meta is None else list(meta.get("special_tokens", []))
 
 
