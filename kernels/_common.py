@@ -5,6 +5,7 @@ manner of Liger-Kernel's ``ops/utils.py`` (written here independently). ``max_bl
 the block so tests can force the column-loop paths (a row wider than one block) at small sizes.
 ``simulated_gpu`` lets the launchers run on ``meta`` tensors as if on a GPU with a given SM
 count: ``kernels.gpu_check`` uses it to capture the launches the launchers would make.
+``launch`` wraps a kernel for ``triton_op`` tracing where the installed torch allows it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 
 import torch
 import triton
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
 
 # CUDA's limit: 1024 threads (32 warps) per block.
 MAX_WARPS = 32
@@ -25,6 +28,16 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _block_cap: int | None = None
 # SM count assumed for launches on ``meta`` tensors (None: no simulated GPU, see simulated_gpu).
 _meta_sm_count: int | None = None
+
+
+def launch(kernel):
+    """``wrap_triton(kernel)`` for a compiled kernel, the kernel itself under the interpreter.
+
+    Inside a ``triton_op`` every launch goes through ``wrap_triton`` so torch.compile can trace it;
+    torch 2.11's ``wrap_triton`` rejects the interpreter's ``InterpretedFunction`` (2.13 takes it),
+    and eager interpreted launches need no wrapper.
+    """
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 
 class KernelInputError(ValueError):

@@ -42,10 +42,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, interpreted
+from kernels._common import KernelInputError, check_same_device, check_tensor, interpreted, launch
 
 MAX_HEAD_DIM = 128  # widest head the launch settings are sized (and compile-checked) for
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -239,7 +239,7 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return o, lse
     cfg = attention_config(_tile_width(d), q.dtype, causal)
     grid = (triton.cdiv(T_q, cfg.block_m), Z * H)
-    wrap_triton(_attn_fwd_kernel)[grid](
+    launch(_attn_fwd_kernel)[grid](
         o, lse, q, k, v,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -481,15 +481,15 @@ def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     scales = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d))
     common = dict(D=d, HEAD_DIM=_tile_width(d), CAUSAL=causal, **_dot_settings(q.dtype), num_warps=cfg.bwd_warps,
                   num_stages=cfg.bwd_stages)
-    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
+    launch(_attn_bwd_delta_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
         delta, o, do, *o.stride()[:3], *do.stride()[:3], H, T_q, D=d, HEAD_DIM=_tile_width(d), BLOCK_M=cfg.block_m2,
         num_warps=cfg.bwd_warps,
     )
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_k, cfg.block_n1), Z * H)](
+    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_k, cfg.block_n1), Z * H)](
         dk, dv, q, k, v, do, lse, delta, *strides, *dk.stride()[:3], *dv.stride()[:3], H, T_q, T_k, *scales,
         BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, **common,
     )
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
+    launch(_attn_bwd_dq_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
         dq, q, k, v, do, lse, delta, *strides, *dq.stride()[:3], H, T_q, T_k, *scales,
         BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, **common,
     )
