@@ -544,25 +544,27 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 class FlashAttention(torch.autograd.Function):
-    """``FlashAttention.apply(q, k, v, is_causal)``: q (..., T_q, d), k and v (..., T_k, d)."""
+    """``FlashAttention.apply(q, k, v, is_causal)``: q (..., T_q, d), k and v (..., T_k, d).
+
+    Saves exactly q, k, v, O (q's shape) and L (fp32, q's leading dims: ``(..., T_q)``).
+    """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
         _check_inputs(q, k, v, is_causal)
-        q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
-        o4, lse = flash_attention_fwd(q4, k4, v4, bool(is_causal))
-        ctx.save_for_backward(q4, k4, v4, o4, lse)
+        o4, lse = flash_attention_fwd(_as_4d(q), _as_4d(k), _as_4d(v), bool(is_causal))
+        o, lse = o4.reshape(q.shape), lse.reshape(q.shape[:-1])  # (..., T_q, d), (..., T_q)
+        ctx.save_for_backward(q, k, v, o, lse)
         ctx.is_causal = bool(is_causal)
-        ctx.shapes = (q.shape, k.shape, v.shape)
-        return o4.reshape(q.shape)
+        return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
-        q4, k4, v4, o4, lse = ctx.saved_tensors
-        q_shape, k_shape, v_shape = ctx.shapes
-        do4 = _as_4d(do.reshape(q4.shape))
-        dq, dk, dv = flash_attention_bwd(do4, q4, k4, v4, o4, lse, ctx.is_causal)
-        return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(v_shape), None
+        q, k, v, o, lse = ctx.saved_tensors
+        q4, k4, v4, o4 = _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o)
+        lse4 = lse.reshape(q4.shape[:-1])  # (Z, H, T_q)
+        dq, dk, dv = flash_attention_bwd(_as_4d(do.reshape(q.shape)), q4, k4, v4, o4, lse4, ctx.is_causal)
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
