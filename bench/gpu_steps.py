@@ -6,8 +6,8 @@ A row is one line of ``FILE``: ``{"step", "case", "status": passed|failed|skippe
 ...figures}``, written and flushed before the next case starts, so a step stopped by its time
 limit keeps every figure measured so far. ``--dry-run`` runs the same code at tiny shapes on the
 CPU (the Triton kernels under TRITON_INTERPRET=1, set by the caller): it checks the plumbing and
-measures nothing. Timings on CUDA are ``triton.testing.do_bench`` medians; in a dry run one
-wall-clock call after a warm-up. The parity step is ``pytest -m gpu tests/parity`` with
+measures nothing. Timings on CUDA are ``triton.testing.do_bench`` medians; in a dry run the
+wall-clock time of one call. The parity step is ``pytest -m gpu tests/parity`` with
 ``bench/_rows_plugin.py``, which writes the same rows.
 """
 
@@ -47,8 +47,7 @@ def timer(dry: bool) -> Callable[[Callable[[], object]], float]:
         if not dry:
             import triton.testing
             return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-        fn()
-        start = time.perf_counter()
+        start = time.perf_counter()  # one call, no warm-up: the interpreter is not timed, only run
         fn()
         return (time.perf_counter() - start) * 1e3
     return run
