@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # cs336 from the source tree, as on the GPU machine
 SECTION = re.compile(r"^## GPU(:.*| \(.*)?$")
 # Estimate rates for an H100/H200 host: a cold Triton compile of one configuration 1 s (the
 # compile gate takes 1-4 s per configuration on this loaded 2-core CPU machine), an inductor
@@ -168,15 +170,10 @@ def replace_section(document: str, section: str) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    from cs336.fileio import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def publish(args, results: list[Result], meta: dict[str, str]) -> None:
