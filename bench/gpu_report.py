@@ -11,7 +11,8 @@ Python.h for Triton's launchers, one tiny launch per kernel family against nativ
 reference only where it fits in 4 GiB), ``train`` (a GPT-2-small step per provider, MFU),
 ``kernels`` (each kernel against its providers and the copy ceiling) and ``parity``.
 
-Every case appends its row to ``DIR/rows.jsonl`` when measured, and after each step the section
+Every case appends its row to ``DIR/rows.jsonl`` when measured (each step's output goes to
+``DIR/<step>.log``; past its limit its whole process group is killed), and after each step the section
 is rendered to ``DIR/GPU.md`` (and into the ``## GPU`` section of ``--out``), written atomically:
 a run stopped at any point keeps what it measured (``--render-only`` re-renders the rows). A
 step's limit is its estimate (``STEPS``: startup, cold Triton compiles and timed cases at the
@@ -28,6 +29,7 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,20 +100,27 @@ def step_env(rows: Path, dry: bool) -> dict[str, str]:
 
 
 def run_step(step: Step, rows: Path, dry: bool, limit_s: float) -> Result:
+    """Run ``step`` in its own process group (its output in ``<rows folder>/<step>.log``); past
+    ``limit_s`` the whole group is killed (inductor's compile workers too), its rows stay."""
+    log_path = rows.parent / f"{step.name}.log"
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(command(step.name, rows, dry), cwd=ROOT, env=step_env(rows, dry),
-                              capture_output=True, text=True, timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        return Result(step, "timed out", time.perf_counter() - start,
-                      f"stopped after its {limit_s:.0f} s limit; the rows measured before are kept")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command(step.name, rows, dry), cwd=ROOT, env=step_env(rows, dry), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return Result(step, "timed out", time.perf_counter() - start,
+                          f"stopped after its {limit_s:.0f} s limit; the rows measured before are kept")
     seconds = time.perf_counter() - start
     failed = [r for r in read_rows(rows) if r["step"] == step.name and r["status"] == "failed"]
-    if proc.returncode == 0 and not failed:
+    if code == 0 and not failed:
         return Result(step, "passed", seconds)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-    note = f"{len(failed)} case(s) failed" if failed else f"exit {proc.returncode}: " + " / ".join(tail)[-300:]
-    return Result(step, "failed", seconds, note)
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+    note = f"{len(failed)} case(s) failed" if failed else f"exit {code}: " + " / ".join(tail)[-300:]
+    return Result(step, "failed", seconds, note.replace("|", "/"))
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -104,10 +104,12 @@ WRITE_ROW = ("import json, os, sys, time; f = open(os.environ['CS336_ROWS'], 'a'
 
 
 def test_a_step_stopped_by_its_limit_keeps_its_rows(tmp_path, monkeypatch):
-    fake_steps(monkeypatch, WRITE_ROW + "time.sleep(30)")
+    # The step starts a grandchild (as inductor's compile workers): the kill takes it too.
+    fake_steps(monkeypatch, WRITE_ROW + "import subprocess; subprocess.Popen(['sleep', '60']); time.sleep(30)")
     rows = tmp_path / "rows.jsonl"
     result = gpu_report.run_step(gpu_report.STEPS["train"], rows, dry=True, limit_s=3)
     assert result.status == "timed out" and "rows measured before are kept" in result.note
+    assert result.seconds < 20
     assert [r["case"] for r in gpu_report.read_rows(rows)] == ["c1"]
     fake_steps(monkeypatch, WRITE_ROW.replace("'passed'", "'failed'"))
     assert gpu_report.run_step(gpu_report.STEPS["kernels"], rows, dry=True, limit_s=30).status == "failed"
