@@ -23,8 +23,9 @@ chunk the kernel reads the logits twice (log-sum-exp, then gradient) and overwri
 
 The public functions check that every target id is in [0, V) or ignore_index with
 ``torch._assert_async`` (no host read; on CUDA a device-side assert, as ``F.cross_entropy``'s).
-Under autocast the fused op runs its matmuls in the autocast dtype, as ``F.linear`` would. Launchers are ``torch.library.triton_op`` custom ops; the fused op carries a
-FLOP formula so ``FlopCounterMode`` counts its three matmuls.
+Under autocast the fused op runs its matmuls in the autocast dtype, as ``F.linear`` would.
+Launchers are ``torch.library.triton_op`` custom ops; the fused op carries a FLOP formula so
+``FlopCounterMode`` counts its three matmuls.
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ def fake_steps(monkeypatch, script: str) -> None:
 
 
 WRITE_ROW = ("import json, os, sys, time; f = open(os.environ['CS336_ROWS'], 'a'); "
-             "f.write(json.dumps({'step': sys.argv[1], 'case': 'c1', 'status': 'passed', 'ms': 1.5, 'note': ''}) + '\\n');"
-             " f.close(); ")
+             "f.write(json.dumps({'step': sys.argv[1], 'case': 'c1', 'status': 'passed', 'ms': 1.5, "
+             "'note': ''}) + '\\n'); f.close(); ")
 
 
 def test_a_step_stopped_by_its_limit_keeps_its_rows(tmp_path, monkeypatch):
