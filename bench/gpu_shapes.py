@@ -4,7 +4,7 @@
     python -m kernels.gpu_check --param-shapes shapes.json
 
 kernels/ imports nothing of cs336, so the gate cannot build a model itself: this script builds
-each ``cs336.config.MODEL_PRESETS`` model on the ``meta`` device (no memory) and writes
+each ``MODEL_PRESETS`` model (``cs336.presets``) on the ``meta`` device (no memory) and writes
 ``{preset: [shape, ...]}`` in parameter order, which ``kernels.gpu_cases.add_param_groups`` reads.
 The default is every preset (the gate's ``--full`` matrix); tests pass ``gpt2-small`` alone.
 """
@@ -21,11 +21,19 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _presets() -> dict:
+    try:  # cs336.presets since issue 17 moved the presets out of config.py
+        from cs336.presets import MODEL_PRESETS
+    except ImportError:
+        from cs336.config import MODEL_PRESETS
+    return MODEL_PRESETS
+
+
 def param_groups(presets: list[str] | None = None) -> dict[str, list[list[int]]]:
     """``{preset: [shape, ...]}`` of the TransformerLM of each preset (all presets by default)."""
-    from cs336.config import MODEL_PRESETS
     from cs336.model import TransformerLM
 
+    MODEL_PRESETS = _presets()
     groups = {}
     for name in presets or list(MODEL_PRESETS):
         model = TransformerLM(**dataclasses.asdict(MODEL_PRESETS[name]()), device="meta")
@@ -34,9 +42,9 @@ def param_groups(presets: list[str] | None = None) -> dict[str, list[list[int]]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cs336.config import MODEL_PRESETS
     from cs336.fileio import atomic_write_text
 
+    MODEL_PRESETS = _presets()
     parser = argparse.ArgumentParser(prog="bench/gpu_shapes.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--presets", default="", help=f"comma list of {', '.join(MODEL_PRESETS)} (default: all)")

@@ -166,10 +166,13 @@ def train(dry: bool, device: torch.device) -> None:
     import dataclasses
 
     from cs336 import flops, hardware, ops
-    from cs336.config import model_preset
     from cs336.model import TransformerLM
     from cs336.optim import AdamW
 
+    try:  # cs336.presets since issue 17 moved the presets out of config.py
+        from cs336.presets import model_preset
+    except ImportError:
+        from cs336.config import model_preset
     cfg = model_preset("gpt2-small")
     batch = 8
     if dry:
