@@ -110,13 +110,21 @@ def grad_fn(out: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor) -
 
 
 def compiled(fn: Callable) -> Callable:
-    torch._dynamo.reset()
+    """torch.compile of ``fn``; no ``torch._dynamo.reset()`` between ops (each op is its own
+    function, so its graphs are cached apart, and a reset would recompile the others)."""
     return torch.compile(fn)
 
 
-def compiled(fn: Callable) -> Callable:
-    torch._dynamo.reset()
-    return torch.compile(fn)
+# Called with every row as soon as it is measured (bench/gpu_steps.py appends it to its JSONL).
+SINKS: list[Callable[["Row"], None]] = []
+
+
+def emit(rows: list, *new: "Row") -> None:
+    """Append ``new`` to ``rows`` and hand each to the SINKS."""
+    for row in new:
+        rows.append(row)
+        for sink in SINKS:
+            sink(row)
 
 
 def liger_op(name: str) -> Callable | None:
@@ -204,7 +212,7 @@ def bench_elementwise(name, providers, dtype, device, timer, smoke):
                 bwd.ms = timer(grad_fn(out, [t for t in inputs if t.requires_grad], torch.randn_like(out)))
             except Exception as exc:  # a provider that fails is reported, not fatal
                 fwd.note = bwd.note = _error(exc)
-            rows += [fwd, bwd]
+            emit(rows, fwd, bwd)
     return rows
 
 
@@ -235,7 +243,7 @@ def bench_cross_entropy(providers, dtype, device, timer, smoke):
                 fwd.peak_mib = peak_memory_mib(lambda: torch.autograd.grad(fn(logits, targets), [logits]), device)
             except Exception as exc:
                 fwd.note = bwd.note = _error(exc)
-            rows += [fwd, bwd]
+            emit(rows, fwd, bwd)
     return rows
 
 
@@ -261,7 +269,7 @@ def bench_linear_cross_entropy(providers, dtype, device, timer, smoke):
                 row.peak_mib = peak_memory_mib(step, device)
             except Exception as exc:
                 row.note = _error(exc)
-            rows.append(row)
+            emit(rows, row)
     return rows
 
 
@@ -294,7 +302,7 @@ def bench_adamw(providers, dtype, device, timer, smoke):
             row.ms = timer(fn)
         except Exception as exc:
             row.note = _error(exc)
-        rows.append(row)
+        emit(rows, row)
     return rows
 
 

@@ -5,17 +5,22 @@ manner of Liger-Kernel's ``ops/utils.py`` (written here independently). ``max_bl
 the block so tests can force the column-loop paths (a row wider than one block) at small sizes.
 ``simulated_gpu`` lets the launchers run on ``meta`` tensors as if on a GPU with a given SM
 count: ``kernels.gpu_check`` uses it to capture the launches the launchers would make.
+``launch`` wraps a kernel for ``triton_op`` tracing where the installed torch allows it, and
+``_interpreter_index_fix`` lets triton 3.6's interpreter run under numpy 2.5 (see there).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 from collections.abc import Iterator
 
 import torch
 import triton
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
 
 # CUDA's limit: 1024 threads (32 warps) per block.
 MAX_WARPS = 32
@@ -27,6 +32,40 @@ _block_cap: int | None = None
 _meta_sm_count: int | None = None
 
 
+def _interpreter_index_fix() -> None:
+    """Let triton 3.6's interpreter take a scalar tensor as a loop bound under numpy >= 2.5.
+
+    Its ``tensor.__index__`` is ``int(self.handle.data)`` on a one-element 1-D array, which numpy
+    2.5 rejects ("only 0-dimensional arrays can be converted"); triton 3.9 squeezes first. Where
+    the installed interpreter has the old body, its patch gets the squeezing one after it.
+    """
+    try:
+        from triton.runtime import interpreter
+        source = inspect.getsource(interpreter._patch_lang_tensor)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return
+    if "int(self.handle.data))" not in source or getattr(interpreter, "_cs336_index_fix", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch
+    interpreter._cs336_index_fix = True
+
+
+def launch(kernel):
+    """``wrap_triton(kernel)`` for a compiled kernel, the kernel itself under the interpreter.
+
+    Inside a ``triton_op`` every launch goes through ``wrap_triton`` so torch.compile can trace it;
+    torch 2.11's ``wrap_triton`` rejects the interpreter's ``InterpretedFunction`` (2.13 takes it),
+    and eager interpreted launches need no wrapper.
+    """
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
 class KernelInputError(ValueError):
     """A tensor given to a Triton kernel has a dtype, device or shape the kernel cannot take."""
 
@@ -34,6 +73,10 @@ class KernelInputError(ValueError):
 def interpreted() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if interpreted():
+    _interpreter_index_fix()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ HBM traffic for n parameters: reads 4n (p, g, m, v), writes 3n (p, m, v); no oth
 Multi-tensor layout: the tensors of one (p, g, m, v) dtype combination are cut into blocks of
 BLOCK_SIZE elements; one program per block. A small int64 table on the device holds, per tensor,
 the addresses of p, g, m, v, its first block and its size; each program finds its tensor by a
-binary search over the first-block column (log2(T) scalar loads). Same idea as PyTorch's
+binary search over the first-block column (log2(T) scalar loads). The table is cached by the
+tensors' addresses (``_pointer_table``): rebuilt only when they change, without a stream sync. Same idea as PyTorch's
 ``_foreach`` / apex ``multi_tensor_apply``, written here with pointer tables instead of
 per-launch argument structs.
 
@@ -25,6 +26,7 @@ pointer table is built from ``data_ptr()``, which the fake tensors used for trac
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -113,22 +115,51 @@ def _adamw_kernel(
     tl.store(v_ptr + offs, v.to(V_DTYPE), mask=mask)
 
 
+# Device pointer tables by content: (device, addresses, numels) -> (meta tensor, total blocks).
+_TABLES: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
+_MAX_TABLES = 16  # a few optimizer groups, each with its bf16/fp32 splits
+
+
+def _pointer_table(params, grads, exp_avgs, exp_avg_sqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(addresses (T, 4), first blocks (T + 1,), numels (T,), total blocks) on the tensors' device.
+
+    Built once per set of addresses and reused while they stay the same (a group whose gradients
+    are reallocated at the same addresses each step, as the caching allocator does, hits); a
+    rebuild is one copy from pinned memory, asynchronous on CUDA (no stream sync).
+    """
+    device = params[0].device
+    addresses = tuple(t.data_ptr() for group in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)
+                      for t in group)
+    numels = tuple(p.numel() for p in params)
+    key = (device, addresses, numels)
+    hit = _TABLES.get(key)
+    if hit is None:
+        first = [0]
+        for n in numels:
+            first.append(first[-1] + triton.cdiv(n, BLOCK_SIZE))
+        # One host-to-device copy: [addresses (4T) | first blocks (T + 1) | numels (T)].
+        host = torch.tensor(list(addresses) + first + list(numels), dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        hit = (host.to(device, non_blocking=True), first[-1])
+        _TABLES[key] = hit
+        while len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    meta, blocks = hit
+    T = len(params)
+    return meta[: 4 * T], meta[4 * T: 5 * T + 1], meta[5 * T + 1:], blocks
+
+
 @torch.library.custom_op("cs336_kernels::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
 def _adamw_group_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                   exp_avg_sqs: list[torch.Tensor], step_size: float, beta1: float, beta2: float,
                   eps: float, decay: float) -> None:
     """Launch the kernel over contiguous tensors sharing one device and one dtype combination."""
     T = len(params)
-    blocks = [triton.cdiv(p.numel(), BLOCK_SIZE) for p in params]
-    first = [0]
-    for b in blocks:
-        first.append(first[-1] + b)
-    addresses = [t.data_ptr() for group in zip(params, grads, exp_avgs, exp_avg_sqs) for t in group]
-    # One host-to-device copy: [addresses (4T) | first blocks (T + 1) | numels (T)].
-    meta = torch.tensor(addresses + first + [p.numel() for p in params], dtype=torch.int64)
-    meta = meta.to(params[0].device)
-    table, first_block, numel = meta[: 4 * T], meta[4 * T: 5 * T + 1], meta[5 * T + 1:]
-    _adamw_kernel[(first[-1],)](
+    table, first_block, numel, blocks = _pointer_table(params, grads, exp_avgs, exp_avg_sqs)
+    _adamw_kernel[(blocks,)](
         table, first_block, numel, T,
         step_size, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, decay,
         LOG_T=T.bit_length(),

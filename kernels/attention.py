@@ -42,10 +42,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, interpreted
+from kernels._common import KernelInputError, check_same_device, check_tensor, interpreted, launch
 
 MAX_HEAD_DIM = 128  # widest head the launch settings are sized (and compile-checked) for
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -239,7 +239,7 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return o, lse
     cfg = attention_config(_tile_width(d), q.dtype, causal)
     grid = (triton.cdiv(T_q, cfg.block_m), Z * H)
-    wrap_triton(_attn_fwd_kernel)[grid](
+    launch(_attn_fwd_kernel)[grid](
         o, lse, q, k, v,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -481,15 +481,15 @@ def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     scales = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d))
     common = dict(D=d, HEAD_DIM=_tile_width(d), CAUSAL=causal, **_dot_settings(q.dtype), num_warps=cfg.bwd_warps,
                   num_stages=cfg.bwd_stages)
-    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
+    launch(_attn_bwd_delta_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
         delta, o, do, *o.stride()[:3], *do.stride()[:3], H, T_q, D=d, HEAD_DIM=_tile_width(d), BLOCK_M=cfg.block_m2,
         num_warps=cfg.bwd_warps,
     )
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_k, cfg.block_n1), Z * H)](
+    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_k, cfg.block_n1), Z * H)](
         dk, dv, q, k, v, do, lse, delta, *strides, *dk.stride()[:3], *dv.stride()[:3], H, T_q, T_k, *scales,
         BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, **common,
     )
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
+    launch(_attn_bwd_dq_kernel)[(triton.cdiv(T_q, cfg.block_m2), Z * H)](
         dq, q, k, v, do, lse, delta, *strides, *dq.stride()[:3], H, T_q, T_k, *scales,
         BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, **common,
     )
@@ -544,25 +544,27 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 class FlashAttention(torch.autograd.Function):
-    """``FlashAttention.apply(q, k, v, is_causal)``: q (..., T_q, d), k and v (..., T_k, d)."""
+    """``FlashAttention.apply(q, k, v, is_causal)``: q (..., T_q, d), k and v (..., T_k, d).
+
+    Saves exactly q, k, v, O (q's shape) and L (fp32, q's leading dims: ``(..., T_q)``).
+    """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
         _check_inputs(q, k, v, is_causal)
-        q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
-        o4, lse = flash_attention_fwd(q4, k4, v4, bool(is_causal))
-        ctx.save_for_backward(q4, k4, v4, o4, lse)
+        o4, lse = flash_attention_fwd(_as_4d(q), _as_4d(k), _as_4d(v), bool(is_causal))
+        o, lse = o4.reshape(q.shape), lse.reshape(q.shape[:-1])  # (..., T_q, d), (..., T_q)
+        ctx.save_for_backward(q, k, v, o, lse)
         ctx.is_causal = bool(is_causal)
-        ctx.shapes = (q.shape, k.shape, v.shape)
-        return o4.reshape(q.shape)
+        return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
-        q4, k4, v4, o4, lse = ctx.saved_tensors
-        q_shape, k_shape, v_shape = ctx.shapes
-        do4 = _as_4d(do.reshape(q4.shape))
-        dq, dk, dv = flash_attention_bwd(do4, q4, k4, v4, o4, lse, ctx.is_causal)
-        return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(v_shape), None
+        q, k, v, o, lse = ctx.saved_tensors
+        q4, k4, v4, o4 = _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(o)
+        lse4 = lse.reshape(q4.shape[:-1])  # (Z, H, T_q)
+        dq, dk, dv = flash_attention_bwd(_as_4d(do.reshape(q.shape)), q4, k4, v4, o4, lse4, ctx.is_causal)
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:

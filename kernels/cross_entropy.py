@@ -21,10 +21,11 @@ gradients are computed in the forward and scaled by the upstream gradient in the
 grad_W accumulates across chunks in W's dtype (one rounding per chunk in bf16, as Liger). Per
 chunk the kernel reads the logits twice (log-sum-exp, then gradient) and overwrites them once.
 
-The public functions check that every target id is in [0, V) or ignore_index before launching
-(one host sync per call, skipped while torch.compile traces): the kernels would otherwise read
-out of bounds. Launchers are ``torch.library.triton_op`` custom ops; the fused op carries a
-FLOP formula so ``FlopCounterMode`` counts its three matmuls.
+The public functions check that every target id is in [0, V) or ignore_index with
+``torch._assert_async`` (no host read; on CUDA a device-side assert, as ``F.cross_entropy``'s).
+Under autocast the fused op runs its matmuls in the autocast dtype, as ``F.linear`` would.
+Launchers are ``torch.library.triton_op`` custom ops; the fused op carries a FLOP formula so
+``FlopCounterMode`` counts its three matmuls.
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
-from kernels._common import KernelInputError, calculate_settings, check_same_device, check_tensor
+from kernels._common import (
+    SUPPORTED_DTYPES,
+    KernelInputError,
+    calculate_settings,
+    check_same_device,
+    check_tensor,
+    launch,
+)
 
 # Vocab columns per block: 4096 fp32 is 16 KB of registers per program at 8 warps (16 per thread).
 MAX_VOCAB_BLOCK = 4096
@@ -126,7 +134,7 @@ def _launch_fwd(logits: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tens
     logsum = torch.empty_like(loss)
     if M:
         block, num_warps = calculate_settings(min(V, MAX_VOCAB_BLOCK))
-        wrap_triton(_ce_fwd_kernel)[(M,)](
+        launch(_ce_fwd_kernel)[(M,)](
             logits, V, targets, loss, row_max, logsum, n_valid, V, ignore_index,
             BLOCK_SIZE=block, WRITE_GRAD=write_grad, num_warps=num_warps,
         )
@@ -150,7 +158,7 @@ def cross_entropy_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.T
     dlogits = torch.empty_like(logits)
     if M:
         block, num_warps = calculate_settings(min(V, MAX_VOCAB_BLOCK))
-        wrap_triton(_ce_bwd_kernel)[(M,)](
+        launch(_ce_bwd_kernel)[(M,)](
             dlogits, logits, V, targets, row_max, logsum, grad, n_valid, V, ignore_index,
             BLOCK_SIZE=block, num_warps=num_warps,
         )
@@ -210,14 +218,28 @@ def _flatten(logits_or_h: torch.Tensor, targets: torch.Tensor, op: str, name: st
 
 
 def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int, op: str) -> None:
-    """Raise on a target outside [0, V) (one host sync; skipped while torch.compile traces)."""
+    """Fail on a target outside [0, V) that is not ``ignore_index``, without a host read.
+
+    ``torch._assert_async``: on the CPU it raises here (re-raised as KernelInputError); on CUDA it
+    is a device-side assert, as ``F.cross_entropy``'s own check is there. Skipped while
+    torch.compile traces.
+    """
     if torch.compiler.is_compiling() or targets.numel() == 0:
         return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
-        first = targets[bad][0].item()
-        raise KernelInputError(f"{op}: target id {first} is outside [0, {V}) and is not "
-                               f"ignore_index={ignore_index}; check the data and vocab_size")
+    ok = ((targets == ignore_index) | ((targets >= 0) & (targets < V))).all()
+    message = (f"{op}: a target id is outside [0, {V}) and is not ignore_index={ignore_index}; "
+               "check the data and vocab_size")
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise KernelInputError(message) from None
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on ``device`` (None when autocast is off there)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -265,6 +287,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     ``chunk_rows`` sets the token rows per chunk (default: ``default_chunk_rows``).
     """
+    amp_dtype = _autocast_dtype(h.device) if isinstance(h, torch.Tensor) else None
+    if amp_dtype is not None:
+        # As F.linear under autocast: the matmuls take the autocast dtype (the casts carry the
+        # gradients back to h's and weight's own dtypes); the op runs with autocast off, so the
+        # logits, grad_h and grad_W chunks all have that one dtype.
+        def cast(t):
+            return t.to(amp_dtype) if isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES else t
+        with torch.autocast(h.device.type, enabled=False):
+            return linear_cross_entropy(cast(h), cast(weight), targets, ignore_index, chunk_rows)
     h2, targets1 = _flatten(h, targets, "linear_cross_entropy", "h")
     check_tensor(weight, "weight", "linear_cross_entropy")
     check_same_device("linear_cross_entropy", h=h, weight=weight)
@@ -275,6 +306,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         )
     V = weight.shape[0]
     _check_target_range(targets1, V, ignore_index, "linear_cross_entropy")
+
     M, C = h2.shape
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(M, V, C)
     if rows < 1:

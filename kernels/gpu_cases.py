@@ -4,8 +4,8 @@ A case is a label and a thunk that calls a family's real launchers on ``meta`` t
 records the launches the thunk makes (``kernels.gpu_check.capture``) and compiles each distinct
 one for every target. Realistic shapes: d_model 512..16384 (and two wider rows, to reach every
 column-loop branch), d_ff 4 x d_model and TinyStories' 1344, vocabularies 10000 / 32000 / 50257 /
-131072, the parameter lists of the model presets (``cs336.config.MODEL_PRESETS``) and a
-one-tensor AdamW group. ``full=False`` is the CI subset: every kernel, dtype, constexpr branch and
+131072, a one-tensor and a one-scalar AdamW group plus the parameter lists the caller passes
+(``PARAM_GROUPS``: the model presets' lists, from ``bench/gpu_shapes.py``). ``full=False`` is the CI subset: every kernel, dtype, constexpr branch and
 int == 1 specialization, at few shapes.
 
 Adding a kernel family: one function decorated ``@case("attention")`` yielding
@@ -108,23 +108,27 @@ def cross_entropy_cases(full: bool) -> Iterator[Case]:
             yield Case(f"vocab={V} tokens=4096 {name}", run)
 
 
+# Parameter lists the AdamW cases compile, label -> shapes. The built-in two are the int == 1
+# cases; a caller adds the models' lists (``python -m kernels.gpu_check --param-shapes FILE``,
+# written by ``bench/gpu_shapes.py`` from the model presets): kernels/ knows no model.
+PARAM_GROUPS: dict[str, list[tuple[int, ...]]] = {"one tensor (768, 768)": [(768, 768)], "one scalar": [()]}
+
+
+def add_param_groups(groups: dict[str, list]) -> None:
+    """Add ``{label: [shape, ...]}`` parameter lists to the AdamW cases (shapes as lists or tuples)."""
+    for label, shapes in groups.items():
+        PARAM_GROUPS[f"{label} ({len(shapes)} tensors)"] = [tuple(int(n) for n in s) for s in shapes]
+
+
 @case("adamw")
 def adamw_cases(full: bool) -> Iterator[Case]:
-    from cs336.model import TransformerLM
-    from cs336.presets import MODEL_PRESETS
     from kernels import adamw as k
 
     # (param, grad, exp_avg, exp_avg_sq) storage dtypes the optimizer produces or accepts.
     combos = {"fp32": ("fp32",) * 4, "bf16": ("bf16",) * 4, "fp16": ("fp16",) * 4,
               "bf16 p/fp32 state": ("bf16", "bf16", "fp32", "fp32"),
               "fp16 p/fp32 state": ("fp16", "fp16", "fp32", "fp32")}
-    presets = list(MODEL_PRESETS) if full else ["gpt2-small"]
-    shapes = {"one tensor (768, 768)": [(768, 768)], "one scalar": [()]}
-    for preset in presets:
-        cfg = dataclasses.asdict(MODEL_PRESETS[preset]())
-        model = TransformerLM(**cfg, device="meta")
-        shapes[f"{preset} ({len(list(model.parameters()))} tensors)"] = [tuple(p.shape) for p in model.parameters()]
-    for label, group in shapes.items():
+    for label, group in PARAM_GROUPS.items():
         for combo, dts in combos.items():
             def run(group=group, dts=dts):
                 quads = [[_meta(s, DTYPES[d]) for s in group] for d in dts]

@@ -59,7 +59,7 @@ from triton.runtime.jit import JITFunction
 
 import kernels
 from kernels._common import interpreted, simulated_gpu
-from kernels.gpu_cases import CASES
+from kernels.gpu_cases import CASES, add_param_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,12 +306,28 @@ def format_summary(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in its folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the whole shape matrix (default: CI subset)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
     parser.add_argument("--kernels", default="", help="comma list of kernel families (default: all)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--param-shapes", type=Path, metavar="FILE",
+                        help="JSON {label: [shape, ...]} of parameter lists for the AdamW cases "
+                             "(python bench/gpu_shapes.py writes the model presets')")
     args = parser.parse_args(argv)
     targets = [x for x in args.targets.split(",") if x]
     families = [x for x in args.kernels.split(",") if x] or list(CASES)
@@ -321,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag}: unknown {', '.join(bad) or 'empty list'}; valid: {', '.join(valid)}")
     if args.json is not None and args.json.is_dir():  # refused before minutes of compiling
         parser.error(f"--json {args.json} is a directory; pass the path of the JSON file to write")
+    if args.param_shapes is not None:
+        try:
+            add_param_groups(json.loads(args.param_shapes.read_text()))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            parser.error(f"--param-shapes {args.param_shapes}: {exc}; give a JSON object "
+                         "{label: [[dim, ...], ...]} (python bench/gpu_shapes.py --out FILE writes one)")
     if interpreted():
         # The kernels were defined as interpreter functions in this process: compile in a fresh one.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -344,13 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         failures += [f"{k}: no case launches it; add one (@case in kernels/gpu_cases.py)"
                      for k in sorted(package_kernels() - compiled)]
     if args.json:
-        from cs336.fileio import atomic_write_text
         payload = {"triton": triton.__version__, "torch": torch.__version__, "full": args.full,
                    "targets": targets, "rows": [dataclasses.asdict(r) for r in rows], "failures": failures}
         try:
-            atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
-        except OSError as exc:  # cs336.fileio.WriteError names the file and the fix
-            print(f"gpu_check: error: {exc}", file=sys.stderr)
+            _write_atomic(args.json, json.dumps(payload, indent=1) + "\n")
+        except OSError as exc:
+            print(f"gpu_check: error: cannot write --json {args.json} ({exc.strerror or exc}); "
+                  "pass a writable path", file=sys.stderr)
             return 2
     for f in failures:
         print(f"FAIL {f}", file=sys.stderr)

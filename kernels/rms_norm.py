@@ -25,9 +25,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from kernels._common import KernelInputError, calculate_settings, check_same_device, check_tensor, num_programs
+from kernels._common import (
+    KernelInputError,
+    calculate_settings,
+    check_same_device,
+    check_tensor,
+    launch,
+    num_programs,
+)
 
 # Launch settings, measured with ``python -m kernels.gpu_check --full`` (sm_80 and sm_90a, fp32 /
 # bf16 / fp16, d_model 512..65536; table in bench/RESULTS.md). A row is held in one block at the
@@ -164,7 +171,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     if M == 0:
         return y, rstd
     block, num_warps = _settings(N, FWD_PER_THREAD, FWD_LOOP_BLOCK)
-    wrap_triton(_rms_norm_fwd_kernel)[(M,)](
+    launch(_rms_norm_fwd_kernel)[(M,)](
         y, x2, weight, rstd, N, N, eps,
         BLOCK_SIZE=block, ONE_BLOCK=N <= block, num_warps=num_warps,
     )
@@ -188,7 +195,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     programs = triton.cdiv(M, rows_per_program)
     alloc = torch.empty if one_block else torch.zeros
     dw_partial = alloc((programs, N), dtype=torch.float32, device=x.device)  # (P, N)
-    wrap_triton(_rms_norm_bwd_kernel)[(programs,)](
+    launch(_rms_norm_bwd_kernel)[(programs,)](
         dx, dy, x2, weight, rstd, dw_partial, N, M, N, rows_per_program,
         BLOCK_SIZE=block, ONE_BLOCK=one_block, num_warps=num_warps,
     )

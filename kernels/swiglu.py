@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from kernels._common import KernelInputError, check_same_device, check_tensor
+from kernels._common import KernelInputError, check_same_device, check_tensor, launch
 
 # Elements per program: 1024 keeps 8 elements per thread at 4 warps, enough to saturate HBM.
 BLOCK_SIZE = 1024
@@ -72,7 +72,7 @@ def swiglu_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     c = torch.empty_like(a)
     n = a.numel()
     if n:
-        wrap_triton(_swiglu_fwd_kernel)[(triton.cdiv(n, BLOCK_SIZE),)](
+        launch(_swiglu_fwd_kernel)[(triton.cdiv(n, BLOCK_SIZE),)](
             c, a, b, n, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return c
 
@@ -84,7 +84,7 @@ def swiglu_bwd(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torc
     db = torch.empty_like(b)
     n = a.numel()
     if n:
-        wrap_triton(_swiglu_bwd_kernel)[(triton.cdiv(n, BLOCK_SIZE),)](
+        launch(_swiglu_bwd_kernel)[(triton.cdiv(n, BLOCK_SIZE),)](
             da, db, dc, a, b, n, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return da, db
 

@@ -6,6 +6,8 @@ interpreter functions). The default subset compiles about 90 configurations: abo
 cold, seconds once Triton's cache holds them; the full matrix is marked slow.
 """
 
+import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +22,10 @@ from triton.runtime.jit import JITFunction
 from kernels import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_shapes", ROOT / "bench" / "gpu_shapes.py")
+bench_shapes = importlib.util.module_from_spec(_spec)
+sys.modules["bench_shapes"] = bench_shapes
+_spec.loader.exec_module(bench_shapes)
 PROBLEM = gpu_check.toolchain_problem()
 needs_toolchain = pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))
 
@@ -33,11 +39,49 @@ def run_gate(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, json.loads(out.read_text())
 
 
+def model_shapes(folder: Path, presets: list[str]) -> Path:
+    """The presets' parameter lists as the gate takes them (bench/gpu_shapes.py, the caller side)."""
+    out = folder / "shapes.json"
+    subprocess.run([sys.executable, "bench/gpu_shapes.py", "--out", str(out), "--presets", ",".join(presets)],
+                   cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return out
+
+
 @pytest.fixture(scope="module")
 def subset(tmp_path_factory):
     if PROBLEM is not None:
         pytest.skip(PROBLEM)
-    return run_gate(tmp_path_factory.mktemp("gate") / "subset.json")
+    folder = tmp_path_factory.mktemp("gate")
+    return run_gate(folder / "subset.json", "--param-shapes", str(model_shapes(folder, ["gpt2-small"])))
+
+
+def test_kernels_import_nothing_of_cs336():
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "cs336" or n.startswith("cs336.") for n in names), (path.name, names)
+    code = ("import sys, kernels.gpu_check, kernels.attention, kernels.adamw, kernels.cross_entropy, "
+            "kernels.rms_norm, kernels.swiglu; print(sorted(m for m in sys.modules if m.split('.')[0] == 'cs336'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]"
+
+
+def test_adamw_cases_take_the_callers_parameter_lists(subset):
+    _, report = subset
+    cases = " ".join(c for r in rows_of(report, "_adamw_kernel") for c in r["cases"])
+    n = len(bench_shapes.param_groups(["gpt2-small"])["gpt2-small"])
+    assert f"gpt2-small ({n} tensors)" in cases and "one scalar" in cases
+
+
+def test_param_shapes_file_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "shapes.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit) as info:
+        gpu_check.main(["--param-shapes", str(bad)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--param-shapes {bad}" in err and "bench/gpu_shapes.py" in err
 
 
 def rows_of(report: dict, kernel: str) -> list[dict]:
@@ -195,7 +239,8 @@ def test_cli_rejects_unknown_targets_and_kernels(capsys):
 def test_full_matrix_passes(tmp_path):
     if PROBLEM is not None:
         pytest.skip(PROBLEM)
-    proc, report = run_gate(tmp_path / "full.json", "--full")
+    presets = list(bench_shapes.param_groups())
+    proc, report = run_gate(tmp_path / "full.json", "--full", "--param-shapes", str(model_shapes(tmp_path, presets)))
     assert proc.returncode == 0, f"{report['failures']}\n{proc.stderr[-3000:]}"
     assert report["full"] and len(report["rows"]) > 150
 

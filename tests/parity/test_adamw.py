@@ -163,3 +163,26 @@ def test_adamw_cuda_many_tensors(parity, provider):
     shapes = [(768, 768)] * 24 + [(768,)] * 48 + [(50257, 768), (3, 5), ()]
     run_steps(parity, torch.float32, torch.float32, steps=10, shapes=shapes, provider=provider)
     run_steps(parity, torch.bfloat16, torch.float32, steps=1, shapes=shapes, provider=provider)
+
+
+def test_adamw_pointer_table_is_built_once_per_set_of_addresses(parity, monkeypatch):
+    from kernels import adamw
+
+    monkeypatch.setattr(adamw, "_TABLES", type(adamw._TABLES)())
+    built = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(adamw.torch, "tensor", lambda *a, **k: (built.append(1), real_tensor(*a, **k))[1])
+    params, ms, vs = make_state([(5,), (BLOCK_SIZE + 3,)], torch.float32, torch.float32)
+    grads = [torch.randn(p.shape, device=DEVICE) for p in params]
+    ref = clone_all(params), clone_all(ms), clone_all(vs)
+    for step in (1, 2, 3):
+        adamw_step_(params, grads, ms, vs, step=step, **HYPER)
+        adamw_step_reference_(*ref[:1], grads, *ref[1:], step=step, **HYPER)
+    assert len(built) == 1 and len(adamw._TABLES) == 1
+    params[1].data = params[1].data.clone()  # new storage: the table is rebuilt, then reused
+    for step in (4, 5):
+        adamw_step_(params, grads, ms, vs, step=step, **HYPER)
+        adamw_step_reference_(*ref[:1], grads, *ref[1:], step=step, **HYPER)
+    assert len(built) == 2 and len(adamw._TABLES) == 2
+    for i, (p, r) in enumerate(zip(params, ref[0], strict=True)):
+        parity.assert_close(p, r, f"adamw param {i} after a rebuilt table", dtype=torch.float32)

@@ -149,6 +149,17 @@ def test_saved_tensors_grow_linearly_in_T():
     assert ref_1k > 2 * 1024 * 1024 * 4
 
 
+@pytest.mark.parametrize("shape", [(40, 16), (2, 40, 16), (2, 3, 40, 16), (2, 1, 3, 40, 16)], ids=str)
+def test_saved_tensors_are_q_k_v_o_and_l_in_the_input_dims(shape):
+    q, k, v = (t.requires_grad_() for t in _inputs(shape, shape, torch.float32))
+    _, shapes = _saved_bytes(FlashAttention.apply, q, k, v, True)
+    assert shapes == [shape, shape, shape, shape, shape[:-1]]
+    out = FlashAttention.apply(q, k, v, True)
+    saved = out.grad_fn.saved_tensors
+    assert [t.data_ptr() for t in saved[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]  # no copies
+    assert saved[4].dtype == torch.float32 and saved[4].shape == shape[:-1]
+
+
 def _warm_up(fn, *args) -> None:
     """One call outside FlopCounterMode: with torch 2.13 on the CPU the first call of a
     ``triton_op`` in a process is not counted (measured; later calls are)."""

@@ -184,3 +184,15 @@ def test_torch_compile_traces_the_kernels():
     torch.testing.assert_close(out, f(x, w, b))
     out.sum().backward()
     assert x.grad is not None and w.grad is not None
+
+
+def test_launch_wraps_only_compiled_kernels():
+    # torch 2.11's wrap_triton rejects the interpreter's kernels; an interpreted launch runs bare.
+    from triton.runtime.jit import JITFunction
+
+    from kernels import rms_norm
+    from kernels._common import interpreted, launch
+
+    kernel = rms_norm._rms_norm_fwd_kernel
+    assert isinstance(kernel, JITFunction) != interpreted()
+    assert (launch(kernel) is kernel) == interpreted()

@@ -90,8 +90,11 @@ def test_native_cross_entropy_rejects_mismatched_targets():
 
 def test_cross_entropy_rejects_bad_inputs():
     logits = torch.randn(4, 10, device=DEVICE)
-    with pytest.raises(KernelInputError, match="outside \\[0, 10\\)"):
-        cross_entropy(logits, torch.tensor([1, 2, 10, 3], device=DEVICE), IGNORE)
+    # On CUDA a bad target id is a device-side assert (as in F.cross_entropy), which ends the
+    # process's CUDA context: test_bad_target_is_a_device_assert_on_cuda runs it in a subprocess.
+    if DEVICE == "cpu":
+        with pytest.raises(KernelInputError, match="outside \\[0, 10\\)"):
+            cross_entropy(logits, torch.tensor([1, 2, 10, 3], device=DEVICE), IGNORE)
     with pytest.raises(KernelInputError, match="needs targets of shape \\(4,\\)"):
         cross_entropy(logits, torch.zeros(5, dtype=torch.long, device=DEVICE), IGNORE)
     with pytest.raises(KernelInputError, match="integer class ids"):
@@ -151,8 +154,22 @@ def test_linear_cross_entropy_rejects_bad_inputs():
         linear_cross_entropy(h, torch.randn(10, 7, device=DEVICE), targets)
     with pytest.raises(KernelInputError, match="h's dtype"):
         linear_cross_entropy(h, torch.randn(10, 8, device=DEVICE).bfloat16(), targets)
-    with pytest.raises(KernelInputError, match="outside \\[0, 10\\)"):
-        linear_cross_entropy(h, torch.randn(10, 8, device=DEVICE), targets - 1)
+    if DEVICE == "cpu":
+        with pytest.raises(KernelInputError, match="outside \\[0, 10\\)"):
+            linear_cross_entropy(h, torch.randn(10, 8, device=DEVICE), targets - 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bad_target_is_a_device_assert_on_cuda():
+    import subprocess
+    import sys
+
+    code = ("import torch; from kernels.cross_entropy import cross_entropy; "
+            "t = torch.tensor([1, 2, 10, 3], device='cuda'); "
+            "cross_entropy(torch.randn(4, 10, device='cuda'), t); torch.cuda.synchronize()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "assert" in proc.stderr.lower(), proc.stderr[-2000:]
 
 
 @pytest.mark.gpu
