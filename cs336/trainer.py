@@ -1,7 +1,7 @@
 """The training loop of ``python -m cs336.train``: state, one step, evaluation, logging, saving.
 
 Read ``train`` from top to bottom: open the run directory, prepare the data, build a
-``Trainer`` (model, AdamW, batch sampler, loss wrapper), restore a checkpoint when resuming, then
+``Trainer`` (model, optimizer from ``build_optimizer``, batch sampler, loss wrapper), restore a checkpoint when resuming, then
 the loop: learning rate, ``train_step``, the per-step check, and at interval boundaries
 ``log_metrics`` / ``evaluate`` / ``save``. The structure follows nanoGPT's ``train.py`` (a plain
 loop, values read from the device only when logged) with torchtitan's separation of concerns
@@ -56,7 +56,7 @@ from cs336.hardware import resolve_device
 from cs336.interrupt import StopRequest
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
-from cs336.optim import AdamW, lr_cosine_schedule
+from cs336.optim import build_optimizer, schedule_lr, set_group_lrs
 from cs336.prepare import prepare_data
 from cs336.run_dir import RunDir
 from cs336.run_start import Stage, open_run_dir, preflight
@@ -125,13 +125,17 @@ class Window:
 
 
 class LossModule(torch.nn.Module):
-    """forward(x, y) = model.loss(x, y), so DistributedDataParallel wraps the loss computation."""
+    """forward(x, y) = model.loss(x, y) (with the run's z-loss), so DistributedDataParallel wraps
+    the loss computation."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, z_loss: float = 0.0):
         super().__init__()
         self.model = model
+        self.z_loss = z_loss
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.z_loss:
+            return self.model.loss(x, y, z_loss=self.z_loss)
         return self.model.loss(x, y)
 
 
@@ -146,10 +150,9 @@ class Trainer:
         self.micro_batches = dist_utils.micro_batches(rows, cfg.train.grad_accum_steps)
         torch.manual_seed(cfg.train.seed)
         self.model = TransformerLM.from_config(cfg.model, device=device)
-        self.opt = AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                         eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
+        self.opt = build_optimizer(self.model, cfg.optim)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
-        step_fn = LossModule(self.model)
+        step_fn = LossModule(self.model, cfg.train.z_loss)
         if cfg.train.compile:
             step_fn = torch.compile(step_fn)
         if info.enabled:
@@ -159,8 +162,6 @@ class Trainer:
         self.step_fn = step_fn
         self.dtype = torch.bfloat16 if cfg.train.autocast == "bf16" else None
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        self.cycle = cfg.optim.cosine_cycle_iters or cfg.train.max_steps
-        self.warmup = min(cfg.optim.warmup_iters, self.cycle)
 
     def autocast(self):
         if self.dtype is None:
@@ -168,10 +169,10 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def set_lr(self, step: int) -> float:
-        """The cosine schedule's learning rate for optimizer step ``step`` (0-based), applied."""
-        lr = lr_cosine_schedule(step, self.cfg.optim.lr, self.cfg.optim.floor_lr, self.warmup, self.cycle)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        """The schedule's (cosine or wsd) learning rate for optimizer step ``step`` (0-based),
+        applied to every param group (Muon's scaled to optim.muon_lr); returns AdamW's."""
+        lr = schedule_lr(self.cfg.optim, step, self.cfg.train.max_steps)
+        set_group_lrs(self.opt, self.cfg.optim, lr)
         return lr
 
     def forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
