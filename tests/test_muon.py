@@ -170,3 +170,53 @@ def test_schedule_lr_follows_the_config_and_muon_groups_scale():
     opt = build_optimizer(model, muon_cfg)
     set_group_lrs(opt, muon_cfg, 1e-3)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2) and opt.param_groups[1]["lr"] == 1e-3
+
+
+# ------------------------------------------------------------------ FSDP: the whole matrix
+
+def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from cs336.trainer import LossModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, x, y = model_and_batch()
+    for layer in model.layers:
+        fully_shard(layer)
+    root = LossModule(model)  # the trainer's wrapper: its forward is the loss, so FSDP gathers for it
+    fully_shard(root)
+    opt = build_optimizer(model, OptimConfig(name="muon", lr=1e-2))
+    assert all(isinstance(p, DTensor) for p in opt.param_groups[0]["params"])
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        root(x, y).backward()  # every rank the same batch: the reduced gradient is one process's
+        with ops.use_backend("torch"):
+            opt.step()
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(full, out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned gloo ranks: tens of seconds on an idle machine, minutes on a loaded one
+def test_muon_under_fsdp_orthogonalizes_the_whole_matrix(tmp_path):
+    # Sharded over 2 gloo ranks (rows split in two), the update must be that of the whole matrix:
+    # Newton-Schulz of one shard alone gives another result.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(2, port, str(tmp_path / "fsdp.pt")), nprocs=2, join=True)
+    model, x, y = model_and_batch()
+    train_steps(model, build_optimizer(model, OptimConfig(name="muon", lr=1e-2)), x, y, 2)
+    got = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(got[name], p, rtol=1e-6, atol=1e-7, msg=name)
