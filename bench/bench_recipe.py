@@ -1,14 +1,15 @@
 """The leaderboard recipe measured on real English text: baseline, each switch alone, all together.
 
     python bench/bench_recipe.py [--corpus ../shared/corpora/shakespeare.txt] [--seeds 0,1]
-                                 [--steps 120] [--json bench/recipe.json]
+                                 [--steps 100] [--json bench/recipe.json]
 
 Every run is ``cs336.train.run`` (so the switches go through the real config, trainer, builder and
 loss) of one model size (the demo model: d_model 128, 4 layers, 4 heads, d_ff 384, context 128,
-vocab 1024) for the same steps and batch, hence the same tokens, on one CPU thread. The corpus is
+vocab 1024) for the same steps and batch (8 x 128 tokens), hence the same tokens, on one CPU
+thread (100 steps = 102,400 tokens by default: about a minute on an idle core). The corpus is
 split 90/10 into train and validation text; the first run trains the BPE tokenizer and encodes
 both (the other runs reuse its files). Validation loss is the plain cross-entropy (no z-loss)
-over the first 32 batches (65,536 tokens) of the validation text. "Equal wall-clock": the full recipe again, for the
+over the first 32 batches (32,768 tokens) of the validation text. "Equal wall-clock": the full recipe again, for the
 steps the baseline's measured time buys at the recipe's measured tokens/s (schedule sized to it).
 
 Each switch alone uses the recipe's value: ``optim.name=muon`` (lr = AdamW's: update RMS
@@ -33,7 +34,7 @@ DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "shakespeare.txt"
 
 BASE = ["model.vocab_size=1024", "model.context_length=128", "model.d_model=128", "model.num_layers=4",
         "model.num_heads=4", "model.d_ff=384", "model.kernels=native", "optim.lr=3e-3", "optim.warmup_iters=20",
-        "train.batch_size=16", "train.eval_batches=32", "train.log_interval=20", "train.sample_tokens=0",
+        "train.batch_size=8", "train.eval_batches=32", "train.log_interval=20", "train.sample_tokens=0",
         "train.progress=false", "train.threads=1", "train.device=cpu", "train.keep_last=1",
         "train.diverge_loss_factor=none"]
 SWITCHES = {
@@ -67,6 +68,9 @@ def one_run(out: Path, overrides: list[str]) -> dict:
     cfg = apply_overrides(TrainConfig(), [*overrides, f"train.out_dir={out}"])
     start = time.perf_counter()
     summary = run(cfg)
+    if summary.get("interrupted") or summary["steps"] != cfg.train.max_steps:
+        raise SystemExit(f"bench_recipe: the run in {out} stopped after {summary['steps']} of "
+                         f"{cfg.train.max_steps} steps; its figures would not be comparable")
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/bench_recipe.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"UTF-8 English text (default {DEFAULT_CORPUS})")
     p.add_argument("--seeds", default="0,1", help="comma list of seeds (default 0,1)")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (default 120)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
     p.add_argument("--only", default="", help="comma list of runs to make (default: all of them)")
     p.add_argument("--json", type=Path, help="write the per-seed results here")
     p.add_argument("--work-dir", type=Path, help="keep the run directories here (default: a temp dir)")

@@ -25,7 +25,8 @@ Newton-Schulz iteration in bf16 and scaled by ``0.2 sqrt(max(d_out, d_in))`` so 
 AdamW's (Liu et al. 2025, arXiv 2502.16982, "Muon is Scalable for LLM Training"), decoupled
 weight decay. Sharded (FSDP ``DTensor``) gradients are gathered whole before Newton-Schulz and the
 update's local shard is kept. ``build_optimizer(model, cfg)`` is the one constructor (trainer,
-profiler); ``schedule_lr`` / ``set_group_lrs`` give the cosine or warmup-stable-decay rates.
+profiler); ``schedule_lr`` / ``set_group_lrs`` give the cosine or warmup-stable-decay rates and
+``set_group_hyperparameters`` re-applies the other config values to the groups.
 """
 
 from __future__ import annotations
@@ -166,6 +167,16 @@ def set_group_lrs(opt: torch.optim.Optimizer, cfg, lr: float) -> None:
     muon_lr = lr * (cfg.muon_lr if cfg.muon_lr is not None else cfg.lr) / cfg.lr
     for group in opt.param_groups:
         group["lr"] = muon_lr if group.get("use_muon") else lr
+
+
+def set_group_hyperparameters(opt: torch.optim.Optimizer, cfg) -> None:
+    """Write ``cfg``'s (an ``OptimConfig``) values into every param group, e.g. after a resume
+    loaded the saved groups: betas, eps, weight_decay and fused everywhere, momentum and ns_steps
+    in Muon groups (the rates are ``set_group_lrs``'s, every step)."""
+    for group in opt.param_groups:
+        group.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.fused)
+        if group.get("use_muon"):
+            group.update(momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from cs336.checkpoint import load_checkpoint, save_checkpoint
 from cs336.config import ConfigError, ModelConfig, OptimConfig
 from cs336.model import TransformerLM
 from cs336.optim import (AdamW, Muon, build_optimizer, lr_cosine_schedule, lr_wsd_schedule, muon_param_names,
-                         newton_schulz, schedule_lr, set_group_lrs)
+                         newton_schulz, schedule_lr, set_group_hyperparameters, set_group_lrs)
 
 CFG = ModelConfig(vocab_size=64, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=24, kernels="torch")
 HIDDEN = {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj", "ffn.w1", "ffn.w2", "ffn.w3"}
@@ -220,3 +220,13 @@ def test_muon_under_fsdp_orthogonalizes_the_whole_matrix(tmp_path):
     got = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     for name, p in model.state_dict().items():
         torch.testing.assert_close(got[name], p, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_config_values_are_re_applied_to_saved_groups():
+    model, x, y = model_and_batch()
+    opt = build_optimizer(model, OptimConfig(name="muon"))
+    new = OptimConfig(name="muon", muon_momentum=0.8, ns_steps=3, weight_decay=0.0, betas=(0.8, 0.9))
+    set_group_hyperparameters(opt, new)
+    muon, rest = opt.param_groups
+    assert (muon["momentum"], muon["ns_steps"], muon["weight_decay"]) == (0.8, 3, 0.0)
+    assert rest["betas"] == (0.8, 0.9) and "ns_steps" in rest and rest["weight_decay"] == 0.0
