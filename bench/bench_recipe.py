@@ -10,7 +10,8 @@ thread (100 steps = 102,400 tokens by default: about a minute on an idle core). 
 split 90/10 into train and validation text; the first run trains the BPE tokenizer and encodes
 both (the other runs reuse its files). Validation loss is the plain cross-entropy (no z-loss)
 over the first 32 batches (32,768 tokens) of the validation text. "Equal wall-clock": the full recipe again, for the
-steps the baseline's measured time buys at the recipe's measured tokens/s (schedule sized to it).
+steps the baseline's time buys at the recipe's speed (schedule sized to it), the speed ratio
+measured interleaved in one process (``throughput``): the machine's load changes between runs.
 
 Each switch alone uses the recipe's value: ``optim.name=muon`` (lr = AdamW's: update RMS
 matched), ``model.qk_norm``, ``model.tie_embeddings``, ``model.logit_softcap=30``,
@@ -78,6 +79,47 @@ def one_run(out: Path, overrides: list[str]) -> dict:
             "train_seconds": summary["wallclock_s"], "run_seconds": seconds, "curve": curve}
 
 
+def throughput(overrides_by_name: dict[str, list[str]], rounds: int = 3, steps: int = 10) -> dict[str, float]:
+    """Training tokens/s of each configuration, measured interleaved (round-robin, ``rounds`` x
+    ``steps`` timed steps each after one warm-up step) in this process, so that the machine's
+    load, which changes from minute to minute, falls on all of them alike."""
+    import torch
+
+    from cs336 import ops
+    from cs336.config import TrainConfig, apply_overrides
+    from cs336.model import TransformerLM
+    from cs336.nn_utils import clip_gradients
+    from cs336.optim import build_optimizer
+
+    torch.set_num_threads(1)
+    setups = {}
+    for name, overrides in overrides_by_name.items():
+        cfg = apply_overrides(TrainConfig(), overrides)
+        torch.manual_seed(0)
+        model = TransformerLM.from_config(cfg.model)
+        tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.context_length + 1))
+        setups[name] = (cfg, model, build_optimizer(model, cfg.optim), tokens[:, :-1], tokens[:, 1:])
+    seconds = dict.fromkeys(setups, 0.0)
+
+    def step(cfg, model, opt, x, y):
+        opt.zero_grad(set_to_none=True)
+        model.loss(x, y, z_loss=cfg.train.z_loss).backward()
+        clip_gradients(model.parameters(), cfg.optim.grad_clip)
+        with ops.use_backend(cfg.model.kernels):
+            opt.step()
+
+    for name, setup in setups.items():
+        step(*setup)
+    for _ in range(rounds):
+        for name, setup in setups.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(*setup)
+            seconds[name] += time.perf_counter() - start
+    return {name: rounds * steps * setups[name][0].train.batch_size * setups[name][0].context_length / sec
+            for name, sec in seconds.items()}
+
+
 def compare(corpus: Path, seeds: list[int], steps: int, work: Path, only: tuple[str, ...] = (), say=print) -> dict:
     train_txt, valid_txt = split_corpus(corpus, work)
     common = [*BASE, f"train.max_steps={steps}", f"train.eval_interval={steps}", f"train.checkpoint_interval={steps}"]
@@ -96,9 +138,12 @@ def compare(corpus: Path, seeds: list[int], steps: int, work: Path, only: tuple[
             results.setdefault(name, {})[seed] = r
             say(f"{name:>20} seed {seed}: val loss {r['val_loss']:.4f}  {r['tokens_per_s']:,.0f} tokens/s  "
                 f"{r['train_seconds']:.1f} s")
-    for seed in seeds if "all" in results else ():  # the recipe at the baseline's wall-clock
-        base, full = results["baseline"][seed], results["all"][seed]
-        wall_steps = max(1, round(steps * full["tokens_per_s"] / base["tokens_per_s"]))
+    rates = throughput({name: [*BASE, *SWITCHES[name]] for name in ("baseline", "all")}) if "all" in results else {}
+    if rates:
+        say(f"interleaved tokens/s: baseline {rates['baseline']:,.0f}, all {rates['all']:,.0f}")
+        results["interleaved_tokens_per_s"] = rates
+    for seed in seeds if rates else ():  # the recipe at the baseline's wall-clock
+        wall_steps = max(1, round(steps * rates["all"] / rates["baseline"]))
         out = work / f"all-wallclock-seed{seed}"
         r = one_run(out, [*BASE, *data, *SWITCHES["all"], f"train.max_steps={wall_steps}",
                           f"train.eval_interval={wall_steps}", f"train.checkpoint_interval={wall_steps}",
@@ -114,6 +159,8 @@ def table(results: dict, steps: int) -> str:
     lines = [f"| run | val loss (mean) | per seed | vs baseline | tokens/s (mean) | train s (mean) |",
              "| --- | ---: | --- | ---: | ---: | ---: |"]
     for name, by_seed in results.items():
+        if name == "interleaved_tokens_per_s":
+            continue
         losses = [r["val_loss"] for r in by_seed.values()]
         mean = statistics.mean(losses)
         lines.append(f"| {name} | {mean:.4f} | {', '.join(f'{v:.4f}' for v in losses)} | "
