@@ -294,3 +294,17 @@ def test_export_round_trips_qwen3_tied_and_refuses_the_softcap(recipe_runs, tmp_
     ids = torch.randint(0, model.config.vocab_size, (2, model.config.context_length))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_bench_recipe_refuses_a_missing_corpus(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_recipe.py"
+    spec = importlib.util.spec_from_file_location("bench_recipe_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--corpus", str(tmp_path / "absent.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "absent.txt not found" in err and "--corpus" in err
+    assert set(module.SWITCHES["all"]) == {o for k, v in module.SWITCHES.items() if k != "all" for o in v}
