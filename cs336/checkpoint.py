@@ -17,6 +17,7 @@ sharded (DCP) checkpoint of an fsdp run: ``read_checkpoint`` consolidates it int
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections import OrderedDict
@@ -163,6 +164,10 @@ def _check_config(name: str, saved: dict | None, model: torch.nn.Module) -> None
     if saved is None or config is None:
         return
     current = asdict(config)
+    # A field added after the checkpoint was written is absent from it: the checkpoint's model
+    # had that field's default (each new model switch is off by default).
+    saved = {**{f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING},
+             **saved}
     fields = sorted((set(saved) | set(current)) - set(_RUNTIME_FIELDS))
     diffs = [f"{f}: checkpoint {saved.get(f, '<absent>')!r}, model {current.get(f, '<absent>')!r}"
              for f in fields if saved.get(f, "<absent>") != current.get(f, "<absent>")]

@@ -88,6 +88,14 @@ class ModelConfig:
     """Ablation: no positional encoding at all (NoPE)."""
     ffn_type: str = "swiglu"
     """Feed-forward type: swiglu = w2(silu(w1 x) * w3 x); silu = w2(silu(w1 x))."""
+    qk_norm: bool = False
+    """Recipe: RMSNorm (own gain, d_head wide) of each head's q and k before RoPE (as Qwen3)."""
+    tie_embeddings: bool = False
+    """Recipe: the LM head shares the token-embedding matrix (initialized as the LM head)."""
+    logit_softcap: float | None = None
+    """Recipe: logits become C * tanh(logits / C) (training loss and decoding); None: no cap."""
+    zero_init_residual: bool = False
+    """Recipe: attn.output_proj and ffn.w2 start at zero (each block starts as the identity)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -106,6 +114,8 @@ class ModelConfig:
         check_positive("model.eps", self.eps, integer=False)
         check_choice("model.kernels", self.kernels, kernel_backends())
         check_choice("model.ffn_type", self.ffn_type, FFN_TYPES)
+        if self.logit_softcap is not None:
+            check_positive("model.logit_softcap", self.logit_softcap, integer=False)
 
     @property
     def d_head(self) -> int:
@@ -118,6 +128,9 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------
 
 DATASETS = ("embedded", "tinystories", "owt")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 AUTOCAST = ("none", "bf16")
 PARALLEL = ("ddp", "fsdp")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
@@ -144,9 +157,34 @@ class OptimConfig:
     """Global L2 norm the gradients are clipped to; 0 disables clipping."""
     fused: bool | None = None
     """AdamW step through the kernel seam (True), reference loop (False), or the model's backend (None)."""
+    name: str = "adamw"
+    """adamw | muon: Muon for the blocks' 2-D weights, AdamW for embeddings, LM head and gains."""
+    muon_lr: float | None = None
+    """Peak learning rate of the Muon weights; None means optim.lr (the update is scaled to AdamW's
+    RMS, 0.2 * sqrt(max(d_out, d_in)), so one rate serves both; arXiv 2502.16982)."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum."""
+    ns_steps: int = 5
+    """Newton-Schulz iterations orthogonalizing each Muon update."""
+    schedule: str = "cosine"
+    """cosine (handout 4.4) | wsd: warmup, constant lr, then a decay to min_lr over decay_frac."""
+    decay_frac: float = 0.2
+    """wsd: fraction of train.max_steps spent in the final decay."""
+    decay_shape: str = "linear"
+    """wsd decay: linear | 1-sqrt (lr falls as 1 - sqrt(progress); Hagele et al. 2024)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        check_choice("optim.decay_shape", self.decay_shape, DECAY_SHAPES)
+        if self.muon_lr is not None:
+            check_positive("optim.muon_lr", self.muon_lr, integer=False)
+        if not (isinstance(self.muon_momentum, (int, float)) and 0.0 <= self.muon_momentum < 1.0):
+            raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+        check_positive("optim.ns_steps", self.ns_steps)
+        if not (isinstance(self.decay_frac, (int, float)) and 0.0 < self.decay_frac <= 1.0):
+            raise ConfigError(f"optim.decay_frac must be in (0, 1], got {self.decay_frac!r}")
         check_positive("optim.lr", self.lr, integer=False)
         if self.min_lr is not None:
             check_positive("optim.min_lr", self.min_lr, allow_zero=True, integer=False)
@@ -293,6 +331,9 @@ class TrainLoopConfig:
     """Stop when the gradient norm (before clipping) exceeds this; None: no limit."""
     diverge_max_weight: float = 1e4
     """A checkpoint is refused (the run stops as diverged) when a weight's magnitude exceeds this."""
+    z_loss: float = 0.0
+    """Recipe: adds z_loss * mean(logsumexp(logits)^2) to the training loss (PaLM); 0 disables.
+    Validation reports the plain cross-entropy."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches",
@@ -313,6 +354,7 @@ class TrainLoopConfig:
         if self.diverge_grad_norm is not None:
             check_positive("train.diverge_grad_norm", self.diverge_grad_norm, integer=False)
         check_positive("train.diverge_max_weight", self.diverge_max_weight, integer=False)
+        check_positive("train.z_loss", self.z_loss, allow_zero=True, integer=False)
         check_choice("train.autocast", self.autocast, AUTOCAST)
         check_choice("train.parallel", self.parallel, PARALLEL)
         check_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)

@@ -1,4 +1,4 @@
-"""Export a trained run to a Hugging Face ``transformers`` Llama directory.
+"""Export a trained run to a Hugging Face ``transformers`` Llama (or Qwen3) directory.
 
     python -m cs336.export --run runs/DIR --out-dir hf/DIR
     python -m cs336.export --checkpoint runs/DIR/checkpoints/step_000600.pt --out-dir hf/DIR
@@ -27,6 +27,12 @@ RoPE: CS336 rotates adjacent pairs ``(x[2k], x[2k+1])`` by ``pos * theta**(-2k/d
 rotates ``(x[k], x[k + d/2])`` by the same angle (``rotate_half``). Reordering each head's
 q and k output rows as ``[0, 2, 4, ..., d-2, 1, 3, ..., d-1]`` turns one into the other, and
 since q and k get the same permutation, ``q . k`` (the attention scores) is unchanged.
+
+Recipe switches: ``qk_norm`` exports as ``Qwen3ForCausalLM`` (Llama plus per-head q/k RMSNorms
+before RoPE, ``self_attn.{q,k}_norm``, permuted like the rows); ``tie_embeddings`` as
+``tie_word_embeddings``; the training-only ones (Muon, WSD, z-loss, zero-init) need nothing.
+``logit_softcap`` is refused: Gemma 2 has ``final_logit_softcapping`` but also post-attention
+and post-FFN norms, (1 + w) norm gains and a sqrt(d)-scaled embedding, which no CS336 model has.
 
 Ablations Llama cannot express (post-norm, no RMSNorm, NoPE, the ungated SiLU FFN) are refused
 with an ``ExportError`` naming the switch. The directory is written next to its destination under
@@ -74,6 +80,9 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append("model.remove_rope=true (Llama uses RoPE; NoPE has no equivalent)")
     if cfg.ffn_type != "swiglu":
         problems.append(f"model.ffn_type={cfg.ffn_type} (Llama's MLP is SwiGLU)")
+    if cfg.logit_softcap is not None:
+        problems.append(f"model.logit_softcap={cfg.logit_softcap:g} (of the transformers classes only "
+                        "Gemma 2/3 cap final logits, and their blocks differ from Llama's)")
     if problems:
         raise ExportError("this model cannot be exported as a Llama: " + "; ".join(problems)
                           + ". Only the default architecture (these switches off) exports")
@@ -98,8 +107,9 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
     cfg: ModelConfig = model.config
     check_exportable(cfg)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    out = {"model.embed_tokens.weight": sd["token_embeddings.weight"],
-           "model.norm.weight": sd["ln_final.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    out = {"model.embed_tokens.weight": sd["token_embeddings.weight"], "model.norm.weight": sd["ln_final.weight"]}
+    if not cfg.tie_embeddings:  # tied: transformers points lm_head at embed_tokens itself
+        out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.num_layers):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         out[theirs + "self_attn.q_proj.weight"] = _permute_heads(sd[ours + "attn.q_proj.weight"], cfg.num_heads)
@@ -111,17 +121,23 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
         out[theirs + "mlp.down_proj.weight"] = sd[ours + "ffn.w2.weight"]
         out[theirs + "input_layernorm.weight"] = sd[ours + "ln1.weight"]
         out[theirs + "post_attention_layernorm.weight"] = sd[ours + "ln2.weight"]
+        if cfg.qk_norm:  # (d_head,) gains over the permuted head dims
+            for qk in ("q", "k"):
+                out[theirs + f"self_attn.{qk}_norm.weight"] = sd[ours + f"attn.{qk}_norm.weight"][rope_permutation(cfg.d_head)]
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
 def llama_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int | None) -> dict:
-    """``config.json`` of the equivalent ``LlamaForCausalLM``.
+    """``config.json`` of the equivalent ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with qk_norm).
 
     ``rope_theta`` is written both at the top level (transformers 4.x) and in
     ``rope_parameters`` (5.x)."""
+    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers,
+             "layer_types": ["full_attention"] * cfg.num_layers} if cfg.qk_norm else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if cfg.qk_norm else "llama",
+        **qwen3,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
@@ -137,7 +153,7 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int | None) -> di
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": 0.02,
         "use_cache": True,
         "bos_token_id": eos_id,

@@ -175,12 +175,14 @@ class MultiHeadSelfAttention(nn.Module):
 
     RoPE is used if ``rope`` (a shared ``RotaryPositionalEmbedding``) is given, or if both
     ``max_seq_len`` and ``theta`` are given (a private one is built); otherwise no positional
-    encoding is applied. The head dim is d_model / num_heads.
+    encoding is applied. The head dim is d_model / num_heads. ``qk_norm``: an RMSNorm over each
+    head's q and each head's k (``q_norm``, ``k_norm``, d_head gains shared by the heads) before
+    RoPE, as Qwen3 (Dehghani et al. 2023 normalize q and k the same way).
     """
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: int | None = None,
                  theta: float | None = None, *, rope: RotaryPositionalEmbedding | None = None,
-                 device=None, dtype=None):
+                 qk_norm: bool = False, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
@@ -196,6 +198,10 @@ class MultiHeadSelfAttention(nn.Module):
         if rope is not None and rope.d_k != self.d_head:
             raise ValueError(f"RoPE d_k={rope.d_k} differs from the head dim {self.d_head}")
         self.rope = rope
+        if qk_norm:
+            self.q_norm = RMSNorm(self.d_head, eps=eps, device=device, dtype=dtype)
+            self.k_norm = RMSNorm(self.d_head, eps=eps, device=device, dtype=dtype)
+        self.qk_norm = qk_norm
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.d_head)).transpose(-3, -2)  # (..., H, T, d_head)
@@ -215,6 +221,8 @@ class MultiHeadSelfAttention(nn.Module):
         q = self._split_heads(self.q_proj(x))  # (..., H, T, d_head)
         k = self._split_heads(self.k_proj(x))
         v = self._split_heads(self.v_proj(x))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             if token_positions is None and kv_cache is not None:
                 token_positions = kv_cache.positions(seq_len)

@@ -14,6 +14,12 @@ Ablation switches (each off by default; at the defaults the state dict is the st
 - ``ffn_type="silu"``: ``w2(silu(w1 x))`` instead of SwiGLU (no ``w3``); pass a d_ff 1.5x the
   SwiGLU one (e.g. 4 * d_model) to match parameter counts.
 
+Leaderboard-recipe switches (also off by default): ``qk_norm`` (RMSNorm of each head's q and k
+before RoPE, adds ``attn.q_norm``/``attn.k_norm``), ``tie_embeddings`` (the LM head and the
+embedding are one matrix, initialized as the LM head; both CS336 names stay in the state dict
+and an untied state dict is refused), ``logit_softcap`` (``C tanh(logits / C)`` in ``forward``,
+so at decode, and in the loss) and ``zero_init_residual`` (``output_proj`` and ``w2`` start at 0).
+
 ``forward`` and ``loss`` run inside ``ops.use_backend(self.kernels)``; ``loss`` calls
 ``ops.linear_cross_entropy`` so the Triton path need not materialize all logits. With a
 ``KVCache`` (``new_kv_cache``) ``forward`` runs only the new tokens against the cached keys and
@@ -29,6 +35,7 @@ from torch import nn
 
 from cs336 import ops
 from cs336.config import ModelConfig
+from cs336.nn_utils import softcap
 from cs336.layers import (Embedding, KVCache, LayerKVCache, Linear, MultiHeadSelfAttention, NoNorm,
                           RMSNorm, RotaryPositionalEmbedding, SiLUFFN, SwiGLU,
                           scaled_dot_product_attention, silu, softmax)
@@ -56,13 +63,14 @@ class TransformerBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int, max_seq_len: int | None = None,
                  theta: float | None = None, *, rope: RotaryPositionalEmbedding | None = None,
                  eps: float = 1e-5, remove_rmsnorm: bool = False, use_post_norm: bool = False,
-                 remove_rope: bool = False, ffn_type: str = "swiglu", device=None, dtype=None):
+                 remove_rope: bool = False, ffn_type: str = "swiglu", qk_norm: bool = False,
+                 zero_init_residual: bool = False, device=None, dtype=None):
         super().__init__()
         if remove_rope:
             rope, max_seq_len, theta = None, None, None
         self.use_post_norm = use_post_norm
         self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, rope=rope,
-                                           device=device, dtype=dtype)
+                                           qk_norm=qk_norm, eps=eps, device=device, dtype=dtype)
         self.ln1 = _norm(d_model, eps, remove_rmsnorm, device, dtype)
         if ffn_type == "swiglu":
             self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype)
@@ -71,6 +79,9 @@ class TransformerBlock(nn.Module):
         else:
             raise ValueError(f"ffn_type={ffn_type!r}; valid choices: swiglu, silu")
         self.ln2 = _norm(d_model, eps, remove_rmsnorm, device, dtype)
+        if zero_init_residual:  # after the usual init, so the RNG stream is that of the default
+            nn.init.zeros_(self.attn.output_proj.weight)
+            nn.init.zeros_(self.ffn.w2.weight)
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None,
                 kv_cache: LayerKVCache | None = None) -> torch.Tensor:
@@ -92,23 +103,42 @@ class TransformerLM(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int,
                  num_heads: int, d_ff: int, rope_theta: float, *, eps: float = 1e-5,
                  kernels: str = "auto", remove_rmsnorm: bool = False, use_post_norm: bool = False,
-                 remove_rope: bool = False, ffn_type: str = "swiglu", device=None, dtype=None):
+                 remove_rope: bool = False, ffn_type: str = "swiglu", qk_norm: bool = False,
+                 tie_embeddings: bool = False, logit_softcap: float | None = None,
+                 zero_init_residual: bool = False, device=None, dtype=None):
         super().__init__()
         self.config = ModelConfig(
             vocab_size=vocab_size, context_length=context_length, d_model=d_model,
             num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, eps=eps,
             kernels=kernels, remove_rmsnorm=remove_rmsnorm, use_post_norm=use_post_norm,
-            remove_rope=remove_rope, ffn_type=ffn_type)
+            remove_rope=remove_rope, ffn_type=ffn_type, qk_norm=qk_norm, tie_embeddings=tie_embeddings,
+            logit_softcap=logit_softcap, zero_init_residual=zero_init_residual)
         self.token_embeddings = Embedding(vocab_size, d_model, device=device, dtype=dtype)
         rope = None if remove_rope else RotaryPositionalEmbedding(
             rope_theta, d_model // num_heads, context_length, device=device)
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, num_heads, d_ff, rope=rope, eps=eps,
                              remove_rmsnorm=remove_rmsnorm, use_post_norm=use_post_norm,
-                             remove_rope=remove_rope, ffn_type=ffn_type, device=device, dtype=dtype)
+                             remove_rope=remove_rope, ffn_type=ffn_type, qk_norm=qk_norm,
+                             zero_init_residual=zero_init_residual, device=device, dtype=dtype)
             for _ in range(num_layers))
         self.ln_final = _norm(d_model, eps, remove_rmsnorm, device, dtype)
         self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
+        if tie_embeddings:
+            # The LM head's init (std sqrt(2 / (V + d))): the embedding's std 1 would make the
+            # initial logits sqrt(d_model) times too large.
+            self.token_embeddings.weight = self.lm_head.weight
+            self._register_load_state_dict_pre_hook(self._check_tied_state)
+
+    @staticmethod
+    def _check_tied_state(state_dict, prefix, *args) -> None:
+        """Refuse an untied state dict for a tied model (its embedding and head would collapse
+        silently into whichever loads last)."""
+        emb, head = state_dict.get(prefix + "token_embeddings.weight"), state_dict.get(prefix + "lm_head.weight")
+        if emb is not None and head is not None and (emb.shape != head.shape or not torch.equal(emb, head)):
+            raise RuntimeError("the state dict has an untied LM head (lm_head.weight differs from "
+                               "token_embeddings.weight) but this model has model.tie_embeddings=true; "
+                               "build it with tie_embeddings=false to load these weights")
 
     @property
     def context_length(self) -> int:
@@ -185,14 +215,17 @@ class TransformerLM(nn.Module):
         With ``kv_cache`` (from ``new_kv_cache``): token_ids (B, T) are the next T tokens of each
         row, run at the cache's next positions against everything cached; the cache grows by T.
         """
-        return self.lm_head(self.hidden_states(token_ids, token_positions, kv_cache))
+        logits = self.lm_head(self.hidden_states(token_ids, token_positions, kv_cache))
+        return softcap(logits, self.config.logit_softcap)
 
     def loss(self, token_ids: torch.Tensor, targets: torch.Tensor,
-             ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy over all positions whose target is not ``ignore_index``."""
+             ignore_index: int = -100, z_loss: float = 0.0) -> torch.Tensor:
+        """Mean next-token cross-entropy over all positions whose target is not ``ignore_index``
+        (of the soft-capped logits with ``logit_softcap``), plus ``z_loss * mean(lse**2)``."""
         h = self.hidden_states(token_ids)
         with ops.use_backend(self.kernels):
-            return ops.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
+            return ops.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index,
+                                            logit_softcap=self.config.logit_softcap, z_loss=z_loss)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; ``exclude_embeddings`` leaves out the token embedding table (the LM

@@ -69,7 +69,13 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return shifted - torch.log(torch.exp(shifted).sum(dim=dim, keepdim=True))
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2); ``cap=None`` returns ``logits``."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *,
+                  logit_softcap: float | None = None, z_loss: float = 0.0) -> torch.Tensor:
     """Mean negative log-likelihood of ``targets`` under ``softmax(logits)``.
 
     logits: (..., V) of any float dtype; targets: (...) integer ids. Positions whose target equals
@@ -77,21 +83,29 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     ``logsumexp(logits) - logits[target]`` with the max subtracted first, computed in
     fp32, so logits of magnitude 1e4 neither overflow nor lose the answer. If every position is
     ignored the mean is over zero elements and the result is NaN (as torch.nn.functional).
+
+    Recipe options (off by default): ``logit_softcap=C`` caps the fp32 logits to
+    ``C * tanh(logits / C)`` first; ``z_loss=L`` adds ``L * logsumexp(logits)**2`` per position
+    (PaLM, Chowdhery et al. 2022, section 5), averaged like the loss.
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"cross_entropy: logits shape {tuple(logits.shape)} needs targets of shape "
             f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
         )
-    logits = logits.to(torch.float32)
+    logits = softcap(logits.to(torch.float32), logit_softcap)
     keep = targets != ignore_index
     safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
     # The max is a constant shift (no gradient needed). Both terms are taken from the shifted
     # logits, so the large max cancels exactly instead of being added and subtracted again.
-    shifted = logits - logits.amax(dim=-1, keepdim=True).detach()
+    row_max = logits.amax(dim=-1, keepdim=True).detach()
+    shifted = logits - row_max
     lse = torch.log(torch.exp(shifted).sum(dim=-1))  # (...)
     target_logit = torch.gather(shifted, -1, safe_targets.unsqueeze(-1).long()).squeeze(-1)  # (...)
-    losses = torch.where(keep, lse - target_logit, torch.zeros_like(lse))
+    per_position = lse - target_logit
+    if z_loss:
+        per_position = per_position + z_loss * (lse + row_max.squeeze(-1)) ** 2
+    losses = torch.where(keep, per_position, torch.zeros_like(lse))
     return losses.sum() / keep.sum()
 
 

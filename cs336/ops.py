@@ -188,9 +188,11 @@ def _check_causal(q: torch.Tensor, k: torch.Tensor) -> None:
 
 
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   ignore_index: int = -100) -> torch.Tensor:
+                                   ignore_index: int = -100, *, logit_softcap: float | None = None,
+                                   z_loss: float = 0.0) -> torch.Tensor:
     """cross_entropy(h @ weight.T, targets): the LM head followed by the mean token loss."""
-    return nn_utils.cross_entropy(h @ weight.t(), targets, ignore_index=ignore_index)
+    return nn_utils.cross_entropy(h @ weight.t(), targets, ignore_index=ignore_index,
+                                  logit_softcap=logit_softcap, z_loss=z_loss)
 
 
 @torch.no_grad()
@@ -237,21 +239,32 @@ def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def cross_entropy_native(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """``F.cross_entropy`` over flattened positions in fp32: the mean over non-ignored targets."""
+def cross_entropy_native(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *,
+                         logit_softcap: float | None = None, z_loss: float = 0.0) -> torch.Tensor:
+    """``F.cross_entropy`` over flattened positions in fp32: the mean over non-ignored targets.
+    Soft-cap: ``torch.tanh`` on the fp32 logits; z-loss: ``torch.logsumexp`` of them."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"cross_entropy: logits shape {tuple(logits.shape)} needs targets of shape "
             f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
         )
     flat = logits.reshape(-1, logits.shape[-1]).to(torch.float32)  # (N, V)
-    return F.cross_entropy(flat, targets.reshape(-1).long(), ignore_index=ignore_index)
+    flat = nn_utils.softcap(flat, logit_softcap)
+    flat_targets = targets.reshape(-1).long()
+    loss = F.cross_entropy(flat, flat_targets, ignore_index=ignore_index)
+    if z_loss:
+        keep = flat_targets != ignore_index
+        lse = torch.logsumexp(flat, dim=-1)  # (N,)
+        loss = loss + z_loss * torch.where(keep, lse.square(), torch.zeros_like(lse)).sum() / keep.sum()
+    return loss
 
 
 def linear_cross_entropy_native(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                ignore_index: int = -100) -> torch.Tensor:
+                                ignore_index: int = -100, *, logit_softcap: float | None = None,
+                                z_loss: float = 0.0) -> torch.Tensor:
     """``F.linear`` (the LM head) then ``cross_entropy_native``; the logits are materialized."""
-    return cross_entropy_native(F.linear(h, weight), targets, ignore_index)
+    return cross_entropy_native(F.linear(h, weight), targets, ignore_index, logit_softcap=logit_softcap,
+                                z_loss=z_loss)
 
 
 @torch.no_grad()
@@ -339,25 +352,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return attention_reference(q, k, v, causal)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean softmax cross-entropy over all positions whose target is not ``ignore_index``."""
+def _recipe_kwargs(logit_softcap: float | None, z_loss: float) -> dict:
+    """The loss's recipe options, passed on only when set (the default call is unchanged)."""
+    kwargs = {}
+    if logit_softcap is not None:
+        kwargs["logit_softcap"] = float(logit_softcap)
+    if z_loss:
+        kwargs["z_loss"] = float(z_loss)
+    return kwargs
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *,
+                  logit_softcap: float | None = None, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean softmax cross-entropy over all positions whose target is not ``ignore_index``;
+    ``logit_softcap`` and ``z_loss`` as in ``nn_utils.cross_entropy``."""
     provider = _provider(logits)
+    kwargs = _recipe_kwargs(logit_softcap, z_loss)
     if provider == "triton":
-        return _kernels_module("cross_entropy").cross_entropy(logits, targets, ignore_index)
+        return _kernels_module("cross_entropy").cross_entropy(logits, targets, ignore_index, **kwargs)
     if provider == "native":
-        return cross_entropy_native(logits, targets, ignore_index)
-    return nn_utils.cross_entropy(logits, targets, ignore_index=ignore_index)
+        return cross_entropy_native(logits, targets, ignore_index, **kwargs)
+    return nn_utils.cross_entropy(logits, targets, ignore_index=ignore_index, **kwargs)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = -100, *, logit_softcap: float | None = None,
+                         z_loss: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T``; the Triton path never materializes all logits."""
     provider = _provider(h, weight)
+    kwargs = _recipe_kwargs(logit_softcap, z_loss)
     if provider == "triton":
-        return _kernels_module("cross_entropy").linear_cross_entropy(h, weight, targets, ignore_index)
+        return _kernels_module("cross_entropy").linear_cross_entropy(h, weight, targets, ignore_index, **kwargs)
     if provider == "native":
-        return linear_cross_entropy_native(h, weight, targets, ignore_index)
-    return linear_cross_entropy_reference(h, weight, targets, ignore_index)
+        return linear_cross_entropy_native(h, weight, targets, ignore_index, **kwargs)
+    return linear_cross_entropy_reference(h, weight, targets, ignore_index, **kwargs)
 
 
 def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

@@ -19,6 +19,15 @@ Deviation from ``torch.optim.AdamW``: torch decays the weights before the Adam u
 lr^2 * wd per step. The step counter is a Python int in ``state["step"]`` (checkpointable with
 ``weights_only=True``); ``exp_avg``/``exp_avg_sq`` have the parameter's dtype. Sharded (FSDP) parameters keep DTensor
 moments, and the step runs on each rank's local shards (``cs336.parallel.local``).
+
+``Muon`` (Keller Jordan 2024, "Muon: an optimizer for hidden layers") is this AdamW with a second
+kind of param group (``use_muon=True``): Nesterov momentum, the update orthogonalized by a quintic
+Newton-Schulz iteration in bf16 and scaled by ``0.2 sqrt(max(d_out, d_in))`` so its RMS matches
+AdamW's (Liu et al. 2025, arXiv 2502.16982, "Muon is Scalable for LLM Training"), decoupled
+weight decay. Sharded (FSDP ``DTensor``) gradients are gathered whole before Newton-Schulz and the
+update's local shard is kept. ``build_optimizer(model, cfg)`` is the one constructor (trainer,
+profiler); ``schedule_lr`` / ``set_group_lrs`` give the cosine or warmup-stable-decay rates and
+``set_group_hyperparameters`` re-applies the other config values to the groups.
 """
 
 from __future__ import annotations
@@ -63,33 +72,37 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            # Parameters skipped in earlier steps (no grad) have smaller step counts, so bucket
-            # by count: each bucket is one call with one bias correction.
-            buckets: dict[int, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = int(state["step"]) + 1
-                params, grads, exp_avgs, exp_avg_sqs = buckets[state["step"]]
-                # Under FSDP the tensors are DTensors: every backend steps this rank's shards.
-                params.append(local(p))
-                grads.append(local(p.grad))
-                exp_avgs.append(local(state["exp_avg"]))
-                exp_avg_sqs.append(local(state["exp_avg_sq"]))
-            beta1, beta2 = group["betas"]
-            for t, (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
-                ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=t, lr=group["lr"],
-                                beta1=beta1, beta2=beta2, eps=group["eps"],
-                                weight_decay=group["weight_decay"],
-                                backend=self._backend(group["fused"]))
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict) -> None:
+        """The AdamW update of one param group."""
+        # Parameters skipped in earlier steps (no grad) have smaller step counts, so bucket
+        # by count: each bucket is one call with one bias correction.
+        buckets: dict[int, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] = int(state["step"]) + 1
+            params, grads, exp_avgs, exp_avg_sqs = buckets[state["step"]]
+            # Under FSDP the tensors are DTensors: every backend steps this rank's shards.
+            params.append(local(p))
+            grads.append(local(p.grad))
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
+        beta1, beta2 = group["betas"]
+        for t, (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+            ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=t, lr=group["lr"],
+                            beta1=beta1, beta2=beta2, eps=group["eps"],
+                            weight_decay=group["weight_decay"],
+                            backend=self._backend(group["fused"]))
 
 
 def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
@@ -112,3 +125,171 @@ def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
         return max_lr
     progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(progress * math.pi)) * (max_lr - min_lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warmup-stable-decay schedule, and the rates of every param group.
+# ---------------------------------------------------------------------------------------------
+
+def lr_wsd_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int, decay_start: int,
+                    total_iters: int, shape: str = "linear") -> float:
+    """Warmup-stable-decay (Hagele et al. 2024, arXiv 2405.18392): linear warm-up to ``max_lr``,
+    constant until ``decay_start``, then down to ``min_lr`` at ``total_iters``, linearly or as
+    ``1 - sqrt(progress)`` (``shape="1-sqrt"``); ``min_lr`` after."""
+    if not 0 <= warmup_iters <= decay_start <= total_iters:
+        raise ValueError(f"lr_wsd_schedule needs 0 <= warmup_iters <= decay_start <= total_iters, got "
+                         f"{warmup_iters}, {decay_start}, {total_iters}")
+    if it < warmup_iters:
+        return it / warmup_iters * max_lr
+    if it < decay_start:
+        return max_lr
+    if it >= total_iters:
+        return min_lr
+    progress = (it - decay_start) / (total_iters - decay_start)
+    if shape == "linear":
+        return max_lr - (max_lr - min_lr) * progress
+    if shape == "1-sqrt":
+        return min_lr + (max_lr - min_lr) * (1.0 - math.sqrt(progress))
+    raise ValueError(f"lr_wsd_schedule: shape={shape!r}; valid choices: linear, 1-sqrt")
+
+
+def schedule_lr(cfg, step: int, max_steps: int) -> float:
+    """AdamW's learning rate at optimizer step ``step`` (0-based) of a ``max_steps`` run under
+    ``cfg`` (an ``OptimConfig``): the handout's cosine, or warmup-stable-decay."""
+    if cfg.schedule == "wsd":
+        decay_start = max_steps - round(cfg.decay_frac * max_steps)
+        warmup = min(cfg.warmup_iters, decay_start)
+        return lr_wsd_schedule(step, cfg.lr, cfg.floor_lr, warmup, decay_start, max_steps, cfg.decay_shape)
+    cycle = cfg.cosine_cycle_iters or max_steps
+    return lr_cosine_schedule(step, cfg.lr, cfg.floor_lr, min(cfg.warmup_iters, cycle), cycle)
+
+
+def set_group_lrs(opt: torch.optim.Optimizer, cfg, lr: float) -> None:
+    """Set every group's ``lr``: ``lr`` for AdamW groups, and for Muon groups the same schedule
+    scaled to ``cfg.muon_lr`` (``lr * muon_lr / cfg.lr``)."""
+    muon_lr = lr * (cfg.muon_lr if cfg.muon_lr is not None else cfg.lr) / cfg.lr
+    for group in opt.param_groups:
+        group["lr"] = muon_lr if group.get("use_muon") else lr
+
+
+def set_group_hyperparameters(opt: torch.optim.Optimizer, cfg) -> None:
+    """Write ``cfg``'s (an ``OptimConfig``) values into every param group, e.g. after a resume
+    loaded the saved groups: betas, eps, weight_decay and fused everywhere, momentum and ns_steps
+    in Muon groups (the rates are ``set_group_lrs``'s, every step)."""
+    for group in opt.param_groups:
+        group.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.fused)
+        if group.get("use_muon"):
+            group.update(momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon.
+# ---------------------------------------------------------------------------------------------
+
+# Quintic Newton-Schulz coefficients (Keller Jordan 2024): chosen to push every singular value
+# of the normalized matrix into about [0.7, 1.2] within 5 steps, not to converge to exactly 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Update scale 0.2 * sqrt(max(d_out, d_in)): an orthogonal (m, n) matrix has RMS 1/sqrt(max(m, n)),
+# and AdamW's update RMS is about 0.2 (arXiv 2502.16982, section 2.2), so Muon can use AdamW's lr.
+MUON_RMS = 0.2
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T (2-D), by ``steps`` quintic Newton-Schulz iterations in
+    bf16: X <- a X + (b A + c A^2) X with A = X X^T, after X = g / ||g||_F. Returns bf16."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(torch.bfloat16)
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:  # iterate on the wide orientation: A is the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = x @ x.mT  # (m, m), m = min(d_out, d_in)
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.mT if transposed else x
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of a (possibly sharded DTensor) tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(update: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``update`` (a whole matrix) laid out as ``p``: for a DTensor, this rank's shard of it
+    (every rank computed the same whole update, so no communication is needed)."""
+    if not hasattr(p, "device_mesh"):
+        return update
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+
+
+class Muon(AdamW):
+    """Muon for the param groups with ``use_muon=True``, AdamW for the others (one optimizer, so
+    one state dict; ``save_checkpoint`` stores the momentum buffers like AdamW's moments).
+
+    A Muon group's step, per matrix W with gradient G (momentum mu, rate lr, decay wd):
+        B <- mu B + (1 - mu) G;  N = mu B + (1 - mu) G   (Nesterov)
+        W <- W (1 - lr wd) - lr * 0.2 sqrt(max(d_out, d_in)) * NewtonSchulz(N)
+    Group keys are plain values (``lr``, ``momentum``, ``ns_steps``, ``weight_decay``), so they can
+    be re-set after a resume like AdamW's. Under DDP every rank holds the whole averaged gradient
+    and orthogonalizes the whole matrix; under FSDP the gradient DTensor is gathered with
+    ``full_tensor()`` first and only the local shard of the update is applied.
+    """
+
+    def __init__(self, params: Iterable[dict], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool | None = None,
+                 momentum: float = 0.95, ns_steps: int = 5):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Muon: momentum must lie in [0, 1), got {momentum}")
+        if ns_steps < 1:
+            raise ValueError(f"Muon: ns_steps must be >= 1, got {ns_steps}")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+        for group in self.param_groups:
+            group.setdefault("use_muon", False)
+            group.setdefault("momentum", momentum)
+            group.setdefault("ns_steps", ns_steps)
+            if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon: use_muon groups take 2-D weight matrices only")
+
+    def _step_group(self, group: dict) -> None:
+        if not group["use_muon"]:
+            super()._step_group(group)
+            return
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            g = p.grad.to(buf.dtype)
+            buf.lerp_(g, 1.0 - mu)
+            nesterov = g.lerp(buf, mu)
+            update = newton_schulz(_full(nesterov), group["ns_steps"])
+            update = update.to(p.dtype) * (MUON_RMS * math.sqrt(max(p.shape[-2], p.shape[-1])))
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(_like(update, p), alpha=-lr)
+
+
+def muon_param_names(model: torch.nn.Module) -> list[str]:
+    """The Muon-trained weights: the blocks' 2-D matrices (q, k, v, output, w1, w2, w3)."""
+    return [name for name, p in model.named_parameters() if p.dim() == 2 and "layers" in name.split(".")]
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg`` (an ``OptimConfig``) over ``model``'s parameters: ``AdamW`` over
+    all of them, or (``cfg.name == "muon"``) ``Muon`` with one Muon group (the blocks' matrices,
+    rate ``muon_lr``) and one AdamW group (embeddings, LM head, norm gains, rate ``lr``)."""
+    kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.fused)
+    if cfg.name == "adamw":
+        return AdamW(model.parameters(), **kwargs)
+    hidden = set(muon_param_names(model))
+    named = list(model.named_parameters())
+    muon = [p for n, p in named if n in hidden]
+    rest = [p for n, p in named if n not in hidden]
+    muon_lr = cfg.muon_lr if cfg.muon_lr is not None else cfg.lr
+    groups = [{"params": muon, "use_muon": True, "lr": muon_lr}, {"params": rest, "use_muon": False}]
+    return Muon(groups, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps, **kwargs)

@@ -101,6 +101,45 @@ def smoke_config() -> TrainConfig:
     )
 
 
+LEADERBOARD_SECONDS = 1.5 * 3600
+"""The CS336 leaderboard's budget: 1.5 H100-hours."""
+LEADERBOARD_MFU = 0.40
+"""Assumed, not measured (no H100 was available): model-FLOPs utilization of a bf16,
+torch.compile'd GPT-2-small-sized run on one H100 SXM (dense bf16 peak 989.4 TFLOP/s)."""
+
+
+def leaderboard_config() -> TrainConfig:
+    """The OpenWebText leaderboard run (CS336 assignment 1, section 7.5): 1.5 H100-hours.
+
+    Budget: 5,400 s x 989.4 TFLOP/s x MFU 0.40 (assumed) = 2.14e18 FLOPs. Model: GPT-2 small's
+    shape (d_model 768, 12 layers, 12 heads of 64) with SwiGLU d_ff 2048 (8/3 d_model, a multiple
+    of 64), the handout's 32K OWT vocabulary, context 1,024: 110M parameters with the embedding
+    tied to the head. One step of 128 x 1,024 tokens costs 1.01e14 training FLOPs
+    (``cs336.flops.training_flops``), so the budget buys 21,000 steps = 2.75B tokens, 25 tokens per
+    parameter: about Chinchilla-optimal (20), the right shape for a fixed-compute race. 128
+    sequences do not fit 80 GB at once (the accounting's fp32 activation estimate allows 38), so
+    4 micro-batches of 32. The recipe: Muon for the block matrices (AdamW's lr, update RMS
+    matched), QK-norm, tied embeddings, logit soft-cap 30 (Gemma 2's), z-loss 1e-4 (PaLM's),
+    zero-initialized output projections, and warmup-stable-decay to 0 over the last 20% (a
+    fixed-budget run gains from a sharp final decay); bf16 autocast and torch.compile.
+    ``python -m cs336.accounting --preset leaderboard --hardware h100 --steps 21000 --mfu 0.4``
+    prints the FLOPs and the expected time (1.50 h at that MFU).
+    """
+    model = ModelConfig(vocab_size=32_000, context_length=1_024, d_model=768, num_layers=12, num_heads=12,
+                        d_ff=2_048, rope_theta=10_000.0, qk_norm=True, tie_embeddings=True,
+                        logit_softcap=30.0, zero_init_residual=True)
+    return TrainConfig(
+        model=model,
+        optim=OptimConfig(name="muon", lr=3e-3, min_lr=0.0, warmup_iters=500, weight_decay=0.1,
+                          schedule="wsd", decay_frac=0.2, decay_shape="linear"),
+        data=DataConfig(dataset="owt"),
+        train=TrainLoopConfig(max_steps=21_000, batch_size=128, grad_accum_steps=4, eval_interval=1_000,
+                              eval_batches=50, log_interval=50, checkpoint_interval=2_000, autocast="bf16",
+                              compile=True, z_loss=1e-4, sample_tokens=256,
+                              sample_prompt="The"),
+    )
+
+
 def profile_config() -> TrainConfig:
     """``python -m cs336.profile`` with no arguments: the TinyStories model, 2 sequences per step."""
     return TrainConfig(model=tinystories_model(), train=TrainLoopConfig(batch_size=2))
@@ -112,7 +151,7 @@ def accounting_config() -> TrainConfig:
 
 
 PRESETS = {"default": default_config, "tinystories": tinystories_config, "smoke": smoke_config,
-           "profile": profile_config, "accounting": accounting_config}
+           "profile": profile_config, "accounting": accounting_config, "leaderboard": leaderboard_config}
 
 
 def preset(name: str) -> TrainConfig:

@@ -145,14 +145,13 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
     from cs336 import ops
     from cs336.model import TransformerLM
     from cs336.hardware import autocast_for, resolve_device
-    from cs336.optim import AdamW
+    from cs336.optim import build_optimizer
 
     device = resolve_device(cfg.train.device)
     ops.resolve_backend(cfg.model.kernels)  # a clear error now if the backend cannot run here
     torch.manual_seed(cfg.train.seed)
     model = TransformerLM.from_config(cfg.model, device=device)
-    opt = AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
+    opt = build_optimizer(model, cfg.optim)
     B, T = cfg.train.batch_size, cfg.context_length
     tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets

@@ -1,7 +1,8 @@
 """The training loop of ``python -m cs336.train``: state, one step, evaluation, saving.
 
 ``train`` reads top to bottom: the checks before work (``cs336.preflight``), the run directory,
-the data (``cs336.prepare``), a ``Trainer`` (model, AdamW, batch sampler, loss wrapper), the
+the data (``cs336.prepare``), a ``Trainer`` (model, the optimizer of ``cs336.optim.build_optimizer``, batch sampler, loss
+wrapper), the
 checkpoint when resuming, then the loop: learning rate, ``forward_backward`` (gradient
 accumulation over ``train.grad_accum_steps`` micro-batches, ``no_sync`` on all but the last
 under DDP), ``check_step``, the optimizer step under the model's kernel backend, and at interval
@@ -40,7 +41,7 @@ from cs336.interrupt import Stage, StopRequest
 from cs336.metrics import Window, close_window, finish, init_wandb, log_metrics
 from cs336.model import TransformerLM
 from cs336.nn_utils import clip_gradients
-from cs336.optim import AdamW, lr_cosine_schedule
+from cs336.optim import build_optimizer, schedule_lr, set_group_lrs
 from cs336.plots import record_resume
 from cs336.preflight import open_run_dir, preflight
 from cs336.prepare import SourceTokenizer, prepare_data, source_tokenizer
@@ -90,13 +91,17 @@ class TrainState:
 
 
 class LossModule(torch.nn.Module):
-    """forward(x, y) = model.loss(x, y), so DistributedDataParallel wraps the loss computation."""
+    """forward(x, y) = model.loss(x, y) (with the run's z-loss), so DistributedDataParallel wraps
+    the loss computation."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, z_loss: float = 0.0):
         super().__init__()
         self.model = model
+        self.z_loss = z_loss
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.z_loss:
+            return self.model.loss(x, y, z_loss=self.z_loss)
         return self.model.loss(x, y)
 
 
@@ -116,10 +121,9 @@ class Trainer:
         self.fsdp = info.enabled and cfg.train.parallel == "fsdp"
         if self.fsdp:
             parallel.shard_model(self.model, device, cfg.train.autocast)
-        self.opt = AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                         eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
+        self.opt = build_optimizer(self.model, cfg.optim)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
-        step_fn = LossModule(self.model)
+        step_fn = LossModule(self.model, cfg.train.z_loss)
         if cfg.train.compile:
             step_fn = torch.compile(step_fn)
         if info.enabled and not self.fsdp:
@@ -128,17 +132,15 @@ class Trainer:
             step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
         self.step_fn = step_fn
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        self.cycle = cfg.optim.cosine_cycle_iters or cfg.train.max_steps
-        self.warmup = min(cfg.optim.warmup_iters, self.cycle)
 
     def autocast(self):
         return autocast_for(self.cfg.train.autocast, self.device)
 
     def set_lr(self, step: int) -> float:
-        """The cosine schedule's learning rate for optimizer step ``step`` (0-based), applied."""
-        lr = lr_cosine_schedule(step, self.cfg.optim.lr, self.cfg.optim.floor_lr, self.warmup, self.cycle)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        """The schedule's (cosine or wsd) learning rate for optimizer step ``step`` (0-based),
+        applied to every param group (Muon's scaled to optim.muon_lr); returns AdamW's."""
+        lr = schedule_lr(self.cfg.optim, step, self.cfg.train.max_steps)
+        set_group_lrs(self.opt, self.cfg.optim, lr)
         return lr
 
     def forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,11 @@ gradients are computed in the forward and scaled by the upstream gradient in the
 grad_W accumulates across chunks in W's dtype (one rounding per chunk in bf16, as Liger). Per
 chunk the kernel reads the logits twice (log-sum-exp, then gradient) and overwrites them once.
 
+Recipe options, constexpr branches (off: the kernels are the plain loss): soft-capping reads each
+logit as ``z = C tanh(x / C)`` (so m, S and the loss are those of z; dz/dx = 1 - (z / C)^2
+scales the gradient), and z-loss adds ``L (m + log S)^2`` per row, whose gradient adds
+``2 L (m + log S) softmax(z)`` (PaLM). tanh is ``2 sigmoid(2y) - 1``.
+
 The public functions check that every target id is in [0, V) or ignore_index with
 ``torch._assert_async`` (no host read; on CUDA a device-side assert, as ``F.cross_entropy``'s).
 Under autocast the fused op runs its matmuls in the autocast dtype, as ``F.linear`` would.
@@ -52,6 +57,28 @@ MIN_CHUNK_ROWS = 256
 
 
 @triton.jit
+def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """softcap * tanh(x / softcap) with HAS_SOFTCAP, else x (fp32)."""
+    if HAS_SOFTCAP:
+        x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+    return x
+
+
+@triton.jit
+def _ce_grad(z, is_target, m, log_s, scale, softcap, z_loss, HAS_SOFTCAP: tl.constexpr,
+             HAS_Z_LOSS: tl.constexpr):
+    """d loss / d x for capped logits z of a row: (softmax (1 + 2 L lse) - onehot) (1 - (z/C)^2) scale."""
+    p = tl.exp(z - m - log_s)
+    if HAS_Z_LOSS:
+        p = p * (1.0 + 2.0 * z_loss * (m + log_s))
+    g = (p - tl.where(is_target, 1.0, 0.0)) * scale
+    if HAS_SOFTCAP:
+        t = z / softcap
+        g = g * (1.0 - t * t)
+    return g
+
+
+@triton.jit
 def _ce_fwd_kernel(
     logits_ptr,  # (M, V) logits; with WRITE_GRAD overwritten in place by the gradient
     row_stride,  # elements between consecutive rows of logits
@@ -62,8 +89,12 @@ def _ce_fwd_kernel(
     n_valid_ptr,  # () int64: number of non-ignored targets (read only with WRITE_GRAD)
     V,  # vocabulary size (row length)
     ignore_index,  # target value that marks an ignored row
+    softcap,  # fp32 soft-cap C (read only with HAS_SOFTCAP)
+    z_loss,  # fp32 z-loss weight L (read only with HAS_Z_LOSS)
     BLOCK_SIZE: tl.constexpr,  # vocab columns per block
     WRITE_GRAD: tl.constexpr,  # also write (softmax - onehot) / n_valid over the logits
+    HAS_SOFTCAP: tl.constexpr,  # logits read as C tanh(x / C)
+    HAS_Z_LOSS: tl.constexpr,  # loss + L (log-sum-exp)^2
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
@@ -75,12 +106,17 @@ def _ce_fwd_kernel(
     for start in range(0, V, BLOCK_SIZE):
         c = start + cols
         x = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = tl.where(c < V, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     log_s = tl.log(s)
-    x_t = tl.load(base + target, mask=valid, other=0.0).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(valid, log_s + (m - x_t), 0.0))
+    x_t = _capped(tl.load(base + target, mask=valid, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+    row_loss = log_s + (m - x_t)
+    if HAS_Z_LOSS:
+        row_loss += z_loss * (m + log_s) * (m + log_s)
+    tl.store(loss_ptr + row, tl.where(valid, row_loss, 0.0))
     tl.store(max_ptr + row, m)
     tl.store(logsum_ptr + row, log_s)
     if WRITE_GRAD:
@@ -89,9 +125,8 @@ def _ce_fwd_kernel(
         for start in range(0, V, BLOCK_SIZE):
             c = start + cols
             mask = c < V
-            x = tl.load(base + c, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp(x - m - log_s)
-            g = (p - tl.where(c == target, 1.0, 0.0)) * scale
+            x = _capped(tl.load(base + c, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+            g = _ce_grad(x, c == target, m, log_s, scale, softcap, z_loss, HAS_SOFTCAP, HAS_Z_LOSS)
             tl.store(base + c, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -107,7 +142,11 @@ def _ce_bwd_kernel(
     n_valid_ptr,  # () int64 number of non-ignored targets
     V,  # vocabulary size
     ignore_index,  # target value that marks an ignored row
+    softcap,  # fp32 soft-cap C (read only with HAS_SOFTCAP)
+    z_loss,  # fp32 z-loss weight L (read only with HAS_Z_LOSS)
     BLOCK_SIZE: tl.constexpr,  # vocab columns per block
+    HAS_SOFTCAP: tl.constexpr,  # logits read as C tanh(x / C)
+    HAS_Z_LOSS: tl.constexpr,  # loss + L (log-sum-exp)^2
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
@@ -121,13 +160,14 @@ def _ce_bwd_kernel(
         c = start + cols
         mask = c < V
         x = tl.load(logits_ptr + row * row_stride + c, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - m - log_s)
-        g = (p - tl.where(c == target, 1.0, 0.0)) * scale
+        z = _capped(x, softcap, HAS_SOFTCAP)
+        g = _ce_grad(z, c == target, m, log_s, scale, softcap, z_loss, HAS_SOFTCAP, HAS_Z_LOSS)
         tl.store(dlogits_ptr + row * row_stride + c, g.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_fwd(logits: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tensor, ignore_index: int,
-                write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                write_grad: bool, softcap: float = 0.0,
+                z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, V = logits.shape
     loss = torch.empty(M, dtype=torch.float32, device=logits.device)
     row_max = torch.empty_like(loss)
@@ -135,32 +175,36 @@ def _launch_fwd(logits: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tens
     if M:
         block, num_warps = calculate_settings(min(V, MAX_VOCAB_BLOCK))
         launch(_ce_fwd_kernel)[(M,)](
-            logits, V, targets, loss, row_max, logsum, n_valid, V, ignore_index,
-            BLOCK_SIZE=block, WRITE_GRAD=write_grad, num_warps=num_warps,
+            logits, V, targets, loss, row_max, logsum, n_valid, V, ignore_index, softcap, z_loss,
+            BLOCK_SIZE=block, WRITE_GRAD=write_grad, HAS_SOFTCAP=softcap > 0, HAS_Z_LOSS=z_loss > 0,
+            num_warps=num_warps,
         )
     return loss, row_max, logsum
 
 
 @triton_op("cs336_kernels::cross_entropy_fwd", mutates_args={})
-def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor,
-                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean loss, row max, row log-sum, n_valid) for contiguous (M, V) logits, (M,) int64 targets."""
+def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float = 0.0,
+                      z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, row max, row log-sum, n_valid) for contiguous (M, V) logits, (M,) int64 targets;
+    ``softcap`` / ``z_loss`` > 0 turn the recipe options on (max and log-sum are of the capped logits)."""
     n_valid = (targets != ignore_index).sum()
-    loss, row_max, logsum = _launch_fwd(logits, targets, n_valid, ignore_index, write_grad=False)
+    loss, row_max, logsum = _launch_fwd(logits, targets, n_valid, ignore_index, write_grad=False,
+                                        softcap=softcap, z_loss=z_loss)
     return loss.sum() / n_valid, row_max, logsum, n_valid
 
 
 @triton_op("cs336_kernels::cross_entropy_bwd", mutates_args={})
 def cross_entropy_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor,
-                      logsum: torch.Tensor, n_valid: torch.Tensor, ignore_index: int) -> torch.Tensor:
+                      logsum: torch.Tensor, n_valid: torch.Tensor, ignore_index: int, softcap: float = 0.0,
+                      z_loss: float = 0.0) -> torch.Tensor:
     """Gradient of the mean loss w.r.t. (M, V) logits, in the logits' dtype."""
     M, V = logits.shape
     dlogits = torch.empty_like(logits)
     if M:
         block, num_warps = calculate_settings(min(V, MAX_VOCAB_BLOCK))
         launch(_ce_bwd_kernel)[(M,)](
-            dlogits, logits, V, targets, row_max, logsum, grad, n_valid, V, ignore_index,
-            BLOCK_SIZE=block, num_warps=num_warps,
+            dlogits, logits, V, targets, row_max, logsum, grad, n_valid, V, ignore_index, softcap, z_loss,
+            BLOCK_SIZE=block, HAS_SOFTCAP=softcap > 0, HAS_Z_LOSS=z_loss > 0, num_warps=num_warps,
         )
     return dlogits
 
@@ -173,7 +217,8 @@ def default_chunk_rows(M: int, V: int, C: int) -> int:
 
 @triton_op("cs336_kernels::linear_cross_entropy_fwd", mutates_args={})
 def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                             chunk_rows: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             chunk_rows: int, with_grad: bool, softcap: float = 0.0,
+                             z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss, grad_h, grad_weight) of cross_entropy(h @ weight.T) for (M, C) h, (V, C) weight.
 
     The gradients are those of the mean loss (upstream gradient 1); without ``with_grad`` they
@@ -188,7 +233,8 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
         end = min(start + chunk_rows, M)
         h_c = h[start:end]  # (m, C)
         logits = h_c @ weight.t()  # (m, V); overwritten by its gradient when with_grad
-        loss_c, _, _ = _launch_fwd(logits, targets[start:end], n_valid, ignore_index, write_grad=with_grad)
+        loss_c, _, _ = _launch_fwd(logits, targets[start:end], n_valid, ignore_index, write_grad=with_grad,
+                                   softcap=softcap, z_loss=z_loss)
         loss[start:end] = loss_c
         if with_grad:
             torch.mm(logits, weight, out=grad_h[start:end])
@@ -197,7 +243,8 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
 
 
 @register_flop_formula(torch.ops.cs336_kernels.linear_cross_entropy_fwd, get_raw=True)
-def _linear_cross_entropy_flops(h, weight, targets, ignore_index, chunk_rows, with_grad, *, out_val=None) -> int:
+def _linear_cross_entropy_flops(h, weight, targets, ignore_index, chunk_rows, with_grad, softcap=0.0, z_loss=0.0,
+                                *, out_val=None) -> int:
     """Matmul FLOPs of the op for FlopCounterMode: logits, plus grad_h and grad_W with the grads."""
     M, C = h.shape
     V = weight.shape[0]
@@ -244,24 +291,27 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits2: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        loss, row_max, logsum, n_valid = cross_entropy_fwd(logits2, targets, ignore_index)
+    def forward(ctx, logits2: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float = 0.0,
+                z_loss: float = 0.0) -> torch.Tensor:
+        loss, row_max, logsum, n_valid = cross_entropy_fwd(logits2, targets, ignore_index, softcap, z_loss)
         ctx.save_for_backward(logits2, targets, row_max, logsum, n_valid)
-        ctx.ignore_index = ignore_index
+        ctx.ignore_index, ctx.softcap, ctx.z_loss = ignore_index, softcap, z_loss
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits2, targets, row_max, logsum, n_valid = ctx.saved_tensors
-        dlogits = cross_entropy_bwd(grad.contiguous(), logits2, targets, row_max, logsum, n_valid, ctx.ignore_index)
-        return dlogits, None, None
+        dlogits = cross_entropy_bwd(grad.contiguous(), logits2, targets, row_max, logsum, n_valid, ctx.ignore_index,
+                                    ctx.softcap, ctx.z_loss)
+        return dlogits, None, None, None, None
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                chunk_rows: int, with_grad: bool) -> torch.Tensor:
-        loss, grad_h, grad_w = linear_cross_entropy_fwd(h2, weight, targets, ignore_index, chunk_rows, with_grad)
+                chunk_rows: int, with_grad: bool, softcap: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+        loss, grad_h, grad_w = linear_cross_entropy_fwd(h2, weight, targets, ignore_index, chunk_rows, with_grad,
+                                                        softcap, z_loss)
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
@@ -271,21 +321,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad = grad.to(grad_h.dtype)
         dh = grad_h * grad if ctx.needs_input_grad[0] else None
         dw = grad_w * grad if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of (..., V) logits against (...) integer targets, fp32 scalar."""
+def _recipe_args(op: str, logit_softcap: float | None, z_loss: float) -> tuple[float, float]:
+    """(softcap, z_loss) as the launchers take them: 0.0 for an option that is off."""
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise KernelInputError(f"{op}: logit_softcap must be positive or None, got {logit_softcap!r}")
+    if not z_loss >= 0:
+        raise KernelInputError(f"{op}: z_loss must be >= 0, got {z_loss!r}")
+    return float(logit_softcap or 0.0), float(z_loss)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *,
+                  logit_softcap: float | None = None, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of (..., V) logits against (...) integer targets, fp32 scalar (with the
+    recipe's soft-cap and z-loss when given)."""
     logits2, targets1 = _flatten(logits, targets, "cross_entropy", "logits")
     _check_target_range(targets1, logits2.shape[1], ignore_index, "cross_entropy")
-    return CrossEntropyFunction.apply(logits2, targets1, ignore_index)
+    softcap, z = _recipe_args("cross_entropy", logit_softcap, z_loss)
+    return CrossEntropyFunction.apply(logits2, targets1, ignore_index, softcap, z)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, *, logit_softcap: float | None = None,
+                         z_loss: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` without materializing all (tokens x vocab) logits.
 
-    ``chunk_rows`` sets the token rows per chunk (default: ``default_chunk_rows``).
+    ``chunk_rows`` sets the token rows per chunk (default: ``default_chunk_rows``); ``logit_softcap``
+    and ``z_loss`` as in ``cross_entropy``.
     """
     amp_dtype = _autocast_dtype(h.device) if isinstance(h, torch.Tensor) else None
     if amp_dtype is not None:
@@ -295,7 +359,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         def cast(t):
             return t.to(amp_dtype) if isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES else t
         with torch.autocast(h.device.type, enabled=False):
-            return linear_cross_entropy(cast(h), cast(weight), targets, ignore_index, chunk_rows)
+            return linear_cross_entropy(cast(h), cast(weight), targets, ignore_index, chunk_rows,
+                                        logit_softcap=logit_softcap, z_loss=z_loss)
     h2, targets1 = _flatten(h, targets, "linear_cross_entropy", "h")
     check_tensor(weight, "weight", "linear_cross_entropy")
     check_same_device("linear_cross_entropy", h=h, weight=weight)
@@ -313,4 +378,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise KernelInputError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
     # Under no_grad (evaluation) the chunks compute the loss only.
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return LinearCrossEntropyFunction.apply(h2, weight.contiguous(), targets1, ignore_index, rows, with_grad)
+    softcap, z = _recipe_args("linear_cross_entropy", logit_softcap, z_loss)
+    return LinearCrossEntropyFunction.apply(h2, weight.contiguous(), targets1, ignore_index, rows, with_grad,
+                                            softcap, z)

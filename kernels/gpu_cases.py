@@ -106,6 +106,19 @@ def cross_entropy_cases(full: bool) -> Iterator[Case]:
                 rows = k.default_chunk_rows(M, V, C)
                 launcher(k.linear_cross_entropy_fwd)(h, w, targets, -100, rows, True)
             yield Case(f"vocab={V} tokens=4096 {name}", run)
+        for name, dtype in DTYPES.items():
+            # The recipe's constexpr branches: soft-cap, z-loss, both (forward, backward, fused).
+            for softcap, z_loss in ((30.0, 0.0), (0.0, 1e-4), (30.0, 1e-4)):
+                def run_recipe(V=V, dtype=dtype, softcap=softcap, z_loss=z_loss, M=4096, C=768):
+                    logits, targets = _meta((M, V), dtype), _meta((M,), torch.int64)
+                    loss, row_max, logsum, n_valid = launcher(k.cross_entropy_fwd)(logits, targets, -100,
+                                                                                   softcap, z_loss)
+                    launcher(k.cross_entropy_bwd)(loss, logits, targets, row_max, logsum, n_valid, -100,
+                                                  softcap, z_loss)
+                    h, w = _meta((M, C), dtype), _meta((V, C), dtype)
+                    rows = k.default_chunk_rows(M, V, C)
+                    launcher(k.linear_cross_entropy_fwd)(h, w, targets, -100, rows, True, softcap, z_loss)
+                yield Case(f"vocab={V} tokens=4096 {name} softcap={softcap:g} z_loss={z_loss:g}", run_recipe)
 
 
 # Parameter lists the AdamW cases compile, label -> shapes. The built-in two are the int == 1

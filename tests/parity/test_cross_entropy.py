@@ -183,3 +183,83 @@ def test_cross_entropy_cuda_large(parity, dtype):
     for provider in ("triton", "native"):
         run_ce(parity, logits, make_targets((4, 1024), V), provider=provider)
         run_lce(parity, h, weight, make_targets((4, 512), V), chunk_rows=None, provider=provider)
+
+
+# Recipe options: logit soft-cap (C tanh(z / C)) and z-loss (L logsumexp^2), alone and together,
+# on every provider, forward and backward, against the reference definition in fp32.
+RECIPE = [(30.0, 0.0), (None, 1e-2), (15.0, 1e-3)]
+RECIPE_IDS = ["softcap", "z_loss", "softcap+z_loss"]
+
+
+def _ce_provider(provider):
+    return {"triton": cross_entropy, "native": cross_entropy_native,
+            "torch": lambda *a, **k: cross_entropy_reference(*a, **k)}[provider]
+
+
+@pytest.mark.parametrize("softcap,z_loss", RECIPE, ids=RECIPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("provider,block_cap", [("triton", None), ("triton", 32), ("native", None)],
+                         ids=["triton_one_block", "triton_vocab_loop", "native"])
+def test_cross_entropy_recipe_options_match_reference(parity, softcap, z_loss, dtype, provider, block_cap):
+    lead, V = (3, 7), 250
+    logits = (20 * torch.randn(*lead, V, device=DEVICE)).to(dtype)  # large enough for the cap to bend
+    targets = make_targets(lead, V)
+    g = torch.tensor(1.3, device=DEVICE)
+    lk = parity.leaf(logits)
+    with max_block_size(block_cap or 65536):
+        loss = _ce_provider(provider)(lk, targets, IGNORE, logit_softcap=softcap, z_loss=z_loss)
+        loss.backward(g)
+    lr = parity.leaf(logits, torch.float32)
+    loss_r = cross_entropy_reference(lr, targets, ignore_index=IGNORE, logit_softcap=softcap, z_loss=z_loss)
+    loss_r.backward(g)
+    parity.assert_close(loss, loss_r, "recipe cross_entropy loss", dtype=torch.float32)
+    parity.assert_close(lk.grad, lr.grad, "recipe cross_entropy dlogits", dtype=dtype)
+    assert torch.equal(lk.grad[targets == IGNORE], torch.zeros_like(lk.grad[targets == IGNORE]))
+
+
+def test_reference_recipe_options_are_their_definitions():
+    # Independent of the implementation: torch.tanh / torch.logsumexp on explicit formulas.
+    logits = 10 * torch.randn(6, 40, dtype=torch.float64)
+    targets = torch.randint(0, 40, (6,))
+    capped = 5.0 * torch.tanh(logits / 5.0)
+    lse = torch.logsumexp(capped, dim=-1)
+    expected = (lse - capped[torch.arange(6), targets]).mean() + 0.1 * (lse ** 2).mean()
+    got = cross_entropy_reference(logits, targets, logit_softcap=5.0, z_loss=0.1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    plain = cross_entropy_reference(logits, targets)
+    assert not torch.allclose(got.double(), plain.double())  # the options change the loss
+
+
+@pytest.mark.parametrize("softcap,z_loss", RECIPE, ids=RECIPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("provider,chunk_rows", [("triton", None), ("triton", 5), ("native", None)],
+                         ids=["triton_default_chunk", "triton_chunk5", "native"])
+def test_linear_cross_entropy_recipe_options_match_unfused(parity, softcap, z_loss, dtype, provider, chunk_rows):
+    C, V, lead = 24, 203, (3, 7)
+    h = (3 * torch.randn(*lead, C, device=DEVICE)).to(dtype)
+    weight = (3 * torch.randn(V, C, device=DEVICE) / C**0.5).to(dtype)
+    targets = make_targets(lead, V)
+    kwargs = dict(logit_softcap=softcap, z_loss=z_loss)
+    hk, wk = parity.leaf(h), parity.leaf(weight)
+    if provider == "native":
+        loss = linear_cross_entropy_native(hk, wk, targets, IGNORE, **kwargs)
+    else:
+        loss = linear_cross_entropy(hk, wk, targets, IGNORE, chunk_rows=chunk_rows, **kwargs)
+    g = torch.tensor(0.6, device=DEVICE)
+    loss.backward(g)
+    hr, wr = parity.leaf(h, torch.float32), parity.leaf(weight, torch.float32)
+    loss_r = linear_cross_entropy_reference(hr, wr, targets, IGNORE, **kwargs)
+    loss_r.backward(g)
+    op = "linear_cross_entropy"
+    parity.assert_close(loss, loss_r, "recipe linear_cross_entropy loss", dtype=dtype, op=op)
+    parity.assert_close(hk.grad, hr.grad, "recipe linear_cross_entropy dh", dtype=dtype, op=op)
+    parity.assert_close(wk.grad, wr.grad, "recipe linear_cross_entropy dweight", dtype=dtype, op=op)
+
+
+def test_recipe_options_reject_bad_values():
+    logits = torch.randn(4, 10, device=DEVICE)
+    targets = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    with pytest.raises(KernelInputError, match="logit_softcap must be positive"):
+        cross_entropy(logits, targets, IGNORE, logit_softcap=-1.0)
+    with pytest.raises(KernelInputError, match="z_loss must be >= 0"):
+        linear_cross_entropy(logits, torch.randn(5, 10, device=DEVICE), targets, IGNORE, z_loss=-0.1)

@@ -19,10 +19,7 @@ from cs336.config_io import apply_overrides
 from cs336.distributed import DistInfo
 from cs336.run_dir import RunDir
 
-try:  # cs336.presets since issue 17 moved the presets out of config.py
-    from cs336.presets import smoke_config
-except ImportError:
-    from cs336.config import smoke_config
+from cs336.presets import smoke_config
 
 TOKENS = np.random.default_rng(0).integers(0, 320, 2_000).astype(np.uint16)
 PROVIDERS = ["torch", "native", "triton"]
