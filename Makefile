@@ -1,11 +1,12 @@
 # `make run` trains the default model end to end; `make test` runs the test suite.
-# Both create .venv on first use (CPU torch wheel, then this project in editable mode).
+# `make lint` runs ruff and mypy as configured in pyproject.toml (also .pre-commit-config.yaml).
+# All create .venv on first use (CPU torch wheel, then this project in editable mode).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test parity bench venv clean
+.PHONY: run test lint parity bench venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +22,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check cs336 kernels bench tests
+	$(BIN)/python -m mypy
 
 parity: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/parity $(ARGS)
