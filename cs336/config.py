@@ -452,14 +452,3 @@ def preset(name: str) -> TrainConfig:
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}") from None
 
-
-# The file and override functions live in cs336.config_io; they are re-exported here so that
-# ``from cs336.config import load_config`` keeps working (config_io imports this module first).
-from cs336.config_io import (  # noqa: E402
-    apply_overrides,
-    coerce,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    section_fields,
-)

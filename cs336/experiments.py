@@ -35,6 +35,7 @@ import torch
 from cs336 import config as cfglib
 from cs336 import sweep
 from cs336.cli import add_config_arguments, base_config, overrides_from_args, parse_args, positive_int
+from cs336.config_io import apply_overrides, load_config
 
 
 class SGD(torch.optim.Optimizer):
@@ -143,7 +144,7 @@ def run_experiment(name: str, base: cfglib.TrainConfig, sets: Sequence[str], out
     its points. Returns the sweep's exit status."""
     sweep.check_out(out)
     try:
-        scaled = cfglib.apply_overrides(base, [*SCALE, *sets])
+        scaled = apply_overrides(base, [*SCALE, *sets])
     except cfglib.ConfigError as exc:
         raise sweep.SweepError(f"--set: {exc}") from None
     if grids:
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 verdicts.append(f"lr={lr:g} {losses[0]:.3g} -> {losses[-1]:.3g}")
         print("summary: " + "; ".join(verdicts))
     elif args.command == "list":
-        base = cfglib.apply_overrides(cfglib.default_config(), list(SCALE))
+        base = apply_overrides(cfglib.default_config(), list(SCALE))
         for name, exp in EXPERIMENTS.items():
             points = [sweep.point_name(p) for p in exp.points(base)]
             print(f"{name}: {exp.question}\n    points: {'; '.join(points)}")
@@ -209,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             base = base_config(args)
             if args.config:
-                base = cfglib.load_config(args.config, base)
+                base = load_config(args.config, base)
             overrides = [*overrides_from_args(args), *args.sets]
             status = run_experiment(args.name, base, overrides, out, args.grid)
         except (sweep.SweepError, cfglib.ConfigError, OSError) as exc:

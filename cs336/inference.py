@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from cs336.config import ConfigError, TrainConfig, config_from_dict
+from cs336.config import ConfigError, TrainConfig
+from cs336.config_io import config_from_dict
 from cs336.hardware import resolve_device
 from cs336.run_dir import RunDir, RunDirError
 from cs336.run_guard import check_tokenizer_fits_model

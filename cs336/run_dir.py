@@ -20,7 +20,8 @@ import json
 import re
 from pathlib import Path
 
-from cs336.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from cs336.config import ConfigError, TrainConfig
+from cs336.config_io import config_from_dict, config_to_dict
 from cs336.fileio import atomic_write_text
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")

@@ -50,6 +50,7 @@ from typing import Any
 
 from cs336 import config as cfglib
 from cs336.cli import add_config_arguments, config_from_args, parse_args
+from cs336.config_io import apply_overrides, config_from_dict, config_to_dict
 from cs336.sweep_report import finite, fmt, read_metrics, write_json, write_reports
 
 
@@ -136,14 +137,14 @@ def plan_sweep(base: Any, points: Sequence[dict[str, str]], sets: Sequence[str],
     ``points`` are override dicts, usually ``grid_points(axes)``; ``sets`` apply to all of them.
     """
     try:
-        base = cfglib.apply_overrides(copy.deepcopy(base), list(sets))
+        base = apply_overrides(copy.deepcopy(base), list(sets))
     except cfglib.ConfigError as exc:
         raise SweepError(f"--set: {exc}") from None
     planned = []
     for point in points:
         name = point_name(point)
         try:
-            cfg = cfglib.apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in point.items()])
+            cfg = apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in point.items()])
             if BATCH_KEY in point and "train.max_steps" not in point:
                 cfg = scale_steps(cfg, get_path(base, BATCH_KEY), get_path(cfg, BATCH_KEY))
         except cfglib.ConfigError as exc:
@@ -234,7 +235,7 @@ def _row(run: PlannedRun, summary: dict, status: str, reason: str) -> dict:
 def _worker(spec_path: str) -> None:
     """Subprocess side of a parallel sweep: run the point in spec_path, write its result row."""
     spec = json.loads(Path(spec_path).read_text())
-    run = PlannedRun(spec["name"], spec["point"], cfglib.config_from_dict(spec["config"]),
+    run = PlannedRun(spec["name"], spec["point"], config_from_dict(spec["config"]),
                      Path(spec["run_dir"]))
     row = run_point(run)
     write_json(Path(spec["result"]), row)
@@ -263,7 +264,7 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
                 spec = specs_dir / f"{index}.json"
                 result = specs_dir / f"{index}.result.json"
                 write_json(spec, {"name": run.name, "point": run.point, "run_dir": str(run.run_dir),
-                                  "config": cfglib.config_to_dict(run.config), "result": str(result)})
+                                  "config": config_to_dict(run.config), "result": str(result)})
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
                 running[device] = (subprocess.Popen([*cmd, str(spec)], env=env), index, result)
             time.sleep(0.2)

@@ -14,13 +14,10 @@ from cs336.config import (
     OptimConfig,
     TrainLoopConfig,
     TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    load_config,
     preset,
     tinystories_config,
 )
+from cs336.config_io import apply_overrides, config_from_dict, config_to_dict, load_config
 
 
 def parse(argv):

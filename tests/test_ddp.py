@@ -8,7 +8,8 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
-from cs336.config import apply_overrides, smoke_config
+from cs336.config import smoke_config
+from cs336.config_io import apply_overrides
 from cs336.train import run
 
 STEPS = 6

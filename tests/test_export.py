@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cs336.checkpoint import save_checkpoint
-from cs336.config import ModelConfig, TrainConfig, config_to_dict
+from cs336.config import ModelConfig, TrainConfig
+from cs336.config_io import config_to_dict
 from cs336.export import ExportError, export_hf, main, rope_permutation
 from cs336.generate import generate_ids
 from cs336.model import TransformerLM

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cs336.checkpoint import save_checkpoint
-from cs336.config import ModelConfig, TrainConfig, config_to_dict
+from cs336.config import ModelConfig, TrainConfig
+from cs336.config_io import config_to_dict
 from cs336 import ops
 from cs336.generate import generate_batch, generate_ids, main, next_token, top_p_filter
 from cs336.model import TransformerLM

@@ -17,13 +17,14 @@ import pytest
 
 from cs336 import config as cfglib
 from cs336 import sweep
+from cs336.config_io import apply_overrides, config_to_dict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_config() -> cfglib.TrainConfig:
     cfg = cfglib.smoke_config()
-    return cfglib.apply_overrides(cfg, ["model.d_model=32", "model.num_layers=2", "train.max_steps=40",
+    return apply_overrides(cfg, ["model.d_model=32", "model.num_layers=2", "train.max_steps=40",
                                         "train.batch_size=8", "train.eval_interval=20",
                                         "train.log_interval=5", "optim.warmup_iters=4"])
 
@@ -110,7 +111,7 @@ def test_plan_rejects_bad_set(tmp_path):
 
 def test_batch_size_grid_keeps_tokens_fixed(tmp_path):
     # batch 8, 40 steps, eval every 20, log every 5, warmup 4, 8 eval batches
-    base = cfglib.apply_overrides(tiny_config(), ["train.eval_batches=8"])
+    base = apply_overrides(tiny_config(), ["train.eval_batches=8"])
     plan = sweep.plan_sweep(base, points("train.batch_size=4,8,16,32"), [], tmp_path)
     steps = [p.config.train.max_steps for p in plan]
     assert steps == [80, 40, 20, 10]
@@ -240,7 +241,7 @@ def test_worker_round_trips_the_config(tmp_path, fake_train):
     result = tmp_path / "result.json"
     spec.write_text(json.dumps({"name": plan[0].name, "point": plan[0].point,
                                 "run_dir": str(plan[0].run_dir), "result": str(result),
-                                "config": cfglib.config_to_dict(plan[0].config)}))
+                                "config": config_to_dict(plan[0].config)}))
     sweep.main(["--worker", str(spec)])
     assert fake_train[0] == plan[0].config
     assert json.loads(result.read_text())["status"] == "ok"
@@ -250,7 +251,7 @@ def test_worker_round_trips_the_config(tmp_path, fake_train):
 
 def _base_file(tmp_path: Path) -> Path:
     path = tmp_path / "base.json"
-    path.write_text(json.dumps(cfglib.config_to_dict(tiny_config())))
+    path.write_text(json.dumps(config_to_dict(tiny_config())))
     return path
 
 
@@ -301,7 +302,7 @@ def test_cli_refuses_a_nonempty_out_dir(tmp_path, fake_train, capsys):
 
 def test_share_data_prepares_once_and_points_runs_at_it(tmp_path, fake_train):
     out = tmp_path / "sw"
-    base = cfglib.apply_overrides(tiny_config(), ["data.corpus_mb=0.05", "model.vocab_size=300"])
+    base = apply_overrides(tiny_config(), ["data.corpus_mb=0.05", "model.vocab_size=300"])
     plan = sweep.share_data(sweep.plan_sweep(base, points("optim.lr=1e-3,1e-2"), [], out), out)
     for run in plan:
         assert run.config.data.source == "tokens"

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from cs336.config import apply_overrides, smoke_config
+from cs336.config import smoke_config
+from cs336.config_io import apply_overrides
 from cs336.train import main, run
 
 TINY = ["train.max_steps=24", "train.eval_interval=12", "train.log_interval=4", "train.checkpoint_interval=8",

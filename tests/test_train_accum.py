@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cs336 import trainer as trainer_mod
-from cs336.config import ConfigError, apply_overrides, smoke_config
+from cs336.config import ConfigError, smoke_config
+from cs336.config_io import apply_overrides
 from cs336.distributed import DistInfo
 from cs336.run_dir import RunDir
 from cs336.train import run

@@ -10,7 +10,8 @@ import torch
 
 from cs336 import ops
 from cs336 import trainer as trainer_mod
-from cs336.config import apply_overrides, smoke_config
+from cs336.config import smoke_config
+from cs336.config_io import apply_overrides
 from cs336.distributed import DistInfo
 from cs336.run_dir import RunDir
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cs336.config import apply_overrides, smoke_config
+from cs336.config import smoke_config
+from cs336.config_io import apply_overrides
 from cs336.data import save_tokens
 from cs336.train import TrainingDiverged, main, run
 
