@@ -26,8 +26,17 @@ import inspect
 import textwrap
 from collections.abc import Sequence
 
-from cs336.config import (MODEL_PRESETS, PRESETS, SECTIONS, ConfigError, TrainConfig, check_positive,
-                          kernel_backends, model_preset, preset)
+from cs336.config import (
+    MODEL_PRESETS,
+    PRESETS,
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    check_positive,
+    kernel_backends,
+    model_preset,
+    preset,
+)
 from cs336.config_io import apply_overrides, load_config
 
 # short flag -> (config key, value for a flag without argument or None when it takes one)

@@ -259,9 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from cs336.checkpoint import CheckpointError
     from cs336.inference import load_for_inference
-    from cs336.run_dir import RunDirError
-
     from cs336.interrupt import run_cli
+    from cs336.run_dir import RunDirError
 
     args = build_parser().parse_args(argv)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from cs336.config import ConfigError, TrainConfig
 from cs336.config_io import config_from_dict
 from cs336.hardware import resolve_device

@@ -36,9 +36,21 @@ from torch import nn
 
 from cs336 import ops
 from cs336.config import ModelConfig
-from cs336.layers import (Embedding, KVCache, LayerKVCache, Linear, MultiHeadSelfAttention, NoNorm,
-                          RMSNorm, RotaryPositionalEmbedding, SiLUFFN, SwiGLU,
-                          scaled_dot_product_attention, silu, softmax)
+from cs336.layers import (
+    Embedding,
+    KVCache,
+    LayerKVCache,
+    Linear,
+    MultiHeadSelfAttention,
+    NoNorm,
+    RMSNorm,
+    RotaryPositionalEmbedding,
+    SiLUFFN,
+    SwiGLU,
+    scaled_dot_product_attention,
+    silu,
+    softmax,
+)
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "NoNorm", "SwiGLU", "SiLUFFN", "RotaryPositionalEmbedding",

@@ -26,7 +26,7 @@ import os
 import secrets
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ def _is_legacy_run_dir(path: Path) -> bool:
 def write_marker(path: Path) -> None:
     from cs336.fileio import atomic_write_text
 
-    info = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid(),
+    info = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "pid": os.getpid(),
             "host": socket.gethostname()}
     atomic_write_text(path / MARKER, json.dumps(info) + "\n")
 
@@ -92,7 +92,7 @@ def new_run_dir(parent: str | os.PathLike = "runs", *, attempts: int = 20) -> Pa
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         path = parent / f"{stamp}-{os.getpid()}-{secrets.token_hex(2)}"
         try:
             path.mkdir(exist_ok=False)

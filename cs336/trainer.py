@@ -51,7 +51,7 @@ from cs336.checkpoint import CheckpointError, load_checkpoint_full, restore_rng_
 from cs336.checkpoint_integrity import NonFiniteWeightsError, check_weights
 from cs336.config import TrainConfig
 from cs336.data import get_batch, iter_batches
-from cs336.divergence import DivergenceGuard, Diverged
+from cs336.divergence import Diverged, DivergenceGuard
 from cs336.hardware import resolve_device
 from cs336.interrupt import StopRequest
 from cs336.model import TransformerLM

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cs336.checkpoint import (CheckpointError, load_checkpoint, load_checkpoint_full,
-                              restore_rng_state, save_checkpoint)
+from cs336.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_full, restore_rng_state, save_checkpoint
 from cs336.data import get_batch
 from cs336.model import TransformerLM
 from cs336.optim import AdamW

@@ -12,8 +12,8 @@ from cs336.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
-    TrainLoopConfig,
     TrainConfig,
+    TrainLoopConfig,
     preset,
     tinystories_config,
 )

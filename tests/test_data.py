@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cs336.data import (TokenFileError, get_batch, iter_batches, load_tokens, num_windows,
-                        save_tokens, sidecar_path)
+from cs336.data import TokenFileError, get_batch, iter_batches, load_tokens, num_windows, save_tokens, sidecar_path
 
 
 def test_get_batch_shapes_shift_and_range():

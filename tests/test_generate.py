@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from cs336 import ops
 from cs336.checkpoint import save_checkpoint
 from cs336.config import ModelConfig, TrainConfig
 from cs336.config_io import config_to_dict
-from cs336 import ops
 from cs336.generate import generate_batch, generate_ids, main, next_token, top_p_filter
 from cs336.model import TransformerLM
 from cs336.run_dir import RunDir
@@ -187,7 +187,7 @@ def run_dir(tmp_path_factory):
     """A run directory as cs336.train writes it: config, tokenizer, checkpoint, latest pointer."""
     root = tmp_path_factory.mktemp("run")
     text = root / "t.txt"
-    text.write_text(("the cat sat on the mat. the dog ran.<|endoftext|>" * 50))
+    text.write_text("the cat sat on the mat. the dog ran.<|endoftext|>" * 50)
     vocab, merges = train_bpe(str(text), 280, ["<|endoftext|>"])
     rd = RunDir(root / "run")
     rd.create()

@@ -13,9 +13,19 @@ import torch.nn.functional as F
 
 from cs336 import ops
 from cs336.config import ConfigError, ModelConfig
-from cs336.model import (Embedding, Linear, MultiHeadSelfAttention, RMSNorm,
-                         RotaryPositionalEmbedding, SwiGLU, TransformerBlock, TransformerLM,
-                         scaled_dot_product_attention, silu, softmax)
+from cs336.model import (
+    Embedding,
+    Linear,
+    MultiHeadSelfAttention,
+    RMSNorm,
+    RotaryPositionalEmbedding,
+    SwiGLU,
+    TransformerBlock,
+    TransformerLM,
+    scaled_dot_product_attention,
+    silu,
+    softmax,
+)
 
 FP32 = dict(rtol=1.3e-6, atol=1e-5)
 # The LM stacks several matmuls and normalizations; summation order differs between the two

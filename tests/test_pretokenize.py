@@ -8,9 +8,9 @@ shared fixtures and shakespeare.txt cover real text; hypothesis covers the rest 
 from __future__ import annotations
 
 import os
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -15,8 +15,18 @@ import torch
 from cs336.checkpoint import save_checkpoint
 from cs336.divergence import Diverged, DivergenceGuard
 from cs336.model import TransformerLM
-from cs336.run_guard import (LOCK, MARKER, RunDirBusy, RunDirRefused, RunLock, check_tokenizer_fits_model,
-                             claim_run_dir, config_conflicts, is_run_dir, new_run_dir)
+from cs336.run_guard import (
+    LOCK,
+    MARKER,
+    RunDirBusy,
+    RunDirRefused,
+    RunLock,
+    check_tokenizer_fits_model,
+    claim_run_dir,
+    config_conflicts,
+    is_run_dir,
+    new_run_dir,
+)
 from cs336.validate import FlagError, existing_file, read_text_file, writable_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from cs336.tokenizer.gpt2_files import (TokenizerFileError, bytes_to_unicode, load_tokenizer_dir, load_vocab,
-                                        save_tokenizer_dir)
+from cs336.tokenizer.gpt2_files import (
+    TokenizerFileError,
+    bytes_to_unicode,
+    load_tokenizer_dir,
+    load_vocab,
+    save_tokenizer_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ import torch
 from cs336.checkpoint_integrity import verify_checkpoint
 from cs336.divergence import DivergenceGuard
 from cs336.run_dir import RunDir
+from cs336.train import run
 from cs336.trainer import TrainingDiverged, TrainState, check_step
-from cs336.train import main, run
 from test_train_reliability import base_run, cfg, cli_error, resume_args, run_copy  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
