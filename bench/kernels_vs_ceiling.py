@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import sys
 import time
@@ -108,9 +109,9 @@ def grad_fn(out: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor) -
     return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
 
 
-def compiled(fn: Callable) -> Callable:
-    torch._dynamo.reset()
-    return torch.compile(fn)
+def fwd_bwd_fn(fn: Callable, args: tuple, wrt: list[torch.Tensor]) -> Callable[[], object]:
+    """A callable running ``fn(*args)`` and its backward with respect to ``wrt``."""
+    return lambda: torch.autograd.grad(fn(*args), wrt)
 
 
 def compiled(fn: Callable) -> Callable:
@@ -184,7 +185,7 @@ def bench_elementwise(name, providers, dtype, device, timer, smoke):
     rows = []
     es = torch.finfo(dtype).bits // 8
     for M, N in op_shapes(name, smoke).values():
-        def make():
+        def make(M: int, N: int) -> list[torch.Tensor]:
             if name == "rms_norm":
                 return [torch.randn(M, N, device=device, dtype=dtype, requires_grad=True),
                         torch.randn(N, device=device, dtype=dtype, requires_grad=True)]
@@ -193,12 +194,12 @@ def bench_elementwise(name, providers, dtype, device, timer, smoke):
         fwd_bytes = flops.op_cost(name, "fwd", M=M, N=N, element_bytes=es).bytes
         bwd_bytes = flops.op_cost(name, "bwd", M=M, N=N, element_bytes=es).bytes
         for provider, fn in implementations(name, providers).items():
-            inputs = make()
+            inputs = make(M, N)
             fwd = Row(name, "fwd", f"{M}x{N}", provider, fwd_bytes)
             bwd = Row(name, "bwd", f"{M}x{N}", provider, bwd_bytes)
             try:
                 with torch.no_grad():
-                    fwd.ms = timer(lambda: fn(*inputs))
+                    fwd.ms = timer(functools.partial(fn, *inputs))
                 out = fn(*inputs)
                 bwd.ms = timer(grad_fn(out, [t for t in inputs if t.requires_grad], torch.randn_like(out)))
             except Exception as exc:  # a provider that fails is reported, not fatal
@@ -228,10 +229,10 @@ def bench_cross_entropy(providers, dtype, device, timer, smoke):
                       flops.op_cost("cross_entropy", "bwd", M=M, N=V, element_bytes=es).bytes)
             try:
                 with torch.no_grad():
-                    fwd.ms = timer(lambda: fn(logits, targets))
+                    fwd.ms = timer(functools.partial(fn, logits, targets))
                 loss = fn(logits, targets)
                 bwd.ms = timer(grad_fn(loss, [logits], torch.ones_like(loss)))
-                fwd.peak_mib = peak_memory_mib(lambda: torch.autograd.grad(fn(logits, targets), [logits]), device)
+                fwd.peak_mib = peak_memory_mib(fwd_bwd_fn(fn, (logits, targets), [logits]), device)
             except Exception as exc:
                 fwd.note = bwd.note = _error(exc)
             rows += [fwd, bwd]
@@ -251,10 +252,7 @@ def bench_linear_cross_entropy(providers, dtype, device, timer, smoke):
         for provider, fn in implementations("linear_cross_entropy", providers).items():
             row = Row("linear_cross_entropy", "fwd+bwd", f"{M}x{C} @ {V}x{C}", provider, cost.bytes)
             row.note = "matmul-bound; GB/s not meaningful"
-
-            def step():
-                return torch.autograd.grad(fn(h, w, targets), [h, w])
-
+            step = fwd_bwd_fn(fn, (h, w, targets), [h, w])
             try:
                 row.ms = timer(step)
                 row.peak_mib = peak_memory_mib(step, device)
@@ -286,9 +284,9 @@ def bench_adamw(providers, dtype, device, timer, smoke):
         try:
             if provider == "compile":
                 ref = compiled(ops.adamw_step_reference_)
-                fn = lambda: ref(params, grads, m, v, step=10, **hyper)  # noqa: E731
+                fn = functools.partial(ref, params, grads, m, v, step=10, **hyper)
             else:
-                fn = lambda: ops.adamw_step_(params, grads, m, v, step=10, **hyper, backend=provider)  # noqa: E731
+                fn = functools.partial(ops.adamw_step_, params, grads, m, v, step=10, **hyper, backend=provider)
             row.note = "fp32 params and state"
             row.ms = timer(fn)
         except Exception as exc:
@@ -314,19 +312,20 @@ def render(rows: list[Row], meta: dict, copy_gbs: float) -> str:
     lines += ["", "| kernel | pass | shape | provider | time (us) | GB/s | % of copy | x torch | "
               "x compile | peak MiB | note |", "|" + " --- |" * 11]
     by_key = {(r.kernel, r.pass_, r.shape, r.provider): r for r in rows}
+
+    def speedup(r: Row, other: str) -> str:
+        o = by_key.get((r.kernel, r.pass_, r.shape, other))
+        return f"{o.ms / r.ms:.2f}" if o is not None and o.ms and r.ms else "-"
+
     for r in rows:
         if r.ms is None:
             lines.append(f"| {r.kernel} | {r.pass_} | {r.shape} | {r.provider} | - | - | - | - | - | - | {r.note} |")
             continue
         gbs = r.bytes_moved / (r.ms * 1e-3) / 1e9
-
-        def speedup(other: str) -> str:
-            o = by_key.get((r.kernel, r.pass_, r.shape, other))
-            return f"{o.ms / r.ms:.2f}" if o is not None and o.ms else "-"
-
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
         lines.append(f"| {r.kernel} | {r.pass_} | {r.shape} | {r.provider} | {r.ms * 1e3:.1f} | {gbs:.1f} | "
-                     f"{100 * gbs / copy_gbs:.0f}% | {speedup('torch')} | {speedup('compile')} | {peak} | {r.note} |")
+                     f"{100 * gbs / copy_gbs:.0f}% | {speedup(r, 'torch')} | {speedup(r, 'compile')} | {peak} | "
+                     f"{r.note} |")
     lines += ["", "x torch / x compile: that provider's time divided by this row's (above 1: this row is "
               "faster). GB/s: minimum bytes moved / time.", ""]
     return "\n".join(lines)

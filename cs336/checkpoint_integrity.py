@@ -19,7 +19,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -91,7 +91,7 @@ def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where
         )
 
 
-def fallback_hint(src: PathOrFile) -> str:
+def fallback_hint(src: str | os.PathLike | IO[bytes]) -> str:
     if not isinstance(src, (str, os.PathLike)):
         return "Load an earlier checkpoint."
     prev = previous_good_checkpoint(src)
