@@ -79,7 +79,7 @@ def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where
     if not named:
         return
     peaks = torch.stack([t.detach().abs().amax().float() for _, t in named]).cpu()
-    bad = [(n, float(p)) for (n, _), p in zip(named, peaks) if not torch.isfinite(p)
+    bad = [(n, float(p)) for (n, _), p in zip(named, peaks, strict=True) if not torch.isfinite(p)
            or (max_abs is not None and p > max_abs)]
     if bad:
         listed = ", ".join(f"{n} (max |w| {p:.3g})" for n, p in bad[:3])

@@ -51,7 +51,7 @@ def coerce(value, tp, key: str):
         item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(item_types) != len(value):
             raise ConfigError(f"{key} expects {len(item_types)} values, got {len(value)}: {value!r}")
-        return tuple(coerce(v, t, key) for v, t in zip(value, item_types))
+        return tuple(coerce(v, t, key) for v, t in zip(value, item_types, strict=True))
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -87,7 +87,7 @@ def format_sgd_toy(results: dict[float, list[float]]) -> str:
     header = ["step"] + [f"lr={lr:g}" for lr in lrs]
     rows = [[str(t)] + [f"{results[lr][t]:.4g}" for lr in lrs] for t in range(steps)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in [header, *rows])
 
 
 Points = Callable[[cfglib.TrainConfig], list[dict[str, str]]]

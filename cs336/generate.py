@@ -119,7 +119,7 @@ def _prefill(model: torch.nn.Module, cache, seqs: list[list[int]]) -> torch.Tens
     width = max(len(w) for w in windows)
     pads = [width - len(w) for w in windows]
     # Padding columns hold id 0: any id does, they are masked out as keys.
-    tokens = torch.tensor([[0] * p + w for p, w in zip(pads, windows)], dtype=torch.long,
+    tokens = torch.tensor([[0] * p + w for p, w in zip(pads, windows, strict=True)], dtype=torch.long,
                           device=_device(model))  # (B, width)
     cache.reset(pads)
     return model(tokens, kv_cache=cache)[:, -1]
@@ -215,7 +215,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     ids = generate_batch(model, [tokenizer.encode(p) for p in prompts], max_new_tokens,
                          temperature=temperature, top_p=top_p, eos_id=_eos_id(tokenizer),
                          generators=generators, kv_cache=kv_cache)
-    return [p + tokenizer.decode(out) for p, out in zip(prompts, ids)]
+    return [p + tokenizer.decode(out) for p, out in zip(prompts, ids, strict=True)]
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 1.0,
@@ -305,7 +305,7 @@ def _generate(args: argparse.Namespace) -> None:
         texts += generate_texts(model, tokenizer, [prompts[i] for i, _ in chunk], args.max_tokens,
                                 temperature=args.temperature, top_p=args.top_p, seed=seed,
                                 kv_cache=not args.no_kv_cache)
-    for (i, j), text in zip(rows, texts):
+    for (i, j), text in zip(rows, texts, strict=True):
         if args.jsonl:
             print(json.dumps({"prompt_index": i, "sample": j, "text": text}, ensure_ascii=False))
         elif len(rows) == 1:

@@ -192,7 +192,7 @@ class TransformerLM(nn.Module):
                     x = layer(x, token_positions)
                 return self.ln_final(x)
             kv_cache.begin(token_ids.shape[-1])
-            for layer, slot in zip(self.layers, kv_cache.layers):
+            for layer, slot in zip(self.layers, kv_cache.layers, strict=True):
                 x = layer(x, token_positions, slot)
             kv_cache.commit()
             return self.ln_final(x)

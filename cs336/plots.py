@@ -35,11 +35,11 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str | Non
         pts = [(r["step"], r.get("wallclock_s", 0.0), r[key]) for r in rows if r.get(key) is not None]
         if not pts:
             continue
-        steps, walls, losses = zip(*pts)
+        steps, walls, losses = zip(*pts, strict=True)
         label = key.replace("_", " ")
         axes[0].plot(steps, losses, style, label=label, markersize=3)
         axes[1].plot(walls, losses, style, label=label, markersize=3)
-    for ax, xlabel in zip(axes, ("step", "wallclock (s)")):
+    for ax, xlabel in zip(axes, ("step", "wallclock (s)"), strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)

@@ -111,7 +111,7 @@ def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
     source = cfg.data.source
     if source == "text":
         paths = (Path(cfg.data.train_text), Path(cfg.data.valid_text))
-        for flag, p in zip(("--train-text", "--valid-text"), paths):
+        for flag, p in zip(("--train-text", "--valid-text"), paths, strict=True):
             if not p.is_file():
                 raise ConfigError(f"{flag} {p} does not exist; pass the path of a UTF-8 text file")
             if p.stat().st_size == 0:
@@ -227,7 +227,7 @@ def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
             train_text, valid_text = _text_paths(cfg, rd, say)
             tokenizer = _tokenizer(cfg, rd, train_text, say)
             tok_hash = tokenizer_hash(rd.tokenizer)
-            for text, path in zip((train_text, valid_text), paths):
+            for text, path in zip((train_text, valid_text), paths, strict=True):
                 stale = token_file_is_current(path, text, tok_hash)
                 if stale is None:
                     continue

@@ -123,7 +123,7 @@ def _adamw_group_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
     first = [0]
     for b in blocks:
         first.append(first[-1] + b)
-    addresses = [t.data_ptr() for group in zip(params, grads, exp_avgs, exp_avg_sqs) for t in group]
+    addresses = [t.data_ptr() for group in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True) for t in group]
     # One host-to-device copy: [addresses (4T) | first blocks (T + 1) | numels (T)].
     meta = torch.tensor(addresses + first + [p.numel() for p in params], dtype=torch.int64)
     meta = meta.to(params[0].device)
@@ -150,7 +150,7 @@ def _check(params, grads, exp_avgs, exp_avg_sqs) -> None:
             f"adamw_step_: params, grads, exp_avgs, exp_avg_sqs must have equal lengths, got "
             f"{len(params)}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}"
         )
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
         for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
             check_tensor(t, f"{name} {i}", "adamw_step_")
             if t.shape != p.shape or t.device != p.device:
@@ -176,7 +176,7 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     step_size = lr * bias_correction2 ** 0.5 / bias_correction1
     groups: dict[tuple, list[list[torch.Tensor]]] = {}
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for quad in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for quad in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         if quad[0].numel() == 0:
             continue
         key = (quad[0].device,) + tuple(t.dtype for t in quad)

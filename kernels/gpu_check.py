@@ -136,7 +136,7 @@ def specialize(kernel: JITFunction, backend, args: tuple, kwargs: dict):
         return kernel._pack_args(backend, kwargs, bound, specialization, options)
     options = backend.parse_options(kwargs)  # older triton: the same steps, inline in run()
     sigvals = [x[0] for x in specialization]
-    signature = {p.name: v for p, v in zip(kernel.params, sigvals)}
+    signature = {p.name: v for p, v in zip(kernel.params, sigvals, strict=True)}
     constexprs = {path: get_iterable_path(list(bound.values()), path)
                   for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
     attrvals = [x[1] for x in specialization]

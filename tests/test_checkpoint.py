@@ -58,7 +58,7 @@ def test_resume_gives_identical_next_losses(tmp_path):
     assert state["model_config"]["d_model"] == 16
     resumed = [_train_step(model2, opt2) for _ in range(5)]
     assert resumed == expected
-    for a, b in zip(model.parameters(), model2.parameters()):
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -70,7 +70,7 @@ def test_load_checkpoint_adapter_and_file_objects():
     buf.seek(0)
     model2, opt2 = _setup(seed=1)
     assert load_checkpoint(buf, model2, opt2) == 17
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     p0 = next(iter(opt.state))
     q0 = next(iter(opt2.state))

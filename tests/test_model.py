@@ -399,7 +399,7 @@ def test_triton_backend_gives_the_same_loss_and_gradients():
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
     _close(losses[1], losses[0], **LM_TOL)
-    for g_triton, g_torch in zip(grads[1], grads[0]):
+    for g_triton, g_torch in zip(grads[1], grads[0], strict=True):
         _close(g_triton, g_torch, **LM_TOL)
 
 

@@ -104,7 +104,7 @@ def _fast_paths(text: str) -> None:
     assert pretokenize(text) == ref
     data, bounds = pretok_numba.utf8_bounds(text)
     assert data == pretok_numba.encode_utf8(text)
-    spans = [data[a:b] for a, b in zip(bounds.tolist(), bounds[1:].tolist())]
+    spans = [data[a:b] for a, b in zip(bounds.tolist(), bounds[1:].tolist(), strict=False)]
     assert spans == [t.encode("utf-8", "surrogatepass") for t in ref]
     assert pretok_numba.pretokenize_bytes(text) == spans
     counts = pretok_numba.pretoken_counts(text)

@@ -66,7 +66,7 @@ def train_tiny(text: str, num_merges: int, specials: list[str]):
     for _ in range(num_merges):
         pairs: Counter[tuple[bytes, bytes]] = Counter()
         for word, c in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in zip(word, word[1:], strict=False):
                 pairs[pair] += c
         if not pairs:
             break

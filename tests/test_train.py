@@ -59,7 +59,7 @@ def test_resume_continues_exactly(tmp_path):
     resumed = run(tiny(tmp_path / "split", *fixed), resume=True)
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "split")
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("train_loss", "val_loss", "grad_norm", "lr"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)

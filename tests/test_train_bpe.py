@@ -150,7 +150,7 @@ def test_heap_order_compares_whole_byte_strings(low, high):
     pool = np.frombuffer(b"".join(tokens), np.uint8).copy()
     tok_len = np.array([len(t) for t in tokens], np.int64)
     tok_off = np.concatenate([[0], np.cumsum(tok_len)[:-1]]).astype(np.int64)
-    tok_key = np.array([bn.token_key(pool, o, n) for o, n in zip(tok_off, tok_len)], np.int64)
+    tok_key = np.array([bn.token_key(pool, o, n) for o, n in zip(tok_off, tok_len, strict=True)], np.int64)
     for order in ([0, 1], [1, 0]):  # pair ids in either order, so the id cannot decide
         pairs = np.zeros((2, bn.PAIR_COLS), np.int64)
         pairs[:, bn.PA], pairs[:, bn.PB], pairs[:, bn.PCOUNT] = order, 2, 5
