@@ -74,7 +74,8 @@ def payload_digest(payload: dict[str, Any]) -> str:
 def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where: str = "model") -> None:
     """Raise ``NonFiniteWeightsError`` when a parameter or buffer holds NaN/inf or, with
     ``max_abs``, a value beyond it; the message names the first such tensors. One host sync."""
-    named = [(n, t) for n, t in list(_unwrap_model(model).named_parameters()) + list(_unwrap_model(model).named_buffers())
+    module = _unwrap_model(model)
+    named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()]
              if t.is_floating_point() and t.numel()]
     if not named:
         return

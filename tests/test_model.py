@@ -55,7 +55,9 @@ def ref_rope(x, positions, theta):
 
 def ref_attention(sd, prefix, x, num_heads, theta, positions):
     B, T, d = x.shape
-    heads = lambda t: t.view(B, T, num_heads, d // num_heads).transpose(1, 2)  # (B, H, T, dh)
+    def heads(t):
+        return t.view(B, T, num_heads, d // num_heads).transpose(1, 2)  # (B, H, T, dh)
+
     q = heads(F.linear(x, sd[prefix + "q_proj.weight"]))
     k = heads(F.linear(x, sd[prefix + "k_proj.weight"]))
     v = heads(F.linear(x, sd[prefix + "v_proj.weight"]))
@@ -73,7 +75,9 @@ def ref_swiglu(sd, prefix, x):
 def ref_lm(sd, cfg, ids, positions=None):
     """The standard pre-norm CS336 Transformer LM, from its state dict."""
     positions = torch.arange(ids.shape[-1]) if positions is None else positions
-    norm = lambda t, name: F.rms_norm(t, (cfg["d_model"],), sd[name], eps=1e-5)
+    def norm(t, name):
+        return F.rms_norm(t, (cfg["d_model"],), sd[name], eps=1e-5)
+
     x = F.embedding(ids, sd["token_embeddings.weight"])
     for i in range(cfg["num_layers"]):
         p = f"layers.{i}."
@@ -368,7 +372,9 @@ def test_transformer_block_pre_norm_matches_reference():
     block = TransformerBlock(16, 4, 24, max_seq_len=12, theta=1000.0)
     x = torch.randn(2, 10, 16)
     sd = block.state_dict()
-    norm = lambda t, name: F.rms_norm(t, (16,), sd[name], eps=1e-5)
+    def norm(t, name):
+        return F.rms_norm(t, (16,), sd[name], eps=1e-5)
+
     positions = torch.arange(10)
     h = x + ref_attention(sd, "attn.", norm(x, "ln1.weight"), 4, 1000.0, positions)
     expected = h + ref_swiglu(sd, "ffn.", norm(h, "ln2.weight"))
@@ -384,7 +390,8 @@ def test_low_precision_forward_runs():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
-@pytest.mark.skipif(not ops.backend_available("triton"), reason="Triton kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
+@pytest.mark.skipif(not ops.backend_available("triton"),
+                    reason="Triton kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
 def test_triton_backend_gives_the_same_loss_and_gradients():
     """The model keeps every backend choice inside ops calls: switching ``kernels`` to triton
     changes nothing beyond float rounding (per-op parity is in tests/parity)."""

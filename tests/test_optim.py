@@ -73,7 +73,8 @@ def _run_torch(steps, seed=0, **hp):
 
 
 def _max_diff(a, b):
-    return max((x - y).abs().max().item() for step_a, step_b in zip(a, b, strict=True) for x, y in zip(step_a, step_b, strict=True))
+    return max((x - y).abs().max().item()
+               for step_a, step_b in zip(a, b, strict=True) for x, y in zip(step_a, step_b, strict=True))
 
 
 HP = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -257,7 +258,9 @@ def test_closure_is_evaluated_with_grad():
 
 def test_cosine_schedule_key_points():
     max_lr, min_lr, warm, cycle = 1.0, 0.1, 10, 110
-    f = lambda it: lr_cosine_schedule(it, max_lr, min_lr, warm, cycle)
+    def f(it):
+        return lr_cosine_schedule(it, max_lr, min_lr, warm, cycle)
+
     assert f(0) == 0.0
     assert f(5) == pytest.approx(0.5)
     assert f(10) == pytest.approx(max_lr)
@@ -278,7 +281,8 @@ def test_cosine_schedule_edge_cases():
         lr_cosine_schedule(0, 1.0, 0.1, 20, 10)
 
 
-@pytest.mark.skipif(not ops.backend_available("triton"), reason="Triton kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
+@pytest.mark.skipif(not ops.backend_available("triton"),
+                    reason="Triton kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
 def test_fused_adamw_matches_reference_trajectory():
     hp = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     fused, _ = _run_ours(5, fused=True, **hp)

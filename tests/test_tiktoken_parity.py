@@ -32,7 +32,8 @@ FIXTURE_TEXTS = [
 def gpt2_tiktoken(shared_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("tiktoken-cache")
     tool = shared_dir / "tools" / "make_tiktoken_gpt2_cache.py"
-    subprocess.run([sys.executable, str(tool), str(shared_dir / "fixtures"), str(cache)], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(tool), str(shared_dir / "fixtures"), str(cache)], check=True,
+                   capture_output=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
         yield tiktoken.get_encoding("gpt2")

@@ -110,27 +110,32 @@ def _exit_2(argv, capsys) -> str:
 
 def test_bad_inputs_exit_2(tokdir, corpus, tmp_path, capsys):
     missing = tmp_path / "missing.txt"
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(missing), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(missing),
+                   "--out", str(tmp_path / "x.bin")], capsys)
     assert str(missing) in err
     assert not (tmp_path / "x.bin").exists()
-    err = _exit_2(["encode", "--tokenizer", str(tmp_path / "nodir"), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer", str(tmp_path / "nodir"), "--input", str(corpus),
+                   "--out", str(tmp_path / "x.bin")], capsys)
     assert "nodir" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "vocab.json").write_text('{"a": 0,', encoding="utf-8")
     (broken / "merges.txt").write_text("", encoding="utf-8")
-    err = _exit_2(["encode", "--tokenizer", str(broken), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer", str(broken), "--input", str(corpus),
+                   "--out", str(tmp_path / "x.bin")], capsys)
     assert "vocab.json:1" in err
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 10)
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(latin1), "--out", str(tmp_path / "y.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(latin1),
+                   "--out", str(tmp_path / "y.bin")], capsys)
     assert str(latin1) in err and "at byte 3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "latin1.txt"]
     err = _exit_2(["train", "--input", str(corpus), "--vocab-size", "200", "--out", str(tmp_path / "t")], capsys)
     assert "--vocab-size 200" in err
     err = _exit_2(["train", "--input", str(missing), "--vocab-size", "300", "--out", str(tmp_path / "t")], capsys)
     assert str(missing) in err
-    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(corpus), "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
+    err = _exit_2(["encode", "--tokenizer", str(tokdir), "--input", str(corpus),
+                   "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
     assert "workers" in err
 
 

@@ -211,7 +211,8 @@ class Tokenizer:
         with self._lock:  # the numba call updates the cache arrays without the GIL
             if self._cache is None:
                 self._cache = new_cache()
-            result = encode_pieces(np.frombuffer(data, dtype=np.uint8), bounds, self._byte_ids, self._pairs, *self._cache)
+            result = encode_pieces(np.frombuffer(data, dtype=np.uint8), bounds, self._byte_ids, self._pairs,
+                                   *self._cache)
             if self._cache[3][3]:
                 clear_cache(self._cache)
         return result
