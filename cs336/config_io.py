@@ -138,12 +138,12 @@ def config_from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
             raise _unknown("section", name, SECTIONS)
         if not isinstance(values, dict):
             raise ConfigError(f"config section {name!r} must be a table, got {values!r}")
-        types = section_fields(name)
+        field_types = section_fields(name)
         updates = {}
         for key, value in values.items():
-            if key not in types:
-                raise _unknown(f"{name} key", key, types)
-            updates[key] = coerce(value, types[key], f"{name}.{key}")
+            if key not in field_types:
+                raise _unknown(f"{name} key", key, field_types)
+            updates[key] = coerce(value, field_types[key], f"{name}.{key}")
         sections[name] = replace(getattr(base, name), **updates)
     return replace(base, **sections)
 
