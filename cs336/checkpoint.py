@@ -40,7 +40,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Torch (CPU and current CUDA device), numpy and Python RNG states, weights_only-loadable."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # legacy=True (the default) returns the tuple form
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, py_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),

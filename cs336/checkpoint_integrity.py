@@ -50,7 +50,7 @@ def _digest_into(h, value: Any, where: str) -> None:
         t = value.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     elif isinstance(value, dict):
         for k, v in value.items():
             _digest_into(h, v, f"{where}[{k!r}]")

@@ -64,6 +64,8 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
+    if not tree.body or not isinstance(tree.body[0], ast.ClassDef):
+        return {}
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:], strict=False):
@@ -138,7 +140,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     """``section.field=value`` strings from the parsed flags; conflicting spellings are errors."""
-    chosen: dict[str, tuple[str, str]] = {}
+    chosen: dict[str, tuple[str | None, str]] = {}
     for dest, value in vars(args).items():
         if value is None or ":" not in dest:
             continue

@@ -182,7 +182,7 @@ class OptimConfig:
     """AdamW step through the kernel seam (True), reference loop (False), or the model's backend (None)."""
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  # a list from JSON; length checked below
         check_positive("optim.lr", self.lr, integer=False)
         if self.min_lr is not None:
             check_positive("optim.min_lr", self.min_lr, allow_zero=True, integer=False)

@@ -49,12 +49,16 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cs336 import nn_utils
 from cs336.config import ConfigError
 from cs336.inference import add_source_arguments
+
+if TYPE_CHECKING:
+    from cs336.model import TransformerLM
 
 EOT = "<|endoftext|>"
 
@@ -97,7 +101,7 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _recompute(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, pick: Picker,
+def _recompute(model: TransformerLM, prompt: list[int], max_new_tokens: int, pick: Picker,
                row: int, eos_id: int | None) -> list[int]:
     """The reference: one full forward over the last ``context_length`` tokens per new token."""
     ctx, device = model.context_length, _device(model)
@@ -125,7 +129,7 @@ def _prefill(model: torch.nn.Module, cache, seqs: list[list[int]]) -> torch.Tens
     return model(tokens, kv_cache=cache)[:, -1]
 
 
-def _decode_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
+def _decode_cached(model: TransformerLM, prompts: list[list[int]], max_new_tokens: int,
                    pick: Picker, eos_id: int | None) -> list[list[int]]:
     """All rows in one KV cache: prefill, then one token per step (module docstring)."""
     if not hasattr(model, "new_kv_cache"):
@@ -161,7 +165,7 @@ def _decode_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
 
 
 @torch.no_grad()
-def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, *,
+def generate_batch(model: TransformerLM, prompts: Sequence[list[int]], max_new_tokens: int, *,
                    temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
                    generators: Sequence[torch.Generator | None] | None = None,
                    kv_cache: bool = True) -> list[list[int]]:
@@ -191,7 +195,7 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], max_new
         model.train(was_training)
 
 
-def generate_ids(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, *,
+def generate_ids(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int, *,
                  temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
                  generator: torch.Generator | None = None, kv_cache: bool = True) -> list[int]:
     """New token ids after ``prompt_ids`` (the stop token, if reached, is not included)."""

@@ -35,6 +35,7 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
         if ckpt is None:
             raise RunDirError(f"{rd.checkpoints} has no 'latest' checkpoint; train first or pass --checkpoint")
     else:
+        assert checkpoint is not None  # exactly one of the two, checked above
         ckpt = Path(checkpoint)
         rd = RunDir(ckpt.resolve().parent.parent)
     state = load_checkpoint_full(ckpt)

@@ -136,6 +136,9 @@ class RotaryPositionalEmbedding(nn.Module):
     non-persistent buffers: they follow ``.to(device)`` but stay out of the state dict.
     """
 
+    cos_pairs: torch.Tensor  # (max_seq_len, d_k), registered as buffers in __init__
+    sin_pairs: torch.Tensor
+
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None, dtype=None):
         super().__init__()
         if d_k % 2 != 0:

@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -365,7 +366,7 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 step: int, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, backend: str | None = None) -> None:
     """One in-place AdamW step over lists of tensors (see ``adamw_step_reference_``)."""
-    kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    kwargs: dict[str, Any] = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     if not params:
         return
     with use_backend(backend):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,6 +111,7 @@ def token_file_is_current(path: Path, text: Path, tok_hash: str) -> str | None:
 def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
     source = cfg.data.source
     if source == "text":
+        assert cfg.data.train_text is not None and cfg.data.valid_text is not None  # DataConfig.source
         paths = (Path(cfg.data.train_text), Path(cfg.data.valid_text))
         for flag, p in zip(("--train-text", "--valid-text"), paths, strict=True):
             if not p.is_file():
@@ -154,7 +156,7 @@ def _tokenizer(cfg: TrainConfig, rd: RunDir, train_text: Path | None, say) -> To
             if not (src / name).is_file():
                 raise ConfigError(f"data.tokenizer_dir {src} has no {name}; point it at a directory "
                                   "holding vocab.json and merges.txt")
-        key = {"copied_from": str(src.resolve()), "sha256": tokenizer_hash(src)}
+        key: dict[str, Any] = {"copied_from": str(src.resolve()), "sha256": tokenizer_hash(src)}
         if src.resolve() != rd.tokenizer.resolve() and _read_key(key_path) != key:
             key_path.unlink(missing_ok=True)
             for name in ("vocab.json", "merges.txt"):
@@ -218,6 +220,7 @@ def check_tokenizer_of(path: Path, tok_hash: str, tok_dir: Path) -> None:
 
 def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say):
     if cfg.data.source == "tokens":
+        assert cfg.data.train_tokens is not None and cfg.data.valid_tokens is not None  # DataConfig.source
         paths = (Path(cfg.data.train_tokens), Path(cfg.data.valid_tokens))
         if info.is_main:
             _tokenizer(cfg, rd, None, say)

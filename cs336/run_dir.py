@@ -93,8 +93,8 @@ class RunDir:
     def checkpoint_files(self) -> list[Path]:
         if not self.checkpoints.is_dir():
             return []
-        files = [p for p in self.checkpoints.iterdir() if CKPT_RE.match(p.name)]
-        return sorted(files, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+        steps = {p: int(m.group(1)) for p in self.checkpoints.iterdir() if (m := CKPT_RE.match(p.name))}
+        return sorted(steps, key=steps.__getitem__)
 
     def latest_checkpoint(self) -> Path | None:
         pointer = self.checkpoints / "latest"

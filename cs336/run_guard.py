@@ -33,7 +33,7 @@ from typing import Any
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 MARKER = ".cs336-run"
 LOCK = ".cs336-lock"

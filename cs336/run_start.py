@@ -65,7 +65,7 @@ def resume_conflicts(saved: dict, requested: dict) -> list[str]:
 def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, RunLock, dict | None]:
     out = cfg.train.out_dir
     if resume:
-        if not is_run_dir(out):
+        if out is None or not is_run_dir(out):  # (open_run_dir refuses a resume without --out-dir)
             raise RunDirError(f"--resume: {out} is not a run directory of python -m cs336.train; pass the "
                               "--out-dir of an earlier run")
         path = Path(out)
@@ -82,7 +82,7 @@ def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, Ru
             raise RunDirError(f"{rd.path} already holds checkpoints; pass --resume to continue that run or "
                               "choose a new --out-dir")
         payload = None
-        if resume:
+        if resume and latest is not None:
             from cs336.checkpoint import read_checkpoint
 
             payload = read_checkpoint(latest)  # checksum and archive; a corrupt file names the previous valid one
@@ -98,11 +98,12 @@ def open_run_dir(cfg: TrainConfig, resume: bool, info: dist_utils.DistInfo
     checkpoint's dict as read and verified here, so the resume does not read it again)."""
     if resume and cfg.train.out_dir is None:
         raise ConfigError("--resume needs the run directory: pass --out-dir DIR")
-    lock, payload, error, outcome = None, None, None, None
+    lock, payload, error = None, None, None
+    outcome: tuple[str | None, str | None, str | None] | None = None  # (path, latest, error message)
     if info.is_main:
         try:
-            path, latest, lock, payload = _open_on_main(cfg, resume)
-            outcome = (str(path), None if latest is None else str(latest), None)
+            main_path, main_latest, lock, payload = _open_on_main(cfg, resume)
+            outcome = (str(main_path), None if main_latest is None else str(main_latest), None)
         except Exception as exc:  # every rank must learn of it, or the others wait forever
             error = exc
             outcome = (None, None, str(exc))
@@ -110,9 +111,11 @@ def open_run_dir(cfg: TrainConfig, resume: bool, info: dist_utils.DistInfo
         outcome = dist_utils.broadcast_object(outcome, info)
     if error is not None:
         raise error
+    assert outcome is not None  # set on rank 0, broadcast to the others
     path, latest, message = outcome
     if message is not None:  # another rank: the same error, printed by rank 0 only
         raise RunDirRefused(message)
+    assert path is not None
     return RunDir(path), None if latest is None else Path(latest), lock, payload
 
 

@@ -177,7 +177,7 @@ def share_data(planned: Sequence[PlannedRun], out: Path, say=print) -> list[Plan
     rd = RunDir(out / "_data")
     rd.create()
     prepare_data(base, rd, DistInfo(), say)
-    overrides = {"dataset": "embedded", "train_text": None, "valid_text": None,
+    overrides: dict[str, Any] = {"dataset": "embedded", "train_text": None, "valid_text": None,
                  "train_tokens": str(rd.data / "train.bin"), "valid_tokens": str(rd.data / "valid.bin"),
                  "tokenizer_dir": str(rd.tokenizer)}
     return [dataclasses.replace(r, config=dataclasses.replace(
@@ -202,7 +202,7 @@ def classify(summary: dict, run_dir: Path) -> tuple[str, str]:
         return "diverged", "non-finite loss"
     start = starting_loss(read_metrics(run_dir))
     for name, final in (("train", final_train), ("val", final_val)):
-        if start is not None and finite(final) and final > start:
+        if start is not None and final is not None and finite(final) and final > start:
             return "diverged", f"final {name} loss {final:.4g} above the starting loss {start:.4g}"
     return "ok", ""
 
@@ -276,13 +276,14 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
                 continue
             del running[device]
             if result.is_file():
-                rows[index] = json.loads(result.read_text())
+                row = json.loads(result.read_text())
             else:
                 reason = f"worker exited with status {proc.returncode}"
-                rows[index] = _row(planned[index], {}, "error", reason)
-            if rows[index]["status"] == "interrupted":
+                row = _row(planned[index], {}, "error", reason)
+            rows[index] = row
+            if row["status"] == "interrupted":
                 pending.clear()
-            on_row(rows[index], planned)
+            on_row(row, planned)
     return [r for r in rows if r is not None]
 
 

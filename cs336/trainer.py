@@ -41,6 +41,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -127,7 +128,7 @@ class Window:
 class LossModule(torch.nn.Module):
     """forward(x, y) = model.loss(x, y), so DistributedDataParallel wraps the loss computation."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: TransformerLM):
         super().__init__()
         self.model = model
 
@@ -149,7 +150,7 @@ class Trainer:
         self.opt = AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
-        step_fn = LossModule(self.model)
+        step_fn: Any = LossModule(self.model)  # then maybe torch.compile'd and wrapped in DDP
         if cfg.train.compile:
             step_fn = torch.compile(step_fn)
         if info.enabled:
@@ -336,6 +337,7 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
                             max_abs_weight=cfg.train.diverge_max_weight)
     state = TrainState()
     if resume:
+        assert latest is not None  # open_run_dir refuses a resume with no checkpoint
         state = trainer.restore(latest, payload)
         if state.guard:
             guard.load_state_dict(state.guard)
@@ -429,7 +431,8 @@ def init_wandb(cfg: TrainConfig, rd: RunDir):
     import wandb
 
     return wandb.init(project=cfg.train.wandb_project, group=cfg.train.wandb_group, name=rd.path.name,
-                      dir=str(rd.path), mode=cfg.train.wandb_mode, config=asdict(cfg))
+                      dir=str(rd.path), mode=cfg.train.wandb_mode,  # type: ignore[arg-type]  # a checked choice
+                      config=asdict(cfg))
 
 
 def finish(cfg: TrainConfig, rd: RunDir, model, tokenizer, summary: dict, say) -> None:
