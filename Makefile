@@ -1,5 +1,6 @@
 # `make run` trains the default model end to end; `make test` runs the test suite.
-# Both create .venv on first use (CPU torch wheel, then this project in editable mode).
+# `make lint` runs ruff and mypy as configured in pyproject.toml (also .pre-commit-config.yaml).
+# All create .venv on first use (CPU torch wheel, then this project in editable mode).
 # `make gpu-env` rehearses the GPU machine's software on this CPU (not part of `make test`).
 PY ?= python3
 VENV := .venv
@@ -16,7 +17,7 @@ GPU_PKGS := "torch==2.11.0" "triton==3.6.0" "numpy>=2.5,<2.6" "transformers>=5.1
 	"regex>=2023.0" "tqdm>=4.66" "matplotlib>=3.8" "safetensors>=0.4" "pytest>=8" "pytest-benchmark>=4"
 GPU_RUN := PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python
 
-.PHONY: run test parity bench venv clean gpu-env gpu-report
+.PHONY: run test lint parity bench venv clean gpu-env gpu-report
 
 venv: $(STAMP)
 
@@ -32,6 +33,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check cs336 kernels bench tests
+	$(BIN)/python -m mypy
 
 parity: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/parity $(ARGS)

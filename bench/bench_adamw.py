@@ -10,8 +10,8 @@ import dataclasses
 
 import pytest
 import torch
-from _harness import DEVICE, PROVIDERS, cuda_sync, skip_unavailable
 
+from _harness import DEVICE, PROVIDERS, cuda_sync, skip_unavailable
 from cs336 import flops, ops
 from cs336.model import TransformerLM
 from cs336.presets import model_preset

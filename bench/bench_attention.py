@@ -23,8 +23,8 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from _harness import DEVICE, DTYPE, ON_CUDA, provider_fn
 
+from _harness import DEVICE, DTYPE, ON_CUDA, provider_fn
 from cs336 import ops
 
 pytestmark = pytest.mark.bench

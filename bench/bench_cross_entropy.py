@@ -8,8 +8,8 @@ Triton path does not, and the matmul makes it compute-bound at model sizes. Prov
 
 import pytest
 import torch
-from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 
+from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 from cs336 import nn_utils, ops
 
 pytestmark = pytest.mark.bench

@@ -18,8 +18,8 @@ import time
 
 import pytest
 import torch
-from _harness import DEVICE, cuda_sync
 
+from _harness import DEVICE, cuda_sync
 from cs336.generate import generate_ids
 from cs336.model import TransformerLM
 

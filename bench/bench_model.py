@@ -24,11 +24,11 @@ import dataclasses
 import statistics
 import time
 
-import nanogpt_ref
 import pytest
 import torch
-from _harness import DEVICE, ON_CUDA, PROVIDERS, cuda_sync, skip_unavailable
 
+import nanogpt_ref
+from _harness import DEVICE, ON_CUDA, PROVIDERS, cuda_sync, skip_unavailable
 from cs336 import flops, ops
 from cs336.model import TransformerLM
 from cs336.optim import AdamW

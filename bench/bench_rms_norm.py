@@ -6,8 +6,8 @@ gives the minimal bytes: fwd reads x and w and writes y; bwd reads x, w, dy and 
 
 import pytest
 import torch
-from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 
+from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 from cs336 import ops
 
 pytestmark = pytest.mark.bench

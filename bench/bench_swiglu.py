@@ -6,8 +6,8 @@ matmuls around the gate are not part of this op.
 
 import pytest
 import torch
-from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 
+from _harness import DEVICE, DTYPE, OP_SHAPES, PASSES, PROVIDERS, provider_fn, skip_unavailable
 from cs336 import ops
 
 pytestmark = pytest.mark.bench

@@ -9,8 +9,8 @@ bench modules import live in ``_harness.py``.
 from __future__ import annotations
 
 import pytest
-from _harness import DEVICE, Bench
 
+from _harness import DEVICE, Bench
 from cs336 import hardware
 
 

@@ -51,7 +51,7 @@ def coerce(value, tp, key: str):
         item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(item_types) != len(value):
             raise ConfigError(f"{key} expects {len(item_types)} values, got {len(value)}: {value!r}")
-        return tuple(coerce(v, t, key) for v, t in zip(value, item_types))
+        return tuple(coerce(v, t, key) for v, t in zip(value, item_types, strict=True))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -138,12 +138,12 @@ def config_from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
             raise _unknown("section", name, SECTIONS)
         if not isinstance(values, dict):
             raise ConfigError(f"config section {name!r} must be a table, got {values!r}")
-        types = section_fields(name)
+        field_types = section_fields(name)
         updates = {}
         for key, value in values.items():
-            if key not in types:
-                raise _unknown(f"{name} key", key, types)
-            updates[key] = coerce(value, types[key], f"{name}.{key}")
+            if key not in field_types:
+                raise _unknown(f"{name} key", key, field_types)
+            updates[key] = coerce(value, field_types[key], f"{name}.{key}")
         sections[name] = replace(getattr(base, name), **updates)
     return replace(base, **sections)
 

@@ -141,7 +141,7 @@ def _plot_storm(rng, h, f) -> list[str]:
         f"{h.name} was outside with {f.intro}. \"A storm is coming!\" said {f.name}.",
         f"They ran as fast as they could. The rain fell on {h.poss} head and on {f.poss} back.",
         f"{h.name} saw a little bird shaking in the rain. {h.Subj} picked up the bird and held it close.",
-        f"They all hid under a big tree until the storm was over. Then the sun came out again.",
+        "They all hid under a big tree until the storm was over. Then the sun came out again.",
         _say(rng, h, "Look, a rainbow!"),
         f"The little bird sang a song for {h.name}, and {h.subj} felt {rng.choice(FEELINGS_GOOD)}.",
     ]
@@ -181,7 +181,7 @@ def _plot_trip(rng, h, f) -> list[str]:
         f"One {weather} {rng.choice(TIMES)}, {h.name} and {f.intro} went to {place}.",
         f"{h.name} was very {rng.choice(FEELINGS_GOOD)}. {h.Subj} had never been to {place} before.",
         f"First they looked at {sight}. Then they {event}.",
-        _say(rng, f, f"This is the best day ever!"),
+        _say(rng, f, "This is the best day ever!"),
         f"On the way home, {h.name} was tired, so {f.name} carried {h.poss} bag.",
         f"That night, {h.name} dreamed about {place} and {sight}.",
     ]
@@ -197,7 +197,7 @@ def _plot_gift(rng, h, f) -> list[str]:
         f"{'herself' if h.obj == 'her' else 'himself'}.",
         f"It took a long time, but at last the {bare} was ready.",
         f"{h.name} gave the {bare} to {f.name}. {f.name} opened it and smiled.",
-        _say(rng, f, f"I love it! It is the best gift I have ever had."),
+        _say(rng, f, "I love it! It is the best gift I have ever had."),
         f"{h.name} felt warm inside. Making something for a friend was better than buying it.",
     ]
 
@@ -209,7 +209,7 @@ def _plot_race(rng, h, f) -> list[str]:
         f"{h.name} stopped running. {h.Subj} went back to help {f.obj} up.",
         _say(rng, f, "Why did you stop? You could have won!"),
         _say(rng, h, "Helping you is more important than winning."),
-        f"They walked to the big tree together, side by side.",
+        "They walked to the big tree together, side by side.",
     ]
 
 
@@ -236,7 +236,7 @@ def story(rng: random.Random) -> str:
     ending = rng.choice([
         f"From that day on, {hero.name} knew that {moral}.",
         f"{hero.name} learned that {moral}. And they lived happily ever after.",
-        f"The end.",
+        "The end.",
     ])
     split = rng.randint(2, len(plot) - 2)
     paragraphs = [opening, " ".join(plot[:split]), " ".join(plot[split:]), ending]

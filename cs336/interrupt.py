@@ -49,9 +49,10 @@ class Interrupted(BaseException):
 
 def _numba_root() -> str | None:
     numba = sys.modules.get("numba")
-    if numba is None or not getattr(numba, "__file__", None):
+    root = getattr(numba, "__file__", None)
+    if not root:
         return None
-    return os.path.dirname(numba.__file__) + os.sep
+    return os.path.dirname(root) + os.sep
 
 
 def _frames_above_numba(frame) -> list | None:

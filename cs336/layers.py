@@ -2,10 +2,10 @@
 
 ``Linear``, ``Embedding``, ``RMSNorm``, the feed-forward networks (``SwiGLU`` and the ``SiLUFFN``
 ablation), ``RotaryPositionalEmbedding``, ``scaled_dot_product_attention``,
-``MultiHeadSelfAttention`` and the ``KVCache`` it appends to when decoding. RMSNorm, the SwiGLU gate and attention go through ``cs336.ops`` (the
-dispatch seam), so the same modules run the reference PyTorch path or the fused Triton kernels; nothing
-here chooses a backend. No ``torch.nn.functional`` or ``torch.nn`` layer is used; ``nn.Module``,
-``nn.Parameter`` and ``nn.init.trunc_normal_`` are.
+``MultiHeadSelfAttention`` and the ``KVCache`` it appends to when decoding. RMSNorm, the SwiGLU gate
+and attention go through ``cs336.ops`` (the dispatch seam), so the same modules run the reference
+PyTorch path or the fused Triton kernels; nothing here chooses a backend. No ``torch.nn.functional``
+or ``torch.nn`` layer is used; ``nn.Module``, ``nn.Parameter`` and ``nn.init.trunc_normal_`` are.
 
 Conventions (CS336 handout): Linear weights are ``(d_out, d_in)`` with no bias; RoPE rotates
 interleaved pairs ``(x[2k], x[2k+1])`` by the angle ``pos * theta ** (-2k / d_k)``; attention
@@ -135,6 +135,9 @@ class RotaryPositionalEmbedding(nn.Module):
     ``p * theta ** (-2k / d_k)``. The cos/sin tables for positions ``0 .. max_seq_len-1`` are
     non-persistent buffers: they follow ``.to(device)`` but stay out of the state dict.
     """
+
+    cos_pairs: torch.Tensor  # (max_seq_len, d_k), registered as buffers in __init__
+    sin_pairs: torch.Tensor
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None, dtype=None):
         super().__init__()

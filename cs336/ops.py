@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +209,7 @@ def adamw_step_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
     step_size = lr * bias_correction2 ** 0.5 / bias_correction1
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         g = g.to(m.dtype)
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -291,10 +292,10 @@ def adamw_step_native_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     bias_correction2 = 1.0 - beta2 ** step
     step_size = lr * bias_correction2 ** 0.5 / bias_correction1
     groups: dict[tuple, tuple[list, list, list, list]] = {}
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         key = (p.device, p.dtype, g.dtype, m.dtype, v.dtype,
                all(t.is_contiguous() for t in (p, g, m, v)))
-        for bucket, t in zip(groups.setdefault(key, ([], [], [], [])), (p, g, m, v)):
+        for bucket, t in zip(groups.setdefault(key, ([], [], [], [])), (p, g, m, v), strict=True):
             bucket.append(t)
     for (device, p_dtype, g_dtype, m_dtype, v_dtype, contiguous), (ps, gs, ms, vs) in groups.items():
         decay = lr * weight_decay
@@ -393,7 +394,7 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 step: int, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, backend: str | None = None) -> None:
     """One in-place AdamW step over lists of tensors (see ``adamw_step_reference_``)."""
-    kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    kwargs: dict[str, Any] = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     if not params:
         return
     with use_backend(backend):

@@ -121,6 +121,7 @@ def profile_steps(step_fn: Callable[[], object], out_dir: str | Path, wait: int 
         for _ in range(prof.total):
             step_fn()
             prof.step()
+    assert prof.result is not None  # set when the last active step's trace was written
     return prof.result
 
 

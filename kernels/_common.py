@@ -120,7 +120,7 @@ def simulated_gpu(sm_count: int) -> Iterator[None]:
         _meta_sm_count = previous
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

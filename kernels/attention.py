@@ -187,9 +187,10 @@ _forced: list[AttentionConfig | None] = [None]
 
 
 def attention_config(head_dim: int, dtype: torch.dtype, causal: bool) -> AttentionConfig:
-    """Tiles and warps for one (head-dim tile width 16 / 32 / 64 / 128, dtype); chosen so the sm_80 / sm_90a compiles of every
-    kernel use at most 255 registers per thread without spills and fit in shared memory (table in
-    bench/RESULTS.md). ``causal`` does not change the tiles (the diagonal split works at any)."""
+    """Tiles and warps for one (head-dim tile width 16 / 32 / 64 / 128, dtype); chosen so the sm_80 /
+    sm_90a compiles of every kernel use at most 255 registers per thread without spills and fit in
+    shared memory (table in bench/RESULTS.md). ``causal`` does not change the tiles (the diagonal
+    split works at any)."""
     if _forced[0] is not None:
         return _forced[0]
     if dtype == torch.float32:
@@ -371,7 +372,8 @@ def _attn_bwd_dkdv_kernel(
         # Query tiles straddling the diagonal (masked); queries before start_n see none of these keys.
         lo = start_n + BLOCK_N
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_row, delta_row, offs_n,
-                             start_n, tl.minimum(lo, T_q), T_q, qk_scale, BLOCK_M, D, HEAD_DIM, True, True, PRECISION, UPCAST)
+                             start_n, tl.minimum(lo, T_q), T_q, qk_scale, BLOCK_M, D, HEAD_DIM, True, True,
+                             PRECISION, UPCAST)
     full = T_q - T_q % BLOCK_M
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_row, delta_row, offs_n,
                          lo, full, T_q, qk_scale, BLOCK_M, D, HEAD_DIM, False, False, PRECISION, UPCAST)
@@ -454,7 +456,8 @@ def _attn_bwd_dq_kernel(
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T_k,
                        qk_scale, BLOCK_N, D, HEAD_DIM, False, False, PRECISION, UPCAST)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                       tl.minimum(start_m + BLOCK_M, T_k), T_k, qk_scale, BLOCK_N, D, HEAD_DIM, True, True, PRECISION, UPCAST)
+                       tl.minimum(start_m + BLOCK_M, T_k), T_k, qk_scale, BLOCK_N, D, HEAD_DIM, True, True,
+                       PRECISION, UPCAST)
     else:
         full = T_k - T_k % BLOCK_N
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, 0, full, T_k,
@@ -525,7 +528,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1]:
         raise KernelInputError(
             f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match; q must be "
-            "(..., T_q, d) and k, v (..., T_k, d) with the same leading dims (no broadcasting) and k, v of equal length")
+            "(..., T_q, d) and k, v (..., T_k, d) with the same leading dims (no broadcasting) and k, v of "
+            "equal length")
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
         raise KernelInputError(f"{op}: head dims differ (q {d}, k {k.shape[-1]}, v {v.shape[-1]}); q, k and v "

@@ -50,6 +50,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -136,7 +137,7 @@ def specialize(kernel: JITFunction, backend, args: tuple, kwargs: dict):
         return kernel._pack_args(backend, kwargs, bound, specialization, options)
     options = backend.parse_options(kwargs)  # older triton: the same steps, inline in run()
     sigvals = [x[0] for x in specialization]
-    signature = {p.name: v for p, v in zip(kernel.params, sigvals)}
+    signature = {p.name: v for p, v in zip(kernel.params, sigvals, strict=True)}
     constexprs = {path: get_iterable_path(list(bound.values()), path)
                   for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
     attrvals = [x[1] for x in specialization]
@@ -146,7 +147,10 @@ def specialize(kernel: JITFunction, backend, args: tuple, kwargs: dict):
 
 
 def _tool(name: str) -> Path:
-    return Path(importlib.import_module("triton.backends.nvidia").__file__).parent / "bin" / name
+    package = importlib.import_module("triton.backends.nvidia").__file__
+    if package is None:
+        raise RuntimeError("triton.backends.nvidia is not an installed package; reinstall triton")
+    return Path(package).parent / "bin" / name
 
 
 def toolchain_problem() -> str | None:
@@ -224,7 +228,7 @@ def compile_rows(targets: list[Target], families: list[str], full: bool, progres
     from triton.compiler.compiler import ASTSource, make_backend
 
     rows: dict[tuple, Row] = {}
-    work: list[tuple[Row, Target, object]] = []
+    work: list[tuple[Row, Target, tuple[Any, Any]]] = []
     for t in targets:
         backend = make_backend(GPUTarget("cuda", t.arch, 32))
         for family in families:
@@ -299,10 +303,12 @@ def format_summary(rows: list[Row]) -> str:
     for kernel, target in sorted({(r.kernel, r.target) for r in rows}):
         group = [r for r in rows if (r.kernel, r.target) == (kernel, target)]
         ok = [r for r in group if r.error is None]
-        regs = f"{min(r.regs for r in ok)}-{max(r.regs for r in ok)}" if ok else "-"
-        lines.append(f"| {kernel} | {target} | {len(group)} | {regs} | "
-                     f"{max((r.spill_bytes for r in ok), default='-')} | "
-                     f"{min((r.warps_per_sm for r in ok), default='-')} | {len(group) - len(ok)} |")
+        regs = [r.regs for r in ok if r.regs is not None]
+        spills = [r.spill_bytes for r in ok if r.spill_bytes is not None]
+        warps = [r.warps_per_sm for r in ok if r.warps_per_sm is not None]
+        reg_range = f"{min(regs)}-{max(regs)}" if regs else "-"
+        lines.append(f"| {kernel} | {target} | {len(group)} | {reg_range} | {max(spills, default='-')} | "
+                     f"{min(warps, default='-')} | {len(group) - len(ok)} |")
     return "\n".join(lines)
 
 

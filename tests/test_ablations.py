@@ -58,7 +58,9 @@ def reference_logits(sd, cfg, ids):
 
     def attn(x, p):
         B = x.shape[0]
-        split = lambda t: t.view(B, T, H, dh).transpose(1, 2)
+        def split(t):
+            return t.view(B, T, H, dh).transpose(1, 2)
+
         q, k, v = (split(x @ sd[f"{p}attn.{n}_proj.weight"].T) for n in "qkv")
         out = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
         return out.transpose(1, 2).reshape(B, T, d) @ sd[f"{p}attn.output_proj.weight"].T

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cs336.checkpoint import (CheckpointError, load_checkpoint, load_checkpoint_full,
-                              restore_rng_state, save_checkpoint)
+from cs336.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_full, restore_rng_state, save_checkpoint
 from cs336.data import get_batch
 from cs336.model import TransformerLM
 from cs336.optim import AdamW
@@ -59,7 +58,7 @@ def test_resume_gives_identical_next_losses(tmp_path):
     assert state["model_config"]["d_model"] == 16
     resumed = [_train_step(model2, opt2) for _ in range(5)]
     assert resumed == expected
-    for a, b in zip(model.parameters(), model2.parameters()):
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -71,7 +70,7 @@ def test_load_checkpoint_adapter_and_file_objects():
     buf.seek(0)
     model2, opt2 = _setup(seed=1)
     assert load_checkpoint(buf, model2, opt2) == 17
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     p0 = next(iter(opt.state))
     q0 = next(iter(opt2.state))
@@ -181,7 +180,8 @@ def test_missing_and_unexpected_weights_without_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"a\.pt does not fit this model: .*unexpected"):
         load_checkpoint(tmp_path / "a.pt", b, None)
     c = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    with pytest.raises(CheckpointError, match=r"a\.pt does not fit this model: 3 weights differ in shape.*0\.weight \(3, 3\) vs \(4, 3\)"):
+    with pytest.raises(CheckpointError, match=r"a\.pt does not fit this model: 3 weights differ in shape"
+                                              r".*0\.weight \(3, 3\) vs \(4, 3\)"):
         load_checkpoint(tmp_path / "a.pt", c, None)
 
 

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from cs336.checkpoint import (CheckpointError, NonFiniteWeightsError, check_weights, last_good_checkpoint,
-                              load_checkpoint, previous_good_checkpoint, save_checkpoint, verify_checkpoint)
+from cs336.checkpoint import (
+    CheckpointError,
+    NonFiniteWeightsError,
+    check_weights,
+    last_good_checkpoint,
+    load_checkpoint,
+    previous_good_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from cs336.model import TransformerLM
 from cs336.optim import AdamW
 

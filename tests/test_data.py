@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cs336.data import (TokenFileError, get_batch, iter_batches, load_tokens, num_windows,
-                        save_tokens, sidecar_path)
+from cs336.data import TokenFileError, get_batch, iter_batches, load_tokens, num_windows, save_tokens, sidecar_path
 
 
 def test_get_batch_shapes_shift_and_range():
@@ -84,7 +83,7 @@ def test_iter_batches_is_sequential_and_complete():
     assert len(list(iter_batches(data, 3, 5, "cpu"))) == 2  # 3 + a final batch of 1
     assert len(list(iter_batches(data, 1, 5, "cpu", max_batches=3))) == 3
     again = list(iter_batches(data, 2, 5, "cpu"))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
 
 
 def test_save_and_load_tokens_round_trip(tmp_path):

@@ -66,10 +66,10 @@ def test_toy_lr_1e1_decreases_1e2_converges_1e3_diverges():
     l1, l2, l3 = (experiments.sgd_toy(lr) for lr in (1e1, 1e2, 1e3))
     assert len(l1) == len(l2) == len(l3) == 10
     assert l1[0] == l2[0] == l3[0] == pytest.approx(25, rel=0.3)  # E[(5 z)^2] = 25
-    assert all(b < a for a, b in zip(l1, l1[1:]))
+    assert all(b < a for a, b in zip(l1, l1[1:], strict=False))
     assert l1[-1] > 0.05 * l1[0]  # lr 1e1: steady but slow decrease
     assert l2[-1] < 1e-10 * l2[0]  # lr 1e2: near zero within 10 steps
-    assert all(b > a for a, b in zip(l3, l3[1:])) and l3[-1] > 1e15  # lr 1e3: blows up
+    assert all(b > a for a, b in zip(l3, l3[1:], strict=False)) and l3[-1] > 1e15  # lr 1e3: blows up
 
 
 def test_toy_is_seeded():

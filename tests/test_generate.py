@@ -161,7 +161,7 @@ def test_batched_greedy_equals_each_prompt_alone_with_per_row_stops():
     alone = [generate_ids(model, p, 20, temperature=0.0, eos_id=eos) for p in prompts]
     batched = generate_batch(model, prompts, 20, temperature=0.0, eos_id=eos)
     assert batched == alone
-    for full, stopped in zip(unstopped, alone):
+    for full, stopped in zip(unstopped, alone, strict=True):
         assert stopped == full[:full.index(eos)] if eos in full else stopped == full
     assert len({len(a) for a in alone}) > 1  # the rows really stopped at different steps
 
@@ -175,7 +175,7 @@ def test_batched_samples_equal_alone_with_per_row_generators():
 
     batched = generate_batch(model, prompts, 20, temperature=1.0, top_p=0.9, generators=gens())
     alone = [generate_ids(model, p, 20, temperature=1.0, top_p=0.9, generator=g)
-             for p, g in zip(prompts, gens())]
+             for p, g in zip(prompts, gens(), strict=True)]
     assert batched == alone
     with pytest.raises(ValueError, match="prompt 1 encodes to no tokens"):
         generate_batch(model, [[1], []], 3)
@@ -188,7 +188,7 @@ def run_dir(tmp_path_factory):
     """A run directory as cs336.train writes it: config, tokenizer, checkpoint, latest pointer."""
     root = tmp_path_factory.mktemp("run")
     text = root / "t.txt"
-    text.write_text(("the cat sat on the mat. the dog ran.<|endoftext|>" * 50))
+    text.write_text("the cat sat on the mat. the dog ran.<|endoftext|>" * 50)
     vocab, merges = train_bpe(str(text), 280, ["<|endoftext|>"])
     rd = RunDir(root / "run")
     rd.create()

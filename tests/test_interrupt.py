@@ -149,7 +149,7 @@ def test_bpe_training_interrupted(tmp_path):
     err = (seen + rest).decode("utf-8", "replace")
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Fatal Python error" not in err
-    assert f"interrupted by SIGINT: stopped while training a 20000-token BPE vocabulary" in err
+    assert "interrupted by SIGINT: stopped while training a 20000-token BPE vocabulary" in err
     assert f"nothing was written to {out}" in err
     assert not out.exists() or list(out.iterdir()) == []
 

@@ -13,9 +13,19 @@ import torch.nn.functional as F
 
 from cs336 import ops
 from cs336.config import ConfigError, ModelConfig
-from cs336.model import (Embedding, Linear, MultiHeadSelfAttention, RMSNorm,
-                         RotaryPositionalEmbedding, SwiGLU, TransformerBlock, TransformerLM,
-                         scaled_dot_product_attention, silu, softmax)
+from cs336.model import (
+    Embedding,
+    Linear,
+    MultiHeadSelfAttention,
+    RMSNorm,
+    RotaryPositionalEmbedding,
+    SwiGLU,
+    TransformerBlock,
+    TransformerLM,
+    scaled_dot_product_attention,
+    silu,
+    softmax,
+)
 
 FP32 = dict(rtol=1.3e-6, atol=1e-5)
 # The LM stacks several matmuls and normalizations; summation order differs between the two
@@ -45,7 +55,9 @@ def ref_rope(x, positions, theta):
 
 def ref_attention(sd, prefix, x, num_heads, theta, positions):
     B, T, d = x.shape
-    heads = lambda t: t.view(B, T, num_heads, d // num_heads).transpose(1, 2)  # (B, H, T, dh)
+    def heads(t):
+        return t.view(B, T, num_heads, d // num_heads).transpose(1, 2)  # (B, H, T, dh)
+
     q = heads(F.linear(x, sd[prefix + "q_proj.weight"]))
     k = heads(F.linear(x, sd[prefix + "k_proj.weight"]))
     v = heads(F.linear(x, sd[prefix + "v_proj.weight"]))
@@ -63,7 +75,9 @@ def ref_swiglu(sd, prefix, x):
 def ref_lm(sd, cfg, ids, positions=None):
     """The standard pre-norm CS336 Transformer LM, from its state dict."""
     positions = torch.arange(ids.shape[-1]) if positions is None else positions
-    norm = lambda t, name: F.rms_norm(t, (cfg["d_model"],), sd[name], eps=1e-5)
+    def norm(t, name):
+        return F.rms_norm(t, (cfg["d_model"],), sd[name], eps=1e-5)
+
     x = F.embedding(ids, sd["token_embeddings.weight"])
     for i in range(cfg["num_layers"]):
         p = f"layers.{i}."
@@ -358,7 +372,9 @@ def test_transformer_block_pre_norm_matches_reference():
     block = TransformerBlock(16, 4, 24, max_seq_len=12, theta=1000.0)
     x = torch.randn(2, 10, 16)
     sd = block.state_dict()
-    norm = lambda t, name: F.rms_norm(t, (16,), sd[name], eps=1e-5)
+    def norm(t, name):
+        return F.rms_norm(t, (16,), sd[name], eps=1e-5)
+
     positions = torch.arange(10)
     h = x + ref_attention(sd, "attn.", norm(x, "ln1.weight"), 4, 1000.0, positions)
     expected = h + ref_swiglu(sd, "ffn.", norm(h, "ln2.weight"))
@@ -374,7 +390,8 @@ def test_low_precision_forward_runs():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
-@pytest.mark.skipif(not ops.backend_available("triton"), reason="Triton kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
+@pytest.mark.skipif(not ops.backend_available("triton"),
+                    reason="Triton kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
 def test_triton_backend_gives_the_same_loss_and_gradients():
     """The model keeps every backend choice inside ops calls: switching ``kernels`` to triton
     changes nothing beyond float rounding (per-op parity is in tests/parity)."""
@@ -389,7 +406,7 @@ def test_triton_backend_gives_the_same_loss_and_gradients():
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
     _close(losses[1], losses[0], **LM_TOL)
-    for g_triton, g_torch in zip(grads[1], grads[0]):
+    for g_triton, g_torch in zip(grads[1], grads[0], strict=True):
         _close(g_triton, g_torch, **LM_TOL)
 
 

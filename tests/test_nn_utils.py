@@ -124,7 +124,7 @@ def test_clip_gradients_matches_torch(scale, max_norm):
     norm = clip_gradients(ours, max_norm)
     ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref if p.grad is not None], max_norm)
     _close(norm, ref_norm)
-    for p, q in zip(ours[:3], ref[:3]):
+    for p, q in zip(ours[:3], ref[:3], strict=True):
         _close(p.grad, q.grad)
     assert ours[3].grad is None
     after = gradient_norm(ours)

@@ -50,7 +50,7 @@ def _run_algorithm2(steps, lr, betas, eps, weight_decay, seed=0):
         grads = torch.autograd.grad(loss_fn(*params), params)
         with torch.no_grad():
             alpha = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-            for i, (p, g) in enumerate(zip(params, grads)):
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 m[i] = b1 * m[i] + (1 - b1) * g
                 v[i] = b2 * v[i] + (1 - b2) * g * g
                 p -= alpha * m[i] / (torch.sqrt(v[i]) + eps)
@@ -73,7 +73,8 @@ def _run_torch(steps, seed=0, **hp):
 
 
 def _max_diff(a, b):
-    return max((x - y).abs().max().item() for step_a, step_b in zip(a, b) for x, y in zip(step_a, step_b))
+    return max((x - y).abs().max().item()
+               for step_a, step_b in zip(a, b, strict=True) for x, y in zip(step_a, step_b, strict=True))
 
 
 HP = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -140,13 +141,13 @@ def test_adamw_state_dict_round_trip_continues_identically():
     train(params_a, opt_a, 10)
     params_b, opt_b = make()
     with torch.no_grad():
-        for pa, pb in zip(params_a, params_b):
+        for pa, pb in zip(params_a, params_b, strict=True):
             pb.copy_(pa)
     # Deep copy: state_dict() returns the live moment tensors (as a checkpoint file would not).
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     train(params_a, opt_a, 5)
     train(params_b, opt_b, 5)
-    for pa, pb in zip(params_a, params_b):
+    for pa, pb in zip(params_a, params_b, strict=True):
         assert torch.equal(pa, pb)
 
 
@@ -257,7 +258,9 @@ def test_closure_is_evaluated_with_grad():
 
 def test_cosine_schedule_key_points():
     max_lr, min_lr, warm, cycle = 1.0, 0.1, 10, 110
-    f = lambda it: lr_cosine_schedule(it, max_lr, min_lr, warm, cycle)
+    def f(it):
+        return lr_cosine_schedule(it, max_lr, min_lr, warm, cycle)
+
     assert f(0) == 0.0
     assert f(5) == pytest.approx(0.5)
     assert f(10) == pytest.approx(max_lr)
@@ -266,8 +269,8 @@ def test_cosine_schedule_key_points():
     assert f(110) == pytest.approx(min_lr)
     assert f(111) == min_lr and f(10_000) == min_lr
     values = [f(it) for it in range(0, 120)]
-    assert all(a <= b for a, b in zip(values[:10], values[1:11]))  # rising warm-up
-    assert all(a >= b for a, b in zip(values[10:110], values[11:111]))  # falling cosine
+    assert all(a <= b for a, b in zip(values[:10], values[1:11], strict=True))  # rising warm-up
+    assert all(a >= b for a, b in zip(values[10:110], values[11:111], strict=True))  # falling cosine
 
 
 def test_cosine_schedule_edge_cases():
@@ -278,7 +281,8 @@ def test_cosine_schedule_edge_cases():
         lr_cosine_schedule(0, 1.0, 0.1, 20, 10)
 
 
-@pytest.mark.skipif(not ops.backend_available("triton"), reason="Triton kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
+@pytest.mark.skipif(not ops.backend_available("triton"),
+                    reason="Triton kernels cannot run here (no CUDA and no TRITON_INTERPRET)")
 def test_fused_adamw_matches_reference_trajectory():
     hp = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     fused, _ = _run_ours(5, fused=True, **hp)

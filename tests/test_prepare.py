@@ -125,7 +125,8 @@ def test_pre_encoded_tokens_of_another_tokenizer_are_refused(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 50, encoding="utf-8")
     for name in ("train", "valid"):
-        encode_file(text, tmp_path / f"{name}.bin", Tokenizer(vocab, []), tokenizer_hash=tokenizer_hash(tmp_path / "tok_a"))
+        encode_file(text, tmp_path / f"{name}.bin", Tokenizer(vocab, []),
+                    tokenizer_hash=tokenizer_hash(tmp_path / "tok_a"))
     cfg = _cfg(None, None, source="tokens", train_tokens=str(tmp_path / "train.bin"),
                valid_tokens=str(tmp_path / "valid.bin"), tokenizer_dir=str(tmp_path / "tok_b"))
     with pytest.raises(TokenFileError, match=r"train\.bin was encoded with another tokenizer .* than the one in "

@@ -9,9 +9,9 @@ cover real text; hypothesis covers the rest of Unicode.
 from __future__ import annotations
 
 import os
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -295,7 +295,7 @@ def test_vocab_size_too_small(tmp_path):
 
 def test_non_utf8_input_names_file_and_offset(tmp_path):
     path = tmp_path / "latin1.txt"
-    path.write_bytes("caf".encode() + "é".encode("latin-1") + b" ok")
+    path.write_bytes(b"caf" + "é".encode("latin-1") + b" ok")
     with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 \(byte offset 3"):
         train_bpe(path, 300, [])
 

@@ -64,7 +64,7 @@ def _outcome(*paths: Path):
 
     def tell() -> str:
         states = []
-        for path, then in zip(paths, before):
+        for path, then in zip(paths, before, strict=True):
             now = _stamp(path)
             if now != then:
                 states.append(f"{path} was written completely")

@@ -220,8 +220,8 @@ def init_state(sym, word_start, word_len, word_count, pool, tok_off, tok_len, to
     total = np.int64(0)
     for w in range(word_start.shape[0]):
         total += max(word_len[w] - 1, 0)
-    pairs = np.empty((max(total, 16), PAIR_COLS), np.int64)
-    nodes = np.empty((max(total, 16), 2), np.int64)
+    pairs = np.empty((max(total, np.int64(16)), PAIR_COLS), np.int64)
+    nodes = np.empty((max(total, np.int64(16)), 2), np.int64)
     table = _rehash(np.full((16, 2), -1, np.int64), pairs, np.int64(0), total)
     meta = np.zeros(META_LEN, np.int64)
     meta[M_POOL] = pool.shape[0]

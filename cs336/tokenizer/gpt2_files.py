@@ -13,8 +13,8 @@ right types; vocab ids are exactly 0..N-1 (dense, so no id can make a reader all
 vocabulary: a stray id of 2,000,000,000 is refused, not allocated); no token string appears twice;
 each merge's two parts and its result are vocabulary entries; in a tokenizer directory every
 multi-byte token other than a special token is made by a merge, and the counts and special
-tokens recorded in ``tokenizer.json`` match the two files. Saving writes both files atomically (temporary file in the same
-directory, then ``os.replace``).
+tokens recorded in ``tokenizer.json`` match the two files. Saving writes both files atomically (temporary
+file in the same directory, then ``os.replace``).
 """
 
 from __future__ import annotations

@@ -354,7 +354,7 @@ def pretokenize_fast(text: str) -> list[str]:
             joined = _join(np.frombuffer(data, dtype=np.uint8), bounds, sep_bytes).tobytes()
             return joined.decode("utf-8", "surrogatepass").split(sep)
     edges = bounds.tolist()
-    return [data[a:b].decode("utf-8", "surrogatepass") for a, b in zip(edges, edges[1:])]
+    return [data[a:b].decode("utf-8", "surrogatepass") for a, b in zip(edges, edges[1:], strict=False)]
 
 
 def pretoken_counts(text: str) -> dict[str, int]:
@@ -367,5 +367,5 @@ def pretoken_counts(text: str) -> dict[str, int]:
     ends = bounds[first + 1].tolist()
     return {
         data[a:b].decode("utf-8", "surrogatepass"): c
-        for a, b, c in zip(starts, ends, counts.tolist())
+        for a, b, c in zip(starts, ends, counts.tolist(), strict=True)
     }

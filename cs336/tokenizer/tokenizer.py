@@ -40,7 +40,7 @@ from .pretokenize import pretokenize, special_token_regex, split_on_special
 try:
     from .pretok_numba import utf8_bounds
 except ImportError:
-    utf8_bounds = None
+    utf8_bounds = None  # type: ignore[assignment]
 
 # A safe place to cut a stream: after a non-whitespace character that is followed by whitespace.
 # No alternative of the GPT-2 pattern matches across such a point or looks past it.
@@ -118,7 +118,7 @@ class Tokenizer:
                 self._decode_table[idx] = token
         else:  # sparse ids (a dict from the caller): memory stays proportional to the vocab
             self._decode_table = dict(self.vocab)
-        self._cache = None  # encode_numba.new_cache(), made on first use
+        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # new_cache(), on first use
         self._lock = threading.Lock()
 
     @classmethod
@@ -192,14 +192,14 @@ class Tokenizer:
             ids = list(ids)
         table = self._decode_table
         try:
-            data = b"".join(map(table.__getitem__, ids))
+            data = b"".join(map(table.__getitem__, ids))  # type: ignore[arg-type]  # None: TypeError below
             if ids and min(ids) < 0:
                 raise IndexError
         except (IndexError, KeyError, TypeError):
             size = self._vocab_size
             for i in ids:
                 if not isinstance(i, (int, np.integer)) or not 0 <= i < size or (
-                    table[i] if isinstance(table, list) else table.get(i)
+                    table[i] if isinstance(table, list) else table.get(int(i))
                 ) is None:
                     raise ValueError(
                         f"token id {i!r} is not in the vocabulary (valid ids: 0..{size - 1})"
@@ -211,7 +211,8 @@ class Tokenizer:
         with self._lock:  # the numba call updates the cache arrays without the GIL
             if self._cache is None:
                 self._cache = new_cache()
-            result = encode_pieces(np.frombuffer(data, dtype=np.uint8), bounds, self._byte_ids, self._pairs, *self._cache)
+            result = encode_pieces(np.frombuffer(data, dtype=np.uint8), bounds, self._byte_ids, self._pairs,
+                                   *self._cache)
             if self._cache[3][3]:
                 clear_cache(self._cache)
         return result

@@ -214,7 +214,7 @@ def count_pretokens(
     special_bytes = [s.encode("utf-8") for s in specials]
     with open(path, "rb") as f:
         cuts = sorted({0, size} | {next_split(f, k * size // n_tasks, size, special_bytes) for k in range(1, n_tasks)})
-    jobs = [(path, a, b, specials) for a, b in zip(cuts, cuts[1:])]
+    jobs = [(path, a, b, specials) for a, b in zip(cuts, cuts[1:], strict=False)]
     bar = None
     if progress:
         from tqdm import tqdm

@@ -103,7 +103,8 @@ def test_adamw_mixed_dtype_groups_in_one_call(parity, provider):
     grads = [torch.randn_like(p32), torch.randn(30, device=DEVICE).bfloat16()]
     IMPLS[provider](params, grads, ms, vs, step=1, **HYPER)
     adamw_step_reference_(*ref[:1], grads, *ref[1:], step=1, **HYPER)
-    for a, b, name in zip(params + ms + vs, ref[0] + ref[1] + ref[2], ["p32", "p16", "m32", "m16", "v32", "v16"]):
+    names = ["p32", "p16", "m32", "m16", "v32", "v16"]
+    for a, b, name in zip(params + ms + vs, ref[0] + ref[1] + ref[2], names, strict=True):
         parity.assert_close(a, b, f"adamw mixed {name}")
 
 

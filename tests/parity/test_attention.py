@@ -15,8 +15,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cs336 import ops
-from kernels._common import KernelInputError
 from kernels import attention as flash
+from kernels._common import KernelInputError
 from kernels.attention import AttentionConfig, FlashAttention, attention_flops, forced_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

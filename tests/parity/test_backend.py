@@ -56,7 +56,8 @@ def test_auto_resolves_to_triton_where_cuda_is_present(monkeypatch):
 
 
 def test_unknown_backend_is_rejected():
-    with pytest.raises(ops.BackendError, match="unknown kernel backend 'cuda'; valid choices: auto, torch, native, triton"):
+    expected = "unknown kernel backend 'cuda'; valid choices: auto, torch, native, triton"
+    with pytest.raises(ops.BackendError, match=expected):
         ops.set_backend("cuda")
     with pytest.raises(ops.BackendError, match="unknown kernel backend"):
         with ops.use_backend("fast"):

@@ -3,8 +3,9 @@ shared weights.
 
 Logits, ``model.loss`` and every parameter gradient must agree, and a few training steps on the
 fused model with its provider's AdamW step (``ops.use_backend(provider)`` around ``AdamW.step``)
-must track ``AdamW(fused=False)`` on the torch model. Tolerances: the fp32 defaults of tests/parity/conftest.py, except parameters after
-several optimizer steps (``model_training`` entry there, with its reason).
+must track ``AdamW(fused=False)`` on the torch model. Tolerances: the fp32 defaults of
+tests/parity/conftest.py, except parameters after several optimizer steps (``model_training``
+entry there, with its reason).
 """
 
 import copy
