@@ -110,7 +110,7 @@ def throughput(overrides_by_name: dict[str, list[str]], rounds: int = 3, steps: 
         with ops.use_backend(cfg.model.kernels):
             opt.step()
 
-    for name, setup in setups.items():
+    for setup in setups.values():
         step(*setup)
     for _ in range(rounds):
         for name, setup in setups.items():
@@ -158,7 +158,7 @@ def compare(corpus: Path, seeds: list[int], steps: int, work: Path, only: tuple[
 
 def table(results: dict, steps: int) -> str:
     base = statistics.mean(r["val_loss"] for r in results["baseline"].values())
-    lines = [f"| run | val loss (mean) | per seed | vs baseline | tokens/s (mean) | train s (mean) |",
+    lines = ["| run | val loss (mean) | per seed | vs baseline | tokens/s (mean) | train s (mean) |",
              "| --- | ---: | --- | ---: | ---: | ---: |"]
     for name, by_seed in results.items():
         if name == "interleaved_tokens_per_s":

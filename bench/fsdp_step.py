@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     base = rows["single"][0]["step_s"]
     print(f"model d_model={cfg.d_model} layers={cfg.num_layers} d_ff={cfg.d_ff} vocab={cfg.vocab_size}; "
           f"global batch {args.batch} x {args.seq} tokens; {torch.__version__}")
-    print("| mode | ranks | step ms (median) | vs one process | params+grads+AdamW per rank | accounting | peak RSS per rank |")
+    print("| mode | ranks | step ms (median) | vs one process | params+grads+AdamW per rank | accounting "
+          "| peak RSS per rank |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mode, res in rows.items():
         world = len(res)

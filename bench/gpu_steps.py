@@ -168,7 +168,6 @@ def train(dry: bool, device: torch.device) -> None:
     from cs336 import flops, hardware, ops
     from cs336.model import TransformerLM
     from cs336.optim import AdamW
-
     from cs336.presets import model_preset
 
     cfg = model_preset("gpt2-small")

@@ -38,7 +38,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: the shared harness
 
 from _harness import shapes_for  # noqa: E402
-
 from cs336 import flops, ops  # noqa: E402
 from cs336.fileio import atomic_write_text  # noqa: E402
 from cs336.presets import model_preset  # noqa: E402
@@ -116,10 +115,10 @@ def compiled(fn: Callable) -> Callable:
 
 
 # Called with every row as soon as it is measured (bench/gpu_steps.py appends it to its JSONL).
-SINKS: list[Callable[["Row"], None]] = []
+SINKS: list[Callable[[Row], None]] = []
 
 
-def emit(rows: list, *new: "Row") -> None:
+def emit(rows: list, *new: Row) -> None:
     """Append ``new`` to ``rows`` and hand each to the SINKS."""
     for row in new:
         rows.append(row)
@@ -383,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run: not a measurement)",
-        "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date (UTC)": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "torch / triton": f"{torch.__version__} / {triton.__version__}",
         "dtype": args.dtype,
         "timer": "wall clock, median of 3 (smoke)" if args.smoke else "triton.testing.do_bench, median",

@@ -65,7 +65,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)):
@@ -228,7 +228,7 @@ def run_cli(body: Callable[[], object], *, user_errors: tuple[type[BaseException
             body()
         except BrokenPipeError:
             _quiet_stdout()
-        except (*user_errors, *(exit_codes or {})):
+        except (*user_errors, *(exit_codes or {})):  # noqa: B030 (a tuple of exception classes, unpacked)
             raise
         except Exception as exc:
             message = user_error_message(exc)

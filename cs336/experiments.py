@@ -32,7 +32,14 @@ from pathlib import Path
 
 from cs336 import config as cfglib
 from cs336 import config_io, presets, sweep
-from cs336.cli import add_config_arguments, add_deprecated_alias, base_config, overrides_from_args, parse_args, positive_int
+from cs336.cli import (
+    add_config_arguments,
+    add_deprecated_alias,
+    base_config,
+    overrides_from_args,
+    parse_args,
+    positive_int,
+)
 
 
 def __getattr__(name: str):
@@ -52,7 +59,7 @@ def format_sgd_toy(results: dict[float, list[float]]) -> str:
     header = ["step"] + [f"lr={lr:g}" for lr in lrs]
     rows = [[str(t)] + [f"{results[lr][t]:.4g}" for lr in lrs] for t in range(steps)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in [header, *rows])
 
 
 Points = Callable[[cfglib.TrainConfig], list[dict[str, str]]]

@@ -53,12 +53,16 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cs336.cli import add_deprecated_alias
 from cs336.config import ConfigError, ModelConfig
 from cs336.fileio import WriteError, atomic_write_text, current_umask, writing
-from cs336.interrupt import deferred_signals
 from cs336.inference import add_source_arguments
+from cs336.interrupt import deferred_signals
+
+if TYPE_CHECKING:
+    import torch
 
 MARKER = "cs336_export.json"
 FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -123,7 +127,8 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
         out[theirs + "post_attention_layernorm.weight"] = sd[ours + "ln2.weight"]
         if cfg.qk_norm:  # (d_head,) gains over the permuted head dims
             for qk in ("q", "k"):
-                out[theirs + f"self_attn.{qk}_norm.weight"] = sd[ours + f"attn.{qk}_norm.weight"][rope_permutation(cfg.d_head)]
+                norm = sd[ours + f"attn.{qk}_norm.weight"]
+                out[theirs + f"self_attn.{qk}_norm.weight"] = norm[rope_permutation(cfg.d_head)]
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 

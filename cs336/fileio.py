@@ -32,7 +32,6 @@ from typing import IO
 
 from cs336.interrupt import deferred_signals
 
-
 FIXES = {
     errno.ENOSPC: "free space on that file system or write somewhere else",
     errno.EDQUOT: "free space within your quota or write somewhere else",

@@ -11,11 +11,12 @@ KV cache, several prompts decoded together.
 loads that file (its run directory, two levels up, supplies the tokenizer unless
 ``--tokenizer-dir`` is given). The model configuration comes from the checkpoint itself.
 Generation stops after ``--max-tokens`` new tokens or at the run's first special token
-(``data.special_tokens[0]``, ``<|endoftext|>`` by default), which is not printed. ``--prompt-file`` holds one prompt per line; ``--num-samples N`` decodes N samples
-of every prompt. Results print in input order (one block per result, or one JSON object per line
-with ``--jsonl``), each batch of ``--batch-size`` results as soon as it is done; the rows of
-a batch are built only when it starts, so memory does not grow with ``--num-samples``. Each
-decode step copies to the host once for all rows of a batch (``next_tokens``).
+(``data.special_tokens[0]``, ``<|endoftext|>`` by default), which is not printed. ``--prompt-file``
+holds one prompt per line; ``--num-samples N`` decodes N samples of every prompt. Results print in
+input order (one block per result, or one JSON object per line with ``--jsonl``), each batch of
+``--batch-size`` results as soon as it is done; the rows of a batch are built only when it starts,
+so memory does not grow with ``--num-samples``. Each decode step copies to the host once for all
+rows of a batch (``next_tokens``).
 
 The reference (``kv_cache=False``, ``--no-kv-cache``) reruns the model over the window for every
 new token: the last ``context_length`` tokens at positions 0..context_length-1. The KV cache path
@@ -53,9 +54,14 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cs336.config import ConfigError
 from cs336.inference import add_source_arguments
+
+if TYPE_CHECKING:
+    import torch
+
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the nucleus of ``probs`` (..., V) and renormalize over the last dim.
@@ -94,7 +100,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         return torch.argmax(logits, dim=-1).tolist()
     probs = top_p_filter(nn_utils.softmax(logits / temperature, dim=-1), top_p).cpu()  # (B, V)
     gens = generators if generators is not None else [None] * len(probs)
-    return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, gens)]
+    return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, gens, strict=True)]
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float,
@@ -136,7 +142,7 @@ def _prefill(model: torch.nn.Module, cache, seqs: list[list[int]]) -> torch.Tens
     width = max(len(w) for w in windows)
     pads = [width - len(w) for w in windows]
     # Padding columns hold id 0: any id does, they are masked out as keys.
-    tokens = torch.tensor([[0] * p + w for p, w in zip(pads, windows)], dtype=torch.long,
+    tokens = torch.tensor([[0] * p + w for p, w in zip(pads, windows, strict=True)], dtype=torch.long,
                           device=_device(model))  # (B, width)
     cache.reset(pads)
     return model(tokens, kv_cache=cache)[:, -1]
@@ -158,7 +164,7 @@ def _decode_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
     logits = _prefill(model, cache, seqs)  # (B, V)
     for step in range(max_new_tokens):
         kept, new_ids = [], []
-        for i, (row, tok) in enumerate(zip(rows, pick(rows, logits))):
+        for i, (row, tok) in enumerate(zip(rows, pick(rows, logits), strict=True)):
             if eos_id is not None and tok == eos_id:
                 continue
             outs[row].append(tok)
@@ -242,7 +248,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     ids = generate_batch(model, [tokenizer.encode(p) for p in prompts], max_new_tokens,
                          temperature=temperature, top_p=top_p, eos_id=stop_id(tokenizer),
                          generators=generators, kv_cache=kv_cache)
-    return [p + tokenizer.decode(out) for p, out in zip(prompts, ids)]
+    return [p + tokenizer.decode(out) for p, out in zip(prompts, ids, strict=True)]
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 1.0,
@@ -345,7 +351,7 @@ def _generate(args: argparse.Namespace, printed: list[int]) -> None:
         texts = generate_texts(model, tokenizer, [prompts[i] for i, _ in chunk], args.max_tokens,
                                temperature=args.temperature, top_p=args.top_p, seed=seed,
                                kv_cache=not args.no_kv_cache)
-        for (i, j), text in zip(chunk, texts):
+        for (i, j), text in zip(chunk, texts, strict=True):
             if args.jsonl:
                 print(json.dumps({"prompt_index": i, "sample": j, "text": text}, ensure_ascii=False))
             elif single:

@@ -21,7 +21,6 @@ ones with bf16 matmul outputs, an estimate).
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 from cs336.config import ConfigError, ModelConfig

@@ -35,10 +35,22 @@ from torch import nn
 
 from cs336 import ops
 from cs336.config import ModelConfig
+from cs336.layers import (
+    Embedding,
+    KVCache,
+    LayerKVCache,
+    Linear,
+    MultiHeadSelfAttention,
+    NoNorm,
+    RMSNorm,
+    RotaryPositionalEmbedding,
+    SiLUFFN,
+    SwiGLU,
+    scaled_dot_product_attention,
+    silu,
+    softmax,
+)
 from cs336.nn_utils import softcap
-from cs336.layers import (Embedding, KVCache, LayerKVCache, Linear, MultiHeadSelfAttention, NoNorm,
-                          RMSNorm, RotaryPositionalEmbedding, SiLUFFN, SwiGLU,
-                          scaled_dot_product_attention, silu, softmax)
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "NoNorm", "SwiGLU", "SiLUFFN", "RotaryPositionalEmbedding",
@@ -203,7 +215,7 @@ class TransformerLM(nn.Module):
                     x = layer(x, token_positions)
                 return self.ln_final(x)
             kv_cache.begin(token_ids.shape[-1])
-            for layer, slot in zip(self.layers, kv_cache.layers):
+            for layer, slot in zip(self.layers, kv_cache.layers, strict=True):
                 x = layer(x, token_positions, slot)
             kv_cache.commit()
             return self.ln_final(x)

@@ -65,7 +65,7 @@ def loss_figure(metrics_path: str | Path, title: str | None = None):
         if not pts:
             continue
         plotted = True
-        steps, walls, losses = zip(*pts)
+        steps, walls, losses = zip(*pts, strict=True)
         label = key.replace("_", " ")
         axes[0].plot(steps, losses, style, label=label, markersize=3)
         axes[1].plot(walls, losses, style, label=label, markersize=3)
@@ -73,7 +73,7 @@ def loss_figure(metrics_path: str | Path, title: str | None = None):
         label = "resumed" if i == 0 else None
         axes[0].axvline(resume["step"], color="gray", linestyle="--", linewidth=0.8, label=label)
         axes[1].axvline(resume.get("wallclock_s", 0.0), color="gray", linestyle="--", linewidth=0.8, label=label)
-    for ax, xlabel in zip(axes, ("step", "wallclock (s)")):
+    for ax, xlabel in zip(axes, ("step", "wallclock (s)"), strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss (nats/token, log scale)")
         if plotted:

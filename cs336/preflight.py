@@ -25,16 +25,25 @@ from cs336 import distributed as dist_utils
 from cs336 import ops
 from cs336.checkpoint_integrity import read_checkpoint
 from cs336.config import ConfigError, TrainConfig
-from cs336.memory import per_rank_memory
 from cs336.hardware import device_memory
-from cs336.run_dir import (RunDir, RunDirError, RunDirRefused, RunLock, claim_run_dir, is_run_dir, link_latest,
-                           new_run_dir)
+from cs336.memory import per_rank_memory
+from cs336.run_dir import (
+    RunDir,
+    RunDirError,
+    RunDirRefused,
+    RunLock,
+    claim_run_dir,
+    is_run_dir,
+    link_latest,
+    new_run_dir,
+)
 
 RESUME_MAY_CHANGE = (
     "model.kernels",
     "train.out_dir", "train.max_steps", "train.eval_interval", "train.eval_batches", "train.log_interval",
     "train.checkpoint_interval", "train.keep_last", "train.device", "train.autocast", "train.tf32",
-    "train.compile", "train.threads", "train.parallel", "train.activation_checkpointing", "train.wandb", "train.wandb_mode", "train.wandb_project",
+    "train.compile", "train.threads", "train.parallel", "train.activation_checkpointing", "train.wandb",
+    "train.wandb_mode", "train.wandb_project",
     "train.wandb_group", "train.profile", "train.sample_prompt", "train.sample_tokens",
     "train.sample_temperature", "train.sample_top_p", "train.progress", "train.grad_accum_steps",
     "train.diverge_loss_factor", "train.diverge_grad_norm", "train.diverge_max_weight",

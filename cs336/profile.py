@@ -28,10 +28,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cs336.cli import add_config_arguments, config_from_args, parse_args
 from cs336.config import ConfigError, TrainConfig, check_positive
 from cs336.fileio import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,8 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
     from torch.profiler import record_function
 
     from cs336 import ops
-    from cs336.model import TransformerLM
     from cs336.hardware import autocast_for, resolve_device
+    from cs336.model import TransformerLM
     from cs336.optim import build_optimizer
 
     device = resolve_device(cfg.train.device)

@@ -26,7 +26,7 @@ import secrets
 import shutil
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cs336.config import ConfigError, TrainConfig
@@ -193,7 +193,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 
 def write_marker(path: Path) -> None:
-    info = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid(),
+    info = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "pid": os.getpid(),
             "host": socket.gethostname()}
     atomic_write_text(path / MARKER, json.dumps(info) + "\n")
 
@@ -228,7 +228,7 @@ def new_run_dir(parent: str | os.PathLike = RUNS, *, attempts: int = 20) -> Path
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         path = parent / f"{stamp}-{os.getpid()}-{secrets.token_hex(2)}"
         try:
             path.mkdir(exist_ok=False)

@@ -19,7 +19,6 @@ Everything loads with ``weights_only=True``. Source: torch.distributed.checkpoin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import warnings
@@ -30,9 +29,17 @@ import torch
 import torch.distributed as dist
 
 from cs336.checkpoint import _check_config, _check_loadable, _strip_prefixes, rng_state
-from cs336.checkpoint_integrity import (SHARDED_FORMAT as FORMAT, SHARDED_META as META, SHARDED_VERSION as VERSION,
-                                      CheckpointError, is_sharded_checkpoint, payload_digest, read_meta, sha256_file,
-                                      unwrap_model)
+from cs336.checkpoint_integrity import SHARDED_FORMAT as FORMAT
+from cs336.checkpoint_integrity import SHARDED_META as META
+from cs336.checkpoint_integrity import SHARDED_VERSION as VERSION
+from cs336.checkpoint_integrity import (
+    CheckpointError,
+    is_sharded_checkpoint,
+    payload_digest,
+    read_meta,
+    sha256_file,
+    unwrap_model,
+)
 from cs336.fileio import atomic_open
 
 __all__ = ["is_sharded_checkpoint", "load_full_into", "load_sharded_into", "read_meta", "save_sharded"]
@@ -41,8 +48,7 @@ SUFFIX = ".dcp"
 
 
 def _state(model, optimizer, sharded: bool) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions()
     state = {"model": get_model_state_dict(model, options=options)}
@@ -120,8 +126,7 @@ def _fqn_optimizer_state(model, optimizer_state: dict) -> dict:
 def load_full_into(payload: dict, name: str, model, optimizer) -> None:
     """Load a single-file checkpoint dict (``read_checkpoint``) into a sharded model and optimizer:
     every rank keeps its shards of the whole tensors."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
 
     model = unwrap_model(model)

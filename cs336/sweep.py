@@ -99,7 +99,7 @@ def grid_points(axes: Sequence[Axis]) -> list[dict[str, str]]:
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
         raise SweepError(f"--grid key(s) {', '.join(duplicates)} given twice; give each key one --grid")
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(a.values for a in axes))]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(a.values for a in axes))]
 
 
 def point_name(point: dict[str, str]) -> str:

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from cs336.cli import add_config_arguments, config_from_args, overrides_from_args, parse_args, run_cli
 from cs336.config import ConfigError, TrainConfig
 from cs336.config_io import apply_overrides, load_config
 from cs336.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from cs336.trainer import TrainingDiverged, run
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -33,9 +37,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cs336.data import TokenFileError
     from cs336.datasets import DatasetError
     from cs336.ops import BackendError
+    from cs336.preflight import FlagError
     from cs336.run_dir import RunDirError, RunDirRefused
     from cs336.tokenizer.gpt2_files import TokenizerFileError
-    from cs336.preflight import FlagError
 
     return (ConfigError, CheckpointError, TokenFileError, DatasetError, BackendError, RunDirError,
             RunDirRefused, TokenizerFileError, FlagError)

@@ -1,19 +1,17 @@
 """The training loop of ``python -m cs336.train``: state, one step, evaluation, saving.
 
-``train`` reads top to bottom: the checks before work (``cs336.preflight``), the run directory,
-the data (``cs336.prepare``), a ``Trainer`` (model, the optimizer of ``cs336.optim.build_optimizer``, batch sampler, loss
-wrapper), the
-checkpoint when resuming, then the loop: learning rate, ``forward_backward`` (gradient
-accumulation over ``train.grad_accum_steps`` micro-batches, ``no_sync`` on all but the last
-under DDP), ``check_step``, the optimizer step under the model's kernel backend, and at interval
-boundaries the metrics (``cs336.metrics``), evaluation and ``save``. It follows nanoGPT's
-``train.py`` (a plain loop, values read from the device only when logged) and torchtitan's split
-of concerns (a trainer object, the profiler a context manager the loop steps). Host syncs: one
-per step (loss and gradient norm in one ``tolist()`` for ``DivergenceGuard``; the triton loss
-kernel adds its own check of the targets, ``kernels/cross_entropy.py``), one per log line, one
-per checkpoint (``check_weights``). A resume re-applies the resolved config's optimizer
-hyperparameters after loading the optimizer state, so every accepted ``--optim.*`` change takes
-effect.
+``train`` reads top to bottom: the checks before work (``cs336.preflight``), the run directory, the
+data (``cs336.prepare``), a ``Trainer`` (model, the optimizer of ``cs336.optim.build_optimizer``,
+batch sampler, loss wrapper), the checkpoint when resuming, then the loop: learning rate,
+``forward_backward`` (gradient accumulation over ``train.grad_accum_steps`` micro-batches,
+``no_sync`` on all but the last under DDP), ``check_step``, the optimizer step under the model's
+kernel backend, and at interval boundaries the metrics (``cs336.metrics``), evaluation and ``save``.
+It follows nanoGPT's ``train.py`` (a plain loop, values read from the device only when logged) and
+torchtitan's split of concerns (a trainer object, the profiler a context manager the loop steps).
+Host syncs, on every provider: one per step (loss and gradient norm in one ``tolist()`` for
+``DivergenceGuard``), one per log line, one per checkpoint (``check_weights``). A resume re-applies
+the resolved config's optimizer hyperparameters after loading the optimizer state, so every accepted
+``--optim.*`` change takes effect.
 """
 
 from __future__ import annotations
@@ -28,14 +26,20 @@ import torch
 from tqdm import tqdm
 
 from cs336 import distributed as dist_utils
-from cs336 import ops
-from cs336 import parallel
-from cs336.checkpoint import (CheckpointError, NonFiniteWeightsError, check_weights, load_checkpoint_full,
-                              read_checkpoint, restore_rng_state, write_checkpoint)
+from cs336 import ops, parallel
+from cs336.checkpoint import (
+    CheckpointError,
+    NonFiniteWeightsError,
+    check_weights,
+    load_checkpoint_full,
+    read_checkpoint,
+    restore_rng_state,
+    write_checkpoint,
+)
 from cs336.config import TrainConfig
 from cs336.config_io import changed_fields, config_to_dict
 from cs336.data import get_batch, iter_batches
-from cs336.divergence import DivergenceGuard, Diverged
+from cs336.divergence import Diverged, DivergenceGuard
 from cs336.hardware import autocast_for, resolve_device
 from cs336.interrupt import Stage, StopRequest
 from cs336.metrics import Window, close_window, finish, init_wandb, log_metrics

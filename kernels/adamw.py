@@ -181,7 +181,7 @@ def _check(params, grads, exp_avgs, exp_avg_sqs) -> None:
             f"adamw_step_: params, grads, exp_avgs, exp_avg_sqs must have equal lengths, got "
             f"{len(params)}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}"
         )
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
         for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
             check_tensor(t, f"{name} {i}", "adamw_step_")
             if t.shape != p.shape or t.device != p.device:
@@ -207,7 +207,7 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     step_size = lr * bias_correction2 ** 0.5 / bias_correction1
     groups: dict[tuple, list[list[torch.Tensor]]] = {}
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for quad in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for quad in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         if quad[0].numel() == 0:
             continue
         key = (quad[0].device,) + tuple(t.dtype for t in quad)

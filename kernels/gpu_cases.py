@@ -5,8 +5,8 @@ records the launches the thunk makes (``kernels.gpu_check.capture``) and compile
 one for every target. Realistic shapes: d_model 512..16384 (and two wider rows, to reach every
 column-loop branch), d_ff 4 x d_model and TinyStories' 1344, vocabularies 10000 / 32000 / 50257 /
 131072, a one-tensor and a one-scalar AdamW group plus the parameter lists the caller passes
-(``PARAM_GROUPS``: the model presets' lists, from ``bench/gpu_shapes.py``). ``full=False`` is the CI subset: every kernel, dtype, constexpr branch and
-int == 1 specialization, at few shapes.
+(``PARAM_GROUPS``: the model presets' lists, from ``bench/gpu_shapes.py``). ``full=False`` is the CI
+subset: every kernel, dtype, constexpr branch and int == 1 specialization, at few shapes.
 
 Adding a kernel family: one function decorated ``@case("attention")`` yielding
 ``Case(label, thunk)``, each thunk calling the family's launchers on ``_meta`` tensors through

@@ -52,8 +52,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     mp.spawn(_rank, args=(2, _free_port(), str(ddp), str(data)), nprocs=2, join=True)
     a, b = _losses(single), _losses(ddp)
     assert [r[0] for r in a] == [r[0] for r in b] == list(range(STEPS + 1))
-    for ra, rb in zip(a, b):
-        for x, y in zip(ra[1:], rb[1:]):
+    for ra, rb in zip(a, b, strict=True):
+        for x, y in zip(ra[1:], rb[1:], strict=True):
             assert (x is None) == (y is None)
             if x is not None:
                 assert y == pytest.approx(x, rel=1e-5), (ra, rb)

@@ -31,7 +31,8 @@ def test_loss_spike_is_caught_before_nan_and_names_the_last_good_checkpoint(tmp_
     assert str(ckpts / "step_000010.pt") in message  # step 20 holds weights far beyond 1e4
 
 
-@pytest.mark.parametrize("loss, grad, pattern", [(math.nan, 1.0, "loss is nan"), (2.0, math.inf, "gradient norm is inf"),
+@pytest.mark.parametrize("loss, grad, pattern", [(math.nan, 1.0, "loss is nan"),
+                                                 (2.0, math.inf, "gradient norm is inf"),
                                                   (2.0, 500.0, "exceeds the limit 100")])
 def test_non_finite_values_and_grad_limit(loss, grad, pattern):
     guard = DivergenceGuard(max_grad_norm=100.0)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cs336 import config as cfglib
 from cs336 import experiments, presets
 
 

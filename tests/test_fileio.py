@@ -163,7 +163,8 @@ def test_unrelated_errors_pass_unchanged(tmp_path):
             raise RuntimeError("shape mismatch")
 
 
-@pytest.mark.parametrize("code, fix", [(13, "fix its permissions"), (30, "write somewhere else"), (16, "another process holds it")])
+@pytest.mark.parametrize("code, fix", [(13, "fix its permissions"), (30, "write somewhere else"),
+                                       (16, "another process holds it")])
 def test_refused_temp_file_is_a_write_error_naming_the_destination(tmp_path, monkeypatch, code, fix):
     """mkstemp refused (no permission, read-only file system, busy): simulated, so the test holds
     under root too."""

@@ -58,8 +58,8 @@ def _losses(run_dir, stopped_at=None):
 def _same(a, b, rel=1e-4, grad_rel=1e-4):
     """Same steps, train/val losses within ``rel``, gradient norms within ``grad_rel``."""
     assert [r[0] for r in a] == [r[0] for r in b] == list(range(STEPS + 1))
-    for ra, rb in zip(a, b):
-        for x, y, tol in zip(ra[1:], rb[1:], (rel, rel, grad_rel)):
+    for ra, rb in zip(a, b, strict=True):
+        for x, y, tol in zip(ra[1:], rb[1:], (rel, rel, grad_rel), strict=True):
             assert (x is None) == (y is None), (ra, rb)
             if x is not None:
                 assert y == pytest.approx(x, rel=tol), (ra, rb)

@@ -64,7 +64,8 @@ def test_kernels_import_nothing_of_cs336():
     code = ("import sys, kernels.gpu_check, kernels.attention, kernels.adamw, kernels.cross_entropy, "
             "kernels.rms_norm, kernels.swiglu; print(sorted(m for m in sys.modules if m.split('.')[0] == 'cs336'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)})
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+                         | {"PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]"
 
 

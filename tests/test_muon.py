@@ -15,8 +15,18 @@ from cs336 import ops
 from cs336.checkpoint import load_checkpoint, save_checkpoint
 from cs336.config import ConfigError, ModelConfig, OptimConfig
 from cs336.model import TransformerLM
-from cs336.optim import (AdamW, Muon, build_optimizer, lr_cosine_schedule, lr_wsd_schedule, muon_param_names,
-                         newton_schulz, schedule_lr, set_group_hyperparameters, set_group_lrs)
+from cs336.optim import (
+    AdamW,
+    Muon,
+    build_optimizer,
+    lr_cosine_schedule,
+    lr_wsd_schedule,
+    muon_param_names,
+    newton_schulz,
+    schedule_lr,
+    set_group_hyperparameters,
+    set_group_lrs,
+)
 
 CFG = ModelConfig(vocab_size=64, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=24, kernels="torch")
 HIDDEN = {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj", "ffn.w1", "ffn.w2", "ffn.w3"}

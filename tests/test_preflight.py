@@ -3,8 +3,15 @@
 import pytest
 
 from cs336.config import ConfigError
-from cs336.preflight import (FlagError, check_text_file, check_tokenizer_fits, config_conflicts, existing_file,
-                             resume_conflicts, writable_dir)
+from cs336.preflight import (
+    FlagError,
+    check_text_file,
+    check_tokenizer_fits,
+    config_conflicts,
+    existing_file,
+    resume_conflicts,
+    writable_dir,
+)
 
 
 def test_config_conflicts_lists_changed_leaves_except_allowed():

@@ -19,9 +19,9 @@ from cs336 import ops
 from cs336.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cs336.config import ConfigError, ModelConfig, TrainConfig
 from cs336.config_io import apply_overrides, config_from_dict, config_to_dict
-from cs336.presets import leaderboard_config, preset, smoke_config
 from cs336.model import TransformerLM
 from cs336.nn_utils import cross_entropy
+from cs336.presets import leaderboard_config, preset, smoke_config
 
 CFG = ModelConfig(vocab_size=97, context_length=12, d_model=24, num_layers=2, num_heads=3, d_ff=40,
                   kernels="torch")
@@ -208,7 +208,8 @@ def test_leaderboard_preset_turns_the_recipe_on():
 # ------------------------------------------------------------------ the run: resume, generate, export
 
 RECIPE = ["optim.name=muon", "optim.lr=1e-2", "model.qk_norm=true", "model.tie_embeddings=true",
-          "train.z_loss=1e-4", "model.zero_init_residual=true", "optim.schedule=wsd", "optim.min_lr=0", "optim.warmup_iters=2"]
+          "train.z_loss=1e-4", "model.zero_init_residual=true", "optim.schedule=wsd", "optim.min_lr=0",
+          "optim.warmup_iters=2"]
 TINY = ["train.max_steps=16", "train.eval_interval=8", "train.log_interval=4", "train.checkpoint_interval=8",
         "data.corpus_mb=0.1", "train.sample_tokens=0", "model.kernels=torch"]
 

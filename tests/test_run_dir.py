@@ -12,8 +12,20 @@ import pytest
 
 from cs336.config import TrainConfig
 from cs336.config_io import config_to_dict
-from cs336.run_dir import (LOCK, MARKER, RunDir, RunDirBusy, RunDirRefused, RunLock, checkpoint_files, claim_run_dir,
-                           is_run_dir, link_latest, new_run_dir, read_metrics)
+from cs336.run_dir import (
+    LOCK,
+    MARKER,
+    RunDir,
+    RunDirBusy,
+    RunDirRefused,
+    RunLock,
+    checkpoint_files,
+    claim_run_dir,
+    is_run_dir,
+    link_latest,
+    new_run_dir,
+    read_metrics,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -445,7 +445,7 @@ def test_parallel_runs_one_point_per_device_at_a_time(tmp_path):
     assert {e[0] for e in events} == {"0", "1"}
     for device in ("0", "1"):
         spans = sorted((s, e) for d, s, e in events if d == device)
-        assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))  # never two at once
+        assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))  # never two at once
     spans = sorted((s, e) for _, s, e in events)
-    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # the two devices overlapped
+    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False))  # the two devices overlapped
     assert len(json.loads((out / "summary.json").read_text())["runs"]) == 5

@@ -272,7 +272,8 @@ def test_pickle_roundtrip(tok):
     assert clone.special_tokens == tok.special_tokens
 
 
-@pytest.mark.parametrize("slots, key_bytes, ids", [(16, 1 << 20, 1 << 20), (1 << 10, 40, 1 << 20), (1 << 10, 1 << 20, 12)])
+@pytest.mark.parametrize("slots, key_bytes, ids", [(16, 1 << 20, 1 << 20), (1 << 10, 40, 1 << 20),
+                                                   (1 << 10, 1 << 20, 12)])
 def test_cache_fills_and_clears(trained, monkeypatch, slots, key_bytes, ids):
     # A cache too small for the text (by slots, key bytes or ids) fills within a call, is cleared
     # after it, and never changes the ids.

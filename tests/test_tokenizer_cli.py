@@ -109,27 +109,32 @@ def _exit_2(argv, capsys) -> str:
 
 def test_bad_inputs_exit_2(tokdir, corpus, tmp_path, capsys):
     missing = tmp_path / "missing.txt"
-    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(missing), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(missing),
+                   "--out", str(tmp_path / "x.bin")], capsys)
     assert str(missing) in err
     assert not (tmp_path / "x.bin").exists()
-    err = _exit_2(["encode", "--tokenizer-dir", str(tmp_path / "nodir"), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tmp_path / "nodir"), "--input", str(corpus),
+                   "--out", str(tmp_path / "x.bin")], capsys)
     assert "nodir" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "vocab.json").write_text('{"a": 0,', encoding="utf-8")
     (broken / "merges.txt").write_text("", encoding="utf-8")
-    err = _exit_2(["encode", "--tokenizer-dir", str(broken), "--input", str(corpus), "--out", str(tmp_path / "x.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(broken), "--input", str(corpus),
+                   "--out", str(tmp_path / "x.bin")], capsys)
     assert "vocab.json:1" in err
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 10)
-    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(latin1), "--out", str(tmp_path / "y.bin")], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(latin1),
+                   "--out", str(tmp_path / "y.bin")], capsys)
     assert str(latin1) in err and "at byte 3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "latin1.txt"]
     err = _exit_2(["train", "--input", str(corpus), "--vocab-size", "200", "--out-dir", str(tmp_path / "t")], capsys)
     assert "--vocab-size 200" in err
     err = _exit_2(["train", "--input", str(missing), "--vocab-size", "300", "--out-dir", str(tmp_path / "t")], capsys)
     assert str(missing) in err
-    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus),
+                   "--out", str(tmp_path / "z.bin"), "--workers", "0"], capsys)
     assert "workers" in err
 
 
@@ -163,7 +168,8 @@ def test_huge_id_through_the_command_line_stays_small(tiny_tokdir, tmp_path):
 def test_command_line_reports_each_kind_in_one_line(tiny_tokdir, tmp_path):
     (tmp_path / "in.txt").write_text("hello", encoding="utf-8")
     (tiny_tokdir / "vocab.json").write_text("", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tiny_tokdir), "--input",
+    proc = subprocess.run([sys.executable, "-m", "cs336.tokenizer", "encode", "--tokenizer-dir", str(tiny_tokdir),
+                           "--input",
                            str(tmp_path / "in.txt"), "--out", str(tmp_path / "in.bin"), "--quiet"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                           timeout=300)
@@ -228,7 +234,8 @@ def test_encode_reads_a_training_runs_tokenizer_dir(tokdir, corpus, tmp_path, ca
     assert "pass each with --special-token" in err
     (run / "config.json").write_text(json.dumps({"data": {"special_tokens": [EOT]}}))
     main([*args, "--out", str(tmp_path / "b.bin")])
-    main(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--quiet", "--out", str(tmp_path / "c.bin")])
+    main(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--quiet",
+          "--out", str(tmp_path / "c.bin")])
     assert (tmp_path / "b.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()
     (run / "config.json").unlink()
     main([*args, "--special-token", EOT, "--out", str(tmp_path / "d.bin")])

@@ -35,7 +35,7 @@ def test_micro_batches_sum_to_the_batch_gradient(tmp_path):
     for accum in (2, 4, 8):
         loss, grads = gradients(make_trainer(tmp_path, accum))
         assert loss == pytest.approx(loss1, rel=1e-6), accum
-        for g, g1 in zip(grads, grads1):
+        for g, g1 in zip(grads, grads1, strict=True):
             torch.testing.assert_close(g, g1, rtol=1e-5, atol=1e-7)
 
 

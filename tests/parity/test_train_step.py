@@ -17,9 +17,8 @@ from cs336 import ops
 from cs336 import trainer as trainer_mod
 from cs336.config_io import apply_overrides
 from cs336.distributed import DistInfo
-from cs336.run_dir import RunDir
-
 from cs336.presets import smoke_config
+from cs336.run_dir import RunDir
 
 TOKENS = np.random.default_rng(0).integers(0, 320, 2_000).astype(np.uint16)
 PROVIDERS = ["torch", "native", "triton"]
