@@ -96,3 +96,12 @@ def token_args(base_run, train_path, valid_path, out_dir):
     return ["--preset", "smoke", "--out-dir", str(out_dir), "--train.progress=false",
             f"--data.train_tokens={train_path}", f"--data.valid_tokens={valid_path}",
             f"--data.tokenizer_dir={base_run / 'tokenizer'}"]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    """Two runs' metrics rows agree step for step (losses, gradient norm, learning rate)."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("train_loss", "val_loss", "grad_norm", "lr"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)

@@ -22,6 +22,7 @@ from cs336.config_io import apply_overrides, config_from_dict, config_to_dict
 from cs336.model import TransformerLM
 from cs336.nn_utils import cross_entropy
 from cs336.presets import leaderboard_config, preset, smoke_config
+from run_helpers import assert_same_metrics
 
 CFG = ModelConfig(vocab_size=97, context_length=12, d_model=24, num_layers=2, num_heads=3, d_ff=40,
                   kernels="torch")
@@ -247,11 +248,7 @@ def test_recipe_run_learns_saves_its_switches_and_resumes_exactly(recipe_runs):
     assert saved["optim"]["name"] == "muon" and saved["model"]["qk_norm"] and saved["train"]["z_loss"] == 1e-4
     a, b = metrics(base / "full"), metrics(base / "split")
     assert a[-1]["val_loss"] < a[0]["val_loss"] - 0.5
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("train_loss", "val_loss", "grad_norm", "lr"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+    assert_same_metrics(a, b)
     assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-6)
     assert a[1]["lr"] == a[2]["lr"] == 1e-2 and a[-1]["lr"] < 1e-2 / 2  # stable, then the wsd decay
 

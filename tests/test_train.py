@@ -14,7 +14,7 @@ from cs336.data import save_tokens
 from cs336.presets import smoke_config
 from cs336.run_dir import RunDir
 from cs336.train import build_parser, config_for, main, run
-from run_helpers import BASE, cfg, cli_error, resume_args, token_args
+from run_helpers import BASE, assert_same_metrics, cfg, cli_error, resume_args, token_args
 
 TINY = ["train.max_steps=24", "train.eval_interval=12", "train.log_interval=4", "train.checkpoint_interval=8",
         "train.keep_last=2", "data.corpus_mb=0.1", "train.sample_tokens=16"]
@@ -76,11 +76,7 @@ def test_resume_continues_exactly(tmp_path):
     run(tiny(tmp_path / "split", *fixed, "train.max_steps=12"))
     resumed = run(tiny(tmp_path / "split", *fixed), resume=True)
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "split")
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("train_loss", "val_loss", "grad_norm", "lr"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+    assert_same_metrics(a, b)
     assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-6)
     assert resumed["steps"] == 24
 
