@@ -22,7 +22,7 @@ import os
 import random
 from collections import OrderedDict
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -66,7 +66,8 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Torch (CPU and current CUDA device), numpy and Python RNG states, weights_only-loadable."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # legacy=True (the default) gives the tuple form, not the dict
+    name, keys, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     version, py_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),

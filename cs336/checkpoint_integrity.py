@@ -24,11 +24,14 @@ import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 
 from cs336.run_dir import CHECKPOINT_RE, checkpoint_files
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 FORMAT = "cs336-checkpoint"
 VERSION = 1
@@ -138,7 +141,8 @@ def _digest_into(h, value: Any, where: str) -> None:
         t = value.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it is a buffer on every version
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     elif isinstance(value, dict):
         for k, v in value.items():
             _digest_into(h, v, f"{where}[{k!r}]")
@@ -218,7 +222,9 @@ def previous_good_checkpoint(path: str | os.PathLike) -> Path | None:
     m = CHECKPOINT_RE.match(path.name)
     below = int(m.group(1)) if m else None
     for candidate in reversed(checkpoint_files(path.parent)):
-        step = int(CHECKPOINT_RE.match(candidate.name).group(1))
+        match = CHECKPOINT_RE.match(candidate.name)
+        assert match is not None  # checkpoint_files lists only names CHECKPOINT_RE matches
+        step = int(match.group(1))
         if (below is None or step < below) and candidate != path:
             try:
                 verify_checkpoint(candidate)
@@ -298,6 +304,7 @@ def read_sharded(path, hint: bool = True) -> dict[str, Any]:
     model = {}
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("model.") and hasattr(md, "size"):
+            md = cast("TensorStorageMetadata", md)  # tensors have a size, bytes entries do not
             model[key[len("model."):]] = torch.empty(md.size, dtype=md.properties.dtype)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)

@@ -33,6 +33,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from cs336.config import SECTIONS, ConfigError, TrainConfig, check_positive, kernel_backends
 from cs336.config_io import apply_overrides, load_config
@@ -63,7 +64,7 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
-    body = tree.body[0].body
+    body = cast("ast.ClassDef", tree.body[0]).body  # the source of a class is one ClassDef
     docs = {}
     for node, nxt in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
@@ -163,7 +164,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     """``section.field=value`` strings from the parsed flags; conflicting spellings are errors."""
-    chosen: dict[str, tuple[str, str]] = {}
+    chosen: dict[str, tuple[str | None, str]] = {}
     for dest, value in vars(args).items():
         if value is None or ":" not in dest:
             continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 FFN_TYPES = ("swiglu", "silu")
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
@@ -174,7 +175,7 @@ class OptimConfig:
     """wsd decay: linear | 1-sqrt (lr falls as 1 - sqrt(progress); Hagele et al. 2024)."""
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        self.betas = cast("tuple[float, float]", tuple(self.betas))  # a list when read from JSON
         check_choice("optim.name", self.name, OPTIMIZERS)
         check_choice("optim.schedule", self.schedule, SCHEDULES)
         check_choice("optim.decay_shape", self.decay_shape, DECAY_SHAPES)

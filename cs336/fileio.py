@@ -32,7 +32,7 @@ from typing import IO
 
 from cs336.interrupt import deferred_signals
 
-FIXES = {
+FIXES: dict[int | None, str] = {
     errno.ENOSPC: "free space on that file system or write somewhere else",
     errno.EDQUOT: "free space within your quota or write somewhere else",
     errno.EFBIG: "write it to a file system that allows larger files",

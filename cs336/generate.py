@@ -54,7 +54,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from cs336.config import ConfigError
 from cs336.inference import add_source_arguments
@@ -121,7 +121,7 @@ def _recompute(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, p
     """The reference: one full forward over the last ``context_length`` tokens per new token."""
     import torch
 
-    ctx, device = model.context_length, _device(model)
+    ctx, device = cast(int, model.context_length), _device(model)
     seq, out = list(prompt), []
     for _ in range(max_new_tokens):
         window = torch.tensor(seq[-ctx:], dtype=torch.long, device=device)[None]  # (1, T)
@@ -160,7 +160,7 @@ def _decode_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
         return outs
     seqs = [list(p) for p in prompts]
     rows = list(range(len(prompts)))  # original index of each cache row
-    cache = model.new_kv_cache(len(rows))
+    cache = cast(Any, model).new_kv_cache(len(rows))  # duck-typed: hasattr checked above
     logits = _prefill(model, cache, seqs)  # (B, V)
     for step in range(max_new_tokens):
         kept, new_ids = [], []

@@ -48,6 +48,7 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
         if ckpt is None:
             raise RunDirError(f"{rd.checkpoints} has no 'latest' checkpoint; train first or pass --checkpoint")
     else:
+        assert checkpoint is not None  # exactly one of run_dir and checkpoint, checked above
         ckpt = Path(checkpoint)
         rd = RunDir(ckpt.resolve().parent.parent)
     if ckpt.is_dir():

@@ -21,13 +21,15 @@ ones with bf16 matmul outputs, an estimate).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from cs336.config import ConfigError, ModelConfig
 from cs336.flops import param_counts
 
 if TYPE_CHECKING:
     import torch
+
+    from cs336.model import TransformerLM
 
 # Elements kept for backward, by shape unit and kind ("a": the activation dtype, bf16 under
 # autocast; "f": always fp32; "b": bool; "i": int64), per layer and once per model. Units: BTd =
@@ -111,8 +113,9 @@ def shard_elements(cfg: ModelConfig, world_size: int = 1, rank: int = 0) -> int:
     if world_size == 1:
         return sum(param_counts(cfg).values())
     d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
-    shapes = [(V, d), (V, d)] + ([(d,)] if not cfg.remove_rmsnorm else [])
-    block = [(d, d)] * 4 + [(f, d), (d, f)] + ([(f, d)] if cfg.ffn_type == "swiglu" else [])
+    shapes = cast("list[tuple[int, ...]]", [(V, d), (V, d)]) + ([(d,)] if not cfg.remove_rmsnorm else [])
+    block = (cast("list[tuple[int, ...]]", [(d, d)] * 4) + [(f, d), (d, f)]
+             + ([(f, d)] if cfg.ffn_type == "swiglu" else []))
     block += [] if cfg.remove_rmsnorm else [(d,), (d,)]
     shapes += block * cfg.num_layers
     return sum(_rows(s[0], world_size, rank) * math.prod(s[1:]) for s in shapes)
@@ -174,11 +177,11 @@ def measure_saved_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
         return t
 
     hooks = [block.register_forward_pre_hook(lambda _m, args: note(args[0]))
-             for block in model.layers if "forward" in vars(block)]  # the checkpointed ones
+             for block in cast("TransformerLM", model).layers if "forward" in vars(block)]  # the checkpointed ones
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-                model.loss(x, y)
+                cast("TransformerLM", model).loss(x, y)
     finally:
         for h in hooks:
             h.remove()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from typing import Literal, cast
 
 import torch
 
@@ -64,11 +65,14 @@ def log_metrics(rd: RunDir, wandb_run, info: dist_utils.DistInfo, row: dict) -> 
         wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
+WandbMode = Literal["online", "offline", "disabled"]  # train.wandb_mode's choices
+
+
 def init_wandb(cfg: TrainConfig, rd: RunDir):
     import wandb
 
     return wandb.init(project=cfg.train.wandb_project, group=cfg.train.wandb_group, name=rd.path.name,
-                      dir=str(rd.path), mode=cfg.train.wandb_mode, config=asdict(cfg))
+                      dir=str(rd.path), mode=cast(WandbMode, cfg.train.wandb_mode), config=asdict(cfg))
 
 
 def finish(cfg: TrainConfig, rd: RunDir, model, tokenizer, summary: dict, say) -> None:

@@ -85,7 +85,7 @@ class TransformerBlock(nn.Module):
                                            qk_norm=qk_norm, eps=eps, device=device, dtype=dtype)
         self.ln1 = _norm(d_model, eps, remove_rmsnorm, device, dtype)
         if ffn_type == "swiglu":
-            self.ffn = SwiGLU(d_model, d_ff, device=device, dtype=dtype)
+            self.ffn: SwiGLU | SiLUFFN = SwiGLU(d_model, d_ff, device=device, dtype=dtype)
         elif ffn_type == "silu":
             self.ffn = SiLUFFN(d_model, d_ff, device=device, dtype=dtype)
         else:

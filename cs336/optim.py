@@ -35,11 +35,15 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from cs336 import ops
 from cs336.parallel import local
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class AdamW(torch.optim.Optimizer):
@@ -221,7 +225,7 @@ def _like(update: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return update
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+    return distribute_tensor(update, p.device_mesh, cast("DTensor", p).placements, src_data_rank=None)
 
 
 class Muon(AdamW):

@@ -24,6 +24,7 @@ gradient all-gathered (``DTensor.full_tensor()``), or ``p.grad`` itself when not
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -33,25 +34,30 @@ from torch.utils.checkpoint import checkpoint
 from cs336 import ops
 from cs336.config import ACTIVATION_CHECKPOINTING, PARALLEL, ConfigError  # noqa: F401
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+    from cs336.config import ModelConfig
+
 try:  # torch >= 2.5 (2.11 on the GPU machine, 2.13 here)
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment]
+    DTensor = ()  # type: ignore[assignment, misc]  # isinstance(t, ()) is False
 
 
 def is_sharded(t: torch.Tensor | None) -> bool:
-    return isinstance(t, DTensor) if DTensor else False
+    return isinstance(t, DTensor) if DTensor else False  # type: ignore[truthy-function]  # () without DTensor
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: in-place updates reach the DTensor), else ``t``."""
-    return t.to_local() if is_sharded(t) else t
+    return cast("DTensor", t).to_local() if is_sharded(t) else t
 
 
 def full_grad(p: torch.Tensor) -> torch.Tensor | None:
     """The whole gradient of ``p`` (all-gathered from every rank's shard under FSDP)."""
     g = p.grad
-    return g.full_tensor() if is_sharded(g) else g
+    return cast("DTensor", g).full_tensor() if is_sharded(g) else g
 
 
 def checkpointed_blocks(num_layers: int, mode: str) -> list[int]:
@@ -82,9 +88,10 @@ def _recomputed(forward):
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> list[int]:
     """Make the blocks ``checkpointed_blocks`` names recompute their forward in backward (the
     module tree and state dict are unchanged); returns their indices."""
-    chosen = checkpointed_blocks(len(model.layers), mode)
+    layers = cast("nn.ModuleList", model.layers)
+    chosen = checkpointed_blocks(len(layers), mode)
     for i in chosen:
-        block = model.layers[i]
+        block = layers[i]
         block.forward = _recomputed(block.forward)
     return chosen
 
@@ -107,11 +114,12 @@ def shard_model(model: nn.Module, device: torch.device, autocast: str) -> nn.Mod
     if autocast == "bf16":
         bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                     cast_forward_inputs=False)
-    for block in model.layers:
-        for norm in (block.ln1, block.ln2) if bf16 else ():  # fp32 units of their own under bf16
+    for block in cast("nn.ModuleList", model.layers):
+        norms = (cast(nn.Module, block.ln1), cast(nn.Module, block.ln2)) if bf16 else ()
+        for norm in norms:  # fp32 units of their own under bf16
             if any(True for _ in norm.parameters()):
                 fully_shard(norm, mesh=mesh)
-        fully_shard(block, mesh=mesh, **({"mp_policy": bf16} if bf16 else {}))
+        fully_shard(block, mesh=mesh, **cast("dict[str, Any]", {"mp_policy": bf16} if bf16 else {}))
     fully_shard(model, mesh=mesh)
     for name in ("loss", "hidden_states"):  # entry points other than forward gather the root too
         register_fsdp_forward_method(model, name)
@@ -121,8 +129,9 @@ def shard_model(model: nn.Module, device: torch.device, autocast: str) -> nn.Mod
 def micro_batch(model: nn.Module, last: bool):
     """Context for one micro-batch's forward and backward under FSDP: all but the last keep the
     gradients unreduced and the parameters gathered (no reshard, no reduce-scatter)."""
-    model.set_requires_gradient_sync(last)
-    model.set_reshard_after_backward(last)
+    fsdp = cast("FSDPModule", model)  # shard_model made it one
+    fsdp.set_requires_gradient_sync(last)
+    fsdp.set_reshard_after_backward(last)
     return contextlib.nullcontext()
 
 
@@ -160,6 +169,6 @@ def full_model_copy(model: nn.Module, is_main: bool) -> nn.Module | None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return None
-    copy = TransformerLM.from_config(model.config)
+    copy = TransformerLM.from_config(cast("ModelConfig", model.config))
     copy.load_state_dict(state)
     return copy.eval()

@@ -59,6 +59,7 @@ def loss_figure(metrics_path: str | Path, title: str | None = None):
     rows = read_metrics(metrics_path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     plotted = False
+    label: str | None
     for key, style in (("train_loss", "-"), ("val_loss", "o-")):
         pts = [(r["step"], r.get("wallclock_s", 0.0), r[key]) for r in rows
                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and r[key] > 0]

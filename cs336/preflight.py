@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import cast
 
 from cs336 import distributed as dist_utils
 from cs336 import ops
@@ -198,6 +199,7 @@ def resume_conflicts(saved: dict, requested: dict) -> list[str]:
 def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, RunLock, dict | None]:
     out = cfg.train.out_dir
     if resume:
+        assert out is not None  # open_run_dir refuses --resume without --out-dir
         if not is_run_dir(out):
             raise RunDirError(f"--resume: {out} is not a run directory of python -m cs336.train; pass the "
                               "--out-dir of an earlier run")
@@ -214,7 +216,8 @@ def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, Ru
         if not resume and rd.checkpoint_files():
             raise RunDirError(f"{rd.path} already holds checkpoints; pass --resume to continue that run or "
                               "choose a new --out-dir")
-        payload = read_checkpoint(latest) if resume else None  # a corrupt file names the previous valid one
+        # resume: latest is set (checked above); a corrupt file names the previous valid one
+        payload = read_checkpoint(cast(Path, latest)) if resume else None
         if out is None or Path(out).resolve().parent == Path("runs").resolve():
             link_latest(path)
     except BaseException:
@@ -229,11 +232,12 @@ def open_run_dir(cfg: TrainConfig, resume: bool, info: dist_utils.DistInfo
     checkpoint's dict as read and verified here, so the resume does not read it again)."""
     if resume and cfg.train.out_dir is None:
         raise ConfigError("--resume needs the run directory: pass --out-dir DIR")
+    outcome: tuple[str | None, str | None, str | None] | None
     lock, payload, error, outcome = None, None, None, None
     if info.is_main:
         try:
-            path, latest, lock, payload = _open_on_main(cfg, resume)
-            outcome = (str(path), None if latest is None else str(latest), None)
+            main_path, main_latest, lock, payload = _open_on_main(cfg, resume)
+            outcome = (str(main_path), None if main_latest is None else str(main_latest), None)
         except Exception as exc:  # every rank must learn of it, or the others wait forever
             error = exc
             outcome = (None, None, str(exc))
@@ -241,7 +245,9 @@ def open_run_dir(cfg: TrainConfig, resume: bool, info: dist_utils.DistInfo
         outcome = dist_utils.broadcast_object(outcome, info)
     if error is not None:
         raise error
+    assert outcome is not None  # set on rank 0, broadcast to the others
     path, latest, message = outcome
     if message is not None:  # another rank: the same error, printed by rank 0 only
         raise RunDirRefused(message)
+    assert path is not None  # no error: rank 0 sent its path
     return RunDir(path), None if latest is None else Path(latest), lock, payload

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -160,13 +161,15 @@ def _tokenizer(cfg: TrainConfig, rd: RunDir, train_text: Path | None, say,
     key_path = rd.tokenizer / TOKENIZER_KEY
     if cfg.data.tokenizer_dir is not None:
         source = source or source_tokenizer(cfg)
-        key = {"copied_from": str(source.path.resolve()), "sha256": source.sha256}
+        assert source is not None  # source_tokenizer returns one when data.tokenizer_dir is set
+        key: dict[str, Any] = {"copied_from": str(source.path.resolve()), "sha256": source.sha256}
         if source.path.resolve() != rd.tokenizer.resolve() and _read_key(key_path) != key:
             key_path.unlink(missing_ok=True)
             for name in ("vocab.json", "merges.txt"):
                 atomic_write_bytes(rd.tokenizer / name, (source.path / name).read_bytes())
             _write_key(key_path, key)
         return _build(source.vocab, source.merges, cfg, source.path), source.sha256
+    assert train_text is not None  # no tokenizer_dir: not a tokens source (it needs one), so the caller passed the text
     key = {"train_text": file_key(train_text), "vocab_size": cfg.model.vocab_size,
            "special_tokens": specials, "sample_mb": cfg.data.tokenizer_sample_mb}
     have_files = rd.vocab_path.is_file() and rd.merges_path.is_file()
@@ -222,7 +225,8 @@ def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say,
     ``data.tokenizer_dir`` as ``source_tokenizer`` read it (read here when not given)."""
     tokenizer, tok_hash = None, None
     if cfg.data.source == "tokens":
-        paths = (Path(cfg.data.train_tokens), Path(cfg.data.valid_tokens))
+        # data.source == "tokens" is the source of a config giving both token files
+        paths = (Path(cast(str, cfg.data.train_tokens)), Path(cast(str, cfg.data.valid_tokens)))
         if info.is_main:
             tokenizer, tok_hash = _tokenizer(cfg, rd, None, say, source)
     else:
@@ -247,6 +251,7 @@ def prepare_data(cfg: TrainConfig, rd: RunDir, info: dist_utils.DistInfo, say,
     dist_utils.barrier(info)
     if info.enabled:
         tok_hash = dist_utils.broadcast_object(tok_hash, info)
+    assert tok_hash is not None  # rank 0 computed it; the others received it by broadcast
     arrays = []
     for path in paths:
         tokens = load_tokens(path)

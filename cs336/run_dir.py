@@ -36,7 +36,7 @@ from cs336.fileio import atomic_write_text
 try:
     import fcntl
 except ImportError:  # Windows: the lock is a no-op
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # a module or None; uses check `fcntl is not None`
 
 MARKER = ".cs336-run"
 LOCK = ".cs336-lock"

@@ -51,7 +51,7 @@ def _state(model, optimizer, sharded: bool) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions()
-    state = {"model": get_model_state_dict(model, options=options)}
+    state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     return state

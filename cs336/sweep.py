@@ -54,7 +54,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cs336 import config as cfglib
 from cs336 import config_io
@@ -183,7 +183,7 @@ def share_data(planned: Sequence[PlannedRun], out: Path, say=print) -> list[Plan
     rd = RunDir(out / "_data")
     rd.create()
     prepare_data(base, rd, DistInfo(), say)
-    overrides = {"dataset": "embedded", "train_text": None, "valid_text": None,
+    overrides: dict[str, Any] = {"dataset": "embedded", "train_text": None, "valid_text": None,
                  "train_tokens": str(rd.data / "train.bin"), "valid_tokens": str(rd.data / "valid.bin"),
                  "tokenizer_dir": str(rd.tokenizer)}
     return [dataclasses.replace(r, config=dataclasses.replace(
@@ -208,7 +208,7 @@ def classify(summary: dict, run_dir: Path) -> tuple[str, str]:
         return "diverged", "non-finite loss"
     start = starting_loss(read_metrics(run_dir))
     for name, final in (("train", final_train), ("val", final_val)):
-        if start is not None and finite(final) and final > start:
+        if start is not None and finite(final) and cast(float, final) > start:
             return "diverged", f"final {name} loss {final:.4g} above the starting loss {start:.4g}"
     return "ok", ""
 
@@ -290,7 +290,7 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
             else:
                 reason = f"worker exited with status {proc.returncode}"
                 rows[index] = _row(planned[index], {}, "error", reason)
-            if rows[index]["status"] == "interrupted":
+            if cast(dict, rows[index])["status"] == "interrupted":  # set just above
                 pending.clear()
             on_row(rows[index], planned)
     if stopped is not None:

@@ -21,6 +21,7 @@ import math
 import signal
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm import tqdm
@@ -52,6 +53,9 @@ from cs336.prepare import SourceTokenizer, prepare_data, source_tokenizer
 from cs336.profile import StepProfiler
 from cs336.run_dir import RunDir
 from cs336.sharded_checkpoint import is_sharded_checkpoint, load_full_into, load_sharded_into, save_sharded
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 PROFILE_STEPS = 5
 """Steps recorded by --profile at the start of the run: 1 skipped, 1 warm-up, 3 traced."""
@@ -98,7 +102,7 @@ class LossModule(torch.nn.Module):
     """forward(x, y) = model.loss(x, y) (with the run's z-loss), so DistributedDataParallel wraps
     the loss computation."""
 
-    def __init__(self, model: torch.nn.Module, z_loss: float = 0.0):
+    def __init__(self, model: TransformerLM, z_loss: float = 0.0):
         super().__init__()
         self.model = model
         self.z_loss = z_loss
@@ -127,9 +131,9 @@ class Trainer:
             parallel.shard_model(self.model, device, cfg.train.autocast)
         self.opt = build_optimizer(self.model, cfg.optim)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
-        step_fn = LossModule(self.model, cfg.train.z_loss)
+        step_fn: torch.nn.Module = LossModule(self.model, cfg.train.z_loss)
         if cfg.train.compile:
-            step_fn = torch.compile(step_fn)
+            step_fn = cast(torch.nn.Module, torch.compile(step_fn))  # a compiled Module is an OptimizedModule
         if info.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -159,7 +163,8 @@ class Trainer:
             if self.fsdp:
                 context = parallel.micro_batch(self.model, last=i == n - 1)
             else:
-                context = contextlib.nullcontext() if sync else self.step_fn.no_sync()
+                ddp = cast("DistributedDataParallel", self.step_fn)  # not sync: only under DDP
+                context = contextlib.nullcontext() if sync else ddp.no_sync()
             with context:
                 with self.autocast():
                     loss = self.step_fn(x[rows], y[rows]) / n
@@ -344,6 +349,7 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
                             max_abs_weight=cfg.train.diverge_max_weight)
     state = TrainState()
     if resume:
+        assert latest is not None  # open_run_dir refuses a resume without a checkpoint
         state = trainer.restore(latest, payload)
         if state.guard:
             guard.load_state_dict(state.guard)
@@ -398,7 +404,7 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
         say(f"profile of steps 3-{PROFILE_STEPS} of this run: {profiler.result.traces[-1]}, "
             f"{profiler.result.table_path}")
     summary = {**state.summary(rd), "interrupted": state.stopped_by is not None}
-    model = trainer.model
+    model: torch.nn.Module | None = trainer.model
     if trainer.fsdp and cfg.train.sample_tokens > 0 and not summary["interrupted"]:
         model = parallel.full_model_copy(trainer.model, info.is_main)  # the sample runs on rank 0 alone
     if info.is_main:
