@@ -1,24 +1,14 @@
 """Command-line arguments generated from the config dataclasses: one path for every command.
 
-``train``, ``profile``, ``accounting``, ``sweep`` and ``experiments run`` all call
-``add_config_arguments`` and ``config_from_args``, so they take the same flags. Every field of
-every section becomes ``--section.field=VALUE`` (``--optim.lr=3e-4``, ``--model.d_model=128``; a
-bare ``--train.compile`` means true). Values are parsed and type-checked by
-``cs336.config_io.apply_overrides``; an unknown flag is an error that names the closest valid
-ones (``parse_args``). A few common fields also have short spellings (``--max-steps``,
-``--out-dir``, ``--kernels``, ``--context-length``, ...); giving a short and a long spelling of the
-same field with different values is an error, not a silent precedence.
-
-Precedence of sources, each applied on top of the previous one: ``--preset NAME`` (a whole run;
-each command has its own default preset, e.g. ``profile`` for cs336.profile), ``--model NAME``
-(replaces the model section by a model preset such as gpt2-xl), ``--config FILE`` (TOML or
-JSON), then the flags in the order given.
-
-``run_cli`` is the top level of every command: ``cs336.interrupt.run_cli`` (one line and exit
-130/143 on SIGINT/SIGTERM, one line and exit 2 for the command's own user errors) plus the errors
-any command can meet: an ``OSError`` the user can fix (no space, permission, read-only, busy,
-missing path; ``cs336.fileio.FIXES``) is one line naming the file and the fix, exit 2, whatever
-line of code it came from.
+``train``, ``profile``, ``accounting``, ``sweep`` and ``experiments run`` call ``add_config_arguments``
+and ``config_from_args``: every field becomes ``--section.field=VALUE`` (a bare boolean flag means
+true), parsed and type-checked by ``cs336.config_io.apply_overrides``; an unknown flag names the
+closest valid ones. Short spellings (``--max-steps``, ``--out-dir``, ``--kernels``, ...) that disagree
+with the long one are an error, not a precedence. Sources stack: ``--preset NAME`` (each command has
+its default), ``--model NAME``, ``--config FILE`` (TOML or JSON), then the flags in order. Deviation
+from plain argparse: ``run_cli`` wraps ``cs336.interrupt.run_cli`` and turns an ``OSError`` the user
+can fix (``cs336.fileio.FIXES``: no space, permission, read-only, busy, missing path) into one line
+naming the file and the fix, exit 2. Source: torchtitan's config manager (fields as flags).
 """
 
 from __future__ import annotations

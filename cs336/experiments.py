@@ -5,20 +5,13 @@
     python -m cs336.experiments run lr|batch|norm|rope|ffn [--preset NAME] [--config FILE] [--out-dir DIR]
         [--section.field=VALUE ...] [--set key=value ...] [--grid KEY=V1,V2,...]
 
-``sgd-toy`` is the handout's learning-rate toy (problem learning_rate_tuning): a 10x10 weight
-tensor drawn as ``5 * randn`` (seeded), loss ``mean(w ** 2)``, and plain SGD whose step decays
-as ``lr / sqrt(t + 1)``; it prints the loss at every step for each learning rate. The gradient of
-the loss is ``2 w / 100``, so one step multiplies w by ``1 - lr / (50 sqrt(t + 1))``: lr 1e1
-shrinks w slowly, 1e2 flips it at t = 0 and then converges fast, and 1e3 multiplies |w| by 19 at
-the first step and diverges.
-
-``run NAME`` runs one of the named small-scale comparisons recorded in EXPERIMENTS.md through
-``cs336.sweep`` (a few points on the default config, shortened by ``SCALE`` so one experiment
-fits in minutes on a 2-core CPU) into ``runs/experiments/NAME``; ``--grid`` replaces the named
-points by a grid at the same scale; ``list`` prints them. ``run`` takes the config flags of
-``python -m cs336.train`` (``cs336.cli``; ``--base FILE`` is ``--config FILE``): the preset and
-config file give the base, ``SCALE`` applies on top, then the ``--section.field`` flags and the
-``--set KEY=VALUE`` overrides.
+``sgd-toy`` is the handout's learning-rate toy (problem learning_rate_tuning, ``cs336.sgd_toy``): loss
+``mean(w ** 2)`` of a seeded 10x10 ``5 * randn``, SGD with step ``lr / sqrt(t + 1)``, the loss printed
+per step for each lr (1e1 shrinks slowly, 1e2 converges fast, 1e3 diverges). ``run NAME`` runs a
+comparison recorded in EXPERIMENTS.md through ``cs336.sweep`` into ``runs/experiments/NAME``; deviation
+from the handout: the default config shortened by ``SCALE`` to fit minutes on a 2-core CPU. Flags stack as
+preset and ``--config`` (or ``--base``) file, ``SCALE``, ``--section.field``, ``--set``; ``--grid`` replaces
+the named points at the same scale.
 """
 
 from __future__ import annotations

@@ -3,44 +3,15 @@
     python -m cs336.export --run runs/DIR --out-dir hf/DIR
     python -m cs336.export --checkpoint runs/DIR/checkpoints/step_000600.pt --out-dir hf/DIR
 
-Then, with ``pip install -e ".[hf]"``::
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained("hf/DIR")      # a LlamaForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained("hf/DIR")
-
-The CS336 model (pre-norm RMSNorm, SwiGLU, RoPE, no biases, untied LM head) is a Llama with as
-many key/value heads as query heads. Written files: ``config.json`` (``LlamaConfig``),
-``model.safetensors`` (Llama parameter names), ``generation_config.json``, ``tokenizer.json`` (HF
-``tokenizers`` format: byte-level BPE with our vocabulary and merges, special tokens as added
-tokens), ``tokenizer_config.json`` (the first special token, ``<|endoftext|>`` by default, as bos and
-eos, no token added to the input)
-and ``cs336_export.json`` (where the weights came from).
-
-Parameter map: ``token_embeddings`` -> ``model.embed_tokens``; per layer ``attn.{q,k,v}_proj`` ->
-``self_attn.{q,k,v}_proj``, ``attn.output_proj`` -> ``self_attn.o_proj``, ``ffn.w1/w3/w2`` ->
-``mlp.gate_proj/up_proj/down_proj`` (both compute ``w2(silu(w1 x) * w3 x)``), ``ln1`` ->
-``input_layernorm``, ``ln2`` -> ``post_attention_layernorm``; ``ln_final`` -> ``model.norm``;
-``lm_head`` -> ``lm_head``.
-
-RoPE: CS336 rotates adjacent pairs ``(x[2k], x[2k+1])`` by ``pos * theta**(-2k/d)``; HF's Llama
-rotates ``(x[k], x[k + d/2])`` by the same angle (``rotate_half``). Reordering each head's
-q and k output rows as ``[0, 2, 4, ..., d-2, 1, 3, ..., d-1]`` turns one into the other, and
-since q and k get the same permutation, ``q . k`` (the attention scores) is unchanged.
-
-Recipe switches: ``qk_norm`` exports as ``Qwen3ForCausalLM`` (Llama plus per-head q/k RMSNorms
-before RoPE, ``self_attn.{q,k}_norm``, permuted like the rows); ``tie_embeddings`` as
-``tie_word_embeddings``; the training-only ones (Muon, WSD, z-loss, zero-init) need nothing.
-``logit_softcap`` is refused: Gemma 2 has ``final_logit_softcapping`` but also post-attention
-and post-FFN norms, (1 + w) norm gains and a sqrt(d)-scaled embedding, which no CS336 model has.
-
-Ablations Llama cannot express (post-norm, no RMSNorm, NoPE, the ungated SiLU FFN) are refused
-with an ``ExportError`` naming the switch. The directory is written next to its destination under
-a temporary name and renamed into place; an existing non-empty destination is replaced only if it
-is an earlier export of this tool. Files and directory get the modes ``open``/``mkdir`` would
-give them under the process umask (0644/0755 under umask 022), so other users can read the export;
-temporary directories of an export killed without cleanup (SIGKILL) are removed by the next
-export to the same destination.
+The CS336 model (pre-norm RMSNorm, SwiGLU, RoPE, no biases, untied LM head) is a Llama with as many
+key/value heads as query heads; ``qk_norm`` exports as ``Qwen3ForCausalLM``, ``tie_embeddings`` as
+``tie_word_embeddings``. Deviation: CS336's RoPE rotates adjacent pairs ``(x[2k], x[2k+1])``, HF's
+``rotate_half`` rotates ``(x[k], x[k + d/2])`` by the same angle; reordering each head's q and k rows
+as ``[0, 2, ..., d-2, 1, 3, ..., d-1]`` turns one into the other and leaves ``q . k`` unchanged.
+What Llama cannot express (post-norm, no RMSNorm, NoPE, the SiLU FFN, ``logit_softcap``) raises
+``ExportError`` naming the switch. Sources: HF ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` and
+``tokenizers`` byte-level BPE. Files written, parameter names and how the directory is replaced:
+README, "Decoding and export to Hugging Face".
 """
 
 from __future__ import annotations

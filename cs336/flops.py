@@ -1,29 +1,17 @@
 """Analytic resource accounting for the Transformer LM: parameters, FLOPs, memory and time.
 
-Every figure is computed from a ``ModelConfig`` (never transcribed), as an ordered dict of
-components whose values sum to the total, so a table and its total cannot disagree.
-
-Conventions (CS336 assignment 1 handout, section 3.6 and problem ``adamwAccounting``):
-- Parameters: the trainable tensors of ``cs336.model.TransformerLM``, keyed like its state dict
-  with the layer index replaced by ``*`` (``layers.*.attn.q_proj.weight``) and summed over the
-  layers. Embeddings and the LM head are untied; no biases; RoPE has no parameters.
-- Forward FLOPs: matrix multiplies only, ``2 m n p`` for an (m x n) @ (n x p) product. Per layer:
-  the Q/K/V projections, ``Q K^T`` and ``softmax(.) V`` over the full T x T score matrix (causal
-  masking is not subtracted, as in the handout and in ``FlopCounterMode``), the output
-  projection, W1/W3/W2 (W1/W2 for ``ffn_type="silu"``); then the LM head. Norms, RoPE, softmax,
-  SiLU and the loss are O(B T d) and left out. These are exactly the terms that
-  ``torch.utils.flop_counter.FlopCounterMode`` counts for the reference model (mm/bmm only).
-- Training FLOPs: forward + backward with backward = 2 x forward (each matmul needs the gradient
-  with respect to both operands), so 3 x forward.
-- AdamW memory: parameters, gradients and the two moments m and v, all ``param_bytes`` each
-  (fp32: 16 bytes per parameter). Activations are counted as the outputs of the operations the
-  handout lists, ``act_bytes`` each: per layer both RMSNorms, Q/K/V, ``Q K^T``, softmax, the
-  weighted sum, the output projection, W1, SiLU, W3 and the gate product ``silu(W1 x) * W3 x``
-  (the input of W2, which the handout's W1/SiLU/W2 list for the ungated FFN does not need), W2;
-  then the final norm, the LM-head logits and the cross-entropy's softmax over the logits.
-  Residual sums, the embedding output and allocator slack are not counted.
-- Op-level estimates for the benchmarks (``op_cost``): elementwise FLOPs per element from the
-  formulas in ``cs336.ops`` and the minimal HBM bytes a fused kernel must read and write.
+Every figure is computed from a ``ModelConfig`` as an ordered dict of components that sum to the total.
+Conventions (CS336 handout section 3.6 and problem ``adamwAccounting``): parameters are the trainable
+tensors of ``TransformerLM``, keyed like its state dict with the layer index as ``*``. Forward FLOPs
+count matrix multiplies only (``2 m n p``): Q/K/V, ``Q K^T`` and ``softmax(.) V`` over the full T x T
+scores (causal masking not subtracted), the output projection, W1/W3/W2 (W1/W2 for ``silu``), the LM
+head; norms, RoPE, softmax, SiLU and the loss are O(B T d) and left out, exactly the terms
+``FlopCounterMode`` counts (mm/bmm). Training = 3 x forward (backward = 2 x forward). AdamW memory:
+parameters, gradients, m and v at ``param_bytes`` each; activations are the outputs the handout lists
+(both RMSNorms, Q/K/V, ``Q K^T``, softmax, weighted sum, output projection, W1, SiLU, W3, W2, final norm,
+logits, the loss's softmax) at ``act_bytes`` each. Deviation: the gated FFN also counts the product
+``silu(W1 x) * W3 x``, the input of W2; residual sums, the embedding output and allocator slack are not
+counted. ``op_cost`` gives per-op FLOPs and the minimal HBM bytes a fused kernel moves, for the benchmarks.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""Decode text from a trained model: temperature, nucleus (top-p) sampling, greedy at T=0, with a
-KV cache, several prompts decoded together.
+"""Decode text from a trained model: temperature, top-p, greedy at T=0, a KV cache, prompts batched.
 
     python -m cs336.generate --run runs/DIR --prompt "Once upon a time" --max-tokens 256 \
         --temperature 0.7 --top-p 0.9 --seed 0
@@ -7,42 +6,13 @@ KV cache, several prompts decoded together.
     python -m cs336.generate --run runs/DIR --prompt-file prompts.txt --temperature 0
     python -m cs336.generate --run runs/DIR --prompt "Once" --num-samples 4 --seed 0 --jsonl
 
-``--run DIR`` loads the checkpoint named by ``DIR/checkpoints/latest``; ``--checkpoint FILE``
-loads that file (its run directory, two levels up, supplies the tokenizer unless
-``--tokenizer-dir`` is given). The model configuration comes from the checkpoint itself.
-Generation stops after ``--max-tokens`` new tokens or at the run's first special token
-(``data.special_tokens[0]``, ``<|endoftext|>`` by default), which is not printed. ``--prompt-file``
-holds one prompt per line; ``--num-samples N`` decodes N samples of every prompt. Results print in
-input order (one block per result, or one JSON object per line with ``--jsonl``), each batch of
-``--batch-size`` results as soon as it is done; the rows of a batch are built only when it starts,
-so memory does not grow with ``--num-samples``. Each decode step copies to the host once for all
-rows of a batch (``next_tokens``).
-
-The reference (``kv_cache=False``, ``--no-kv-cache``) reruns the model over the window for every
-new token: the last ``context_length`` tokens at positions 0..context_length-1. The KV cache path
-(the default) runs the prompt once (prefill), then one token per step against the cached keys and
-values of every layer, and gives the same logits up to summation order. Once a sequence is longer
-than the context, dropping its oldest token changes every cached key (all positions shift, and
-deeper layers saw the dropped token), so to equal the reference the cache is refilled from the new
-window at every such step: past the context length the cache saves nothing.
-
-Batches (``generate_batch``): rows are left-padded to a common width and decoded in lockstep in
-one ``KVCache``. Padding columns are masked out as keys and each row's positions count from its
-first real token (``KVCache`` docstring), so a row computes what it would alone (up to summation
-order); a padded batch runs attention through the masked reference path, an unpadded one through
-``ops.attention``. A row that emits the stop token, or reaches its limit, leaves the batch (its
-cache rows are dropped). When the widest row fills the context, all rows are refilled from their
-windows.
-
-What is guaranteed: greedy ids equal the reference's (for every row of a batch, ids equal those of
-the row decoded alone), unless two logits tie to within rounding. Sampling draws one number per
-row per step from the row's generator (``generators[i]``, or the global RNG when None), the same
-draws as the reference makes, so with per-row generators seeded alike the sampled ids are equal
-too, unless a draw falls within rounding of a boundary of the cumulative distribution. The CLI
-seeds row i's generator with ``--seed + i``.
-
-Nucleus sampling follows Holtzman et al. (2020): keep the smallest set of most probable tokens
-whose total probability reaches ``top_p``, renormalize, sample.
+The reference (``kv_cache=False``) reruns the model over the last ``context_length`` tokens for every
+new token; the KV cache path (default) prefills once and decodes one token per step, refilling the
+cache from the window at every step past the context length so that it equals the reference.
+``generate_batch`` left-pads rows, masks the padding and gives each row its own positions, so greedy
+ids equal those of each row decoded alone (unless two logits tie within rounding), and seeded
+per-row generators draw what the reference draws. Nucleus sampling follows Holtzman et al. (2020).
+Flags, stop token, output order and batching: README, "Decoding and export to Hugging Face".
 """
 
 from __future__ import annotations

@@ -1,29 +1,17 @@
-"""The Transformer language model of CS336 assignment 1 (section 3.5), with the ablation switches
-of its section 7.3.
+"""The Transformer language model of CS336 assignment 1 (section 3.5), with the ablation switches of 7.3.
 
-Pre-norm blocks ``h = x + attn(ln1(x))``, ``y = h + ffn(ln2(h))``; token embedding, the blocks,
-a final RMSNorm and an untied LM head; one RoPE table shared by every block. The layers live in
-``cs336.layers`` and are re-exported here (``cs336.model`` is the one import of the model API).
-
-Ablation switches (each off by default; at the defaults the state dict is the standard one):
-- ``remove_rmsnorm``: every RMSNorm, the final one included, becomes the identity (``NoNorm``),
-  so the ``ln1``/``ln2``/``ln_final`` weights disappear from the state dict.
-- ``use_post_norm``: blocks become ``z = ln1(x + attn(x))``, ``y = ln2(z + ffn(z))``. Only the
-  blocks change: ``ln_final`` stays, so the pre- and post-norm models have the same parameters.
-- ``remove_rope``: no positional encoding (NoPE); causal masking alone carries order.
-- ``ffn_type="silu"``: ``w2(silu(w1 x))`` instead of SwiGLU (no ``w3``); pass a d_ff 1.5x the
-  SwiGLU one (e.g. 4 * d_model) to match parameter counts.
-
-Leaderboard-recipe switches (also off by default): ``qk_norm`` (RMSNorm of each head's q and k
-before RoPE, adds ``attn.q_norm``/``attn.k_norm``), ``tie_embeddings`` (the LM head and the
-embedding are one matrix, initialized as the LM head; both CS336 names stay in the state dict
-and an untied state dict is refused), ``logit_softcap`` (``C tanh(logits / C)`` in ``forward``,
-so at decode, and in the loss) and ``zero_init_residual`` (``output_proj`` and ``w2`` start at 0).
-
-``forward`` and ``loss`` run inside ``ops.use_backend(self.kernels)``; ``loss`` calls
-``ops.linear_cross_entropy`` so the Triton path need not materialize all logits. With a
-``KVCache`` (``new_kv_cache``) ``forward`` runs only the new tokens against the cached keys and
-values (``cs336.generate``); its logits equal a full forward up to summation order.
+Pre-norm blocks ``h = x + attn(ln1(x))``, ``y = h + ffn(ln2(h))``; token embedding, the blocks, a final
+RMSNorm and an untied LM head; one RoPE table shared by every block. The layers live in ``cs336.layers``
+and are re-exported here (the one import of the model API). Deviations, each off by default (at the
+defaults the state dict is the handout's): ``remove_rmsnorm`` (``NoNorm``; the ``ln*`` weights leave the
+state dict), ``use_post_norm`` (``z = ln1(x + attn(x))``, ``y = ln2(z + ffn(z))``, ``ln_final`` stays),
+``remove_rope`` (NoPE), ``ffn_type="silu"`` (``w2(silu(w1 x))``, no ``w3``; use a d_ff 1.5x SwiGLU's to
+match parameters); the leaderboard recipe's ``qk_norm`` (``attn.q_norm``/``k_norm`` before RoPE),
+``tie_embeddings`` (one matrix initialized as the LM head, both names kept; an untied state dict is
+refused), ``logit_softcap`` (``C tanh(logits / C)`` in forward and loss) and ``zero_init_residual``
+(``output_proj`` and ``w2`` start at 0). ``forward``/``loss`` run under ``ops.use_backend(self.kernels)``;
+``loss`` calls ``ops.linear_cross_entropy``. With a ``KVCache`` (``new_kv_cache``) ``forward`` runs only
+the new tokens; its logits equal a full forward up to summation order.
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
 """The dispatch seam: the one place that chooses how RMSNorm, SwiGLU, attention, the loss and AdamW run.
 
-Model and optimizer code call only the functions here (``rms_norm``, ``swiglu``, ``attention``,
-``cross_entropy``, ``linear_cross_entropy``, ``adamw_step_``); no other file branches on the
-backend. Providers:
-
-- ``torch``: the CS336 definitions, written from tensor ops (the ``*_reference`` functions here
-  and in ``cs336.nn_utils``). The definition every other provider must match, forward and
-  backward (tests/parity, one tolerance table).
-- ``native``: PyTorch's own fused operations: ``F.scaled_dot_product_attention``,
-  ``F.rms_norm``, ``F.silu(a) * b``, ``F.cross_entropy``, and an AdamW step from
-  ``torch._foreach_*`` multi-tensor ops in the reference's order (Algorithm 2: decay after the
-  update). Half-precision inputs are upcast to fp32 where the reference computes in fp32, so the
-  result is rounded once, as the reference's is. The fastest path where there is no GPU.
-- ``triton``: this package's kernels (package ``kernels``), registered as custom ops.
-- ``auto``: ``triton`` where a CUDA device is present and the kernels import, ``native`` elsewhere.
-
-Select one with ``set_backend(name)`` or, scoped, ``with use_backend(name): ...``;
-``TransformerLM(kernels=...)`` uses the latter around its forward pass and the trainer around the
-optimizer step. Triton kernels run on the CPU only under ``TRITON_INTERPRET=1`` (slowly; that is
-how parity is tested without a GPU).
+Model and optimizer code call only ``rms_norm``, ``swiglu``, ``attention``, ``cross_entropy``,
+``linear_cross_entropy`` and ``adamw_step_``; no other file branches on the backend. Providers:
+``torch``, the CS336 definitions from tensor ops (the ``*_reference`` functions here and in
+``cs336.nn_utils``), which every other provider must match forward and backward (tests/parity);
+``native``, PyTorch's fused ops (SDPA, ``F.rms_norm``, ``F.silu(a) * b``, ``F.cross_entropy``, a
+``torch._foreach_*`` AdamW in Algorithm 2's order), with half-precision inputs upcast to fp32 where the
+reference computes in fp32 so the result is rounded once; ``triton``, the ``kernels`` package registered
+as custom ops (on the CPU only under ``TRITON_INTERPRET=1``); ``auto``, ``triton`` where CUDA is present
+and the kernels import, else ``native``. Select with ``set_backend(name)`` or ``with use_backend(name)``.
+Source: nanochat ``flash_attention.py`` (one resolved backend, an explicit override for tests).
 """
 
 from __future__ import annotations

@@ -1,33 +1,19 @@
-"""AdamW and the cosine learning-rate schedule of CS336 assignment 1 (section 4).
+"""AdamW, Muon and the cosine / warmup-stable-decay schedules of CS336 assignment 1 (section 4).
 
-``AdamW`` is a ``torch.optim.Optimizer`` whose update is the handout's Algorithm 2 (Loshchilov &
-Hutter 2019, "Decoupled Weight Decay Regularization"):
+``AdamW`` is the handout's Algorithm 2 (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"):
 
     m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
     a_t = lr sqrt(1 - b2^t) / (1 - b1^t)
     p <- p - a_t m / (sqrt(v) + eps);   p <- p - lr * weight_decay * p
 
-The arithmetic lives behind the dispatch seam (``cs336.ops.adamw_step_``): each step hands every
-param group's tensors to it as lists, so the Triton backend updates them in one fused kernel per
-dtype and the native one in a few ``torch._foreach_*`` calls. ``fused=None`` follows the seam's
-backend in force when ``step()`` runs (the trainer and ``cs336.profile`` step inside
-``ops.use_backend(model kernels)``, so it is the model's backend); ``True`` forces Triton,
-``False`` the reference.
-
-Deviation from ``torch.optim.AdamW``: torch decays the weights before the Adam update
-(``p *= 1 - lr*wd`` first), the handout after it; the two differ by a term of order
-lr^2 * wd per step. The step counter is a Python int in ``state["step"]`` (checkpointable with
-``weights_only=True``); ``exp_avg``/``exp_avg_sq`` have the parameter's dtype. Sharded (FSDP) parameters keep DTensor
-moments, and the step runs on each rank's local shards (``cs336.parallel.local``).
-
-``Muon`` (Keller Jordan 2024, "Muon: an optimizer for hidden layers") is this AdamW with a second
-kind of param group (``use_muon=True``): Nesterov momentum, the update orthogonalized by a quintic
-Newton-Schulz iteration in bf16 and scaled by ``0.2 sqrt(max(d_out, d_in))`` so its RMS matches
-AdamW's (Liu et al. 2025, arXiv 2502.16982, "Muon is Scalable for LLM Training"), decoupled
-weight decay. Sharded (FSDP ``DTensor``) gradients are gathered whole before Newton-Schulz and the
-update's local shard is kept. ``build_optimizer(model, cfg)`` is the one constructor (trainer,
-profiler); ``schedule_lr`` / ``set_group_lrs`` give the cosine or warmup-stable-decay rates and
-``set_group_hyperparameters`` re-applies the other config values to the groups.
+Deviation from ``torch.optim.AdamW``: torch decays before the update, the handout after it (a
+difference of order lr^2 * wd per step); ``state["step"]`` is a Python int (``weights_only=True``).
+The arithmetic is ``cs336.ops.adamw_step_``, on the seam's backend at ``step()`` (``fused=None``;
+``True`` forces Triton, ``False`` the reference), on each rank's local shards under FSDP. ``Muon``
+(Keller Jordan 2024) adds ``use_muon=True`` groups: Nesterov momentum, quintic Newton-Schulz in bf16,
+RMS matched to AdamW by ``0.2 sqrt(max(d_out, d_in))`` (Liu et al. 2025, arXiv 2502.16982), decoupled
+decay, sharded gradients gathered whole. Moments keep the parameter's dtype. ``build_optimizer`` is
+the one constructor; ``schedule_lr`` / ``set_group_lrs`` set rates, ``set_group_hyperparameters`` the rest.
 """
 
 from __future__ import annotations

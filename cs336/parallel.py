@@ -1,24 +1,16 @@
 """Training past one device: FSDP2 sharding, activation checkpointing and the global reductions.
 
-``--train.parallel=fsdp`` (under torchrun, two or more ranks) calls ``shard_model``: one
-``fully_shard`` per ``TransformerBlock`` and one for the root, on a 1-D ``DeviceMesh`` of the ranks
-(torchtitan's ``parallelize`` order; an explicit CPU mesh with gloo). Parameters, gradients and
-the AdamW moments are then DTensors sharded on dim 0; ``local`` gives the shard the project's
-kernels step in place. Under ``--train.autocast=bf16`` a ``MixedPrecisionPolicy`` all-gathers the
-blocks' matmul weights in bf16 and reduce-scatters gradients in fp32; the fp32 shards stay the
-master weights. Deviation from torchtitan (whose policy casts every parameter and the block
-inputs): the RMSNorm weights, the embedding and the LM head are their own fp32 groups and block
-inputs are not cast, so FSDP under bf16 computes exactly what ``torch.autocast`` computes in one
-process. Gradient accumulation keeps gradients unsharded and parameters gathered between
-micro-batches (``micro_batch``); the last one reduce-scatters the sum.
-
-``--train.activation_checkpointing``: ``full`` recomputes every block in the backward pass,
-``selective`` every other block (even indices, so about half the block activations are kept),
-both with non-reentrant ``torch.utils.checkpoint`` (autocast is restored by it, the kernel backend
-by ``_recomputed``). The state-dict names do not change.
-
-Optimizers that need a whole matrix (Muon's orthogonalization) call ``full_grad(p)``: the
-gradient all-gathered (``DTensor.full_tensor()``), or ``p.grad`` itself when not sharded.
+``shard_model`` (``--train.parallel=fsdp``) applies one ``fully_shard`` per ``TransformerBlock``, then
+the root, on a 1-D ``DeviceMesh`` of the ranks (torchtitan's ``parallelize`` order; an explicit CPU mesh
+with gloo); ``local`` gives the dim-0 shard the project's kernels step in place, ``full_grad(p)`` the
+all-gathered gradient for Muon. Deviation from torchtitan, whose ``MixedPrecisionPolicy`` casts every
+parameter and the block inputs: under bf16 only the blocks' matmul weights are gathered in bf16 (norm
+weights, embedding and LM head are fp32 groups, inputs not cast), so FSDP computes what
+``torch.autocast`` computes in one process; gradients reduce-scatter in fp32. ``micro_batch`` keeps
+gradients unsharded and parameters gathered until the last micro-batch. Activation checkpointing
+(``full``: every block; ``selective``: even-indexed blocks) uses non-reentrant ``torch.utils.checkpoint``;
+``_recomputed`` restores the kernel backend. State-dict names do not change. User-facing behaviour:
+README, "More than one device".
 """
 
 from __future__ import annotations

@@ -3,39 +3,15 @@
     python -m cs336.sweep [--preset NAME] [--config FILE] [--section.field=VALUE ...] \
         --grid "optim.lr=1e-4,3e-4,1e-3,3e-3" [--grid ...] [--set key=value ...] [--out-dir DIR]
 
-The base config comes from the same flags as ``python -m cs336.train`` (``cs336.cli``;
-``--base FILE`` is ``--config FILE``, and ``--set KEY=VALUE`` is ``--KEY=VALUE`` applied after
-the other flags). Each ``--grid KEY=V1,V2,...`` is one axis; the sweep runs every combination
-of the axes on top of the base, each in its own run directory ``DIR/<key=value__...>``. Keys and
-values use the syntax of ``cs336.config_io.apply_overrides`` (type-checked; an unknown key is an
-error), and every point is validated before the first run starts.
-
-Runs go one after another in this process; with several CUDA devices visible they go one per
-device in subprocesses (``CUDA_VISIBLE_DEVICES``). A run that diverges (``TrainingDiverged``, a
-non-finite loss, or a final train or val loss above the loss at step 0) is marked as diverged
-and the sweep goes on; a run that fails for another reason is marked ``error`` with its message,
-and the sweep exits with status 1 at the end. SIGINT/SIGTERM (during a point's training, which
-saves a checkpoint, or anywhere else) end the sweep with one line, exit 130/143 and no "best".
-
-Continuing: the plan (every point's config) is written to ``DIR/sweep.json`` before the first
-run. The same command again (same ``--out-dir``) finds it and continues: finished points (``ok``,
-``diverged``) are kept, an interrupted or failed point runs again (resumed from its latest
-checkpoint when it has one), the rest run. A directory holding another plan, or files but no
-``sweep.json``, is refused, and nothing in it is touched. (``--out`` is the deprecated spelling
-of ``--out-dir``.) After every run the sweep rewrites ``summary.json``, ``summary.csv``
-and ``summary.md`` (point, steps, final train/val loss, best val loss, tokens/s, wallclock,
-status) and ``curves.png`` (val loss of every run against step and against wallclock) in DIR;
-``tokens/s`` is the training throughput of the run's last logging window, as ``cs336.train``
-reports it. Unless a point varies ``data.*`` or ``model.vocab_size``, the corpus, tokenizer and
-token files are prepared once, in ``DIR/_data``, and every run reads them (``--no-share-data``
-turns this off). When wandb is enabled the runs share one wandb group (the sweep's directory
-name unless the config names a group).
-
-A grid over ``train.batch_size`` keeps the number of training tokens fixed: the step counts
-(``train.max_steps``, ``train.eval_interval``, ``train.log_interval``, ``optim.warmup_iters`` and
-``optim.cosine_cycle_iters`` when set) and ``train.eval_batches`` (so every run validates on the
-same tokens) are scaled by ``base_batch_size / batch_size``, unless the grid also sets
-``train.max_steps``; the step axis of the plot becomes tokens.
+The base config takes the flags of ``python -m cs336.train`` (``cs336.cli``; ``--base FILE`` is
+``--config FILE``, ``--set KEY=VALUE`` is ``--KEY=VALUE`` applied after the other flags). Each
+``--grid KEY=V1,V2,...`` is one axis (``cs336.config_io.apply_overrides`` syntax); every combination
+runs in ``DIR/<key=value__...>``, all validated before the first run. Deviation from a plain grid:
+a ``train.batch_size`` axis keeps training tokens fixed by scaling the step counts and
+``train.eval_batches`` by ``base_batch_size / batch_size`` (unless the grid sets ``train.max_steps``).
+Runs go one after another, or one per CUDA device in subprocesses; the plan is kept in
+``DIR/sweep.json`` (``cs336.sweep_resume``) and the summaries written by ``cs336.sweep_report``.
+Divergence, errors, Ctrl-C, continuing and the files written: README, "What happens when".
 """
 
 from __future__ import annotations

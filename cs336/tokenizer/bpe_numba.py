@@ -1,26 +1,16 @@
 """The BPE merge loop, compiled with numba.
 
-Input: the distinct pre-tokens ("words") as symbol-id arrays with their counts. Each merge picks
-the pair with the highest count, ties going to the lexicographically greater pair of byte strings,
-and rewrites only the words that contain it, so a merge costs time in proportion to the words it
-touches, not to the corpus:
-
-- pair table: an open-addressing hash from ``(a << 32) | b`` to a pair id; each pair id owns a
-  row ``(a, b, count, list head, last word appended, dirty stamp)``;
-- word index: per pair, a singly linked list of the words that have contained it (entries go
-  stale when a word loses the pair; the rewrite step skips words without an occurrence);
-- priority: a binary max-heap of ``(count, key of a, key of b, pair id)`` entries with lazy
-  invalidation: an entry is used only if its count still equals the pair's count; every pair whose
-  count changed in a merge gets one fresh entry after that merge. A token's key holds its first 8
-  bytes, so ties between pairs mostly resolve inside the heap array.
-
-Per merge of ``(a, b) -> t``, in every word containing it, the pairs that overlap a merge site are
-subtracted and the pairs that touch a new ``t`` are added; all other pairs are unchanged. Token
-byte strings live in a byte pool so that ties compare bytes (a prefix sorts first), as Python's
-``max`` over ``(count, (bytes, bytes))`` does in the CS336 handout's reference algorithm.
-
-The loop keeps its state in arrays that persist between calls, so the caller (``train_bpe._merge``)
-can run it in blocks and report progress.
+Input: the distinct pre-tokens ("words") as symbol-id arrays with their counts. Each merge picks the pair
+with the highest count, ties to the lexicographically greater pair of byte strings (a prefix sorts first),
+as Python's ``max`` over ``(count, (bytes, bytes))`` does in the CS336 handout's reference algorithm.
+Deviation from that reference: only the words containing the pair are rewritten, so a merge costs time
+in proportion to the words it touches. State: a pair table (open addressing on ``(a << 32) | b``, rows
+``(a, b, count, list head, last word, dirty stamp)``); per pair a linked list of the words that have
+held it (stale entries skipped); a binary max-heap of ``(count, key a, key b, pair id)`` with lazy
+invalidation (an entry counts only if its count is current; each changed pair gets one fresh entry per
+merge; a key holds a token's first 8 bytes, so most ties resolve in the heap). Per merge ``(a, b) -> t``
+the pairs overlapping a merge site are subtracted and those touching a new ``t`` added. The arrays
+persist between calls, so ``train_bpe._merge`` runs the loop in blocks and reports progress.
 """
 
 from __future__ import annotations

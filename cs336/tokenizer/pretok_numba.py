@@ -1,37 +1,15 @@
 """A numba scanner equivalent to ``regex.findall(GPT2_PATTERN, text)``.
 
-GPT-2's pattern ``'(?:[sdmt]|ll|ve|re)| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``
-is evaluated here by hand, alternative by alternative, the way a backtracking engine does it at
-each start position:
-
-1. an ASCII apostrophe followed by ``s``, ``d``, ``m``, ``t`` or by ``ll``, ``ve``, ``re``
-   (lowercase only: the pattern has no IGNORECASE flag);
-2.-4. an optional U+0020 followed by a run of letters, of numbers, or of "other" characters
-   (neither whitespace, letter nor number); the space is taken only when the character after it
-   starts the run, otherwise the run must start at the current position;
-5. a whitespace run ``[i, e)``: the whole run when it reaches the end of the text, else the run
-   minus its last character (``(?!\\S)`` backtracks by one), when that leaves at least one
-   character;
-6. otherwise the single whitespace character (a one-character run followed by non-space).
-
-Every character is whitespace, a letter, a number or "other", so some alternative matches at
-every position: the pre-tokens partition the text and are described by their boundaries alone.
-After rule 5 gives back the last character of a run, that character starts the next pre-token:
-a U+0020 joins the word after it (rules 2-4), any other whitespace stands alone (rule 6).
-
-Character classes come from the installed ``regex`` module itself (``\\p{L}``, ``\\p{N}`` and
-``\\s`` run over a string of every code point, surrogates included), so they follow the Unicode
-version ``regex`` was built with rather than that of ``unicodedata``. The table (one byte per
-code point, 1.1 MB) is built in about 30 ms and cached as ``.npy`` under ``$CS336_CACHE_DIR``
-(default ``$XDG_CACHE_HOME/cs336`` or ``~/.cache/cs336``), keyed by the ``regex`` version.
-
-The scanner reads the UTF-8 encoding of the text and returns byte boundaries, the form a byte
-level encoder needs (``utf8_bounds``). Strings with lone surrogates (which ``regex`` accepts) are
-encoded with ``surrogatepass``, so those boundaries still fall between characters. The list of
-``str`` (``pretokenize_fast``) is made by inserting a separator character absent from the text
-at every boundary and calling ``str.split``, which builds the strings in C. ``pretoken_counts``
-counts the distinct pre-tokens in numba (a hash table over the byte spans), so only distinct
-pre-tokens become Python strings: the form a BPE trainer needs.
+GPT-2's pattern ``'(?:[sdmt]|ll|ve|re)| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`` is evaluated
+by hand, alternative by alternative, as a backtracking engine does at each start position: (1) an ASCII
+apostrophe and a lowercase contraction; (2-4) an optional U+0020, taken only if the next character starts
+the run, then a run of letters, numbers or "other"; (5) a whitespace run, whole at the end of the text,
+else minus its last character (``(?!\\S)``) when that leaves one; (6) a single whitespace character.
+Some alternative matches everywhere, so pre-tokens partition the text and are kept as byte boundaries
+of its UTF-8 (``utf8_bounds``; lone surrogates via ``surrogatepass``); ``pretokenize_fast`` splits at
+them in C, ``pretoken_counts`` counts distinct pre-tokens in numba for the BPE trainer. Deviation from
+``unicodedata``: the class table (one byte per code point) is built from the installed ``regex`` itself,
+so it follows that module's Unicode version; its cache location: README, "Tokenizer".
 """
 
 from __future__ import annotations

@@ -1,25 +1,14 @@
 """Byte-level BPE tokenizer: encode text to token ids and decode ids to text.
 
-Semantics are the CS336 handout's: text is split on special tokens (longest match first), each
-ordinary segment is split into GPT-2 pre-tokens, and each pre-token's UTF-8 bytes are merged by
-applying the merge list in order. For the GPT-2 vocabulary this gives the same ids as tiktoken's
-``gpt2`` encoding and OpenAI's ``encoder.py``.
-
-Where the time goes and what is done about it: the text is encoded to UTF-8 once and split into
-pre-tokens by byte offsets (the numba scanner in ``pretok_numba`` when present, else
-``pretokenize``, the regex definition), with no Python string per pre-token. One numba call
-(``encode_numba.encode_pieces``) then produces the ids of every pre-token as one int32 array;
-``encode`` converts it to a list. Pre-tokens seen before are copied from a cache that persists
-across calls (hash table and arenas in numpy arrays, about 18 MB, cleared when full), so a
-repeated pre-token costs one hash lookup and a new one a heap-driven merge. Special tokens
-split the text first (``split_on_special``, called only when one occurs); all ordinary segments
-still go through a single numba call. Calls on one ``Tokenizer`` from several threads are
-serialized by a lock (the cache is shared).
-
-Deviations: lone surrogates in ``str`` input (which have no UTF-8 encoding) are encoded as their
-``surrogatepass`` bytes, so they decode to U+FFFD; tiktoken replaces them with U+FFFD before
-encoding. A vocabulary holding the same bytes under several ids encodes them as the lowest of
-those ids.
+Semantics are the CS336 handout's: text is split on special tokens (longest match first), each ordinary
+segment into GPT-2 pre-tokens, and each pre-token's UTF-8 bytes merged by applying the merge list in order;
+for the GPT-2 vocabulary the ids equal tiktoken's ``gpt2`` and OpenAI's ``encoder.py``. The text is
+encoded to UTF-8 once and split by byte offsets (``pretok_numba``, else the regex ``pretokenize``); one
+numba call (``encode_numba.encode_pieces``) gives every pre-token's ids as one int32 array, and a cache
+that persists across calls (numpy arenas, about 18 MB, cleared when full) turns a repeated pre-token into
+one hash lookup. Calls from several threads on one ``Tokenizer`` are serialized by a lock. Deviations:
+lone surrogates are encoded as their ``surrogatepass`` bytes (decoding to U+FFFD; tiktoken replaces them
+before encoding), and bytes held under several ids encode as the lowest id.
 """
 
 from __future__ import annotations
