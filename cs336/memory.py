@@ -54,8 +54,11 @@ STORED = {
     # The fused LM head + loss computes grad_W in the forward: one fp32 (vocab x d_model) tensor.
     ("triton", "none"): {"layer": {("BTd", "f"): 8, ("BTf", "f"): 3, ("BHT", "f"): 1, ("BT", "f"): 2},
                          "model": {("BTd", "f"): 2, ("BT", "f"): 1, ("BT", "i"): 1, ("dV", "f"): 1}},
-    ("triton", "bf16"): {"layer": {("BTd", "a"): 8, ("BTf", "a"): 3, ("BHT", "f"): 1, ("BT", "f"): 2},
-                         "model": {("BTd", "a"): 2, ("BT", "f"): 1, ("BT", "i"): 1, ("dV", "f"): 1}},
+    # Under autocast the Triton norms keep fp32 inputs and the fused head's bf16 grad_W is the
+    # size of the head's weight copy (counted in ``autocast.weight_copies``).
+    ("triton", "bf16"): {"layer": {("BTd", "a"): 9, ("BTd", "f"): 2, ("BTf", "a"): 3, ("BHT", "f"): 1,
+                                   ("BT", "f"): 2},
+                         "model": {("BTd", "a"): 1, ("BTd", "f"): 1, ("BT", "f"): 1, ("BT", "i"): 1}},
 }
 _BYTES = {"f": 4, "b": 1, "i": 8}
 PROVIDERS = ("torch", "native", "triton")

@@ -28,9 +28,8 @@ def _measure(kernels, autocast, checkpointing, B=3, T=96):
 
 CASES = [(k, a, c) for k in ("torch", "native") for a in ("none", "bf16") for c in ("none", "full", "selective")]
 CASES += [("triton", "none", "none"), ("triton", "none", "full"),
-          pytest.param("triton", "none", "selective", marks=pytest.mark.slow)]  # the interpreter is slow
-# triton under bf16 is not measured: its fused LM head + loss fails under CPU bf16 autocast
-# (kernels/cross_entropy.py, torch.mm out= dtype), with or without checkpointing.
+          pytest.param("triton", "none", "selective", marks=pytest.mark.slow),  # the interpreter is slow
+          ("triton", "bf16", "none"), pytest.param("triton", "bf16", "full", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("kernels,autocast,checkpointing", CASES)
