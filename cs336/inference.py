@@ -27,6 +27,7 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
                        tokenizer_dir: str | None = None, device: str = "cpu"):
     """(model in eval mode, tokenizer) from a run directory or a checkpoint file."""
     from cs336.checkpoint import CheckpointError, load_checkpoint_full, read_checkpoint
+    from cs336.checkpoint_integrity import SHARDED_META
     from cs336.hardware import resolve_device
     from cs336.model import TransformerLM
     from cs336.preflight import check_tokenizer_fits
@@ -51,7 +52,7 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
         assert checkpoint is not None  # exactly one of run_dir and checkpoint, checked above
         ckpt = Path(checkpoint)
         rd = RunDir(ckpt.resolve().parent.parent)
-    if ckpt.is_dir():
+    if ckpt.is_dir() and not (ckpt / SHARDED_META).is_file():  # a sharded (fsdp) checkpoint is a directory
         raise CheckpointError(f"--checkpoint {ckpt} is a directory; pass a checkpoint file (e.g. "
                               f"{ckpt}/checkpoints/step_*.pt) or use --run {ckpt}")
     state = read_checkpoint(ckpt)
