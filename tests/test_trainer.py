@@ -126,9 +126,9 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
     out = tmp_path / "run"
 
     def fire_when_training():
-        deadline = time.time() + 60
+        deadline = time.monotonic() + TIMEOUT  # a hang guard, not a time bound
         metrics = out / "metrics.jsonl"
-        while time.time() < deadline:
+        while time.monotonic() < deadline:
             if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
                 os.kill(os.getpid(), signal.SIGINT)
                 return
@@ -146,6 +146,7 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert resumed["steps"] == stopped + 3 and resumed["interrupted"] is False
     assert steps(out)[-1] == stopped + 3
 
+
 def test_sigterm_exits_0_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -154,8 +155,8 @@ def test_sigterm_exits_0_with_a_checkpoint(tmp_path):
                              "--train.log_interval=1"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+    deadline = time.monotonic() + TIMEOUT  # a hang guard, not a time bound
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -163,6 +164,7 @@ def test_sigterm_exits_0_with_a_checkpoint(tmp_path):
     assert "checkpoint saved" in stdout and "--resume" in stdout
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert (out / "checkpoints" / latest).is_file()
+
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_data_preparation_is_one_line_and_leaves_no_temp_files(texts, tmp_path, sig, code):
