@@ -4,6 +4,7 @@ config, the CLI's one-line error, and a CLI process whose output lines a test ca
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -105,3 +106,10 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
         for key in ("train_loss", "val_loss", "grad_norm", "lr"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a test's process-group rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

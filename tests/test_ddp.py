@@ -4,7 +4,6 @@ backward (activation checkpointing)."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
@@ -12,14 +11,9 @@ import torch.multiprocessing as mp
 from cs336.config_io import apply_overrides
 from cs336.presets import smoke_config
 from cs336.train import run
+from run_helpers import free_port
 
 STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(out_dir, data_dir, *extra):
@@ -49,7 +43,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     single = tmp_path / "single"
     run(_cfg(single, data))
     ddp = tmp_path / "ddp"
-    mp.spawn(_rank, args=(2, _free_port(), str(ddp), str(data)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), str(ddp), str(data)), nprocs=2, join=True)
     a, b = _losses(single), _losses(ddp)
     assert [r[0] for r in a] == [r[0] for r in b] == list(range(STEPS + 1))
     for ra, rb in zip(a, b, strict=True):
@@ -87,7 +81,7 @@ def test_refused_run_dir_under_ddp_is_one_line_from_rank_0(tmp_path):
     docs.mkdir()
     (docs / "notes.txt").write_text("mine\n")
     report = tmp_path / "report"
-    mp.spawn(_rank_cli, args=(2, _free_port(), str(docs), str(report)), nprocs=2, join=True)
+    mp.spawn(_rank_cli, args=(2, free_port(), str(docs), str(report)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"report.{r}").read_text()) for r in (0, 1))
     assert r0["code"] == r1["code"] == 2
     assert r0["stderr"].startswith("error: ") and "is not a run directory" in r0["stderr"]

@@ -3,7 +3,6 @@ and generate/export read them; the bad launches and shapes get one clear error."
 
 import json
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
@@ -12,14 +11,9 @@ from cs336.config import ConfigError
 from cs336.config_io import apply_overrides
 from cs336.presets import smoke_config
 from cs336.train import run
+from run_helpers import free_port
 
 STEPS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(out_dir, data_dir, *extra):
@@ -44,7 +38,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str, data_dir: str, extra: 
 
 
 def _fsdp(out_dir, data_dir, *extra, resume=False):
-    mp.spawn(_rank, args=(2, _free_port(), str(out_dir), str(data_dir), extra, resume), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), str(out_dir), str(data_dir), extra, resume), nprocs=2, join=True)
 
 
 def _losses(run_dir, stopped_at=None):
@@ -210,7 +204,7 @@ def test_two_nodes_of_one_rank_each_on_loopback(data, single, tmp_path):
     from pathlib import Path
 
     out = tmp_path / "two_nodes"
-    port = _free_port()
+    port = free_port()
     flags = ["--preset", "smoke", *(f"--{o}" for o in _overrides(out, data, "train.parallel=fsdp"))]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
