@@ -13,7 +13,7 @@ The arithmetic is ``cs336.ops.adamw_step_``, on the seam's backend at ``step()``
 (Keller Jordan 2024) adds ``use_muon=True`` groups: Nesterov momentum, quintic Newton-Schulz in bf16,
 RMS matched to AdamW by ``0.2 sqrt(max(d_out, d_in))`` (Liu et al. 2025, arXiv 2502.16982), decoupled
 decay, sharded gradients gathered whole. Moments keep the parameter's dtype. ``build_optimizer`` is
-the one constructor; ``schedule_lr`` / ``set_group_lrs`` set rates, ``set_group_hyperparameters`` the rest.
+the one constructor; ``schedule_lr`` / ``set_group_lrs`` set rates.
 """
 
 from __future__ import annotations
@@ -160,16 +160,6 @@ def set_group_lrs(opt: torch.optim.Optimizer, cfg, lr: float) -> None:
     muon_lr = lr * (cfg.muon_lr if cfg.muon_lr is not None else cfg.lr) / cfg.lr
     for group in opt.param_groups:
         group["lr"] = muon_lr if group.get("use_muon") else lr
-
-
-def set_group_hyperparameters(opt: torch.optim.Optimizer, cfg) -> None:
-    """Write ``cfg``'s (an ``OptimConfig``) values into every param group, e.g. after a resume
-    loaded the saved groups: betas, eps, weight_decay and fused everywhere, momentum and ns_steps
-    in Muon groups (the rates are ``set_group_lrs``'s, every step)."""
-    for group in opt.param_groups:
-        group.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.fused)
-        if group.get("use_muon"):
-            group.update(momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps)
 
 
 # ---------------------------------------------------------------------------------------------
