@@ -16,7 +16,8 @@ TINY = ["--model.d_model=32", "--model.num_heads=2", "--model.num_layers=1", "--
 
 def test_cli_writes_trace_and_table(tmp_path, capsys):
     out = tmp_path / "run"
-    profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--out-dir", str(out), "--row-limit", "10"])
+    # The row limit covers every op group, so which ops make the table does not hang on timings.
+    profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--out-dir", str(out), "--row-limit", "100000"])
     printed = capsys.readouterr().out
     trace = json.loads((out / "step5.json").read_text())  # wait 1 + warmup 1 + active 3
     names = {event.get("name") for event in trace["traceEvents"]}
@@ -43,6 +44,25 @@ def test_profile_steps_schedule(tmp_path):
     # Only the two active steps are recorded: two matmuls, not four.
     assert sum(1 for e in events if e.get("name") == "aten::mm") == 2
     assert "aten::mm" in result.table_path.read_text()
+
+
+def _table_rows(table: str) -> list[str]:
+    """The data rows of a key_averages table: the lines between its second and third rules."""
+    lines = table.strip().splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("---")]
+    return lines[rules[1] + 1:rules[2]]
+
+
+def test_row_limit_caps_the_table(tmp_path):
+    a = torch.randn(16, 16)
+
+    def step():
+        return (a @ a).relu().exp().sum() + a.mean()
+
+    full = profile.profile_steps(step, tmp_path / "full", wait=0, warmup=1, active=1, row_limit=100000)
+    capped = profile.profile_steps(step, tmp_path / "capped", wait=0, warmup=1, active=1, row_limit=2)
+    assert len(_table_rows(full.table)) > 2
+    assert len(_table_rows(capped.table)) == 2
 
 
 def test_step_profiler_is_stepped_by_the_callers_loop(tmp_path):
