@@ -132,7 +132,10 @@ def render(out: dict) -> str:
     lines = [f"model {out['model']}: d_model={cfg['d_model']} layers={cfg['num_layers']} "
              f"heads={cfg['num_heads']} d_ff={cfg['d_ff']} vocab={cfg['vocab_size']} "
              f"ffn={cfg['ffn_type']}; batch {out['batch_size']} x {out['seq_len']} tokens", ""]
-    lines += _table("trainable parameters (layers.* summed over layers)", out["params_by_component"], "")
+    title = "trainable parameters (layers.* summed over layers)"
+    if cfg.get("tie_embeddings"):
+        title += "; the LM head is the embedding, counted once"
+    lines += _table(title, out["params_by_component"], "")
     lines += [""] + _table("forward matmul FLOPs (2mnp)", out["forward_flops_by_component"], "FLOP")
     lines += ["", f"training FLOPs per step (forward + 2x backward): "
                   f"{flops.humanize(out['training_flops'], 'FLOP')} ({out['training_flops']:,})", ""]

@@ -24,14 +24,19 @@ from cs336.config import check_positive as _positive
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Trainable parameters by tensor (summed over layers), in state-dict order."""
+    """Trainable parameters by tensor (summed over layers), in state-dict order. A tied model
+    (``tie_embeddings``) has one matrix for the embedding and the head: it is counted once, under
+    ``token_embeddings.weight``, the name ``named_parameters`` gives it."""
     d, f, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.num_layers
     norm = 0 if cfg.remove_rmsnorm else d
+    head_norm = d // cfg.num_heads if cfg.qk_norm else 0
     per_layer = {
         "attn.q_proj.weight": d * d,
         "attn.k_proj.weight": d * d,
         "attn.v_proj.weight": d * d,
         "attn.output_proj.weight": d * d,
+        "attn.q_norm.weight": head_norm,
+        "attn.k_norm.weight": head_norm,
         "ln1.weight": norm,
         "ffn.w1.weight": f * d,
         "ffn.w2.weight": d * f,
@@ -42,7 +47,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     counts.update({f"layers.*.{k}": L * v for k, v in per_layer.items() if v})
     if norm:
         counts["ln_final.weight"] = norm
-    counts["lm_head.weight"] = V * d
+    if not cfg.tie_embeddings:
+        counts["lm_head.weight"] = V * d
     return counts
 
 

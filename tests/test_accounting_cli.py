@@ -61,6 +61,16 @@ def test_overrides_apply(capsys):
     assert "layers.*.ffn.w3.weight" not in out["params_by_component"]
 
 
+def test_tied_head_is_counted_once(capsys):
+    untied = _run_json(capsys, "--model", "tinystories")
+    tied = _run_json(capsys, "--model", "tinystories", "--model.tie_embeddings=true")
+    assert "lm_head.weight" not in tied["params_by_component"]
+    assert untied["params"] - tied["params"] == 10_000 * 512
+    assert tied["forward_flops"] == untied["forward_flops"]  # the head's matmul still runs
+    accounting.main(["--model", "tinystories", "--model.tie_embeddings=true"])
+    assert "the LM head is the embedding, counted once" in capsys.readouterr().out
+
+
 def test_human_table_lists_components_and_total(capsys):
     accounting.main(["--model", "tinystories", "--hardware", "a100", "--steps", "5000", "--batch-size", "32"])
     text = capsys.readouterr().out

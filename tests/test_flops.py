@@ -22,6 +22,9 @@ def _grouped_numel(model: torch.nn.Module) -> Counter:
 CONFIGS = [(name, {}) for name in MODEL_PRESETS] + [
     ("tinystories", {"ffn_type": "silu", "d_ff": 2048}),
     ("tinystories", {"remove_rmsnorm": True}),
+    ("tinystories", {"qk_norm": True}),
+    ("tinystories", {"tie_embeddings": True}),
+    ("gpt2-small", {"qk_norm": True, "tie_embeddings": True}),
 ]
 
 
@@ -152,3 +155,12 @@ def test_cpu_measurements_positive():
     assert hardware.measure_cpu_copy_bandwidth(numel=2**16, repeats=1) > 1e6
     info = hardware.versions()
     assert info["torch"] == torch.__version__ and "triton" in info
+
+
+def test_leaderboard_preset_counts_its_tied_head_once():
+    from cs336.presets import leaderboard_config
+    cfg = leaderboard_config().model
+    model = TransformerLM.from_config(cfg, device="meta")
+    assert flops.num_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert "lm_head.weight" not in flops.param_counts(cfg)
+    assert 109e6 < flops.num_params(cfg) < 111e6  # the preset's docstring: 110M tied
