@@ -178,7 +178,7 @@ def classify(summary: dict, run_dir: Path) -> tuple[str, str]:
     """(status, reason) of a finished run: ``ok``, ``interrupted`` or ``diverged`` (a non-finite
     final loss, or a final train or val loss above the starting loss)."""
     if summary.get("interrupted"):
-        return "interrupted", "stopped by a signal"
+        return "interrupted", f"stopped by {summary.get('stop_signal') or 'a signal'}"
     final_train, final_val = summary.get("final_train_loss"), summary.get("final_val_loss")
     if not finite(final_train) or (final_val is not None and not finite(final_val)):
         return "diverged", "non-finite loss"
@@ -207,7 +207,8 @@ def run_point(run: PlannedRun, resume: bool = False) -> dict:
 
 def _row(run: PlannedRun, summary: dict, status: str, reason: str) -> dict:
     row = {"name": run.name, "point": run.point, "run_dir": str(summary.get("run_dir", run.run_dir)),
-           "status": status, "diverged": status == "diverged", "reason": reason}
+           "status": status, "diverged": status == "diverged", "reason": reason,
+           "stop_signal": summary.get("stop_signal") if status == "interrupted" else None}
     for key in ("steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
                 "wallclock_s"):
         value = summary.get(key)
@@ -268,10 +269,17 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
                 rows[index] = _row(planned[index], {}, "error", reason)
             if cast(dict, rows[index])["status"] == "interrupted":  # set just above
                 pending.clear()
+                stopped = stopped or Interrupted(_stop_signal(cast(dict, rows[index])))
             on_row(rows[index], planned)
     if stopped is not None:
         raise stopped
     return [r for r in rows if r is not None]
+
+
+def _stop_signal(row: dict) -> int:
+    """The signal that stopped an interrupted point (SIGINT for a row that does not say)."""
+    name = row.get("stop_signal")
+    return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(signal.SIGINT)
 
 
 def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] | None = None, *,
@@ -312,7 +320,7 @@ def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] |
         print(f"[{len(done) + 1}/{len(planned)}] {'resuming' if resume else 'running'} {run.name}", flush=True)
         on_row(run_point(run, resume=resume), planned)
         if done[-1]["status"] == "interrupted":
-            raise Interrupted(signal.SIGINT)
+            raise Interrupted(_stop_signal(done[-1]))
     return done
 
 

@@ -403,7 +403,8 @@ def train_in(cfg: TrainConfig, resume: bool, device: torch.device, info: dist_ut
     if profiler is not None and profiler.result is not None:
         say(f"profile of steps 3-{PROFILE_STEPS} of this run: {profiler.result.traces[-1]}, "
             f"{profiler.result.table_path}")
-    summary = {**state.summary(rd), "interrupted": state.stopped_by is not None}
+    summary = {**state.summary(rd), "interrupted": state.stopped_by is not None,
+               "stop_signal": None if state.stopped_by is None else signal.Signals(state.stopped_by).name}
     model: torch.nn.Module | None = trainer.model
     if trainer.fsdp and cfg.train.sample_tokens > 0 and not summary["interrupted"]:
         model = parallel.full_model_copy(trainer.model, info.is_main)  # the sample runs on rank 0 alone

@@ -300,7 +300,7 @@ def test_cli_refuses_a_nonempty_out_dir(tmp_path, fake_train, capsys):
     assert (tmp_path / "o" / "x").read_text() == "keep"
 
 
-def _interrupt_at(monkeypatch, fake_train, lr, where="training"):
+def _interrupt_at(monkeypatch, fake_train, lr, where="training", stop_signal="SIGINT"):
     """cs336.train.run stops at point ``lr``: inside training (it saves a checkpoint and returns
     an interrupted summary) or ``before`` training starts (a raw KeyboardInterrupt)."""
     from cs336 import train
@@ -321,7 +321,8 @@ def _interrupt_at(monkeypatch, fake_train, lr, where="training"):
             (rd.checkpoints / "latest").write_text("step_000002.pt\n")
             _write_metrics(Path(cfg.train.out_dir), [5.0, 4.0])
             return {"run_dir": cfg.train.out_dir, "steps": 2, "final_train_loss": 4.0, "final_val_loss": 4.1,
-                    "best_val_loss": 4.1, "tokens_per_s": 1.0, "wallclock_s": 1.0, "interrupted": True}
+                    "best_val_loss": 4.1, "tokens_per_s": 1.0, "wallclock_s": 1.0, "interrupted": True,
+                    "stop_signal": stop_signal}
         return real(cfg, resume=resume)
 
     monkeypatch.setattr(train, "run", run)
@@ -352,6 +353,18 @@ def test_interrupted_sweep_exits_130_without_best_and_the_same_command_continues
     assert resumed == ([2e-2] if where == "training" else [])
     assert "1 finished point(s) kept, 2 to run" in out and "3 runs, 0 diverged, 0 failed; best" in out
     assert [r["status"] for r in json.loads((tmp_path / "sw" / "summary.json").read_text())["runs"]] == ["ok"] * 3
+
+
+def test_a_point_stopped_by_sigterm_makes_the_sweep_exit_143(tmp_path, fake_train, capsys, monkeypatch):
+    argv = ["--base", str(_base_file(tmp_path)), "--grid", "optim.lr=1e-2,2e-2", "--out-dir", str(tmp_path / "sw")]
+    _interrupt_at(monkeypatch, fake_train, 2e-2, stop_signal="SIGTERM")
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(argv)
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.startswith("interrupted by SIGTERM: finished points")
+    runs = json.loads((tmp_path / "sw" / "summary.json").read_text())["runs"]
+    assert [(r["status"], r["reason"], r["stop_signal"]) for r in runs] == [
+        ("ok", "", None), ("interrupted", "stopped by SIGTERM", "SIGTERM")]
 
 
 def test_a_different_sweep_in_the_same_directory_is_refused(tmp_path, fake_train, capsys):

@@ -138,12 +138,12 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
     timer.start()
     summary = run(cfg(out, "train.max_steps=100000", "train.checkpoint_interval=100000"))
     timer.join()
-    assert summary["interrupted"] is True
+    assert summary["interrupted"] is True and summary["stop_signal"] == "SIGINT"
     stopped = summary["steps"]
     assert 2 <= stopped < 100000
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:06d}.pt"
     resumed = run(cfg(out, f"train.max_steps={stopped + 3}", "train.checkpoint_interval=100000"), resume=True)
-    assert resumed["steps"] == stopped + 3 and resumed["interrupted"] is False
+    assert resumed["steps"] == stopped + 3 and resumed["interrupted"] is False and resumed["stop_signal"] is None
     assert steps(out)[-1] == stopped + 3
 
 
