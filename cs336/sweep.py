@@ -278,7 +278,7 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
 
 def _stop_signal(row: dict) -> int:
     """The signal that stopped an interrupted point (SIGINT for a row that does not say)."""
-    name = row.get("stop_signal")
+    name = str(row.get("stop_signal"))
     return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(signal.SIGINT)
 
 
