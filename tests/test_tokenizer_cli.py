@@ -240,3 +240,32 @@ def test_encode_reads_a_training_runs_tokenizer_dir(tokdir, corpus, tmp_path, ca
     (run / "config.json").unlink()
     main([*args, "--special-token", EOT, "--out", str(tmp_path / "d.bin")])
     assert (tmp_path / "d.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()
+
+
+def test_encode_refuses_special_tokens_other_than_tokenizer_json(tokdir, corpus, tmp_path, capsys):
+    """--special-token names the special tokens of a directory without tokenizer.json; one that
+    differs from the tokenizer.json of the directory is refused, not silently ignored (which
+    encoded the text as if the flag were absent)."""
+    args = ["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus)]
+    err = _exit_2([*args, "--special-token", "Lily", "--out", str(tmp_path / "a.bin")], capsys)
+    assert "tokenizer.json lists the special tokens ['<|endoftext|>'], not ['Lily']" in err
+    assert "drop --special-token" in err and not (tmp_path / "a.bin").exists()
+    err = _exit_2([*args, "--special-token", EOT, "--special-token", "Lily", "--out", str(tmp_path / "a.bin")],
+                  capsys)
+    assert "not ['<|endoftext|>', 'Lily']" in err
+    main([*args, "--quiet", "--special-token", EOT, "--out", str(tmp_path / "b.bin")])  # the same ones: fine
+    main([*args, "--quiet", "--out", str(tmp_path / "c.bin")])
+    assert (tmp_path / "b.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()
+
+
+def test_encode_ignores_a_run_config_beside_a_tokenizer_json(tokdir, corpus, tmp_path):
+    """A directory with tokenizer.json takes its own special tokens, whatever a config.json one
+    level up says (only a run's DIR/tokenizer, without tokenizer.json, reads the run's config)."""
+    import shutil
+
+    tok = tmp_path / "project" / "tok"
+    shutil.copytree(tokdir, tok)
+    (tok.parent / "config.json").write_text(json.dumps({"data": {"special_tokens": ["<|other|>"]}}))
+    main(["encode", "--tokenizer-dir", str(tok), "--input", str(corpus), "--quiet", "--out", str(tmp_path / "a.bin")])
+    ids = np.fromfile(tmp_path / "a.bin", dtype=np.uint16).tolist()
+    assert ids == Tokenizer(*load_tokenizer_dir(tokdir)).encode(_read(corpus))

@@ -147,10 +147,13 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _run_special_tokens(args: argparse.Namespace) -> list[str]:
-    """--special-token, else, for a training run's DIR/tokenizer, the run's data.special_tokens
-    (its tokenizer directory has no tokenizer.json)."""
+    """--special-token, else, for a training run's DIR/tokenizer (a tokenizer directory without
+    tokenizer.json), the run's data.special_tokens; a directory with tokenizer.json gets its own
+    (``load_tokenizer_dir`` refuses a --special-token that differs from them)."""
     if args.special_token:
         return list(dict.fromkeys(args.special_token))
+    if (Path(args.tokenizer_dir) / META_FILE).exists():
+        return []
     config = Path(args.tokenizer_dir) / ".." / "config.json"
     try:
         specials = json.loads(config.read_text(encoding="utf-8"))["data"]["special_tokens"]
