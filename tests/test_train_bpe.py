@@ -319,6 +319,22 @@ def test_bad_special_tokens_and_workers(tmp_path):
         train_bpe(path, 300, [], num_workers=0)
 
 
+def test_special_tokens_that_cannot_be_saved_are_refused(tmp_path):
+    """A bare string is not split into one special token per character (it was: "<|endoftext|>"
+    failed as "duplicates", "<|eot>" trained with six one-character specials), and a one-byte
+    special token, whose bytes the vocabulary already holds, is refused before any counting (it
+    trained, then saving failed on two ids holding the same bytes)."""
+    path = write(tmp_path / "a.txt", "a b c abc abc")
+    for text in (EOT, "<|eot>"):
+        with pytest.raises(TypeError, match="must be a list of strings.*wrap it in a list"):
+            train_bpe(path, 300, text)
+    for one_byte in ("a", "\n"):
+        with pytest.raises(ValueError, match=r"is a single byte.*two or more bytes"):
+            train_bpe(path, 300, [EOT, one_byte])
+    vocab, _ = train_bpe(path, 300, ["é"])  # one character, two bytes: a token of its own
+    assert vocab[0] == "é".encode() and len(set(vocab.values())) == len(vocab)
+
+
 def test_byte_keys_equal_token_key():
     """The numpy keys of the 256 one-byte tokens equal the numba ``token_key`` of each byte."""
     from cs336.tokenizer import bpe_numba as bn

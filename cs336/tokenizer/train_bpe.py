@@ -88,10 +88,20 @@ def _check_input(input_path: str | os.PathLike) -> Path:
 
 
 def _check_special_tokens(special_tokens: list[str]) -> list[str]:
+    """The special tokens as a list; refuses a bare string (``list()`` would make each of its
+    characters a special token), empty or non-string items, duplicates, and one-byte tokens: the
+    vocabulary already holds every byte, so a one-byte special token would be a second id for the
+    same bytes, which GPT-2's vocab.json (token -> id) cannot store."""
+    if isinstance(special_tokens, (str, bytes)):
+        raise TypeError(f"train_bpe: special_tokens must be a list of strings, got {special_tokens!r}; "
+                        "wrap it in a list")
     specials = list(special_tokens or [])
     for s in specials:
         if not isinstance(s, str) or not s:
             raise ValueError(f"train_bpe: special_tokens must be non-empty strings, got {s!r}")
+        if len(s.encode("utf-8", "surrogatepass")) == 1:
+            raise ValueError(f"train_bpe: special token {s!r} is a single byte, which is already one of the "
+                             "256 byte tokens; use a special token of two or more bytes")
     if len(set(specials)) != len(specials):
         raise ValueError(f"train_bpe: special_tokens {specials!r} has duplicates; list each token once")
     return specials
