@@ -199,9 +199,14 @@ def check_tokens(tokens: np.ndarray, path: Path, cfg: TrainConfig) -> None:
         raise TokenFileError(f"token file {path} holds {len(tokens)} tokens, fewer than one window of "
                              f"context_length + 1 = {need}; use more text or a shorter "
                              "--train.context_length")
-    top = 0
+    top, low = 0, 0
     for start in range(0, len(tokens), 1 << 24):
-        top = max(top, int(np.asarray(tokens[start:start + (1 << 24)]).max()))
+        block = np.asarray(tokens[start:start + (1 << 24)])
+        top, low = max(top, int(block.max())), min(low, int(block.min()))
+    if low < 0:  # a signed dtype: an embedding lookup would wrap it to the last rows, the loss would fail
+        raise TokenFileError(f"token file {path} holds id {low}, below 0: it was written with a signed dtype "
+                             "from other values or is read with the wrong dtype; re-encode it or fix its "
+                             ".json sidecar")
     if top >= cfg.model.vocab_size:
         raise TokenFileError(f"token file {path} holds id {top}, beyond model.vocab_size="
                              f"{cfg.model.vocab_size}: it was encoded with another tokenizer or is read "

@@ -161,3 +161,22 @@ def test_the_tokenizer_is_parsed_and_hashed_once(tmp_path, monkeypatch, kind):
     tokens, _, tok = prepare_data(cfg, rd, DistInfo(), lambda msg: None, source)
     assert calls == {"parse": 0 if kind == "trained" else 1, "hash": 1}
     assert tok.decode(np.asarray(tokens[:20]).tolist()) in train.read_text()
+
+
+@pytest.mark.parametrize("bad", [-1, -32768])
+def test_pre_encoded_tokens_with_negative_ids_are_refused(tmp_path, bad):
+    """A signed token file holding a negative id is refused before training, as one holding an id
+    past the vocabulary is (only the largest id was checked: a negative input id indexed the
+    embedding from its end, a negative target stopped the run with a traceback)."""
+    from cs336.data import TokenFileError, save_tokens
+    from cs336.tokenizer.gpt2_files import save_tokenizer_dir
+
+    save_tokenizer_dir(tmp_path / "tok", {b: bytes([b]) for b in range(256)}, [], [EOT])
+    tokens = np.arange(200, dtype=np.int16) % 256
+    save_tokens(tmp_path / "valid.bin", tokens, dtype="int16")
+    tokens[150] = bad
+    save_tokens(tmp_path / "train.bin", tokens, dtype="int16")
+    cfg = _cfg(None, None, source="tokens", train_tokens=str(tmp_path / "train.bin"),
+               valid_tokens=str(tmp_path / "valid.bin"), tokenizer_dir=str(tmp_path / "tok"))
+    with pytest.raises(TokenFileError, match=rf"train\.bin holds id {bad}, below 0"):
+        _prepare(cfg, tmp_path / "run")
