@@ -57,6 +57,10 @@ def _read_sidecar(path: Path) -> dict | None:
     if not isinstance(meta, dict) or "dtype" not in meta:
         raise TokenFileError(f"{meta_path}: expected a JSON object with 'dtype' and 'count'; "
                              f"re-encode {path.name} or delete the sidecar")
+    count = meta.get("count")
+    if "count" in meta and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise TokenFileError(f"{meta_path}: 'count' is {count!r}, not a number of tokens (a non-negative "
+                             f"integer); the sidecar is damaged: re-encode {path.name}")
     return meta
 
 
@@ -83,7 +87,7 @@ def load_tokens(path: str | os.PathLike, dtype=None) -> np.memmap:
             "it is truncated or has another dtype: re-encode it or pass the right dtype"
         )
     count = size // dt.itemsize
-    if meta is not None and "count" in meta and int(meta["count"]) != count:
+    if meta is not None and "count" in meta and meta["count"] != count:
         raise TokenFileError(
             f"token file {path} holds {count} {dt.name} tokens but {sidecar_path(path).name} "
             f"records {meta['count']}; the file is truncated or was overwritten: re-encode it"

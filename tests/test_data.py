@@ -142,3 +142,16 @@ def test_load_tokens_errors_name_the_file(tmp_path):
     np.arange(4, dtype=np.uint16).tofile(raw)
     with pytest.raises(TokenFileError, match="integer type"):
         load_tokens(raw, dtype=np.float32)
+
+
+@pytest.mark.parametrize("count", ["x", None, 4.7, 4.0, True, -4, [4]])
+def test_load_tokens_refuses_a_sidecar_count_that_is_not_a_token_count(tmp_path, count):
+    """A sidecar 'count' must be a non-negative integer: a string ended in a bare ValueError not
+    naming the file, None or a list in a TypeError traceback, and 4.7 passed as 4."""
+    path = tmp_path / "t.bin"
+    np.arange(4, dtype=np.uint16).tofile(path)
+    sidecar_path(path).write_text(json.dumps({"dtype": "uint16", "count": count}))
+    with pytest.raises(TokenFileError, match=r"t\.bin\.json: 'count' is .*re-encode t\.bin"):
+        load_tokens(path)
+    sidecar_path(path).write_text(json.dumps({"dtype": "uint16", "count": 4}))
+    assert load_tokens(path).tolist() == [0, 1, 2, 3]
