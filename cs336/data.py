@@ -98,13 +98,21 @@ def load_tokens(path: str | os.PathLike, dtype=None) -> np.memmap:
 def save_tokens(path: str | os.PathLike, tokens, dtype=DEFAULT_DTYPE, **meta) -> Path:
     """Write ``tokens`` (1-D ints) as raw ``dtype`` plus the ``<path>.json`` sidecar, atomically.
 
-    Extra keyword arguments (e.g. ``vocab_size``) are recorded in the sidecar.
+    ``tokens`` must hold integers (floats are refused, not truncated). Extra keyword arguments
+    (e.g. ``vocab_size``) are recorded in the sidecar; ``count`` is not one of them (it is the
+    length of ``tokens``).
     """
     path = Path(path)
     dt = _integer_dtype(dtype, str(path))
+    if "count" in meta:
+        raise ValueError(f"save_tokens: count={meta['count']!r} would replace the sidecar's token count "
+                         "(the length of tokens); drop it")
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"save_tokens: expected a 1-D token array, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"save_tokens: tokens must be integer ids, got an array of {arr.dtype}; convert them "
+                         "first (e.g. np.rint(x).astype(np.int64) after checking they are whole numbers)")
     if arr.size and (arr.min() < np.iinfo(dt).min or arr.max() > np.iinfo(dt).max):
         raise ValueError(f"save_tokens: token ids span [{arr.min()}, {arr.max()}], outside {dt.name}; "
                          "use a wider dtype (uint32)")
