@@ -269,3 +269,21 @@ def test_encode_ignores_a_run_config_beside_a_tokenizer_json(tokdir, corpus, tmp
     main(["encode", "--tokenizer-dir", str(tok), "--input", str(corpus), "--quiet", "--out", str(tmp_path / "a.bin")])
     ids = np.fromfile(tmp_path / "a.bin", dtype=np.uint16).tolist()
     assert ids == Tokenizer(*load_tokenizer_dir(tokdir)).encode(_read(corpus))
+
+
+def test_encode_refuses_a_directory_at_the_sidecar_path_before_writing(tokdir, corpus, tmp_path, capsys):
+    """The token file and its .json sidecar are replaced together at the end; a directory at the
+    sidecar's path is refused first (it failed after the token file was replaced, leaving new tokens
+    beside a stale or missing sidecar, with an error naming a temporary file)."""
+    out = tmp_path / "c.bin"
+    out.write_bytes(b"old tokens")
+    (tmp_path / "c.bin.json").mkdir()
+    args = ["--input", str(corpus), "--out", str(out)]
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), *args], capsys)
+    assert f"{out}.json is a directory" in err
+    assert out.read_bytes() == b"old tokens" and sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.bin.json"]
+    tok = Tokenizer(*load_tokenizer_dir(tokdir))
+    with pytest.raises(ValueError, match=r"c\.bin\.json is a directory, where encoding .* writes its \.json sidecar"):
+        encode_file(corpus, out, tok)
+    assert out.read_bytes() == b"old tokens" and sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.bin.json"]
+

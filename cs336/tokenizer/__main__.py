@@ -136,6 +136,9 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     _check_workers(args.workers)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; pass the path of the token file to write")
+    if Path(f"{out}.json").is_dir():
+        raise ValueError(f"--out {out}: its sidecar path {out}.json is a directory; pass another --out path "
+                         "or move the directory")
     tok_dir = tok.resolve()
     for target in (out.resolve(), Path(f"{out}.json").resolve()):
         if target == src.resolve():

@@ -152,6 +152,11 @@ def encode_file(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     dst = Path(out_path)
+    for target in (dst, dst.with_name(dst.name + ".json")):  # before any work: both are replaced at the end
+        if target.is_dir():
+            raise ValueError(f"{target} is a directory, where encoding {src} writes "
+                             f"{'the token file' if target == dst else 'its .json sidecar'}; pass another "
+                             "output path or move the directory")
     with writing(dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
