@@ -287,3 +287,12 @@ def test_encode_refuses_a_directory_at_the_sidecar_path_before_writing(tokdir, c
         encode_file(corpus, out, tok)
     assert out.read_bytes() == b"old tokens" and sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.bin.json"]
 
+
+def test_an_input_that_is_not_a_regular_file_is_said_so(tokdir, tmp_path, capsys):
+    """A directory or a device as --input was reported as 'no such file'."""
+    for cmd in (["train", "--vocab-size", "300", "--out-dir", str(tmp_path / "t")],
+                ["encode", "--tokenizer-dir", str(tokdir), "--out", str(tmp_path / "x.bin")]):
+        assert f"--input {tmp_path} is a directory" in _exit_2([*cmd, "--input", str(tmp_path)], capsys)
+        assert "--input /dev/null is not a regular file" in _exit_2([*cmd, "--input", "/dev/null"], capsys)
+        assert "does not exist" in _exit_2([*cmd, "--input", str(tmp_path / "none.txt")], capsys)
+    assert not list(tmp_path.iterdir())

@@ -75,6 +75,14 @@ def _outcome(*paths: Path):
     return tell
 
 
+def _check_input_file(src: Path) -> None:
+    """Refuse an --input that is missing, a directory or not a regular file (e.g. /dev/null), each
+    said as it is."""
+    if not src.is_file():
+        what = "is a directory" if src.is_dir() else "is not a regular file" if src.exists() else "does not exist"
+        raise ValueError(f"--input {src} {what}; pass an existing UTF-8 text file with --input")
+
+
 def _check_workers(workers: int | None) -> None:
     if workers is not None and workers < 1:
         raise ValueError(f"--workers {workers}: pass a number of processes >= 1")
@@ -82,8 +90,7 @@ def _check_workers(workers: int | None) -> None:
 
 def _train(args: argparse.Namespace, stage: Stage) -> None:
     src = Path(args.input)
-    if not src.is_file():
-        raise ValueError(f"{src}: no such file; pass an existing text file with --input")
+    _check_input_file(src)
     _check_workers(args.workers)
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
@@ -131,8 +138,7 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """Refuse an ``--out`` (or its ``.json`` sidecar) that is an input or lies in the tokenizer
     directory; return (input, out)."""
     src, out, tok = Path(args.input), Path(args.out), Path(args.tokenizer_dir)
-    if not src.is_file():
-        raise ValueError(f"{src}: no such file; pass an existing UTF-8 text file with --input")
+    _check_input_file(src)
     _check_workers(args.workers)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; pass the path of the token file to write")

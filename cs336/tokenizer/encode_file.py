@@ -148,7 +148,8 @@ def encode_file(
     """Encode ``input_path`` into ``out_path`` (+ ``out_path.json``); see the module docstring."""
     src = Path(input_path)
     if not src.is_file():
-        raise ValueError(f"{src}: no such file; pass an existing UTF-8 text file as the input")
+        what = "not a regular file" if src.exists() else "no such file"
+        raise ValueError(f"{src}: {what}; pass an existing UTF-8 text file as the input")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     dst = Path(out_path)
