@@ -110,17 +110,36 @@ def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
 
 
 def _tokenizer_sample(train_text: Path, rd: RunDir, megabytes: float | None, separator: str) -> Path:
-    """The training text itself, or its first ``megabytes`` MB cut after a document separator."""
+    """The training text itself, or its first ``megabytes`` MB (10**6 bytes) cut after the last
+    document separator in them (without one, before a character the limit would split). The
+    bytes are copied as they are: line ends (``\r\n``) stay what the encoder will see."""
     limit = None if megabytes is None else int(megabytes * 1_000_000)
     if limit is None or train_text.stat().st_size <= limit:
         return train_text
-    with open(train_text, encoding="utf-8", errors="replace") as fh:
+    with open(train_text, "rb") as fh:
         head = fh.read(limit)
-    cut = head.rfind(separator)
-    sample = head[: cut + len(separator)] if cut > 0 else head
+    sep = separator.encode("utf-8")
+    cut = head.rfind(sep)
+    sample = head[: cut + len(sep)] if cut > 0 else _whole_characters(head)
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as exc:  # the whole text would fail to encode later, after training
+        raise ConfigError(f"{train_text} is not UTF-8 (byte offset {exc.start}: {exc.reason}); convert it "
+                          "first, e.g. `iconv -f <its encoding> -t UTF-8`") from None
     out = rd.data / "tokenizer_sample.txt"
-    atomic_write_text(out, sample)
+    atomic_write_bytes(out, sample)
     return out
+
+
+def _whole_characters(data: bytes) -> bytes:
+    """``data`` without a UTF-8 character that its end cuts short."""
+    lead = len(data) - 1
+    while lead >= 0 and len(data) - lead < 4 and data[lead] & 0xC0 == 0x80:  # back over continuation bytes
+        lead -= 1
+    if lead < 0 or data[lead] < 0xC0:
+        return data
+    width = 2 if data[lead] < 0xE0 else 3 if data[lead] < 0xF0 else 4
+    return data[:lead] if lead + width > len(data) else data
 
 
 @dataclass

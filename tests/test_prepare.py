@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cs336 import prepare
+from cs336.config import ConfigError
 from cs336.data import sidecar_path
 from cs336.distributed import DistInfo
 from cs336.prepare import TOKENIZER_KEY, prepare_data, token_file_is_current
@@ -180,3 +181,43 @@ def test_pre_encoded_tokens_with_negative_ids_are_refused(tmp_path, bad):
                valid_tokens=str(tmp_path / "valid.bin"), tokenizer_dir=str(tmp_path / "tok"))
     with pytest.raises(TokenFileError, match=rf"train\.bin holds id {bad}, below 0"):
         _prepare(cfg, tmp_path / "run")
+
+
+def test_tokenizer_sample_is_the_first_bytes_of_the_text_as_they_are(tmp_path):
+    """The tokenizer sample is the text's first data.tokenizer_sample_mb * 10**6 bytes, cut after
+    the last document separator, byte for byte: it was read in text mode, so every \\r of a
+    \\r\\n text was dropped (the tokenizer never saw the line ends it then encoded), and the limit
+    counted characters, so a non-ASCII text gave a sample up to 4 times as large."""
+    from cs336.tokenizer.train_bpe import train_bpe
+
+    doc = "Größe 東京 line one\r\nline two\r\n"
+    train = tmp_path / "train.txt"
+    train.write_bytes((doc + EOT).encode() * 2000)
+    valid = tmp_path / "valid.txt"
+    valid.write_bytes((doc + EOT).encode() * 20)
+    cfg = _cfg(train, valid, tokenizer_sample_mb=0.01)
+    rd, _, tok, _ = _prepare(cfg, tmp_path / "run")
+    sample = (rd.data / "tokenizer_sample.txt").read_bytes()
+    one = len((doc + EOT).encode())
+    assert sample == (doc + EOT).encode() * (10_000 // one)
+    assert train_bpe(rd.data / "tokenizer_sample.txt", 300, [EOT]) == (tok.vocab, tok.merges)
+    assert b"\r\n" in tok.vocab.values()  # the pair the text mode removed
+
+
+def test_tokenizer_sample_without_a_separator_ends_on_a_whole_character(tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_text("x" + "é" * 9_999 + "東" * 99, encoding="utf-8")  # byte 10**4 is inside an é
+    valid = tmp_path / "valid.txt"
+    valid.write_text("é é " * 100, encoding="utf-8")
+    rd, _, _, _ = _prepare(_cfg(train, valid, tokenizer_sample_mb=0.01, special_tokens=["<|doc|>"]),
+                           tmp_path / "run")
+    assert (rd.data / "tokenizer_sample.txt").read_text(encoding="utf-8") == "x" + "é" * 4_999
+
+
+def test_tokenizer_sample_of_a_text_that_is_not_utf8_names_the_text(tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"abc \xff " + f"word {EOT}".encode() * 2000)
+    valid = tmp_path / "valid.txt"
+    valid.write_text("the end", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"{train} is not UTF-8 \(byte offset 4"):
+        _prepare(_cfg(train, valid, tokenizer_sample_mb=0.01), tmp_path / "run")
