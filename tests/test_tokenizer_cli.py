@@ -296,3 +296,33 @@ def test_an_input_that_is_not_a_regular_file_is_said_so(tokdir, tmp_path, capsys
         assert "--input /dev/null is not a regular file" in _exit_2([*cmd, "--input", "/dev/null"], capsys)
         assert "does not exist" in _exit_2([*cmd, "--input", str(tmp_path / "none.txt")], capsys)
     assert not list(tmp_path.iterdir())
+
+
+def test_encode_starts_no_more_workers_than_the_input_has_chunks(tokdir, corpus, tmp_path, monkeypatch):
+    """--workers 64 on a small file started 64 processes (and 100000 would fork that many); each
+    block read makes at most one chunk, so the pool is capped there, with the same ids."""
+    import cs336.tokenizer.encode_file as ef
+
+    sizes = []
+    real = ef._pool_context
+
+    def recording():
+        ctx = real()
+
+        class Ctx:
+            def Pool(self, n, **kwargs):
+                sizes.append(n)
+                return ctx.Pool(n, **kwargs)
+
+        return Ctx()
+
+    monkeypatch.setattr(ef, "_pool_context", recording)
+    tok = Tokenizer(*load_tokenizer_dir(tokdir))
+    n_bytes = corpus.stat().st_size
+    stats = encode_file(corpus, tmp_path / "a.bin", tok, workers=64, chunk_chars=n_bytes // 3 + 1)
+    assert sizes == [4] and stats.workers == 4  # 3 blocks, and what is left after the last cut
+    stats = encode_file(corpus, tmp_path / "b.bin", tok, workers=64, chunk_chars=2 * n_bytes)
+    assert sizes == [4, 2] and stats.workers == 2
+    expected = tok.encode(_read(corpus))
+    for name in ("a.bin", "b.bin"):
+        assert np.fromfile(tmp_path / name, dtype=np.uint16).tolist() == expected

@@ -192,7 +192,7 @@ def _encode(args: argparse.Namespace, stage: Stage) -> None:
     print(
         f"encoded {stats.input_bytes / 1e6:.2f} MB into {stats.tokens} {stats.dtype} tokens "
         f"({stats.bytes_per_token:.2f} bytes/token) in {stats.seconds:.2f} s "
-        f"({stats.mb_per_s:.1f} MB/s, {args.workers} worker(s)); wrote {args.out} and {args.out}.json"
+        f"({stats.mb_per_s:.1f} MB/s, {stats.workers} worker(s)); wrote {args.out} and {args.out}.json"
     )
 
 

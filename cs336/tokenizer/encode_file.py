@@ -47,6 +47,8 @@ class EncodeStats:
     tokens: int
     seconds: float
     dtype: str
+    workers: int = 1
+    """Processes that encoded (``workers``, or fewer when the input makes fewer chunks)."""
 
     @property
     def bytes_per_token(self) -> float:
@@ -152,6 +154,8 @@ def encode_file(
         raise ValueError(f"{src}: {what}; pass an existing UTF-8 text file as the input")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
     dst = Path(out_path)
     for target in (dst, dst.with_name(dst.name + ".json")):  # before any work: both are replaced at the end
         if target.is_dir():
@@ -163,6 +167,9 @@ def encode_file(
     dtype = token_dtype(tokenizer.vocab_size)
     src_stat = src.stat()
     input_bytes = src_stat.st_size
+    # Each block read yields at most one chunk, so more processes than blocks would only idle
+    # (and --workers 100000 would fork that many).
+    workers = min(workers, -(-input_bytes // chunk_chars) + 1)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -227,4 +234,4 @@ def encode_file(
     finally:
         if bar is not None:
             bar.close()
-    return EncodeStats(input_bytes=input_bytes, tokens=tokens, seconds=seconds, dtype=dtype.name)
+    return EncodeStats(input_bytes=input_bytes, tokens=tokens, seconds=seconds, dtype=dtype.name, workers=workers)
