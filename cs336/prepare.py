@@ -33,7 +33,7 @@ from cs336.preflight import check_text_file, check_tokenizer_fits
 from cs336.run_dir import RunDir
 from cs336.tokenizer import Tokenizer
 from cs336.tokenizer.encode_file import encode_file
-from cs336.tokenizer.gpt2_files import load_vocab_merges, save_vocab_merges, tokenizer_hash
+from cs336.tokenizer.gpt2_files import META_FILE, load_meta, load_vocab_merges, save_vocab_merges, tokenizer_hash
 from cs336.tokenizer.train_bpe import train_bpe
 
 PARALLEL_ENCODE_BYTES = 64_000_000
@@ -168,6 +168,12 @@ def source_tokenizer(cfg: TrainConfig) -> SourceTokenizer | None:
             raise ConfigError(f"data.tokenizer_dir {src} has no {name}; point it at a directory "
                               "holding vocab.json and merges.txt")
     vocab, merges = load_vocab_merges(src / "vocab.json", src / "merges.txt")
+    meta = load_meta(src)  # the special tokens of a `python -m cs336.tokenizer train` directory
+    if meta is not None and set(meta.get("special_tokens", [])) != set(cfg.data.special_tokens):
+        listed = list(meta.get("special_tokens", []))
+        raise ConfigError(f"data.tokenizer_dir {src} was trained with the special tokens {listed!r} "
+                          f"({src / META_FILE}), but data.special_tokens is {list(cfg.data.special_tokens)!r}; "
+                          f"pass --data.special_tokens={','.join(listed)} (the first separates documents)")
     _build(vocab, merges, cfg, src)
     return SourceTokenizer(src, vocab, merges, tokenizer_hash(src))
 

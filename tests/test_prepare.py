@@ -221,3 +221,27 @@ def test_tokenizer_sample_of_a_text_that_is_not_utf8_names_the_text(tmp_path):
     valid.write_text("the end", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"{train} is not UTF-8 \(byte offset 4"):
         _prepare(_cfg(train, valid, tokenizer_sample_mb=0.01), tmp_path / "run")
+
+
+def test_a_tokenizer_dir_trained_with_other_special_tokens_is_refused(tmp_path):
+    """A data.tokenizer_dir whose tokenizer.json lists other special tokens than
+    data.special_tokens is refused before any work: the run used its own, so the tokenizer's
+    <|doc|> (id 0) was never produced, the documents' "<|doc|>" was encoded as ordinary text and
+    <|endoftext|> got an extra id (or a model-size error blaming 301 ids on the tokenizer)."""
+    from cs336.tokenizer.gpt2_files import save_tokenizer_dir
+
+    doc = "<|doc|>"
+    vocab = {0: doc.encode(), **{1 + b: bytes([b]) for b in range(256)}}
+    save_tokenizer_dir(tmp_path / "tok", vocab, [], [doc])
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text(f"the cat sat. {doc}" * 100, encoding="utf-8")
+    valid.write_text(f"the dog sat. {doc}" * 10, encoding="utf-8")
+    cfg = _cfg(train, valid, vocab_size=257, tokenizer_dir=str(tmp_path / "tok"))
+    with pytest.raises(ConfigError, match=r"trained with the special tokens \['<\|doc\|>'\] .* but "
+                                          r"data.special_tokens is \['<\|endoftext\|>'\]; pass "
+                                          r"--data.special_tokens=<\|doc\|>"):
+        prepare.source_tokenizer(cfg)
+    cfg.data.special_tokens = [doc]
+    _, tokens, tok, _ = _prepare(cfg, tmp_path / "run")
+    assert tok.vocab_size == 257 and np.asarray(tokens[:14]).tolist() == tok.encode(f"the cat sat. {doc}")
+    assert int((np.asarray(tokens) == 0).sum()) == 100
