@@ -99,11 +99,14 @@ def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
                 check_text_file("--valid-text", cfg.data.valid_text))
     if source == "embedded":
         train, valid = rd.data / "train.txt", rd.data / "valid.txt"
-        key = {"corpus_mb": cfg.data.corpus_mb, "corpus_seed": cfg.data.corpus_seed}
+        separator = cfg.data.special_tokens[0]  # the document separator of the run
+        key: dict[str, Any] = {"corpus_mb": cfg.data.corpus_mb, "corpus_seed": cfg.data.corpus_seed}
+        if separator != corpus.EOT:  # keys written before the separator followed the config stay valid
+            key["separator"] = separator
         if not (train.is_file() and valid.is_file() and _read_key(rd.data / CORPUS_KEY) == key):
             (rd.data / CORPUS_KEY).unlink(missing_ok=True)
             say(f"writing the embedded story corpus ({cfg.data.corpus_mb} MB) to {rd.data}")
-            corpus.write_corpus(rd.data, cfg.data.corpus_mb, cfg.data.corpus_seed)
+            corpus.write_corpus(rd.data, cfg.data.corpus_mb, cfg.data.corpus_seed, separator=separator)
             _write_key(rd.data / CORPUS_KEY, key)
         return train, valid
     return fetch(source, cfg.data.data_dir, base_url=cfg.data.dataset_base_url)

@@ -245,3 +245,20 @@ def test_a_tokenizer_dir_trained_with_other_special_tokens_is_refused(tmp_path):
     _, tokens, tok, _ = _prepare(cfg, tmp_path / "run")
     assert tok.vocab_size == 257 and np.asarray(tokens[:14]).tolist() == tok.encode(f"the cat sat. {doc}")
     assert int((np.asarray(tokens) == 0).sum()) == 100
+
+
+def test_embedded_corpus_separates_documents_with_the_first_special_token(tmp_path):
+    """The embedded corpus is separated by data.special_tokens[0], as the README says the first
+    special token separates documents: it was always "<|endoftext|>", which under other special
+    tokens was encoded as ordinary text while the run's separator never occurred."""
+    from cs336 import corpus
+
+    run = tmp_path / "run"
+    rd, tokens, tok, _ = _prepare(_cfg(None, None, source="embedded", corpus_mb=0.02, special_tokens=["<|doc|>"]),
+                                  run)
+    text = (rd.data / "train.txt").read_text(encoding="utf-8")
+    assert EOT not in text and text == corpus.corpus_text(int(0.02e6 * 0.95), 0).replace(EOT, "<|doc|>")
+    assert int((np.asarray(tokens) == tok.token_id(b"<|doc|>")).sum()) == text.count("<|doc|>") > 0
+    rd, _, _, said = _prepare(_cfg(None, None, source="embedded", corpus_mb=0.02), run)  # back to the default
+    assert any("writing the embedded story corpus" in s for s in said)
+    assert "<|doc|>" not in (rd.data / "train.txt").read_text(encoding="utf-8")
