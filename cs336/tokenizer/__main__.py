@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out-dir", help="directory for vocab.json, merges.txt, tokenizer.json (required)")
     add_deprecated_alias(train, "--out", "--out-dir")
-    train.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
+    train.add_argument("--workers", type=int, default=None,
+                       help="pre-tokenization processes, at most one per MiB of input (default: all cores)")
     train.set_defaults(run=_train)
 
     enc = sub.add_parser("encode", help="encode a text file to a flat token file")

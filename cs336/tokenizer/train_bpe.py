@@ -37,6 +37,7 @@ from cs336.tokenizer.pretokenize import pretoken_counts, split_on_special
 SMALL_INPUT_BYTES = 2 << 20
 PIECE_BYTES = 4 << 20  # bytes decoded and pre-tokenized at a time (about 1M pre-tokens of English)
 TASK_BYTES = 64 << 20  # bytes per worker task (one progress-bar step)
+MIN_TASK_BYTES = 1 << 20  # the smallest task an explicit num_workers splits into: a process per MiB at most
 SCAN_BYTES = 1 << 16  # read size while searching for a split point
 _SPACE = regex.compile(r"\s")  # the GPT-2 pattern's notion of white space (Unicode White_Space)
 
@@ -220,7 +221,9 @@ def count_pretokens(
     """Counts of the distinct pre-tokens of the file (special tokens excluded)."""
     path = Path(path)
     size = path.stat().st_size
-    n_tasks = max(num_workers, -(-size // TASK_BYTES))
+    # At most one task (so one process) per MIN_TASK_BYTES: --workers 100000 forked that many
+    # processes whatever the input; the counts do not depend on the split.
+    n_tasks = max(min(num_workers, -(-size // MIN_TASK_BYTES)), -(-size // TASK_BYTES))
     special_bytes = [s.encode("utf-8") for s in specials]
     with open(path, "rb") as f:
         cuts = sorted({0, size} | {next_split(f, k * size // n_tasks, size, special_bytes) for k in range(1, n_tasks)})
