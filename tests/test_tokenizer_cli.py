@@ -326,3 +326,14 @@ def test_encode_starts_no_more_workers_than_the_input_has_chunks(tokdir, corpus,
     expected = tok.encode(_read(corpus))
     for name in ("a.bin", "b.bin"):
         assert np.fromfile(tmp_path / name, dtype=np.uint16).tolist() == expected
+
+
+def test_encode_refuses_an_out_path_ending_in_a_slash(tokdir, corpus, tmp_path, capsys):
+    """--out DIR/ (a directory that does not exist yet) wrote a file named DIR and DIR.json, and
+    said it wrote "DIR/ and DIR/.json"."""
+    out = f"{tmp_path}/new/"
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--out", out], capsys)
+    assert f"--out {out} ends in a slash, so it names a directory" in err
+    with pytest.raises(ValueError, match="ends in a slash"):
+        encode_file(corpus, out, Tokenizer(*load_tokenizer_dir(tokdir)))
+    assert not list(tmp_path.iterdir())

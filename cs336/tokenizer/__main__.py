@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -140,8 +141,9 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     src, out, tok = Path(args.input), Path(args.out), Path(args.tokenizer_dir)
     _check_input_file(src)
     _check_workers(args.workers)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; pass the path of the token file to write")
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
+        what = "is a directory" if out.is_dir() else "ends in a slash, so it names a directory"
+        raise ValueError(f"--out {args.out} {what}; pass the path of the token file to write")
     if Path(f"{out}.json").is_dir():
         raise ValueError(f"--out {out}: its sidecar path {out}.json is a directory; pass another --out path "
                          "or move the directory")

@@ -156,6 +156,9 @@ def encode_file(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
+    if os.fspath(out_path).endswith(("/", os.sep)):  # Path() drops the slash: a file would be written
+        raise ValueError(f"{os.fspath(out_path)} ends in a slash, so it names a directory; pass the path of "
+                         "the token file to write (e.g. DIR/train.bin)")
     dst = Path(out_path)
     for target in (dst, dst.with_name(dst.name + ".json")):  # before any work: both are replaced at the end
         if target.is_dir():
