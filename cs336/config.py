@@ -254,7 +254,12 @@ class DataConfig:
             if not tok:
                 raise ConfigError(f"data.special_tokens {list(self.special_tokens)!r} holds an empty token; "
                                   "drop it (a stray comma in --data.special_tokens?)")
-            if self.tokenizer_dir is None and len(tok.encode("utf-8", "surrogatepass")) == 1:
+            try:
+                tok.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"data.special_tokens: {tok!r} holds a lone surrogate, which is not text UTF-8 "
+                                  "can store (a command-line byte that is not UTF-8?); pass it as UTF-8") from None
+            if self.tokenizer_dir is None and len(tok.encode("utf-8")) == 1:
                 raise ConfigError(f"data.special_tokens: {tok!r} is a single byte, which the tokenizer already "
                                   "holds as a byte token; use special tokens of two or more bytes")
         if len(set(self.special_tokens)) != len(self.special_tokens):

@@ -236,6 +236,7 @@ def test_config_file_that_is_not_text(tmp_path):
     (",<|endoftext|>", "holds an empty token"),
     ("<|endoftext|>,<|endoftext|>", "lists a token twice"),
     ("<|endoftext|>,a", "'a' is a single byte"),
+    ("<|endoftext|>,<\udcff>", "holds a lone surrogate"),  # the command-line byte 0xff
 ])
 def test_bad_special_tokens_are_refused_when_the_config_is_built(value, fragment):
     """Special tokens the tokenizer trainer refuses fail with the config, before the corpus is

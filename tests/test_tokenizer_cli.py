@@ -337,3 +337,19 @@ def test_encode_refuses_an_out_path_ending_in_a_slash(tokdir, corpus, tmp_path, 
     with pytest.raises(ValueError, match="ends in a slash"):
         encode_file(corpus, out, Tokenizer(*load_tokenizer_dir(tokdir)))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_special_token_that_is_not_utf8_text_is_named(tokdir, corpus, tmp_path, capsys):
+    """The byte 0xff in --special-token (a lone surrogate to Python) ended in "'utf-8' codec can't
+    encode character", naming neither the flag's token nor the fix."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokdir / name, bare / name)
+    for cmd in (["train", "--input", str(corpus), "--vocab-size", "300", "--out-dir", str(tmp_path / "t")],
+                ["encode", "--tokenizer-dir", str(bare), "--input", str(corpus), "--out", str(tmp_path / "x.bin")]):
+        err = _exit_2([*cmd, "--special-token", EOT, "--special-token", "<\udcff>"], capsys)
+        assert "special token '<\\udcff>' holds a lone surrogate" in err and "pass it as UTF-8" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare"]

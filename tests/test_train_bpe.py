@@ -399,3 +399,11 @@ def test_workers_are_at_most_one_per_mib_of_input(tmp_path, monkeypatch):
     monkeypatch.setattr(tb, "MIN_TASK_BYTES", size // 3)
     assert count_pretokens(path, [EOT], num_workers=1000) == expected
     assert len(pools) == 1 and 2 <= pools[0] <= 4  # ceil(size / (size // 3)) tasks, less any equal cuts
+
+
+def test_a_special_token_that_is_not_utf8_text_is_named(tmp_path):
+    """A lone surrogate (how Python passes the command-line byte 0xff) failed inside the encoder
+    with "'utf-8' codec can't encode character", naming neither the token nor the fix."""
+    path = write(tmp_path / "a.txt", "a b c abc abc")
+    with pytest.raises(ValueError, match=r"special token '<\\udcff>' holds a lone surrogate.*pass it as UTF-8"):
+        train_bpe(path, 300, ["<\udcff>"])

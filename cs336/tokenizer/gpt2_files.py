@@ -318,6 +318,12 @@ def load_tokenizer_dir(
             f"{path}: not a directory; pass the --out-dir of `python -m cs336.tokenizer train` (or a "
             "training run's DIR/tokenizer)"
         )
+    for token in special_tokens or ():
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TokenizerFileError(f"special token {token!r} holds a lone surrogate, which is not text UTF-8 can "
+                                     "store (a command-line byte that is not UTF-8?); pass it as UTF-8") from None
     meta = load_meta(path)
     if meta is not None and special_tokens:
         listed = list(meta.get("special_tokens", []))

@@ -100,12 +100,23 @@ def _check_special_tokens(special_tokens: list[str]) -> list[str]:
     for s in specials:
         if not isinstance(s, str) or not s:
             raise ValueError(f"train_bpe: special_tokens must be non-empty strings, got {s!r}")
-        if len(s.encode("utf-8", "surrogatepass")) == 1:
+        if not _is_utf8_text(s):
+            raise ValueError(f"train_bpe: special token {s!r} holds a lone surrogate, which is not text UTF-8 can "
+                             "store (a command-line byte that is not UTF-8?); pass it as UTF-8")
+        if len(s.encode("utf-8")) == 1:
             raise ValueError(f"train_bpe: special token {s!r} is a single byte, which is already one of the "
                              "256 byte tokens; use a special token of two or more bytes")
     if len(set(specials)) != len(specials):
         raise ValueError(f"train_bpe: special_tokens {specials!r} has duplicates; list each token once")
     return specials
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_vocab_size(vocab_size: int, n_special: int) -> None:
