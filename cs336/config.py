@@ -250,6 +250,21 @@ class DataConfig:
                               "drop one of them")
         if not self.special_tokens:
             raise ConfigError("data.special_tokens is empty; the first special token separates documents")
+        for tok in self.special_tokens:  # before the corpus is written, not when the tokenizer trains
+            if not tok:
+                raise ConfigError(f"data.special_tokens {list(self.special_tokens)!r} holds an empty token; "
+                                  "drop it (a stray comma in --data.special_tokens?)")
+            try:
+                tok.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"data.special_tokens: {tok!r} holds a lone surrogate, which is not text UTF-8 "
+                                  "can store (a command-line byte that is not UTF-8?); pass it as UTF-8") from None
+            if self.tokenizer_dir is None and len(tok.encode("utf-8")) == 1:
+                raise ConfigError(f"data.special_tokens: {tok!r} is a single byte, which the tokenizer already "
+                                  "holds as a byte token; use special tokens of two or more bytes")
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ConfigError(f"data.special_tokens {list(self.special_tokens)!r} lists a token twice; "
+                              "list each once")
         check_positive("data.corpus_mb", self.corpus_mb, integer=False)
         if self.tokenizer_sample_mb is not None:
             check_positive("data.tokenizer_sample_mb", self.tokenizer_sample_mb, integer=False)

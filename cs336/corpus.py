@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cs336.fileio import atomic_write_text
+from cs336.fileio import atomic_open
 
 EOT = "<|endoftext|>"
 
@@ -249,28 +249,44 @@ def iter_stories(seed: int) -> Iterator[str]:
         yield story(rng)
 
 
-def corpus_text(n_bytes: int, seed: int) -> str:
-    """Stories joined by ``<|endoftext|>``, stopping at the first story past ``n_bytes``."""
-    parts, size = [], 0
+def _corpus_pieces(n_bytes: int, seed: int, separator: str = EOT) -> Iterator[str]:
+    """Stories, each followed by ``\n<separator>\n``, up to the first story past ``n_bytes``
+    (counted in characters, the separator as ``<|endoftext|>``, so every separator gives the same
+    stories)."""
+    size = 0
     for s in iter_stories(seed):
-        parts.append(s)
+        yield s + f"\n{separator}\n"
         size += len(s) + len(EOT) + 1
         if size >= n_bytes:
-            break
-    return f"\n{EOT}\n".join(parts) + f"\n{EOT}\n"
+            return
+
+
+def corpus_text(n_bytes: int, seed: int, separator: str = EOT) -> str:
+    """Stories joined by ``separator``, stopping at the first story past ``n_bytes``."""
+    return "".join(_corpus_pieces(n_bytes, seed, separator))
+
+
+def _write_stories(path: Path, n_bytes: int, seed: int, separator: str) -> None:
+    """``corpus_text(n_bytes, seed, separator)`` written to ``path`` a story at a time (memory
+    stays one story, whatever ``data.corpus_mb`` asks for), atomically."""
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
+        for piece in _corpus_pieces(n_bytes, seed, separator):
+            f.write(piece)
 
 
 def write_corpus(out_dir: str | Path, megabytes: float, seed: int,
-                 valid_fraction: float = 0.05) -> tuple[Path, Path]:
-    """Write ``train.txt`` and ``valid.txt`` (disjoint story streams) under ``out_dir``.
+                 valid_fraction: float = 0.05, separator: str = EOT) -> tuple[Path, Path]:
+    """Write ``train.txt`` and ``valid.txt`` (disjoint story streams) under ``out_dir``, the
+    stories separated by ``separator`` (the run's first special token).
 
     The validation stories come from a separate seed, so no story text is shared by construction
-    except where the generator repeats itself by chance.
+    except where the generator repeats itself by chance. Each file is streamed to disk, not built
+    in memory first.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     total = int(megabytes * 1_000_000)
     train, valid = out_dir / "train.txt", out_dir / "valid.txt"
-    atomic_write_text(train, corpus_text(int(total * (1 - valid_fraction)), seed))
-    atomic_write_text(valid, corpus_text(max(int(total * valid_fraction), 10_000), seed + 1_000_003))
+    _write_stories(train, int(total * (1 - valid_fraction)), seed, separator)
+    _write_stories(valid, max(int(total * valid_fraction), 10_000), seed + 1_000_003, separator)
     return train, valid

@@ -57,6 +57,10 @@ def _read_sidecar(path: Path) -> dict | None:
     if not isinstance(meta, dict) or "dtype" not in meta:
         raise TokenFileError(f"{meta_path}: expected a JSON object with 'dtype' and 'count'; "
                              f"re-encode {path.name} or delete the sidecar")
+    count = meta.get("count")
+    if "count" in meta and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise TokenFileError(f"{meta_path}: 'count' is {count!r}, not a number of tokens (a non-negative "
+                             f"integer); the sidecar is damaged: re-encode {path.name}")
     return meta
 
 
@@ -83,7 +87,7 @@ def load_tokens(path: str | os.PathLike, dtype=None) -> np.memmap:
             "it is truncated or has another dtype: re-encode it or pass the right dtype"
         )
     count = size // dt.itemsize
-    if meta is not None and "count" in meta and int(meta["count"]) != count:
+    if meta is not None and "count" in meta and meta["count"] != count:
         raise TokenFileError(
             f"token file {path} holds {count} {dt.name} tokens but {sidecar_path(path).name} "
             f"records {meta['count']}; the file is truncated or was overwritten: re-encode it"
@@ -94,13 +98,21 @@ def load_tokens(path: str | os.PathLike, dtype=None) -> np.memmap:
 def save_tokens(path: str | os.PathLike, tokens, dtype=DEFAULT_DTYPE, **meta) -> Path:
     """Write ``tokens`` (1-D ints) as raw ``dtype`` plus the ``<path>.json`` sidecar, atomically.
 
-    Extra keyword arguments (e.g. ``vocab_size``) are recorded in the sidecar.
+    ``tokens`` must hold integers (floats are refused, not truncated). Extra keyword arguments
+    (e.g. ``vocab_size``) are recorded in the sidecar; ``count`` is not one of them (it is the
+    length of ``tokens``).
     """
     path = Path(path)
     dt = _integer_dtype(dtype, str(path))
+    if "count" in meta:
+        raise ValueError(f"save_tokens: count={meta['count']!r} would replace the sidecar's token count "
+                         "(the length of tokens); drop it")
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"save_tokens: expected a 1-D token array, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"save_tokens: tokens must be integer ids, got an array of {arr.dtype}; convert them "
+                         "first (e.g. np.rint(x).astype(np.int64) after checking they are whole numbers)")
     if arr.size and (arr.min() < np.iinfo(dt).min or arr.max() > np.iinfo(dt).max):
         raise ValueError(f"save_tokens: token ids span [{arr.min()}, {arr.max()}], outside {dt.name}; "
                          "use a wider dtype (uint32)")

@@ -33,7 +33,7 @@ from cs336.preflight import check_text_file, check_tokenizer_fits
 from cs336.run_dir import RunDir
 from cs336.tokenizer import Tokenizer
 from cs336.tokenizer.encode_file import encode_file
-from cs336.tokenizer.gpt2_files import load_vocab_merges, save_vocab_merges, tokenizer_hash
+from cs336.tokenizer.gpt2_files import META_FILE, load_meta, load_vocab_merges, save_vocab_merges, tokenizer_hash
 from cs336.tokenizer.train_bpe import train_bpe
 
 PARALLEL_ENCODE_BYTES = 64_000_000
@@ -99,28 +99,50 @@ def _text_paths(cfg: TrainConfig, rd: RunDir, say) -> tuple[Path, Path]:
                 check_text_file("--valid-text", cfg.data.valid_text))
     if source == "embedded":
         train, valid = rd.data / "train.txt", rd.data / "valid.txt"
-        key = {"corpus_mb": cfg.data.corpus_mb, "corpus_seed": cfg.data.corpus_seed}
+        separator = cfg.data.special_tokens[0]  # the document separator of the run
+        key: dict[str, Any] = {"corpus_mb": cfg.data.corpus_mb, "corpus_seed": cfg.data.corpus_seed}
+        if separator != corpus.EOT:  # keys written before the separator followed the config stay valid
+            key["separator"] = separator
         if not (train.is_file() and valid.is_file() and _read_key(rd.data / CORPUS_KEY) == key):
             (rd.data / CORPUS_KEY).unlink(missing_ok=True)
             say(f"writing the embedded story corpus ({cfg.data.corpus_mb} MB) to {rd.data}")
-            corpus.write_corpus(rd.data, cfg.data.corpus_mb, cfg.data.corpus_seed)
+            corpus.write_corpus(rd.data, cfg.data.corpus_mb, cfg.data.corpus_seed, separator=separator)
             _write_key(rd.data / CORPUS_KEY, key)
         return train, valid
     return fetch(source, cfg.data.data_dir, base_url=cfg.data.dataset_base_url)
 
 
 def _tokenizer_sample(train_text: Path, rd: RunDir, megabytes: float | None, separator: str) -> Path:
-    """The training text itself, or its first ``megabytes`` MB cut after a document separator."""
+    """The training text itself, or its first ``megabytes`` MB (10**6 bytes) cut after the last
+    document separator in them (without one, before a character the limit would split). The
+    bytes are copied as they are: line ends (``\r\n``) stay what the encoder will see."""
     limit = None if megabytes is None else int(megabytes * 1_000_000)
     if limit is None or train_text.stat().st_size <= limit:
         return train_text
-    with open(train_text, encoding="utf-8", errors="replace") as fh:
+    with open(train_text, "rb") as fh:
         head = fh.read(limit)
-    cut = head.rfind(separator)
-    sample = head[: cut + len(separator)] if cut > 0 else head
+    sep = separator.encode("utf-8")
+    cut = head.rfind(sep)
+    sample = head[: cut + len(sep)] if cut > 0 else _whole_characters(head)
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as exc:  # the whole text would fail to encode later, after training
+        raise ConfigError(f"{train_text} is not UTF-8 (byte offset {exc.start}: {exc.reason}); convert it "
+                          "first, e.g. `iconv -f <its encoding> -t UTF-8`") from None
     out = rd.data / "tokenizer_sample.txt"
-    atomic_write_text(out, sample)
+    atomic_write_bytes(out, sample)
     return out
+
+
+def _whole_characters(data: bytes) -> bytes:
+    """``data`` without a UTF-8 character that its end cuts short."""
+    lead = len(data) - 1
+    while lead >= 0 and len(data) - lead < 4 and data[lead] & 0xC0 == 0x80:  # back over continuation bytes
+        lead -= 1
+    if lead < 0 or data[lead] < 0xC0:
+        return data
+    width = 2 if data[lead] < 0xE0 else 3 if data[lead] < 0xF0 else 4
+    return data[:lead] if lead + width > len(data) else data
 
 
 @dataclass
@@ -149,6 +171,12 @@ def source_tokenizer(cfg: TrainConfig) -> SourceTokenizer | None:
             raise ConfigError(f"data.tokenizer_dir {src} has no {name}; point it at a directory "
                               "holding vocab.json and merges.txt")
     vocab, merges = load_vocab_merges(src / "vocab.json", src / "merges.txt")
+    meta = load_meta(src)  # the special tokens of a `python -m cs336.tokenizer train` directory
+    if meta is not None and set(meta.get("special_tokens", [])) != set(cfg.data.special_tokens):
+        listed = list(meta.get("special_tokens", []))
+        raise ConfigError(f"data.tokenizer_dir {src} was trained with the special tokens {listed!r} "
+                          f"({src / META_FILE}), but data.special_tokens is {list(cfg.data.special_tokens)!r}; "
+                          f"pass --data.special_tokens={','.join(listed)} (the first separates documents)")
     _build(vocab, merges, cfg, src)
     return SourceTokenizer(src, vocab, merges, tokenizer_hash(src))
 
@@ -199,9 +227,14 @@ def check_tokens(tokens: np.ndarray, path: Path, cfg: TrainConfig) -> None:
         raise TokenFileError(f"token file {path} holds {len(tokens)} tokens, fewer than one window of "
                              f"context_length + 1 = {need}; use more text or a shorter "
                              "--train.context_length")
-    top = 0
+    top, low = 0, 0
     for start in range(0, len(tokens), 1 << 24):
-        top = max(top, int(np.asarray(tokens[start:start + (1 << 24)]).max()))
+        block = np.asarray(tokens[start:start + (1 << 24)])
+        top, low = max(top, int(block.max())), min(low, int(block.min()))
+    if low < 0:  # a signed dtype: an embedding lookup would wrap it to the last rows, the loss would fail
+        raise TokenFileError(f"token file {path} holds id {low}, below 0: it was written with a signed dtype "
+                             "from other values or is read with the wrong dtype; re-encode it or fix its "
+                             ".json sidecar")
     if top >= cfg.model.vocab_size:
         raise TokenFileError(f"token file {path} holds id {top}, beyond model.vocab_size="
                              f"{cfg.model.vocab_size}: it was encoded with another tokenizer or is read "

@@ -229,3 +229,24 @@ def test_config_file_that_is_not_text(tmp_path):
         read_text_file("--config", tmp_path / "latin1.json")
     (tmp_path / "ok.json").write_text('{"x": 1}')
     assert read_text_file("--config", tmp_path / "ok.json") == '{"x": 1}'
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("<|endoftext|>,", "holds an empty token"),
+    (",<|endoftext|>", "holds an empty token"),
+    ("<|endoftext|>,<|endoftext|>", "lists a token twice"),
+    ("<|endoftext|>,a", "'a' is a single byte"),
+    ("<|endoftext|>,<\udcff>", "holds a lone surrogate"),  # the command-line byte 0xff
+])
+def test_bad_special_tokens_are_refused_when_the_config_is_built(value, fragment):
+    """Special tokens the tokenizer trainer refuses fail with the config, before the corpus is
+    written and a tokenizer trained (they failed in train_bpe, after both)."""
+    with pytest.raises(ConfigError, match=fragment):
+        apply_overrides(TrainConfig(), [f"data.special_tokens={value}"])
+
+
+def test_one_byte_special_token_is_allowed_with_a_tokenizer_dir():
+    """With data.tokenizer_dir no tokenizer is trained; a one-byte special token maps to its
+    byte's id."""
+    cfg = apply_overrides(TrainConfig(), ["data.tokenizer_dir=tok", "data.special_tokens=<|endoftext|>,\n"])
+    assert cfg.data.special_tokens == ("<|endoftext|>", "\n")

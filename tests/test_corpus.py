@@ -13,3 +13,20 @@ def test_embedded_corpus_is_seeded_and_split_into_documents(tmp_path):
     t, v = train.read_text(), valid.read_text()
     assert 150_000 < len(t) < 200_000 and len(v) >= 10_000
     assert not t.startswith(v[:200])
+
+
+def test_write_corpus_streams_the_stories(tmp_path):
+    """The files hold exactly corpus_text's stories, written a story at a time: the text was built
+    in memory first (about 3x data.corpus_mb at the peak, so a large corpus_mb ran out of memory)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        train, valid = write_corpus(tmp_path, 4.0, seed=5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert train.read_bytes() == corpus_text(int(4e6 * 0.95), 5).encode()
+    assert valid.read_bytes() == corpus_text(200_000, 5 + 1_000_003).encode()
+    assert train.stat().st_size > 3_800_000 and peak < 1_000_000  # the text alone is 3.8 MB
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt", "valid.txt"]

@@ -142,3 +142,28 @@ def test_load_tokens_errors_name_the_file(tmp_path):
     np.arange(4, dtype=np.uint16).tofile(raw)
     with pytest.raises(TokenFileError, match="integer type"):
         load_tokens(raw, dtype=np.float32)
+
+
+@pytest.mark.parametrize("count", ["x", None, 4.7, 4.0, True, -4, [4]])
+def test_load_tokens_refuses_a_sidecar_count_that_is_not_a_token_count(tmp_path, count):
+    """A sidecar 'count' must be a non-negative integer: a string ended in a bare ValueError not
+    naming the file, None or a list in a TypeError traceback, and 4.7 passed as 4."""
+    path = tmp_path / "t.bin"
+    np.arange(4, dtype=np.uint16).tofile(path)
+    sidecar_path(path).write_text(json.dumps({"dtype": "uint16", "count": count}))
+    with pytest.raises(TokenFileError, match=r"t\.bin\.json: 'count' is .*re-encode t\.bin"):
+        load_tokens(path)
+    sidecar_path(path).write_text(json.dumps({"dtype": "uint16", "count": 4}))
+    assert load_tokens(path).tolist() == [0, 1, 2, 3]
+
+
+def test_save_tokens_refuses_non_integer_tokens_and_a_count(tmp_path):
+    """Float ids were truncated (1.5, 2.7 saved as 1, 2), strings failed inside numpy, and a
+    count= keyword replaced the sidecar's true count, so the file could not be loaded back."""
+    for tokens in (np.array([1.5, 2.7]), np.array([1.0, 2.0]), ["1", "2"], np.array([1, 2], dtype=object)):
+        with pytest.raises(ValueError, match="tokens must be integer ids"):
+            save_tokens(tmp_path / "f.bin", tokens)
+    with pytest.raises(ValueError, match="count=99 would replace"):
+        save_tokens(tmp_path / "f.bin", [1, 2, 3], count=99)
+    assert not list(tmp_path.iterdir())
+    assert load_tokens(save_tokens(tmp_path / "ok.bin", [1, 2, 3], vocab_size=4)).tolist() == [1, 2, 3]

@@ -329,3 +329,15 @@ def test_written_files_match_cs336_reference_files(cs336_fixtures, tmp_path):
     ours_vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
     reference_vocab = json.loads((cs336_fixtures / "train-bpe-reference-vocab.json").read_text(encoding="utf-8"))
     assert set(ours_vocab) == set(reference_vocab)
+
+
+def test_load_tokenizer_dir_refuses_other_special_tokens(trained):
+    """special_tokens are for a directory without tokenizer.json; with one, only the same tokens
+    (in any order) are accepted, not silently replaced by the file's."""
+    _, _, specials, directory = trained["special"]
+    assert load_tokenizer_dir(directory, [EOT])[2] == [EOT]
+    for other in (["<|pad|>"], [EOT, "<|pad|>"]):
+        with pytest.raises(TokenizerFileError, match="lists the special tokens"):
+            load_tokenizer_dir(directory, other)
+    with pytest.raises(TokenizerFileError, match="lists the special tokens"):
+        load_tokenizer_dir(trained["plain"][3], [EOT])

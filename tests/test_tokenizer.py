@@ -200,6 +200,13 @@ def test_special_tokens_get_ids(trained):
     assert len(plain.encode(EOT)) > 1  # without the special token it is ordinary text
 
 
+def test_a_special_token_that_is_not_utf8_text_is_named(trained):
+    """A lone surrogate (the command-line byte 0xff as Python passes it) ended in UnicodeEncodeError's
+    "'utf-8' codec can't encode character", naming neither the token nor the fix."""
+    with pytest.raises(ValueError, match=r"special token '<\\udcff>' holds a lone surrogate.*pass it as UTF-8"):
+        Tokenizer(*trained, [EOT, "<\udcff>"])
+
+
 def test_encode_iterable_line_by_line(tok, tmp_path):
     path = tmp_path / "corpus.txt"
     text = TRAIN_TEXT * 5 + "\n\n  \n" + CORPUS

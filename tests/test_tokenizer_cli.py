@@ -240,3 +240,116 @@ def test_encode_reads_a_training_runs_tokenizer_dir(tokdir, corpus, tmp_path, ca
     (run / "config.json").unlink()
     main([*args, "--special-token", EOT, "--out", str(tmp_path / "d.bin")])
     assert (tmp_path / "d.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()
+
+
+def test_encode_refuses_special_tokens_other_than_tokenizer_json(tokdir, corpus, tmp_path, capsys):
+    """--special-token names the special tokens of a directory without tokenizer.json; one that
+    differs from the tokenizer.json of the directory is refused, not silently ignored (which
+    encoded the text as if the flag were absent)."""
+    args = ["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus)]
+    err = _exit_2([*args, "--special-token", "Lily", "--out", str(tmp_path / "a.bin")], capsys)
+    assert "tokenizer.json lists the special tokens ['<|endoftext|>'], not ['Lily']" in err
+    assert "drop --special-token" in err and not (tmp_path / "a.bin").exists()
+    err = _exit_2([*args, "--special-token", EOT, "--special-token", "Lily", "--out", str(tmp_path / "a.bin")],
+                  capsys)
+    assert "not ['<|endoftext|>', 'Lily']" in err
+    main([*args, "--quiet", "--special-token", EOT, "--out", str(tmp_path / "b.bin")])  # the same ones: fine
+    main([*args, "--quiet", "--out", str(tmp_path / "c.bin")])
+    assert (tmp_path / "b.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()
+
+
+def test_encode_ignores_a_run_config_beside_a_tokenizer_json(tokdir, corpus, tmp_path):
+    """A directory with tokenizer.json takes its own special tokens, whatever a config.json one
+    level up says (only a run's DIR/tokenizer, without tokenizer.json, reads the run's config)."""
+    import shutil
+
+    tok = tmp_path / "project" / "tok"
+    shutil.copytree(tokdir, tok)
+    (tok.parent / "config.json").write_text(json.dumps({"data": {"special_tokens": ["<|other|>"]}}))
+    main(["encode", "--tokenizer-dir", str(tok), "--input", str(corpus), "--quiet", "--out", str(tmp_path / "a.bin")])
+    ids = np.fromfile(tmp_path / "a.bin", dtype=np.uint16).tolist()
+    assert ids == Tokenizer(*load_tokenizer_dir(tokdir)).encode(_read(corpus))
+
+
+def test_encode_refuses_a_directory_at_the_sidecar_path_before_writing(tokdir, corpus, tmp_path, capsys):
+    """The token file and its .json sidecar are replaced together at the end; a directory at the
+    sidecar's path is refused first (it failed after the token file was replaced, leaving new tokens
+    beside a stale or missing sidecar, with an error naming a temporary file)."""
+    out = tmp_path / "c.bin"
+    out.write_bytes(b"old tokens")
+    (tmp_path / "c.bin.json").mkdir()
+    args = ["--input", str(corpus), "--out", str(out)]
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), *args], capsys)
+    assert f"{out}.json is a directory" in err
+    assert out.read_bytes() == b"old tokens" and sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.bin.json"]
+    tok = Tokenizer(*load_tokenizer_dir(tokdir))
+    with pytest.raises(ValueError, match=r"c\.bin\.json is a directory, where encoding .* writes its \.json sidecar"):
+        encode_file(corpus, out, tok)
+    assert out.read_bytes() == b"old tokens" and sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.bin.json"]
+
+
+def test_an_input_that_is_not_a_regular_file_is_said_so(tokdir, tmp_path, capsys):
+    """A directory or a device as --input was reported as 'no such file'."""
+    for cmd in (["train", "--vocab-size", "300", "--out-dir", str(tmp_path / "t")],
+                ["encode", "--tokenizer-dir", str(tokdir), "--out", str(tmp_path / "x.bin")]):
+        assert f"--input {tmp_path} is a directory" in _exit_2([*cmd, "--input", str(tmp_path)], capsys)
+        assert "--input /dev/null is not a regular file" in _exit_2([*cmd, "--input", "/dev/null"], capsys)
+        assert "does not exist" in _exit_2([*cmd, "--input", str(tmp_path / "none.txt")], capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_encode_starts_no_more_workers_than_the_input_has_chunks(tokdir, corpus, tmp_path, monkeypatch):
+    """--workers 64 on a small file started 64 processes (and 100000 would fork that many); each
+    block read makes at most one chunk, so the pool is capped there, with the same ids."""
+    import cs336.tokenizer.encode_file as ef
+
+    sizes = []
+    real = ef._pool_context
+
+    def recording():
+        ctx = real()
+
+        class Ctx:
+            def Pool(self, n, **kwargs):
+                sizes.append(n)
+                return ctx.Pool(n, **kwargs)
+
+        return Ctx()
+
+    monkeypatch.setattr(ef, "_pool_context", recording)
+    tok = Tokenizer(*load_tokenizer_dir(tokdir))
+    n_bytes = corpus.stat().st_size
+    stats = encode_file(corpus, tmp_path / "a.bin", tok, workers=64, chunk_chars=n_bytes // 3 + 1)
+    assert sizes == [4] and stats.workers == 4  # 3 blocks, and what is left after the last cut
+    stats = encode_file(corpus, tmp_path / "b.bin", tok, workers=64, chunk_chars=2 * n_bytes)
+    assert sizes == [4, 2] and stats.workers == 2
+    expected = tok.encode(_read(corpus))
+    for name in ("a.bin", "b.bin"):
+        assert np.fromfile(tmp_path / name, dtype=np.uint16).tolist() == expected
+
+
+def test_encode_refuses_an_out_path_ending_in_a_slash(tokdir, corpus, tmp_path, capsys):
+    """--out DIR/ (a directory that does not exist yet) wrote a file named DIR and DIR.json, and
+    said it wrote "DIR/ and DIR/.json"."""
+    out = f"{tmp_path}/new/"
+    err = _exit_2(["encode", "--tokenizer-dir", str(tokdir), "--input", str(corpus), "--out", out], capsys)
+    assert f"--out {out} ends in a slash, so it names a directory" in err
+    with pytest.raises(ValueError, match="ends in a slash"):
+        encode_file(corpus, out, Tokenizer(*load_tokenizer_dir(tokdir)))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_special_token_that_is_not_utf8_text_is_named(tokdir, corpus, tmp_path, capsys):
+    """The byte 0xff in --special-token (a lone surrogate to Python) ended in "'utf-8' codec can't
+    encode character", naming neither the flag's token nor the fix."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokdir / name, bare / name)
+    for cmd in (["train", "--input", str(corpus), "--vocab-size", "300", "--out-dir", str(tmp_path / "t")],
+                ["encode", "--tokenizer-dir", str(bare), "--input", str(corpus), "--out", str(tmp_path / "x.bin")]):
+        err = _exit_2([*cmd, "--special-token", EOT, "--special-token", "<\udcff>"], capsys)
+        assert "special token '<\\udcff>' holds a lone surrogate" in err and "pass it as UTF-8" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare"]

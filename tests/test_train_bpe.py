@@ -39,6 +39,7 @@ def test_matches_shipped_reference(bpe_fixtures, num_workers, monkeypatch):
     # HF when it was made); the numba trainer, in one process and in two, must give it exactly.
     expected = read_gpt2_files(bpe_fixtures.vocab_json, bpe_fixtures.merges_txt, list(bpe_fixtures.train_specials))
     monkeypatch.setattr(tb, "PIECE_BYTES", 1_000)  # several pieces, so workers each count some
+    monkeypatch.setattr(tb, "MIN_TASK_BYTES", 1_000)
     got = train_bpe(bpe_fixtures.corpus, bpe_fixtures.vocab_size, list(bpe_fixtures.train_specials),
                     num_workers=num_workers)
     assert got == expected
@@ -198,6 +199,7 @@ def test_progress_and_workers_do_not_change_the_result(tmp_path, monkeypatch, ca
     path = write(tmp_path / "c.txt", _random_corpus(rng, 20_000, "abcdefgh é", [EOT]))
     expected = train_bpe(path, 600, [EOT])
     monkeypatch.setattr(tb, "PIECE_BYTES", 5_000)  # several pieces per worker task
+    monkeypatch.setattr(tb, "MIN_TASK_BYTES", 10_000)
     assert train_bpe(path, 600, [EOT], num_workers=2, progress=True) == expected
     assert "merge" in capsys.readouterr().err
 
@@ -258,7 +260,8 @@ def test_split_point_examples(text, specials, target, expected):
     assert _pretokens(data[:expected], specials) + _pretokens(data[expected:], specials) == _pretokens(data, specials)
 
 
-def test_parallel_counts_equal_whole_file_counts(tmp_path):
+def test_parallel_counts_equal_whole_file_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(tb, "MIN_TASK_BYTES", 1_000)  # a task per worker on this small file
     rng = random.Random(3)
     text = _random_corpus(rng, 30_000, "abcdefg日本", [EOT, "<pad>"])
     path = write(tmp_path / "p.txt", text)
@@ -319,6 +322,22 @@ def test_bad_special_tokens_and_workers(tmp_path):
         train_bpe(path, 300, [], num_workers=0)
 
 
+def test_special_tokens_that_cannot_be_saved_are_refused(tmp_path):
+    """A bare string is not split into one special token per character (it was: "<|endoftext|>"
+    failed as "duplicates", "<|eot>" trained with six one-character specials), and a one-byte
+    special token, whose bytes the vocabulary already holds, is refused before any counting (it
+    trained, then saving failed on two ids holding the same bytes)."""
+    path = write(tmp_path / "a.txt", "a b c abc abc")
+    for text in (EOT, "<|eot>"):
+        with pytest.raises(TypeError, match="must be a list of strings.*wrap it in a list"):
+            train_bpe(path, 300, text)
+    for one_byte in ("a", "\n"):
+        with pytest.raises(ValueError, match=r"is a single byte.*two or more bytes"):
+            train_bpe(path, 300, [EOT, one_byte])
+    vocab, _ = train_bpe(path, 300, ["é"])  # one character, two bytes: a token of its own
+    assert vocab[0] == "é".encode() and len(set(vocab.values())) == len(vocab)
+
+
 def test_byte_keys_equal_token_key():
     """The numpy keys of the 256 one-byte tokens equal the numba ``token_key`` of each byte."""
     from cs336.tokenizer import bpe_numba as bn
@@ -353,3 +372,38 @@ def test_training_a_tokenizer_imports_no_encoder_torch_or_matplotlib(tmp_path):
     from cs336.tokenizer.tokenizer import Tokenizer as Direct
 
     assert Tokenizer is Direct
+
+
+def test_workers_are_at_most_one_per_mib_of_input(tmp_path, monkeypatch):
+    """num_workers=1000 split a small file into up to 1000 tasks run by as many processes; tasks
+    (and so processes) are now at least MIN_TASK_BYTES, with the same counts."""
+    import multiprocessing
+
+    rng = random.Random(5)
+    path = write(tmp_path / "c.txt", _random_corpus(rng, 5_000, "abcdefgh é", [EOT]))
+    pools = []
+    real = multiprocessing.get_context
+
+    class Recording:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def Pool(self, n, *args, **kwargs):
+            pools.append(n)
+            return self.ctx.Pool(n, *args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: Recording(real(*a)))
+    expected = count_pretokens(path, [EOT], num_workers=1)
+    size = path.stat().st_size
+    assert count_pretokens(path, [EOT], num_workers=1000) == expected and pools == []  # under 1 MiB: one task
+    monkeypatch.setattr(tb, "MIN_TASK_BYTES", size // 3)
+    assert count_pretokens(path, [EOT], num_workers=1000) == expected
+    assert len(pools) == 1 and 2 <= pools[0] <= 4  # ceil(size / (size // 3)) tasks, less any equal cuts
+
+
+def test_a_special_token_that_is_not_utf8_text_is_named(tmp_path):
+    """A lone surrogate (how Python passes the command-line byte 0xff) failed inside the encoder
+    with "'utf-8' codec can't encode character", naming neither the token nor the fix."""
+    path = write(tmp_path / "a.txt", "a b c abc abc")
+    with pytest.raises(ValueError, match=r"special token '<\\udcff>' holds a lone surrogate.*pass it as UTF-8"):
+        train_bpe(path, 300, ["<\udcff>"])

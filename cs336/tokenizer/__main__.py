@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -75,6 +76,14 @@ def _outcome(*paths: Path):
     return tell
 
 
+def _check_input_file(src: Path) -> None:
+    """Refuse an --input that is missing, a directory or not a regular file (e.g. /dev/null), each
+    said as it is."""
+    if not src.is_file():
+        what = "is a directory" if src.is_dir() else "is not a regular file" if src.exists() else "does not exist"
+        raise ValueError(f"--input {src} {what}; pass an existing UTF-8 text file with --input")
+
+
 def _check_workers(workers: int | None) -> None:
     if workers is not None and workers < 1:
         raise ValueError(f"--workers {workers}: pass a number of processes >= 1")
@@ -82,8 +91,7 @@ def _check_workers(workers: int | None) -> None:
 
 def _train(args: argparse.Namespace, stage: Stage) -> None:
     src = Path(args.input)
-    if not src.is_file():
-        raise ValueError(f"{src}: no such file; pass an existing text file with --input")
+    _check_input_file(src)
     _check_workers(args.workers)
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
@@ -131,11 +139,14 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """Refuse an ``--out`` (or its ``.json`` sidecar) that is an input or lies in the tokenizer
     directory; return (input, out)."""
     src, out, tok = Path(args.input), Path(args.out), Path(args.tokenizer_dir)
-    if not src.is_file():
-        raise ValueError(f"{src}: no such file; pass an existing UTF-8 text file with --input")
+    _check_input_file(src)
     _check_workers(args.workers)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; pass the path of the token file to write")
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
+        what = "is a directory" if out.is_dir() else "ends in a slash, so it names a directory"
+        raise ValueError(f"--out {args.out} {what}; pass the path of the token file to write")
+    if Path(f"{out}.json").is_dir():
+        raise ValueError(f"--out {out}: its sidecar path {out}.json is a directory; pass another --out path "
+                         "or move the directory")
     tok_dir = tok.resolve()
     for target in (out.resolve(), Path(f"{out}.json").resolve()):
         if target == src.resolve():
@@ -147,10 +158,13 @@ def _check_encode_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _run_special_tokens(args: argparse.Namespace) -> list[str]:
-    """--special-token, else, for a training run's DIR/tokenizer, the run's data.special_tokens
-    (its tokenizer directory has no tokenizer.json)."""
+    """--special-token, else, for a training run's DIR/tokenizer (a tokenizer directory without
+    tokenizer.json), the run's data.special_tokens; a directory with tokenizer.json gets its own
+    (``load_tokenizer_dir`` refuses a --special-token that differs from them)."""
     if args.special_token:
         return list(dict.fromkeys(args.special_token))
+    if (Path(args.tokenizer_dir) / META_FILE).exists():
+        return []
     config = Path(args.tokenizer_dir) / ".." / "config.json"
     try:
         specials = json.loads(config.read_text(encoding="utf-8"))["data"]["special_tokens"]
@@ -180,7 +194,7 @@ def _encode(args: argparse.Namespace, stage: Stage) -> None:
     print(
         f"encoded {stats.input_bytes / 1e6:.2f} MB into {stats.tokens} {stats.dtype} tokens "
         f"({stats.bytes_per_token:.2f} bytes/token) in {stats.seconds:.2f} s "
-        f"({stats.mb_per_s:.1f} MB/s, {args.workers} worker(s)); wrote {args.out} and {args.out}.json"
+        f"({stats.mb_per_s:.1f} MB/s, {stats.workers} worker(s)); wrote {args.out} and {args.out}.json"
     )
 
 
@@ -196,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out-dir", help="directory for vocab.json, merges.txt, tokenizer.json (required)")
     add_deprecated_alias(train, "--out", "--out-dir")
-    train.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
+    train.add_argument("--workers", type=int, default=None,
+                       help="pre-tokenization processes, at most one per MiB of input (default: all cores)")
     train.set_defaults(run=_train)
 
     enc = sub.add_parser("encode", help="encode a text file to a flat token file")

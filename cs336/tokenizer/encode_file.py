@@ -47,6 +47,8 @@ class EncodeStats:
     tokens: int
     seconds: float
     dtype: str
+    workers: int = 1
+    """Processes that encoded (``workers``, or fewer when the input makes fewer chunks)."""
 
     @property
     def bytes_per_token(self) -> float:
@@ -148,15 +150,29 @@ def encode_file(
     """Encode ``input_path`` into ``out_path`` (+ ``out_path.json``); see the module docstring."""
     src = Path(input_path)
     if not src.is_file():
-        raise ValueError(f"{src}: no such file; pass an existing UTF-8 text file as the input")
+        what = "not a regular file" if src.exists() else "no such file"
+        raise ValueError(f"{src}: {what}; pass an existing UTF-8 text file as the input")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
+    if os.fspath(out_path).endswith(("/", os.sep)):  # Path() drops the slash: a file would be written
+        raise ValueError(f"{os.fspath(out_path)} ends in a slash, so it names a directory; pass the path of "
+                         "the token file to write (e.g. DIR/train.bin)")
     dst = Path(out_path)
+    for target in (dst, dst.with_name(dst.name + ".json")):  # before any work: both are replaced at the end
+        if target.is_dir():
+            raise ValueError(f"{target} is a directory, where encoding {src} writes "
+                             f"{'the token file' if target == dst else 'its .json sidecar'}; pass another "
+                             "output path or move the directory")
     with writing(dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     src_stat = src.stat()
     input_bytes = src_stat.st_size
+    # Each block read yields at most one chunk, so more processes than blocks would only idle
+    # (and --workers 100000 would fork that many).
+    workers = min(workers, -(-input_bytes // chunk_chars) + 1)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -221,4 +237,4 @@ def encode_file(
     finally:
         if bar is not None:
             bar.close()
-    return EncodeStats(input_bytes=input_bytes, tokens=tokens, seconds=seconds, dtype=dtype.name)
+    return EncodeStats(input_bytes=input_bytes, tokens=tokens, seconds=seconds, dtype=dtype.name, workers=workers)

@@ -309,14 +309,30 @@ def load_tokenizer_dir(
     """Read a directory written by ``save_tokenizer_dir``: (vocab, merges, special_tokens).
 
     A directory without ``tokenizer.json`` (e.g. a training run's ``DIR/tokenizer``, whose
-    special tokens are in the run's config) takes its special tokens from ``special_tokens``."""
+    special tokens are in the run's config) takes its special tokens from ``special_tokens``; a
+    directory with one must be given none or the same ones (in any order): any other set is
+    refused, since the file names the tokens the vocabulary was trained with."""
     path = Path(directory)
     if not path.is_dir():
         raise TokenizerFileError(
             f"{path}: not a directory; pass the --out-dir of `python -m cs336.tokenizer train` (or a "
             "training run's DIR/tokenizer)"
         )
+    for token in special_tokens or ():
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TokenizerFileError(f"special token {token!r} holds a lone surrogate, which is not text UTF-8 can "
+                                     "store (a command-line byte that is not UTF-8?); pass it as UTF-8") from None
     meta = load_meta(path)
+    if meta is not None and special_tokens:
+        listed = list(meta.get("special_tokens", []))
+        if set(special_tokens) != set(listed):
+            raise TokenizerFileError(
+                f"{path / META_FILE} lists the special tokens {listed!r}, not {list(special_tokens)!r}; "
+                f"drop --special-token (it names the special tokens of a directory without {META_FILE}) "
+                "or train a tokenizer with the tokens you want"
+            )
     if meta is None and special_tokens:
         meta = {"special_tokens": list(special_tokens)}
     vocab, merges = load_vocab_merges(path / VOCAB_FILE, path / MERGES_FILE)

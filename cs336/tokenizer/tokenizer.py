@@ -74,7 +74,11 @@ class Tokenizer:
                 raise ValueError(f"special token {tok!r} must be a non-empty string")
             if tok in self._special_ids:
                 continue
-            data = tok.encode("utf-8")
+            try:
+                data = tok.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"special token {tok!r} holds a lone surrogate, which is not text UTF-8 can store "
+                                 "(a command-line byte that is not UTF-8?); pass it as UTF-8") from None
             if data not in token_id:
                 self.vocab[next_id] = data
                 token_id[data] = next_id

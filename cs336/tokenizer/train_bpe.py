@@ -37,6 +37,7 @@ from cs336.tokenizer.pretokenize import pretoken_counts, split_on_special
 SMALL_INPUT_BYTES = 2 << 20
 PIECE_BYTES = 4 << 20  # bytes decoded and pre-tokenized at a time (about 1M pre-tokens of English)
 TASK_BYTES = 64 << 20  # bytes per worker task (one progress-bar step)
+MIN_TASK_BYTES = 1 << 20  # the smallest task an explicit num_workers splits into: a process per MiB at most
 SCAN_BYTES = 1 << 16  # read size while searching for a split point
 _SPACE = regex.compile(r"\s")  # the GPT-2 pattern's notion of white space (Unicode White_Space)
 
@@ -88,13 +89,34 @@ def _check_input(input_path: str | os.PathLike) -> Path:
 
 
 def _check_special_tokens(special_tokens: list[str]) -> list[str]:
+    """The special tokens as a list; refuses a bare string (``list()`` would make each of its
+    characters a special token), empty or non-string items, duplicates, and one-byte tokens: the
+    vocabulary already holds every byte, so a one-byte special token would be a second id for the
+    same bytes, which GPT-2's vocab.json (token -> id) cannot store."""
+    if isinstance(special_tokens, (str, bytes)):
+        raise TypeError(f"train_bpe: special_tokens must be a list of strings, got {special_tokens!r}; "
+                        "wrap it in a list")
     specials = list(special_tokens or [])
     for s in specials:
         if not isinstance(s, str) or not s:
             raise ValueError(f"train_bpe: special_tokens must be non-empty strings, got {s!r}")
+        if not _is_utf8_text(s):
+            raise ValueError(f"train_bpe: special token {s!r} holds a lone surrogate, which is not text UTF-8 can "
+                             "store (a command-line byte that is not UTF-8?); pass it as UTF-8")
+        if len(s.encode("utf-8")) == 1:
+            raise ValueError(f"train_bpe: special token {s!r} is a single byte, which is already one of the "
+                             "256 byte tokens; use a special token of two or more bytes")
     if len(set(specials)) != len(specials):
         raise ValueError(f"train_bpe: special_tokens {specials!r} has duplicates; list each token once")
     return specials
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_vocab_size(vocab_size: int, n_special: int) -> None:
@@ -210,7 +232,9 @@ def count_pretokens(
     """Counts of the distinct pre-tokens of the file (special tokens excluded)."""
     path = Path(path)
     size = path.stat().st_size
-    n_tasks = max(num_workers, -(-size // TASK_BYTES))
+    # At most one task (so one process) per MIN_TASK_BYTES: --workers 100000 forked that many
+    # processes whatever the input; the counts do not depend on the split.
+    n_tasks = max(min(num_workers, -(-size // MIN_TASK_BYTES)), -(-size // TASK_BYTES))
     special_bytes = [s.encode("utf-8") for s in specials]
     with open(path, "rb") as f:
         cuts = sorted({0, size} | {next_split(f, k * size // n_tasks, size, special_bytes) for k in range(1, n_tasks)})
