@@ -380,12 +380,50 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return linear_cross_entropy_reference(h, weight, targets, ignore_index, **kwargs)
 
 
+def check_adamw_inputs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
+                       step: int, lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float) -> None:
+    """Raise ``ValueError`` / ``TypeError`` for an AdamW step that no provider can compute right.
+
+    Every provider needs four lists of one length, each grad and moment a floating-point tensor
+    of its param's shape on its param's device (PyTorch's fused kernel would otherwise read past a
+    short gradient or leave an integer param untouched, the reference would broadcast a grad), an
+    integer ``step >= 1`` (the bias corrections divide by ``1 - beta1 ** step``), betas in
+    [0, 1) and ``lr``, ``eps``, ``weight_decay`` >= 0. Shapes and dtypes only: no tensor is read.
+    """
+    lengths = (len(params), len(grads), len(exp_avgs), len(exp_avg_sqs))
+    if len(set(lengths)) != 1:
+        raise ValueError("adamw_step_: params, grads, exp_avgs and exp_avg_sqs must have equal lengths, got "
+                         + ", ".join(map(str, lengths)))
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"adamw_step_: step must be an integer >= 1 (it counts from 1), got {step!r}")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"adamw_step_: {name} must lie in [0, 1), got {beta!r}")
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if not value >= 0.0:
+            raise ValueError(f"adamw_step_: {name} must be >= 0, got {value!r}")
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"adamw_step_: {name} {i} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"adamw_step_: {name} {i} has dtype {t.dtype}; AdamW needs floating-point "
+                                 "params, grads and moments")
+            if t.shape != p.shape or t.device != p.device:
+                raise ValueError(f"adamw_step_: {name} {i} has shape {tuple(t.shape)} on {t.device}; it must "
+                                 f"match param {i}: {tuple(p.shape)} on {p.device}")
+
+
 def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
                 step: int, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, backend: str | None = None) -> None:
-    """One in-place AdamW step over lists of tensors (see ``adamw_step_reference_``)."""
+    """One in-place AdamW step over lists of tensors (see ``adamw_step_reference_``); the inputs
+    are checked first (``check_adamw_inputs``), the same for every backend."""
     kwargs: dict[str, Any] = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, **kwargs)
     if not params:
         return
     with use_backend(backend):
