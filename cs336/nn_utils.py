@@ -70,8 +70,42 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2); ``cap=None`` returns ``logits``."""
-    return logits if cap is None else cap * torch.tanh(logits / cap)
+    """Logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2); ``cap=None`` returns ``logits``.
+
+    ``cap`` must be a finite positive number: 0 would turn every logit into 0 (a uniform softmax),
+    a negative cap is the positive one, inf gives NaN."""
+    if cap is None:
+        return logits
+    check_loss_options(cap, 0.0, "softcap")
+    return cap * torch.tanh(logits / cap)
+
+
+def check_loss_options(logit_softcap: float | None, z_loss: float, op: str = "cross_entropy") -> None:
+    """Raise ``ValueError`` unless ``logit_softcap`` is None or finite and > 0 and ``z_loss`` is finite
+    and >= 0 (the same rule for every provider of the loss)."""
+    if logit_softcap is not None and not 0 < logit_softcap < math.inf:
+        raise ValueError(f"{op}: logit_softcap must be a finite number > 0, or None for no cap; got "
+                         f"{logit_softcap!r}")
+    if not 0 <= z_loss < math.inf:
+        raise ValueError(f"{op}: z_loss must be a finite number >= 0 (0 turns it off); got {z_loss!r}")
+
+
+def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, op: str = "cross_entropy") -> None:
+    """Raise ``ValueError`` unless logits are (..., V) floats with V >= 1 and targets are (...) integer
+    ids (shapes and dtypes only; the ids' range is not read, so no host sync)."""
+    if logits.dim() == 0 or logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"{op}: logits shape {tuple(logits.shape)} needs targets of shape "
+            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+            + (" (logits need a vocabulary dim)" if logits.dim() == 0 else "")
+        )
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"{op}: logits must be floating point, got dtype {logits.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"{op}: targets must be integer class ids, got dtype {targets.dtype}; convert "
+                         "whole-number ids with .long()")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{op}: logits of shape {tuple(logits.shape)} have no classes (last dim 0)")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *,
@@ -87,12 +121,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     Recipe options (off by default): ``logit_softcap=C`` caps the fp32 logits to
     ``C * tanh(logits / C)`` first; ``z_loss=L`` adds ``L * logsumexp(logits)**2`` per position
     (PaLM, Chowdhery et al. 2022, section 5), averaged like the loss.
+
+    ``ValueError`` for float or bool targets, logits without classes, a cap that is not finite and
+    positive, or a negative / non-finite z-loss (``check_cross_entropy_inputs``, ``check_loss_options``).
     """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"cross_entropy: logits shape {tuple(logits.shape)} needs targets of shape "
-            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
-        )
+    check_cross_entropy_inputs(logits, targets)
+    check_loss_options(logit_softcap, z_loss)
     logits = softcap(logits.to(torch.float32), logit_softcap)
     keep = targets != ignore_index
     safe_targets = torch.where(keep, targets, torch.zeros_like(targets))

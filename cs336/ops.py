@@ -235,11 +235,8 @@ def cross_entropy_native(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
                          logit_softcap: float | None = None, z_loss: float = 0.0) -> torch.Tensor:
     """``F.cross_entropy`` over flattened positions in fp32: the mean over non-ignored targets.
     Soft-cap: ``torch.tanh`` on the fp32 logits; z-loss: ``torch.logsumexp`` of them."""
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"cross_entropy: logits shape {tuple(logits.shape)} needs targets of shape "
-            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
-        )
+    nn_utils.check_cross_entropy_inputs(logits, targets)
+    nn_utils.check_loss_options(logit_softcap, z_loss)
     flat = logits.reshape(-1, logits.shape[-1]).to(torch.float32)  # (N, V)
     flat = nn_utils.softcap(flat, logit_softcap)
     flat_targets = targets.reshape(-1).long()

@@ -256,10 +256,48 @@ def test_linear_cross_entropy_recipe_options_match_unfused(parity, softcap, z_lo
     parity.assert_close(wk.grad, wr.grad, "recipe linear_cross_entropy dweight", dtype=dtype, op=op)
 
 
-def test_recipe_options_reject_bad_values():
+LOSS_PROVIDERS = {
+    "reference": (cross_entropy_reference, linear_cross_entropy_reference),
+    "native": (cross_entropy_native, linear_cross_entropy_native),
+    "triton": (cross_entropy, linear_cross_entropy),
+}
+BAD_RECIPE = [({"logit_softcap": 0.0}, "logit_softcap must be a finite number > 0"),
+              ({"logit_softcap": -1.0}, "logit_softcap must be a finite number > 0"),
+              ({"logit_softcap": float("inf")}, "logit_softcap must be a finite number > 0"),
+              ({"logit_softcap": float("nan")}, "logit_softcap must be a finite number > 0"),
+              ({"z_loss": -0.1}, "z_loss must be a finite number >= 0"),
+              ({"z_loss": float("nan")}, "z_loss must be a finite number >= 0"),
+              ({"z_loss": float("inf")}, "z_loss must be a finite number >= 0")]
+
+
+@pytest.mark.parametrize("provider", list(LOSS_PROVIDERS))
+def test_recipe_options_reject_bad_values(provider):
+    # The reference and native losses took logit_softcap=0 (every logit capped to 0: the loss of a
+    # uniform softmax, log V), a negative cap (read as its absolute value), inf / nan (NaN loss) and
+    # a negative or NaN z-loss; Triton took a cap of inf (NaN) and z_loss=inf. Now all refuse them.
+    ce, lce = LOSS_PROVIDERS[provider]
     logits = torch.randn(4, 10, device=DEVICE)
     targets = torch.zeros(4, dtype=torch.long, device=DEVICE)
-    with pytest.raises(KernelInputError, match="logit_softcap must be positive"):
-        cross_entropy(logits, targets, IGNORE, logit_softcap=-1.0)
-    with pytest.raises(KernelInputError, match="z_loss must be >= 0"):
-        linear_cross_entropy(logits, torch.randn(5, 10, device=DEVICE), targets, IGNORE, z_loss=-0.1)
+    for kwargs, message in BAD_RECIPE:
+        with pytest.raises(ValueError, match=message):
+            ce(logits, targets, IGNORE, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            lce(logits, torch.randn(5, 10, device=DEVICE), targets, IGNORE, **kwargs)
+
+
+@pytest.mark.parametrize("provider", list(LOSS_PROVIDERS))
+def test_cross_entropy_rejects_non_integer_targets_and_empty_vocab(provider):
+    # The reference and native losses cast float targets with .long() (1.7 read as class 1) and bool
+    # targets to 0/1; logits with no classes gave an amax or reshape error; 0-d logits gave 0.0.
+    ce, lce = LOSS_PROVIDERS[provider]
+    logits = torch.randn(4, 10, device=DEVICE)
+    for targets in (torch.tensor([0.0, 1.7, 2.0, 3.0], device=DEVICE), torch.tensor([True, False] * 2, device=DEVICE)):
+        with pytest.raises(ValueError, match="integer class ids"):
+            ce(logits, targets, IGNORE)
+    with pytest.raises(ValueError, match="no classes"):
+        ce(torch.randn(2, 0, device=DEVICE), torch.full((2,), IGNORE, device=DEVICE), IGNORE)
+    with pytest.raises(ValueError, match="no classes"):
+        lce(torch.randn(2, 8, device=DEVICE), torch.randn(0, 8, device=DEVICE), torch.full((2,), IGNORE, device=DEVICE),
+            IGNORE)
+    with pytest.raises(ValueError, match="needs targets of shape"):
+        ce(torch.randn((), device=DEVICE), torch.tensor(0, device=DEVICE), IGNORE)
