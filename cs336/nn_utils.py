@@ -164,8 +164,11 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_l2_norm: float,
 
     Returns the norm measured before clipping (fp32 scalar tensor), for logging.
     """
-    if max_l2_norm <= 0:
+    # ``not > 0`` so that NaN is refused too: a NaN bound turned every gradient into NaN.
+    if not max_l2_norm > 0:
         raise ValueError(f"clip_gradients: max_l2_norm must be positive, got {max_l2_norm}")
+    if not eps >= 0:  # norm + eps < 0 would flip the gradients' sign, = 0 divide by zero
+        raise ValueError(f"clip_gradients: eps must be >= 0, got {eps}")
     params = list(params)
     total_norm = gradient_norm(params)
     grads = _grads(params)

@@ -141,6 +141,18 @@ def test_gradient_norm_definition():
     assert gradient_norm([torch.nn.Parameter(torch.ones(2))]).item() == 0.0
 
 
+def test_clip_gradients_rejects_nan_max_and_negative_eps():
+    # max_l2_norm=nan passed the `<= 0` check and turned every gradient into NaN; a negative eps
+    # below the norm flipped every gradient's sign (3-4-5 grads, eps=-6: scale 1 / (5 - 6) = -1).
+    params = _params_with_grads(7, 1.0)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    with pytest.raises(ValueError, match="max_l2_norm must be positive"):
+        clip_gradients(params, float("nan"))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        clip_gradients(params, 1.0, eps=-6.0)
+    assert all(b is None or torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+
+
 def test_clip_gradients_rejects_nonpositive_max():
     with pytest.raises(ValueError, match="max_l2_norm"):
         clip_gradients(_params_with_grads(6, 1.0), 0.0)
