@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from cs336 import ops
+from cs336.config import DECAY_SHAPES
 from cs336.parallel import local
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
             f"lr_cosine_schedule needs 0 <= warmup_iters <= cosine_cycle_iters, got "
             f"warmup_iters={warmup_iters}, cosine_cycle_iters={cosine_cycle_iters}"
         )
+    _check_iteration("lr_cosine_schedule", it)
     if it < warmup_iters:
         return it / warmup_iters * max_lr
     if it > cosine_cycle_iters:
@@ -129,6 +131,9 @@ def lr_wsd_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int, de
     if not 0 <= warmup_iters <= decay_start <= total_iters:
         raise ValueError(f"lr_wsd_schedule needs 0 <= warmup_iters <= decay_start <= total_iters, got "
                          f"{warmup_iters}, {decay_start}, {total_iters}")
+    if shape not in DECAY_SHAPES:  # checked at every step, not only once the decay has begun
+        raise ValueError(f"lr_wsd_schedule: shape={shape!r}; valid choices: {', '.join(DECAY_SHAPES)}")
+    _check_iteration("lr_wsd_schedule", it)
     if it < warmup_iters:
         return it / warmup_iters * max_lr
     if it < decay_start:
@@ -138,9 +143,15 @@ def lr_wsd_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int, de
     progress = (it - decay_start) / (total_iters - decay_start)
     if shape == "linear":
         return max_lr - (max_lr - min_lr) * progress
-    if shape == "1-sqrt":
-        return min_lr + (max_lr - min_lr) * (1.0 - math.sqrt(progress))
-    raise ValueError(f"lr_wsd_schedule: shape={shape!r}; valid choices: linear, 1-sqrt")
+    return min_lr + (max_lr - min_lr) * (1.0 - math.sqrt(progress))  # "1-sqrt"
+
+
+
+def _check_iteration(fn: str, it: int) -> None:
+    """Refuse a negative iteration: the warm-up line would give a negative rate (or divide by a
+    warm-up of 0)."""
+    if not it >= 0:
+        raise ValueError(f"{fn}: it (the iteration) must be >= 0, got {it!r}")
 
 
 def schedule_lr(cfg, step: int, max_steps: int) -> float:

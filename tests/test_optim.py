@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cs336 import ops
-from cs336.optim import AdamW, lr_cosine_schedule
+from cs336.optim import AdamW, lr_cosine_schedule, lr_wsd_schedule
 
 
 def _problem(seed=0):
@@ -279,6 +279,20 @@ def test_cosine_schedule_edge_cases():
     assert lr_cosine_schedule(6, 1.0, 0.1, 5, 5) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="warmup_iters"):
         lr_cosine_schedule(0, 1.0, 0.1, 20, 10)
+
+
+def test_schedules_refuse_a_negative_iteration_and_an_unknown_wsd_shape():
+    # it = -1 gave a negative learning rate (-0.1 with a 10-step warm-up: gradient ascent) or, with
+    # no warm-up, a ZeroDivisionError; an unknown WSD shape was accepted until the decay began.
+    for warmup in (0, 10):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            lr_cosine_schedule(-1, 1.0, 0.1, warmup, 100)
+        with pytest.raises(ValueError, match="must be >= 0"):
+            lr_wsd_schedule(-1, 1.0, 0.1, warmup, 50, 100)
+    for it in (0, 20, 100, 200):  # warm-up, stable, end, after
+        with pytest.raises(ValueError, match="shape='cosine'"):
+            lr_wsd_schedule(it, 1.0, 0.1, 10, 50, 100, shape="cosine")
+    assert lr_wsd_schedule(75, 1.0, 0.0, 10, 50, 100, shape="1-sqrt") == pytest.approx(1 - 0.5 ** 0.5)
 
 
 @pytest.mark.skipif(not ops.backend_available("triton"),
