@@ -242,6 +242,24 @@ def test_invalid_hyperparameters_are_rejected():
         AdamW(p, fused="yes")
 
 
+def test_every_param_group_is_checked_like_the_defaults():
+    # A group's own lr=-1 or betas=(1.0, 0.9) was accepted (beta1 = 1 then divided by zero at
+    # step()); betas of three numbers passed the constructor and failed to unpack at step().
+    p = [torch.nn.Parameter(torch.ones(1))]
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        AdamW([{"params": p, "lr": -1.0}])
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        AdamW([{"params": p, "betas": (1.0, 0.9)}])
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        AdamW(p, betas=(0.9, 0.99, 0.5))
+    opt = AdamW(p)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": float("nan")})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "betas": [0.8, 0.9]})
+    assert opt.param_groups[1]["betas"] == (0.8, 0.9)
+
+
 def test_closure_is_evaluated_with_grad():
     p = torch.nn.Parameter(torch.tensor([2.0]))
     opt = AdamW([p], lr=0.1)
