@@ -313,7 +313,24 @@ def adamw_step_native_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
 # The seam.
 # ---------------------------------------------------------------------------------------------
 
+def _check_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """The inputs every RMSNorm provider takes: floating x of rank >= 1, a 1-D weight of length
+    x.shape[-1] (the reference would broadcast a (1,) or (M, N) weight), eps >= 0."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        raise TypeError(f"rms_norm: x and weight must be tensors, got {type(x).__name__}, {type(weight).__name__}")
+    if not (x.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise ValueError(f"rms_norm: x and weight must be floating point, got {x.dtype} and {weight.dtype}")
+    if x.dim() == 0 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} does not match x of shape "
+                         f"{tuple(x.shape)}; weight must be 1-D with length x.shape[-1]")
+    if not eps >= 0:
+        raise ValueError(f"rms_norm: eps must be >= 0, got {eps!r}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """x / sqrt(mean(x**2, -1) + eps) * weight (``rms_norm_reference``), checked the same for every
+    backend (``_check_rms_norm``)."""
+    _check_rms_norm(x, weight, eps)
     provider = _provider(x, weight)
     if provider == "triton":
         return _kernels_module("rms_norm").rms_norm(x, weight, eps)
