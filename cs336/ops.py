@@ -220,8 +220,9 @@ def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def swiglu_native(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``F.silu(a) * b``; fp16/bf16 inputs computed in fp32 and rounded once."""
-    return (F.silu(_fp32_if_half(a)) * _fp32_if_half(b)).to(a.dtype)
+    """``F.silu(a) * b``; fp16/bf16 inputs computed in fp32 and rounded once, to the dtype the
+    reference returns (a and b promoted: bf16 a with fp32 b gives fp32)."""
+    return (F.silu(_fp32_if_half(a)) * _fp32_if_half(b)).to(torch.result_type(a, b))
 
 
 def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
