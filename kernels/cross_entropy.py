@@ -213,7 +213,7 @@ def cross_entropy_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.T
 
 def default_chunk_rows(M: int, V: int, C: int) -> int:
     """Token rows per chunk: a chunk of logits about the size of h, at least MIN_CHUNK_ROWS rows."""
-    rows = triton.next_power_of_2(triton.cdiv(M, triton.cdiv(V, C)))
+    rows = triton.next_power_of_2(triton.cdiv(M, triton.cdiv(V, max(C, 1))))  # C = 0: h has no features
     return max(1, min(M, max(rows, MIN_CHUNK_ROWS)))
 
 
@@ -383,8 +383,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     M, C = h2.shape
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(M, V, C)
-    if rows < 1:
-        raise KernelInputError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise KernelInputError(f"linear_cross_entropy: chunk_rows must be an integer >= 1 (or None), got {rows!r}")
     # Under no_grad (evaluation) the chunks compute the loss only.
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     softcap, z = _recipe_args("linear_cross_entropy", logit_softcap, z_loss)

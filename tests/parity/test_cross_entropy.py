@@ -159,6 +159,20 @@ def test_linear_cross_entropy_rejects_bad_inputs():
             linear_cross_entropy(h, torch.randn(10, 8, device=DEVICE), targets - 1)
 
 
+def test_linear_cross_entropy_chunk_rows_and_featureless_h(parity):
+    # chunk_rows=2.5 failed deep in the custom op's schema ("Expected a value of type 'int'"), and an h
+    # with no features (C = 0) divided by zero while choosing the chunk; the reference gives log V.
+    h = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(10, 8, device=DEVICE)
+    targets = torch.tensor([1, 2, IGNORE, 3], device=DEVICE)
+    for bad in (2.5, 0, True):
+        with pytest.raises(KernelInputError, match="chunk_rows must be an integer >= 1"):
+            linear_cross_entropy(h, w, targets, IGNORE, chunk_rows=bad)
+    h0, w0 = torch.zeros(4, 0, device=DEVICE), torch.zeros(10, 0, device=DEVICE)
+    parity.assert_close(linear_cross_entropy(h0, w0, targets, IGNORE), linear_cross_entropy_reference(h0, w0, targets),
+                        "linear_cross_entropy with C = 0")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_bad_target_is_a_device_assert_on_cuda():
