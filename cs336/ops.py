@@ -349,8 +349,24 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(a, b)
 
 
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """What every attention provider needs: (..., T, d) tensors, at least one key, a bool ``causal``."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be True or False, got {causal!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"attention: {name} must be a (..., T, d) tensor, got {shape}")
+    if k.shape[-2] == 0 or v.shape[-2] == 0:
+        # The reference failed in amax, SDPA returned zeros: a query with no key has no softmax.
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} hold no keys (T_k = 0); "
+                         "attention needs at least one key")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs; Triton: FlashAttention-2, no (T, T) tensor."""
+    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs; Triton: FlashAttention-2, no (T, T) tensor.
+    Inputs are checked the same for every backend (``_check_attention``)."""
+    _check_attention(q, k, v, causal)
     provider = _provider(q, k, v)
     if provider == "triton":
         return _kernels_module("attention").flash_attention(q, k, v, causal)
