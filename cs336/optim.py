@@ -103,10 +103,21 @@ class AdamW(torch.optim.Optimizer):
             exp_avg_sqs.append(local(state["exp_avg_sq"]))
         beta1, beta2 = group["betas"]
         for t, (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
-            ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=t, lr=group["lr"],
-                            beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"],
-                            backend=self._backend(group["fused"]))
+            try:
+                ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=t, lr=group["lr"],
+                                beta1=beta1, beta2=beta2, eps=group["eps"],
+                                weight_decay=group["weight_decay"],
+                                backend=self._backend(group["fused"]))
+            except ops.BackendError as exc:
+                if group["fused"] is not True:
+                    raise
+                # The seam's advice is about the --kernels flag, which did not choose this kernel.
+                reason = str(exc).split(". ")[0].rstrip(".").replace("--kernels triton", "the Triton backend")
+                raise ops.BackendError(
+                    f"AdamW(fused=True) (optim.fused=true) asks for the Triton AdamW kernel, which cannot run "
+                    f"here ({reason}). Run on a CUDA device (TRITON_INTERPRET=1 runs it on the CPU, slowly), "
+                    "leave fused=None to follow the kernel backend, or set fused=False for the reference step."
+                ) from None
 
 
 def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,

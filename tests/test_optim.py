@@ -260,6 +260,19 @@ def test_every_param_group_is_checked_like_the_defaults():
     assert opt.param_groups[1]["betas"] == (0.8, 0.9)
 
 
+def test_fused_true_where_triton_cannot_run_names_the_fused_flag(monkeypatch):
+    # The error was the seam's "--kernels triton needs a CUDA device ... or use --kernels native",
+    # advice about a flag that had not chosen the kernel: fused=True had.
+    monkeypatch.setattr(ops, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(ops.BackendError, match="AdamW\\(fused=True\\).*fused=None.*fused=False") as info:
+        AdamW([p], fused=True).step()
+    assert "--kernels" not in str(info.value)
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
 def test_closure_is_evaluated_with_grad():
     p = torch.nn.Parameter(torch.tensor([2.0]))
     opt = AdamW([p], lr=0.1)
