@@ -31,12 +31,19 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
+def _check_floating(x: torch.Tensor, op: str) -> None:
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{op} needs a floating-point tensor, got dtype {x.dtype}; convert it with .float()")
+
+
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax along ``dim``, stabilized by subtracting the maximum along that dim.
 
     Entries equal to -inf get probability 0. A slice that is -inf everywhere gives NaN, as in
-    torch.softmax.
+    torch.softmax. Integer or bool input is a ``TypeError`` (as torch.softmax's): probabilities
+    cast back to an integer dtype would all be 0.
     """
+    _check_floating(x, "softmax")
     in_dtype = x.dtype
     if in_dtype in _LOW_PRECISION:
         x = x.to(torch.float32)
@@ -61,7 +68,8 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
 
 
 def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log(softmax(x)) computed as x - logsumexp(x), in fp32 for fp16/bf16 inputs."""
+    """log(softmax(x)) computed as x - logsumexp(x), in fp32 for fp16/bf16 inputs (floating x only)."""
+    _check_floating(x, "log_softmax")
     if x.dtype in _LOW_PRECISION:
         x = x.to(torch.float32)
     x_max = x.amax(dim=dim, keepdim=True)

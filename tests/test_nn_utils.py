@@ -108,6 +108,16 @@ def test_cross_entropy_shape_mismatch_is_clear():
         cross_entropy(torch.zeros(4, 5), torch.zeros(3, dtype=torch.long))
 
 
+def test_softmax_refuses_integer_input():
+    # softmax(tensor([1, 2, 3])) returned tensor([0, 0, 0]): the probabilities were cast back to int64.
+    for x in (torch.tensor([1, 2, 3]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="needs a floating-point tensor"):
+            softmax(x)
+        with pytest.raises(TypeError, match="needs a floating-point tensor"):
+            log_softmax(x)
+    assert softmax(torch.tensor([1.0, 1.0])).tolist() == [0.5, 0.5]
+
+
 def _params_with_grads(seed, scale):
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(5, 3), (7,), (2, 2, 2)]]
