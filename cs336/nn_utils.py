@@ -98,6 +98,24 @@ def check_loss_options(logit_softcap: float | None, z_loss: float, op: str = "cr
         raise ValueError(f"{op}: z_loss must be a finite number >= 0 (0 turns it off); got {z_loss!r}")
 
 
+def check_target_range(targets: torch.Tensor, num_classes: int, ignore_index: int, op: str = "cross_entropy") -> None:
+    """Raise ``ValueError`` for a target outside [0, num_classes) that is not ``ignore_index``.
+
+    ``torch._assert_async``, as the Triton loss: on the CPU it raises at once; on CUDA it is a
+    device-side assert (as gather's or ``F.cross_entropy``'s own check), so no host read. Skipped
+    while torch.compile traces.
+    """
+    if torch.compiler.is_compiling() or targets.numel() == 0:
+        return
+    ok = ((targets == ignore_index) | ((targets >= 0) & (targets < num_classes))).all()
+    message = (f"{op}: a target id is outside [0, {num_classes}) and is not ignore_index={ignore_index}; "
+               "check the data and vocab_size")
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
 def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, op: str = "cross_entropy") -> None:
     """Raise ``ValueError`` unless logits are (..., V) floats with V >= 1 and targets are (...) integer
     ids (shapes and dtypes only; the ids' range is not read, so no host sync)."""
@@ -131,10 +149,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     (PaLM, Chowdhery et al. 2022, section 5), averaged like the loss.
 
     ``ValueError`` for float or bool targets, logits without classes, a cap that is not finite and
-    positive, or a negative / non-finite z-loss (``check_cross_entropy_inputs``, ``check_loss_options``).
+    positive, a negative / non-finite z-loss (``check_cross_entropy_inputs``, ``check_loss_options``),
+    or a target id outside [0, V) that is not ``ignore_index`` (``check_target_range``).
     """
     check_cross_entropy_inputs(logits, targets)
     check_loss_options(logit_softcap, z_loss)
+    check_target_range(targets, logits.shape[-1], ignore_index)
     logits = softcap(logits.to(torch.float32), logit_softcap)
     keep = targets != ignore_index
     safe_targets = torch.where(keep, targets, torch.zeros_like(targets))

@@ -299,6 +299,22 @@ def test_recipe_options_reject_bad_values(provider):
             lce(logits, torch.randn(5, 10, device=DEVICE), targets, IGNORE, **kwargs)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA a bad target is a device-side assert (see the CUDA test)")
+@pytest.mark.parametrize("provider", list(LOSS_PROVIDERS))
+def test_out_of_range_targets_are_one_value_error_on_every_provider(provider):
+    # The reference failed inside gather ("RuntimeError: index 10 is out of bounds for dimension 1
+    # with size 10"), native with F.cross_entropy's IndexError; Triton raised its ValueError.
+    ce, lce = LOSS_PROVIDERS[provider]
+    logits = torch.randn(4, 10, device=DEVICE)
+    for bad in (10, -1, -7):
+        targets = torch.tensor([1, IGNORE, bad, 3], device=DEVICE)
+        with pytest.raises(ValueError, match="outside \\[0, 10\\) and is not ignore_index=-100"):
+            ce(logits, targets, IGNORE)
+        with pytest.raises(ValueError, match="outside \\[0, 10\\)"):
+            lce(torch.randn(4, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE), targets, IGNORE)
+    assert torch.isfinite(ce(logits, torch.tensor([1, IGNORE, 9, 0], device=DEVICE), IGNORE))
+
+
 @pytest.mark.parametrize("provider", list(LOSS_PROVIDERS))
 def test_cross_entropy_rejects_non_integer_targets_and_empty_vocab(provider):
     # The reference and native losses cast float targets with .long() (1.7 read as class 1) and bool
