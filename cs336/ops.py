@@ -399,10 +399,27 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return nn_utils.cross_entropy(logits, targets, ignore_index=ignore_index, **kwargs)
 
 
+def _check_lm_head(h: torch.Tensor, weight: torch.Tensor) -> None:
+    """The LM head every provider takes: a (V, C) weight for (..., C) h, one dtype unless autocast
+    casts both (the reference's matmul and F.linear fail on mixed dtypes deep inside)."""
+    if not (isinstance(h, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        raise TypeError(f"linear_cross_entropy: h and weight must be tensors, got {type(h).__name__}, "
+                        f"{type(weight).__name__}")
+    if h.dim() == 0 or weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: weight of shape {tuple(weight.shape)} must be (vocab, "
+                         f"{h.shape[-1] if h.dim() else '?'}) for h of shape {tuple(h.shape)}")
+    autocast = h.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(h.device.type)
+    if h.dtype != weight.dtype and not autocast:
+        raise ValueError(f"linear_cross_entropy: h is {h.dtype} and weight {weight.dtype}; cast them to one "
+                         "dtype (or run under torch.autocast)")
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, *, logit_softcap: float | None = None,
                          z_loss: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy of ``h @ weight.T``; the Triton path never materializes all logits."""
+    """Mean cross-entropy of ``h @ weight.T``; the Triton path never materializes all logits.
+    ``weight`` must be (vocab, h.shape[-1]) of h's dtype (any dtypes under autocast)."""
+    _check_lm_head(h, weight)
     provider = _provider(h, weight)
     kwargs = _recipe_kwargs(logit_softcap, z_loss)
     if provider == "triton":

@@ -8,6 +8,7 @@ References: ``cs336.nn_utils.cross_entropy`` (mean over non-ignored targets, fp3
 import pytest
 import torch
 
+from cs336 import ops
 from cs336.nn_utils import cross_entropy as cross_entropy_reference
 from cs336.ops import cross_entropy_native, linear_cross_entropy_native, linear_cross_entropy_reference
 from kernels._common import KernelInputError, max_block_size
@@ -297,6 +298,25 @@ def test_recipe_options_reject_bad_values(provider):
             ce(logits, targets, IGNORE, **kwargs)
         with pytest.raises(ValueError, match=message):
             lce(logits, torch.randn(5, 10, device=DEVICE), targets, IGNORE, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_seam_linear_cross_entropy_checks_the_lm_head(backend):
+    # Mixed h / weight dtypes or a weight of the wrong shape failed inside the reference's matmul or
+    # F.linear ("expected m1 and m2 to have the same dtype", "mat1 and mat2 shapes cannot be
+    # multiplied", "t() expects a tensor with <= 2 dimensions"); Triton named the weight.
+    if not ops.backend_available(backend):
+        pytest.skip(f"backend {backend} cannot run here")
+    h = torch.randn(4, 8, device=DEVICE)
+    targets = torch.tensor([1, 2, IGNORE, 3], device=DEVICE)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="cast them to one dtype"):
+            ops.linear_cross_entropy(h.bfloat16(), torch.randn(10, 8, device=DEVICE), targets)
+        for w in (torch.randn(10, 7, device=DEVICE), torch.randn(1, 10, 8, device=DEVICE)):
+            with pytest.raises(ValueError, match="must be \\(vocab, 8\\)"):
+                ops.linear_cross_entropy(h, w, targets)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):  # autocast casts both: allowed
+            assert torch.isfinite(ops.linear_cross_entropy(h.bfloat16(), torch.randn(10, 8, device=DEVICE), targets))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA a bad target is a device-side assert (see the CUDA test)")
