@@ -31,12 +31,19 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
+def _check_floating(x: torch.Tensor, op: str) -> None:
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{op} needs a floating-point tensor, got dtype {x.dtype}; convert it with .float()")
+
+
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax along ``dim``, stabilized by subtracting the maximum along that dim.
 
     Entries equal to -inf get probability 0. A slice that is -inf everywhere gives NaN, as in
-    torch.softmax.
+    torch.softmax. Integer or bool input is a ``TypeError`` (as torch.softmax's): probabilities
+    cast back to an integer dtype would all be 0.
     """
+    _check_floating(x, "softmax")
     in_dtype = x.dtype
     if in_dtype in _LOW_PRECISION:
         x = x.to(torch.float32)
@@ -61,7 +68,8 @@ def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tens
 
 
 def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log(softmax(x)) computed as x - logsumexp(x), in fp32 for fp16/bf16 inputs."""
+    """log(softmax(x)) computed as x - logsumexp(x), in fp32 for fp16/bf16 inputs (floating x only)."""
+    _check_floating(x, "log_softmax")
     if x.dtype in _LOW_PRECISION:
         x = x.to(torch.float32)
     x_max = x.amax(dim=dim, keepdim=True)
@@ -70,8 +78,60 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2); ``cap=None`` returns ``logits``."""
-    return logits if cap is None else cap * torch.tanh(logits / cap)
+    """Logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2); ``cap=None`` returns ``logits``.
+
+    ``cap`` must be a finite positive number: 0 would turn every logit into 0 (a uniform softmax),
+    a negative cap is the positive one, inf gives NaN."""
+    if cap is None:
+        return logits
+    check_loss_options(cap, 0.0, "softcap")
+    return cap * torch.tanh(logits / cap)
+
+
+def check_loss_options(logit_softcap: float | None, z_loss: float, op: str = "cross_entropy") -> None:
+    """Raise ``ValueError`` unless ``logit_softcap`` is None or finite and > 0 and ``z_loss`` is finite
+    and >= 0 (the same rule for every provider of the loss)."""
+    if logit_softcap is not None and not 0 < logit_softcap < math.inf:
+        raise ValueError(f"{op}: logit_softcap must be a finite number > 0, or None for no cap; got "
+                         f"{logit_softcap!r}")
+    if not 0 <= z_loss < math.inf:
+        raise ValueError(f"{op}: z_loss must be a finite number >= 0 (0 turns it off); got {z_loss!r}")
+
+
+def check_target_range(targets: torch.Tensor, num_classes: int, ignore_index: int, op: str = "cross_entropy") -> None:
+    """Raise ``ValueError`` for a target outside [0, num_classes) that is not ``ignore_index``.
+
+    ``torch._assert_async``, as the Triton loss: on the CPU it raises at once; on CUDA it is a
+    device-side assert (as gather's or ``F.cross_entropy``'s own check), so no host read. Skipped
+    while torch.compile traces.
+    """
+    if torch.compiler.is_compiling() or targets.numel() == 0:
+        return
+    ok = ((targets == ignore_index) | ((targets >= 0) & (targets < num_classes))).all()
+    message = (f"{op}: a target id is outside [0, {num_classes}) and is not ignore_index={ignore_index}; "
+               "check the data and vocab_size")
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
+def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, op: str = "cross_entropy") -> None:
+    """Raise ``ValueError`` unless logits are (..., V) floats with V >= 1 and targets are (...) integer
+    ids (shapes and dtypes only; the ids' range is not read, so no host sync)."""
+    if logits.dim() == 0 or logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"{op}: logits shape {tuple(logits.shape)} needs targets of shape "
+            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+            + (" (logits need a vocabulary dim)" if logits.dim() == 0 else "")
+        )
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"{op}: logits must be floating point, got dtype {logits.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"{op}: targets must be integer class ids, got dtype {targets.dtype}; convert "
+                         "whole-number ids with .long()")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{op}: logits of shape {tuple(logits.shape)} have no classes (last dim 0)")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *,
@@ -87,12 +147,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     Recipe options (off by default): ``logit_softcap=C`` caps the fp32 logits to
     ``C * tanh(logits / C)`` first; ``z_loss=L`` adds ``L * logsumexp(logits)**2`` per position
     (PaLM, Chowdhery et al. 2022, section 5), averaged like the loss.
+
+    ``ValueError`` for float or bool targets, logits without classes, a cap that is not finite and
+    positive, a negative / non-finite z-loss (``check_cross_entropy_inputs``, ``check_loss_options``),
+    or a target id outside [0, V) that is not ``ignore_index`` (``check_target_range``).
     """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"cross_entropy: logits shape {tuple(logits.shape)} needs targets of shape "
-            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
-        )
+    check_cross_entropy_inputs(logits, targets)
+    check_loss_options(logit_softcap, z_loss)
+    check_target_range(targets, logits.shape[-1], ignore_index)
     logits = softcap(logits.to(torch.float32), logit_softcap)
     keep = targets != ignore_index
     safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
@@ -130,8 +192,11 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_l2_norm: float,
 
     Returns the norm measured before clipping (fp32 scalar tensor), for logging.
     """
-    if max_l2_norm <= 0:
+    # ``not > 0`` so that NaN is refused too: a NaN bound turned every gradient into NaN.
+    if not max_l2_norm > 0:
         raise ValueError(f"clip_gradients: max_l2_norm must be positive, got {max_l2_norm}")
+    if not eps >= 0:  # norm + eps < 0 would flip the gradients' sign, = 0 divide by zero
+        raise ValueError(f"clip_gradients: eps must be >= 0, got {eps}")
     params = list(params)
     total_norm = gradient_norm(params)
     grads = _grads(params)

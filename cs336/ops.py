@@ -220,8 +220,9 @@ def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def swiglu_native(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``F.silu(a) * b``; fp16/bf16 inputs computed in fp32 and rounded once."""
-    return (F.silu(_fp32_if_half(a)) * _fp32_if_half(b)).to(a.dtype)
+    """``F.silu(a) * b``; fp16/bf16 inputs computed in fp32 and rounded once, to the dtype the
+    reference returns (a and b promoted: bf16 a with fp32 b gives fp32)."""
+    return (F.silu(_fp32_if_half(a)) * _fp32_if_half(b)).to(torch.result_type(a, b))
 
 
 def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -235,11 +236,9 @@ def cross_entropy_native(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
                          logit_softcap: float | None = None, z_loss: float = 0.0) -> torch.Tensor:
     """``F.cross_entropy`` over flattened positions in fp32: the mean over non-ignored targets.
     Soft-cap: ``torch.tanh`` on the fp32 logits; z-loss: ``torch.logsumexp`` of them."""
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"cross_entropy: logits shape {tuple(logits.shape)} needs targets of shape "
-            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
-        )
+    nn_utils.check_cross_entropy_inputs(logits, targets)
+    nn_utils.check_loss_options(logit_softcap, z_loss)
+    nn_utils.check_target_range(targets, logits.shape[-1], ignore_index)
     flat = logits.reshape(-1, logits.shape[-1]).to(torch.float32)  # (N, V)
     flat = nn_utils.softcap(flat, logit_softcap)
     flat_targets = targets.reshape(-1).long()
@@ -316,7 +315,24 @@ def adamw_step_native_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
 # The seam.
 # ---------------------------------------------------------------------------------------------
 
+def _check_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """The inputs every RMSNorm provider takes: floating x of rank >= 1, a 1-D weight of length
+    x.shape[-1] (the reference would broadcast a (1,) or (M, N) weight), eps >= 0."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        raise TypeError(f"rms_norm: x and weight must be tensors, got {type(x).__name__}, {type(weight).__name__}")
+    if not (x.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise ValueError(f"rms_norm: x and weight must be floating point, got {x.dtype} and {weight.dtype}")
+    if x.dim() == 0 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} does not match x of shape "
+                         f"{tuple(x.shape)}; weight must be 1-D with length x.shape[-1]")
+    if not eps >= 0:
+        raise ValueError(f"rms_norm: eps must be >= 0, got {eps!r}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """x / sqrt(mean(x**2, -1) + eps) * weight (``rms_norm_reference``), checked the same for every
+    backend (``_check_rms_norm``)."""
+    _check_rms_norm(x, weight, eps)
     provider = _provider(x, weight)
     if provider == "triton":
         return _kernels_module("rms_norm").rms_norm(x, weight, eps)
@@ -334,8 +350,24 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(a, b)
 
 
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """What every attention provider needs: (..., T, d) tensors, at least one key, a bool ``causal``."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be True or False, got {causal!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"attention: {name} must be a (..., T, d) tensor, got {shape}")
+    if k.shape[-2] == 0 or v.shape[-2] == 0:
+        # The reference failed in amax, SDPA returned zeros: a query with no key has no softmax.
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} hold no keys (T_k = 0); "
+                         "attention needs at least one key")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs; Triton: FlashAttention-2, no (T, T) tensor."""
+    """softmax(q k^T / sqrt(d)) v over (..., T, d) inputs; Triton: FlashAttention-2, no (T, T) tensor.
+    Inputs are checked the same for every backend (``_check_attention``)."""
+    _check_attention(q, k, v, causal)
     provider = _provider(q, k, v)
     if provider == "triton":
         return _kernels_module("attention").flash_attention(q, k, v, causal)
@@ -367,10 +399,27 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return nn_utils.cross_entropy(logits, targets, ignore_index=ignore_index, **kwargs)
 
 
+def _check_lm_head(h: torch.Tensor, weight: torch.Tensor) -> None:
+    """The LM head every provider takes: a (V, C) weight for (..., C) h, one dtype unless autocast
+    casts both (the reference's matmul and F.linear fail on mixed dtypes deep inside)."""
+    if not (isinstance(h, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        raise TypeError(f"linear_cross_entropy: h and weight must be tensors, got {type(h).__name__}, "
+                        f"{type(weight).__name__}")
+    if h.dim() == 0 or weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: weight of shape {tuple(weight.shape)} must be (vocab, "
+                         f"{h.shape[-1] if h.dim() else '?'}) for h of shape {tuple(h.shape)}")
+    autocast = h.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(h.device.type)
+    if h.dtype != weight.dtype and not autocast:
+        raise ValueError(f"linear_cross_entropy: h is {h.dtype} and weight {weight.dtype}; cast them to one "
+                         "dtype (or run under torch.autocast)")
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, *, logit_softcap: float | None = None,
                          z_loss: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy of ``h @ weight.T``; the Triton path never materializes all logits."""
+    """Mean cross-entropy of ``h @ weight.T``; the Triton path never materializes all logits.
+    ``weight`` must be (vocab, h.shape[-1]) of h's dtype (any dtypes under autocast)."""
+    _check_lm_head(h, weight)
     provider = _provider(h, weight)
     kwargs = _recipe_kwargs(logit_softcap, z_loss)
     if provider == "triton":
@@ -380,12 +429,50 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return linear_cross_entropy_reference(h, weight, targets, ignore_index, **kwargs)
 
 
+def check_adamw_inputs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
+                       step: int, lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float) -> None:
+    """Raise ``ValueError`` / ``TypeError`` for an AdamW step that no provider can compute right.
+
+    Every provider needs four lists of one length, each grad and moment a floating-point tensor
+    of its param's shape on its param's device (PyTorch's fused kernel would otherwise read past a
+    short gradient or leave an integer param untouched, the reference would broadcast a grad), an
+    integer ``step >= 1`` (the bias corrections divide by ``1 - beta1 ** step``), betas in
+    [0, 1) and ``lr``, ``eps``, ``weight_decay`` >= 0. Shapes and dtypes only: no tensor is read.
+    """
+    lengths = (len(params), len(grads), len(exp_avgs), len(exp_avg_sqs))
+    if len(set(lengths)) != 1:
+        raise ValueError("adamw_step_: params, grads, exp_avgs and exp_avg_sqs must have equal lengths, got "
+                         + ", ".join(map(str, lengths)))
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"adamw_step_: step must be an integer >= 1 (it counts from 1), got {step!r}")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"adamw_step_: {name} must lie in [0, 1), got {beta!r}")
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if not value >= 0.0:
+            raise ValueError(f"adamw_step_: {name} must be >= 0, got {value!r}")
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"adamw_step_: {name} {i} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"adamw_step_: {name} {i} has dtype {t.dtype}; AdamW needs floating-point "
+                                 "params, grads and moments")
+            if t.shape != p.shape or t.device != p.device:
+                raise ValueError(f"adamw_step_: {name} {i} has shape {tuple(t.shape)} on {t.device}; it must "
+                                 f"match param {i}: {tuple(p.shape)} on {p.device}")
+
+
 def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
                 step: int, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, backend: str | None = None) -> None:
-    """One in-place AdamW step over lists of tensors (see ``adamw_step_reference_``)."""
+    """One in-place AdamW step over lists of tensors (see ``adamw_step_reference_``); the inputs
+    are checked first (``check_adamw_inputs``), the same for every backend."""
     kwargs: dict[str, Any] = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, **kwargs)
     if not params:
         return
     with use_backend(backend):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from cs336 import ops
+from cs336.config import DECAY_SHAPES
 from cs336.parallel import local
 
 if TYPE_CHECKING:
@@ -38,18 +39,31 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, fused: bool | None = None):
-        if not lr >= 0.0:
-            raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"AdamW: betas must lie in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"AdamW: eps must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
-        if fused not in (None, True, False):
-            raise ValueError(f"AdamW: fused must be None, True or False, got {fused!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+        self._check_hyperparameters(defaults)
+        defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_hyperparameters(group: dict) -> None:
+        """Raise ``ValueError`` for a group value the update cannot use (defaults and each group)."""
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas!r}")
+        for name in ("lr", "eps", "weight_decay"):
+            if not group[name] >= 0.0:
+                raise ValueError(f"AdamW: {name} must be >= 0, got {group[name]!r}")
+        if group["fused"] not in (None, True, False):
+            raise ValueError(f"AdamW: fused must be None, True or False, got {group['fused']!r}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group`` (the constructor adds its groups with it too),
+        with the group's own values (or the defaults) checked as the constructor's arguments."""
+        self._check_hyperparameters({**self.defaults, **param_group})
+        if "betas" in param_group:
+            param_group["betas"] = tuple(param_group["betas"])
+        super().add_param_group(param_group)
 
     @staticmethod
     def _backend(fused: bool | None) -> str | None:
@@ -89,10 +103,21 @@ class AdamW(torch.optim.Optimizer):
             exp_avg_sqs.append(local(state["exp_avg_sq"]))
         beta1, beta2 = group["betas"]
         for t, (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
-            ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=t, lr=group["lr"],
-                            beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"],
-                            backend=self._backend(group["fused"]))
+            try:
+                ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=t, lr=group["lr"],
+                                beta1=beta1, beta2=beta2, eps=group["eps"],
+                                weight_decay=group["weight_decay"],
+                                backend=self._backend(group["fused"]))
+            except ops.BackendError as exc:
+                if group["fused"] is not True:
+                    raise
+                # The seam's advice is about the --kernels flag, which did not choose this kernel.
+                reason = str(exc).split(". ")[0].rstrip(".").replace("--kernels triton", "the Triton backend")
+                raise ops.BackendError(
+                    f"AdamW(fused=True) (optim.fused=true) asks for the Triton AdamW kernel, which cannot run "
+                    f"here ({reason}). Run on a CUDA device (TRITON_INTERPRET=1 runs it on the CPU, slowly), "
+                    "leave fused=None to follow the kernel backend, or set fused=False for the reference step."
+                ) from None
 
 
 def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
@@ -107,6 +132,7 @@ def lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
             f"lr_cosine_schedule needs 0 <= warmup_iters <= cosine_cycle_iters, got "
             f"warmup_iters={warmup_iters}, cosine_cycle_iters={cosine_cycle_iters}"
         )
+    _check_iteration("lr_cosine_schedule", it)
     if it < warmup_iters:
         return it / warmup_iters * max_lr
     if it > cosine_cycle_iters:
@@ -129,6 +155,9 @@ def lr_wsd_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int, de
     if not 0 <= warmup_iters <= decay_start <= total_iters:
         raise ValueError(f"lr_wsd_schedule needs 0 <= warmup_iters <= decay_start <= total_iters, got "
                          f"{warmup_iters}, {decay_start}, {total_iters}")
+    if shape not in DECAY_SHAPES:  # checked at every step, not only once the decay has begun
+        raise ValueError(f"lr_wsd_schedule: shape={shape!r}; valid choices: {', '.join(DECAY_SHAPES)}")
+    _check_iteration("lr_wsd_schedule", it)
     if it < warmup_iters:
         return it / warmup_iters * max_lr
     if it < decay_start:
@@ -138,9 +167,15 @@ def lr_wsd_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int, de
     progress = (it - decay_start) / (total_iters - decay_start)
     if shape == "linear":
         return max_lr - (max_lr - min_lr) * progress
-    if shape == "1-sqrt":
-        return min_lr + (max_lr - min_lr) * (1.0 - math.sqrt(progress))
-    raise ValueError(f"lr_wsd_schedule: shape={shape!r}; valid choices: linear, 1-sqrt")
+    return min_lr + (max_lr - min_lr) * (1.0 - math.sqrt(progress))  # "1-sqrt"
+
+
+
+def _check_iteration(fn: str, it: int) -> None:
+    """Refuse a negative iteration: the warm-up line would give a negative rate (or divide by a
+    warm-up of 0)."""
+    if not it >= 0:
+        raise ValueError(f"{fn}: it (the iteration) must be >= 0, got {it!r}")
 
 
 def schedule_lr(cfg, step: int, max_steps: int) -> float:
@@ -220,17 +255,36 @@ class Muon(AdamW):
     def __init__(self, params: Iterable[dict], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0, fused: bool | None = None,
                  momentum: float = 0.95, ns_steps: int = 5):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Muon: momentum must lie in [0, 1), got {momentum}")
-        if ns_steps < 1:
-            raise ValueError(f"Muon: ns_steps must be >= 1, got {ns_steps}")
+        # Set before the base constructor, which adds the groups through add_param_group.
+        self._muon_defaults = dict(use_muon=False, momentum=momentum, ns_steps=ns_steps)
+        self._check_muon_group(self._muon_defaults, [])
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-        for group in self.param_groups:
-            group.setdefault("use_muon", False)
-            group.setdefault("momentum", momentum)
-            group.setdefault("ns_steps", ns_steps)
-            if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
-                raise ValueError("Muon: use_muon groups take 2-D weight matrices only")
+
+    @staticmethod
+    def _check_muon_group(group: dict, params: list) -> None:
+        mu, steps = group["momentum"], group["ns_steps"]
+        if not 0.0 <= mu < 1.0:
+            raise ValueError(f"Muon: momentum must lie in [0, 1), got {mu!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"Muon: ns_steps must be an integer >= 1, got {steps!r}")
+        if group["use_muon"]:
+            shapes = [tuple(p.shape) for p in params if p.dim() != 2]
+            if shapes:
+                raise ValueError(f"Muon: use_muon groups take 2-D weight matrices only, got shapes {shapes}; "
+                                 "put other parameters in a group with use_muon=False (AdamW)")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """A group with Muon's keys (``use_muon``, ``momentum``, ``ns_steps``) filled from the
+        constructor's values and checked, whether given to the constructor or added later."""
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            param_group["params"] = [params]
+        elif not isinstance(params, set):  # a set is left to the base class, which refuses it
+            param_group["params"] = list(params)  # a generator would be spent by the check
+        for key, value in self._muon_defaults.items():
+            param_group.setdefault(key, value)
+        self._check_muon_group(param_group, list(param_group["params"]))
+        super().add_param_group(param_group)
 
     def _step_group(self, group: dict) -> None:
         if not group["use_muon"]:

@@ -35,6 +35,8 @@ Launchers are ``torch.library.triton_op`` custom ops; the fused op carries a FLO
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -211,7 +213,7 @@ def cross_entropy_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.T
 
 def default_chunk_rows(M: int, V: int, C: int) -> int:
     """Token rows per chunk: a chunk of logits about the size of h, at least MIN_CHUNK_ROWS rows."""
-    rows = triton.next_power_of_2(triton.cdiv(M, triton.cdiv(V, C)))
+    rows = triton.next_power_of_2(triton.cdiv(M, triton.cdiv(V, max(C, 1))))  # C = 0: h has no features
     return max(1, min(M, max(rows, MIN_CHUNK_ROWS)))
 
 
@@ -260,7 +262,10 @@ def _flatten(logits_or_h: torch.Tensor, targets: torch.Tensor, op: str, name: st
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise KernelInputError(f"{op}: targets must be integer class ids, got dtype {targets.dtype}")
     check_same_device(op, **{name: logits_or_h, "targets": targets})
-    flat = logits_or_h.contiguous().view(-1, logits_or_h.shape[-1])  # (M, V) or (M, C)
+    if name == "logits" and logits_or_h.shape[-1] == 0:
+        raise KernelInputError(f"{op}: logits of shape {tuple(logits_or_h.shape)} have no classes (last dim 0)")
+    # An explicit row count: view(-1, 0) cannot infer it for an empty last dim.
+    flat = logits_or_h.contiguous().view(targets.numel(), logits_or_h.shape[-1])  # (M, V) or (M, C)
     return flat, targets.reshape(-1).to(torch.int64).contiguous()  # (M,)
 
 
@@ -326,10 +331,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def _recipe_args(op: str, logit_softcap: float | None, z_loss: float) -> tuple[float, float]:
     """(softcap, z_loss) as the launchers take them: 0.0 for an option that is off."""
-    if logit_softcap is not None and not logit_softcap > 0:
-        raise KernelInputError(f"{op}: logit_softcap must be positive or None, got {logit_softcap!r}")
-    if not z_loss >= 0:
-        raise KernelInputError(f"{op}: z_loss must be >= 0, got {z_loss!r}")
+    if logit_softcap is not None and not 0 < logit_softcap < math.inf:
+        raise KernelInputError(f"{op}: logit_softcap must be a finite number > 0, or None for no cap; got "
+                               f"{logit_softcap!r}")
+    if not 0 <= z_loss < math.inf:
+        raise KernelInputError(f"{op}: z_loss must be a finite number >= 0 (0 turns it off); got {z_loss!r}")
     return float(logit_softcap or 0.0), float(z_loss)
 
 
@@ -370,12 +376,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
             f"{h.shape[-1]}) with h's dtype {h.dtype}"
         )
     V = weight.shape[0]
+    if V == 0:
+        raise KernelInputError("linear_cross_entropy: weight has no rows (vocab size 0), so the logits have "
+                               "no classes")
     _check_target_range(targets1, V, ignore_index, "linear_cross_entropy")
 
     M, C = h2.shape
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(M, V, C)
-    if rows < 1:
-        raise KernelInputError(f"linear_cross_entropy: chunk_rows must be >= 1, got {rows}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise KernelInputError(f"linear_cross_entropy: chunk_rows must be an integer >= 1 (or None), got {rows!r}")
     # Under no_grad (evaluation) the chunks compute the loss only.
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     softcap, z = _recipe_args("linear_cross_entropy", logit_softcap, z_loss)

@@ -22,6 +22,8 @@ it; the autograd.Function ties forward and backward together.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -164,11 +166,11 @@ def _rms_norm_bwd_kernel(
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd) for contiguous ``x`` of shape (..., N) and ``weight`` of shape (N,)."""
     N = x.shape[-1]
-    x2 = x.view(-1, N)  # (M, N)
-    M = x2.shape[0]
+    M = math.prod(x.shape[:-1])
+    x2 = x.view(M, N)  # (M, N); view(-1, N) cannot infer M when N == 0
     y = torch.empty_like(x)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    if M == 0:
+    if M == 0 or N == 0:
         return y, rstd
     block, num_warps = _settings(N, FWD_PER_THREAD, FWD_LOOP_BLOCK)
     launch(_rms_norm_fwd_kernel)[(M,)](
@@ -183,10 +185,10 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) from contiguous ``dy`` and the forward's ``x``, ``weight``, ``rstd``."""
     N = x.shape[-1]
-    x2 = x.view(-1, N)  # (M, N)
-    M = x2.shape[0]
+    M = math.prod(x.shape[:-1])
+    x2 = x.view(M, N)  # (M, N)
     dx = torch.empty_like(x)
-    if M == 0:
+    if M == 0 or N == 0:
         return dx, torch.zeros_like(weight)
     block, num_warps = _settings(N, BWD_PER_THREAD, BWD_LOOP_BLOCK)
     one_block = N <= block

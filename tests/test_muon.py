@@ -157,6 +157,33 @@ def test_muon_refuses_bad_settings():
         OptimConfig(muon_momentum=1.5)
 
 
+def test_muon_checks_every_group_and_fills_groups_added_later():
+    # add_param_group skipped the constructor's checks and defaults: a later group had no
+    # use_muon / momentum / ns_steps (KeyError 'use_muon' at step()), a 3-D use_muon group was
+    # taken, and a group's own momentum=1.5 or ns_steps=0 was never checked.
+    w, extra = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(4, 2))
+    opt = Muon([{"params": [w], "use_muon": True}], lr=0.1, momentum=0.8, ns_steps=3)
+    opt.add_param_group({"params": (p for p in [extra]), "use_muon": True})
+    assert {k: opt.param_groups[1][k] for k in ("use_muon", "momentum", "ns_steps")} == \
+        {"use_muon": True, "momentum": 0.8, "ns_steps": 3}
+    assert opt.param_groups[1]["params"] == [extra]
+    later = torch.nn.Parameter(torch.randn(5))
+    opt.add_param_group({"params": [later]})
+    assert opt.param_groups[2]["use_muon"] is False
+    for p in (w, extra, later):
+        p.grad = torch.randn(p.shape)
+    before = later.detach().clone()
+    opt.step()
+    assert not torch.equal(later.detach(), before)
+    with pytest.raises(ValueError, match="2-D weight matrices only, got shapes \\[\\(2, 3, 4\\)\\]"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 3, 4))], "use_muon": True})
+    with pytest.raises(ValueError, match="momentum must lie in"):
+        Muon([{"params": [w], "use_muon": True, "momentum": 1.5}])
+    with pytest.raises(ValueError, match="ns_steps must be an integer >= 1"):
+        Muon([{"params": [w], "use_muon": True, "ns_steps": 0}])
+    assert len(opt.param_groups) == 3
+
+
 def test_wsd_schedule_points():
     kw = dict(max_lr=1.0, min_lr=0.1, warmup_iters=10, decay_start=80, total_iters=100)
     assert lr_wsd_schedule(5, **kw) == 0.5

@@ -108,6 +108,16 @@ def test_cross_entropy_shape_mismatch_is_clear():
         cross_entropy(torch.zeros(4, 5), torch.zeros(3, dtype=torch.long))
 
 
+def test_softmax_refuses_integer_input():
+    # softmax(tensor([1, 2, 3])) returned tensor([0, 0, 0]): the probabilities were cast back to int64.
+    for x in (torch.tensor([1, 2, 3]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="needs a floating-point tensor"):
+            softmax(x)
+        with pytest.raises(TypeError, match="needs a floating-point tensor"):
+            log_softmax(x)
+    assert softmax(torch.tensor([1.0, 1.0])).tolist() == [0.5, 0.5]
+
+
 def _params_with_grads(seed, scale):
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(5, 3), (7,), (2, 2, 2)]]
@@ -139,6 +149,18 @@ def test_gradient_norm_definition():
     expected = torch.cat([p.grad.flatten() for p in params[:3]]).norm()
     _close(gradient_norm(params), expected)
     assert gradient_norm([torch.nn.Parameter(torch.ones(2))]).item() == 0.0
+
+
+def test_clip_gradients_rejects_nan_max_and_negative_eps():
+    # max_l2_norm=nan passed the `<= 0` check and turned every gradient into NaN; a negative eps
+    # below the norm flipped every gradient's sign (3-4-5 grads, eps=-6: scale 1 / (5 - 6) = -1).
+    params = _params_with_grads(7, 1.0)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    with pytest.raises(ValueError, match="max_l2_norm must be positive"):
+        clip_gradients(params, float("nan"))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        clip_gradients(params, 1.0, eps=-6.0)
+    assert all(b is None or torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
 
 
 def test_clip_gradients_rejects_nonpositive_max():

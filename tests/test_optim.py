@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cs336 import ops
-from cs336.optim import AdamW, lr_cosine_schedule
+from cs336.optim import AdamW, lr_cosine_schedule, lr_wsd_schedule
 
 
 def _problem(seed=0):
@@ -242,6 +242,37 @@ def test_invalid_hyperparameters_are_rejected():
         AdamW(p, fused="yes")
 
 
+def test_every_param_group_is_checked_like_the_defaults():
+    # A group's own lr=-1 or betas=(1.0, 0.9) was accepted (beta1 = 1 then divided by zero at
+    # step()); betas of three numbers passed the constructor and failed to unpack at step().
+    p = [torch.nn.Parameter(torch.ones(1))]
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        AdamW([{"params": p, "lr": -1.0}])
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        AdamW([{"params": p, "betas": (1.0, 0.9)}])
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        AdamW(p, betas=(0.9, 0.99, 0.5))
+    opt = AdamW(p)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": float("nan")})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "betas": [0.8, 0.9]})
+    assert opt.param_groups[1]["betas"] == (0.8, 0.9)
+
+
+def test_fused_true_where_triton_cannot_run_names_the_fused_flag(monkeypatch):
+    # The error was the seam's "--kernels triton needs a CUDA device ... or use --kernels native",
+    # advice about a flag that had not chosen the kernel: fused=True had.
+    monkeypatch.setattr(ops, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(ops.BackendError, match="AdamW\\(fused=True\\).*fused=None.*fused=False") as info:
+        AdamW([p], fused=True).step()
+    assert "--kernels" not in str(info.value)
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
 def test_closure_is_evaluated_with_grad():
     p = torch.nn.Parameter(torch.tensor([2.0]))
     opt = AdamW([p], lr=0.1)
@@ -279,6 +310,20 @@ def test_cosine_schedule_edge_cases():
     assert lr_cosine_schedule(6, 1.0, 0.1, 5, 5) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="warmup_iters"):
         lr_cosine_schedule(0, 1.0, 0.1, 20, 10)
+
+
+def test_schedules_refuse_a_negative_iteration_and_an_unknown_wsd_shape():
+    # it = -1 gave a negative learning rate (-0.1 with a 10-step warm-up: gradient ascent) or, with
+    # no warm-up, a ZeroDivisionError; an unknown WSD shape was accepted until the decay began.
+    for warmup in (0, 10):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            lr_cosine_schedule(-1, 1.0, 0.1, warmup, 100)
+        with pytest.raises(ValueError, match="must be >= 0"):
+            lr_wsd_schedule(-1, 1.0, 0.1, warmup, 50, 100)
+    for it in (0, 20, 100, 200):  # warm-up, stable, end, after
+        with pytest.raises(ValueError, match="shape='cosine'"):
+            lr_wsd_schedule(it, 1.0, 0.1, 10, 50, 100, shape="cosine")
+    assert lr_wsd_schedule(75, 1.0, 0.0, 10, 50, 100, shape="1-sqrt") == pytest.approx(1 - 0.5 ** 0.5)
 
 
 @pytest.mark.skipif(not ops.backend_available("triton"),

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from cs336 import ops
 from cs336.ops import adamw_step_native_, adamw_step_reference_
 from kernels._common import KernelInputError
 from kernels.adamw import BLOCK_SIZE, adamw_step_
@@ -155,6 +156,44 @@ def test_adamw_rejects_bad_inputs():
         adamw_step_([p.double()], [p.double()], [p.double()], [p.double()], step=1, **HYPER)
     with pytest.raises(KernelInputError, match="step counts from 1"):
         adamw_step_([p], [p.clone()], [p.clone()], [p.clone()], step=0, **HYPER)
+
+
+def _bad_adamw_calls():
+    """(what, call arguments, message) for inputs no provider can step correctly."""
+    def args(p=None, g=None, m=None, v=None, **hyper):
+        p = torch.ones(3, 2, device=DEVICE) if p is None else p
+        return ([p], [torch.ones(p.shape, device=DEVICE) if g is None else g],
+                [torch.zeros(p.shape, device=DEVICE) if m is None else m],
+                [torch.zeros(p.shape, device=DEVICE) if v is None else v], {**dict(HYPER, step=1), **hyper})
+    return [
+        ("short grad", args(g=torch.ones(5, device=DEVICE)), "grad 0 has shape"),
+        ("broadcast grad", args(g=torch.ones(2, device=DEVICE)), "grad 0 has shape"),
+        ("exp_avg shape", args(m=torch.zeros(6, device=DEVICE)), "exp_avg 0 has shape"),
+        ("integer param", args(p=torch.ones(3, dtype=torch.long, device=DEVICE)), "param 0 has dtype"),
+        ("step 0", args(step=0), "step must be an integer >= 1"),
+        ("negative step", args(step=-1), "step must be an integer >= 1"),
+        ("fractional step", args(step=1.5), "step must be an integer >= 1"),
+        ("beta1 = 1", args(beta1=1.0), "beta1 must lie in"),
+        ("beta2 > 1", args(beta2=1.5), "beta2 must lie in"),
+        ("nan lr", args(lr=float("nan")), "lr must be >= 0"),
+        ("negative eps", args(eps=-1e-8), "eps must be >= 0"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_adamw_seam_rejects_bad_inputs_on_every_backend(backend):
+    # The native provider used to read past a short gradient or only the first row of a broadcast
+    # one (torch._fused_adamw_), leave an integer param unchanged, and every provider accepted a
+    # step of 0 / -1 / 1.5 (a ZeroDivisionError or complex bias correction) or beta1 = 1.
+    if not ops.backend_available(backend):
+        pytest.skip(f"backend {backend} cannot run here")
+    for what, (params, grads, ms, vs, hyper), message in _bad_adamw_calls():
+        before = params[0].clone()
+        with pytest.raises(ValueError, match=message):
+            ops.adamw_step_(params, grads, ms, vs, backend=backend, **hyper)
+        assert torch.equal(params[0], before), f"{what}: the param changed before the error"
+    with pytest.raises(ValueError, match="equal lengths"):
+        ops.adamw_step_([torch.ones(2)], [], [], [], step=1, backend=backend, **HYPER)
 
 
 @pytest.mark.gpu

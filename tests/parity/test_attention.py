@@ -215,6 +215,25 @@ def test_attention_rejects_bad_shapes(kwargs, message):
         FlashAttention.apply(q, k, v, causal)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_attention_seam_checks_inputs_on_every_backend(backend):
+    # With no keys the reference raised amax's IndexError and native (SDPA) returned zeros for every
+    # query; causal=None ran as non-causal on torch and Triton and was a TypeError on native.
+    if not ops.backend_available(backend):
+        pytest.skip(f"backend {backend} cannot run here")
+    q = torch.randn(1, 3, 8, device=DEVICE)
+    empty = torch.randn(1, 0, 8, device=DEVICE)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="hold no keys"):
+            ops.attention(q, empty, empty, causal=False)
+        with pytest.raises(ValueError, match="hold no keys"):
+            ops.attention(empty, empty, empty, causal=True)
+        with pytest.raises(TypeError, match="causal must be True or False"):
+            ops.attention(q, q, q, causal=None)
+        with pytest.raises(ValueError, match="must be a \\(..., T, d\\) tensor"):
+            ops.attention(torch.randn(8, device=DEVICE), q, q)
+
+
 def test_attention_rejects_bad_dtype_and_device(monkeypatch):
     x = torch.randn(2, 8, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(KernelInputError, match="supports float32, bfloat16, float16"):

@@ -8,6 +8,7 @@ References: ``cs336.nn_utils.cross_entropy`` (mean over non-ignored targets, fp3
 import pytest
 import torch
 
+from cs336 import ops
 from cs336.nn_utils import cross_entropy as cross_entropy_reference
 from cs336.ops import cross_entropy_native, linear_cross_entropy_native, linear_cross_entropy_reference
 from kernels._common import KernelInputError, max_block_size
@@ -159,6 +160,20 @@ def test_linear_cross_entropy_rejects_bad_inputs():
             linear_cross_entropy(h, torch.randn(10, 8, device=DEVICE), targets - 1)
 
 
+def test_linear_cross_entropy_chunk_rows_and_featureless_h(parity):
+    # chunk_rows=2.5 failed deep in the custom op's schema ("Expected a value of type 'int'"), and an h
+    # with no features (C = 0) divided by zero while choosing the chunk; the reference gives log V.
+    h = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(10, 8, device=DEVICE)
+    targets = torch.tensor([1, 2, IGNORE, 3], device=DEVICE)
+    for bad in (2.5, 0, True):
+        with pytest.raises(KernelInputError, match="chunk_rows must be an integer >= 1"):
+            linear_cross_entropy(h, w, targets, IGNORE, chunk_rows=bad)
+    h0, w0 = torch.zeros(4, 0, device=DEVICE), torch.zeros(10, 0, device=DEVICE)
+    parity.assert_close(linear_cross_entropy(h0, w0, targets, IGNORE), linear_cross_entropy_reference(h0, w0, targets),
+                        "linear_cross_entropy with C = 0")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_bad_target_is_a_device_assert_on_cuda():
@@ -256,10 +271,83 @@ def test_linear_cross_entropy_recipe_options_match_unfused(parity, softcap, z_lo
     parity.assert_close(wk.grad, wr.grad, "recipe linear_cross_entropy dweight", dtype=dtype, op=op)
 
 
-def test_recipe_options_reject_bad_values():
+LOSS_PROVIDERS = {
+    "reference": (cross_entropy_reference, linear_cross_entropy_reference),
+    "native": (cross_entropy_native, linear_cross_entropy_native),
+    "triton": (cross_entropy, linear_cross_entropy),
+}
+BAD_RECIPE = [({"logit_softcap": 0.0}, "logit_softcap must be a finite number > 0"),
+              ({"logit_softcap": -1.0}, "logit_softcap must be a finite number > 0"),
+              ({"logit_softcap": float("inf")}, "logit_softcap must be a finite number > 0"),
+              ({"logit_softcap": float("nan")}, "logit_softcap must be a finite number > 0"),
+              ({"z_loss": -0.1}, "z_loss must be a finite number >= 0"),
+              ({"z_loss": float("nan")}, "z_loss must be a finite number >= 0"),
+              ({"z_loss": float("inf")}, "z_loss must be a finite number >= 0")]
+
+
+@pytest.mark.parametrize("provider", list(LOSS_PROVIDERS))
+def test_recipe_options_reject_bad_values(provider):
+    # The reference and native losses took logit_softcap=0 (every logit capped to 0: the loss of a
+    # uniform softmax, log V), a negative cap (read as its absolute value), inf / nan (NaN loss) and
+    # a negative or NaN z-loss; Triton took a cap of inf (NaN) and z_loss=inf. Now all refuse them.
+    ce, lce = LOSS_PROVIDERS[provider]
     logits = torch.randn(4, 10, device=DEVICE)
     targets = torch.zeros(4, dtype=torch.long, device=DEVICE)
-    with pytest.raises(KernelInputError, match="logit_softcap must be positive"):
-        cross_entropy(logits, targets, IGNORE, logit_softcap=-1.0)
-    with pytest.raises(KernelInputError, match="z_loss must be >= 0"):
-        linear_cross_entropy(logits, torch.randn(5, 10, device=DEVICE), targets, IGNORE, z_loss=-0.1)
+    for kwargs, message in BAD_RECIPE:
+        with pytest.raises(ValueError, match=message):
+            ce(logits, targets, IGNORE, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            lce(logits, torch.randn(5, 10, device=DEVICE), targets, IGNORE, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_seam_linear_cross_entropy_checks_the_lm_head(backend):
+    # Mixed h / weight dtypes or a weight of the wrong shape failed inside the reference's matmul or
+    # F.linear ("expected m1 and m2 to have the same dtype", "mat1 and mat2 shapes cannot be
+    # multiplied", "t() expects a tensor with <= 2 dimensions"); Triton named the weight.
+    if not ops.backend_available(backend):
+        pytest.skip(f"backend {backend} cannot run here")
+    h = torch.randn(4, 8, device=DEVICE)
+    targets = torch.tensor([1, 2, IGNORE, 3], device=DEVICE)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="cast them to one dtype"):
+            ops.linear_cross_entropy(h.bfloat16(), torch.randn(10, 8, device=DEVICE), targets)
+        for w in (torch.randn(10, 7, device=DEVICE), torch.randn(1, 10, 8, device=DEVICE)):
+            with pytest.raises(ValueError, match="must be \\(vocab, 8\\)"):
+                ops.linear_cross_entropy(h, w, targets)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):  # autocast casts both: allowed
+            assert torch.isfinite(ops.linear_cross_entropy(h.bfloat16(), torch.randn(10, 8, device=DEVICE), targets))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA a bad target is a device-side assert (see the CUDA test)")
+@pytest.mark.parametrize("provider", list(LOSS_PROVIDERS))
+def test_out_of_range_targets_are_one_value_error_on_every_provider(provider):
+    # The reference failed inside gather ("RuntimeError: index 10 is out of bounds for dimension 1
+    # with size 10"), native with F.cross_entropy's IndexError; Triton raised its ValueError.
+    ce, lce = LOSS_PROVIDERS[provider]
+    logits = torch.randn(4, 10, device=DEVICE)
+    for bad in (10, -1, -7):
+        targets = torch.tensor([1, IGNORE, bad, 3], device=DEVICE)
+        with pytest.raises(ValueError, match="outside \\[0, 10\\) and is not ignore_index=-100"):
+            ce(logits, targets, IGNORE)
+        with pytest.raises(ValueError, match="outside \\[0, 10\\)"):
+            lce(torch.randn(4, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE), targets, IGNORE)
+    assert torch.isfinite(ce(logits, torch.tensor([1, IGNORE, 9, 0], device=DEVICE), IGNORE))
+
+
+@pytest.mark.parametrize("provider", list(LOSS_PROVIDERS))
+def test_cross_entropy_rejects_non_integer_targets_and_empty_vocab(provider):
+    # The reference and native losses cast float targets with .long() (1.7 read as class 1) and bool
+    # targets to 0/1; logits with no classes gave an amax or reshape error; 0-d logits gave 0.0.
+    ce, lce = LOSS_PROVIDERS[provider]
+    logits = torch.randn(4, 10, device=DEVICE)
+    for targets in (torch.tensor([0.0, 1.7, 2.0, 3.0], device=DEVICE), torch.tensor([True, False] * 2, device=DEVICE)):
+        with pytest.raises(ValueError, match="integer class ids"):
+            ce(logits, targets, IGNORE)
+    with pytest.raises(ValueError, match="no classes"):
+        ce(torch.randn(2, 0, device=DEVICE), torch.full((2,), IGNORE, device=DEVICE), IGNORE)
+    with pytest.raises(ValueError, match="no classes"):
+        lce(torch.randn(2, 8, device=DEVICE), torch.randn(0, 8, device=DEVICE), torch.full((2,), IGNORE, device=DEVICE),
+            IGNORE)
+    with pytest.raises(ValueError, match="needs targets of shape"):
+        ce(torch.randn((), device=DEVICE), torch.tensor(0, device=DEVICE), IGNORE)

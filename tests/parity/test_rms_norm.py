@@ -7,6 +7,7 @@ Under TRITON_INTERPRET=1 on the CPU (tests/conftest.py) and, marked ``gpu``, wit
 import pytest
 import torch
 
+from cs336 import ops
 from cs336.ops import rms_norm_native, rms_norm_reference
 from kernels._common import KernelInputError, max_block_size
 from kernels.rms_norm import rms_norm
@@ -84,6 +85,40 @@ def test_rms_norm_rejects_unsupported_dtype(dtype):
     x = torch.ones(4, 8, dtype=dtype, device=DEVICE)
     with pytest.raises(KernelInputError, match="supports float32, bfloat16, float16"):
         rms_norm(x, torch.ones(8, dtype=dtype, device=DEVICE), EPS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_rms_norm_seam_checks_inputs_on_every_backend(backend):
+    # The torch backend broadcast a (1,) or (1, N) weight (one gain for every column, or a gain per
+    # row), returned int64 for integer x and 1.0 for a 0-d x; native and Triton raised torch's or
+    # the kernel's own errors instead; a negative eps gave NaN everywhere. Now one ValueError.
+    if not ops.backend_available(backend):
+        pytest.skip(f"backend {backend} cannot run here")
+    x = torch.randn(3, 4, device=DEVICE)
+    bad = [((x, torch.ones(1, device=DEVICE), 1e-5), "weight must be 1-D with length"),
+           ((x, torch.ones(1, 4, device=DEVICE), 1e-5), "weight must be 1-D with length"),
+           ((x, torch.ones(3, 4, device=DEVICE), 1e-5), "weight must be 1-D with length"),
+           ((torch.tensor(2.0, device=DEVICE), torch.ones((), device=DEVICE), 1e-5), "weight must be 1-D"),
+           ((torch.ones(3, 4, dtype=torch.long, device=DEVICE), torch.ones(4, device=DEVICE), 1e-5),
+            "must be floating point"),
+           ((x, torch.ones(4, device=DEVICE), -1.0), "eps must be >= 0"),
+           ((x, torch.ones(4, device=DEVICE), float("nan")), "eps must be >= 0")]
+    with ops.use_backend(backend):
+        for args, message in bad:
+            with pytest.raises(ValueError, match=message):
+                ops.rms_norm(*args)
+
+
+@pytest.mark.parametrize("provider", list(IMPLS))
+def test_rms_norm_empty_last_dim(provider):
+    # Triton failed with "cannot reshape tensor of 0 elements" on x of shape (3, 0); the reference
+    # returns an empty (3, 0) result with an empty weight gradient.
+    x = torch.randn(3, 0, device=DEVICE, requires_grad=True)
+    w = torch.ones(0, device=DEVICE, requires_grad=True)
+    y = IMPLS[provider](x, w, 1e-5)
+    assert y.shape == (3, 0) and rms_norm_reference(x, w, 1e-5).shape == (3, 0)
+    y.sum().backward()
+    assert x.grad.shape == (3, 0) and w.grad.shape == (0,)
 
 
 def test_rms_norm_rejects_bad_device_and_shape():

@@ -60,6 +60,20 @@ def test_swiglu_extreme_inputs(parity, provider):
     run_both(parity, a, torch.linspace(-2, 2, a.numel(), device=DEVICE), provider)
 
 
+@pytest.mark.parametrize("a_dtype,b_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                             (torch.float32, torch.float16)], ids=str)
+def test_native_swiglu_mixed_dtypes_take_the_reference_dtype(parity, a_dtype, b_dtype):
+    # Native rounded the result to a's dtype (bf16 a, fp32 b: bf16), where the reference promotes
+    # (fp32): the two providers disagreed on the dtype and lost b's precision.
+    a = torch.randn(5, 7, device=DEVICE).to(a_dtype)
+    b = torch.randn(5, 7, device=DEVICE).to(b_dtype)
+    expected = swiglu_reference(a.float(), b.float())
+    out_dtype = swiglu_reference(a, b).dtype
+    got = swiglu_native(a, b)
+    assert got.dtype == out_dtype == torch.promote_types(a_dtype, b_dtype)
+    parity.assert_close(got, expected.to(out_dtype), "native swiglu, mixed dtypes", dtype=out_dtype)
+
+
 def test_swiglu_rejects_bad_inputs():
     x = torch.ones(8, device=DEVICE)
     with pytest.raises(KernelInputError, match="dtype float64"):
