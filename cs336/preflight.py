@@ -218,6 +218,11 @@ def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, Ru
                               "choose a new --out-dir")
         # resume: latest is set (checked above); a corrupt file names the previous valid one
         payload = read_checkpoint(cast(Path, latest)) if resume else None
+        if payload is not None and int(payload["iteration"]) > cfg.train.max_steps:
+            raise FlagError(f"--resume: {latest} is at step {int(payload['iteration'])}, past "
+                            f"--train.max_steps={cfg.train.max_steps}, so there is nothing to train and the run's "
+                            f"config.json would contradict its checkpoints; pass --max-steps of at least "
+                            f"{int(payload['iteration'])}")
         if out is None or Path(out).resolve().parent == Path("runs").resolve():
             link_latest(path)
     except BaseException:
