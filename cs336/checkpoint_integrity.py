@@ -132,7 +132,31 @@ def read_checkpoint(src: PathOrFile, *, hint: bool = True) -> dict[str, Any]:
     obj.setdefault("model_config", None)
     obj.setdefault("rng", None)
     obj.setdefault("extra", {})
+    _check_structure(obj, name)
     return obj
+
+
+def _check_structure(obj: dict[str, Any], name: str) -> None:
+    """The entries every reader indexes have the types it assumes (a file of another program can
+    hold anything under these names); ``iteration`` becomes a plain int (a 0-d integer tensor of
+    another implementation included)."""
+    iteration = obj["iteration"]
+    if isinstance(iteration, torch.Tensor) and iteration.numel() == 1 and not iteration.is_floating_point():
+        iteration = int(iteration.item())
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        problem = f"its 'iteration' is {iteration!r}, not a step count (an integer >= 0)"
+    else:
+        obj["iteration"] = iteration
+        opt = obj["optimizer"]
+        problem = next((f"its {key!r} is of type {type(obj[key]).__name__}, not a dict" for key in
+                        ("model_config", "rng", "extra", "optimizer")
+                        if obj[key] is not None and not isinstance(obj[key], dict)), "")
+        if not problem and opt is not None and not (isinstance(opt.get("state"), dict)
+                                                    and isinstance(opt.get("param_groups"), list)):
+            problem = "its 'optimizer' is not an optimizer state dict (no 'state' and 'param_groups')"
+    if problem:
+        raise CheckpointError(f"{name} is not a training checkpoint of this format: {problem}; it was "
+                              "written by another program. Pick a checkpoint written by cs336.checkpoint")
 
 
 def _digest_into(h, value: Any, where: str) -> None:

@@ -138,3 +138,33 @@ def test_last_good_checkpoint_skips_corrupt_and_non_finite_files(tmp_path):
     torch.save(payload, ckpts / "step_000200.pt")
     assert last_good_checkpoint(ckpts) == ckpts / "step_000100.pt"
     assert previous_good_checkpoint(ckpts / "step_000300.pt") == ckpts / "step_000100.pt"
+
+
+@pytest.mark.parametrize("entry, value, fragment", [
+    ("iteration", "abc", "'iteration' is 'abc'"),
+    ("iteration", -3, "'iteration' is -3"),
+    ("iteration", 2.5, "'iteration' is 2.5"),
+    ("model_config", "junk", "'model_config' is of type str"),
+    ("optimizer", "junk", "'optimizer' is of type str"),
+    ("optimizer", {"lr": 1.0}, "not an optimizer state dict"),
+    ("extra", [1, 2], "'extra' is of type list"),
+    ("rng", 7, "'rng' is of type int"),
+])
+def test_foreign_entries_of_the_wrong_type_are_one_clear_error(tmp_path, entry, value, fragment):
+    """A dict with 'model' and 'iteration' from another program whose entries have other types:
+    refused on read, before load_checkpoint indexes them (a ValueError, TypeError or
+    AttributeError from the loader's insides before)."""
+    model, opt = _setup()
+    payload = {"model": model.state_dict(), "iteration": 1, entry: value}
+    path = tmp_path / "foreign.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="foreign.pt is not a training checkpoint of this format") as exc:
+        load_checkpoint(path, model, opt)
+    assert fragment in str(exc.value)
+
+
+def test_an_integer_tensor_iteration_of_another_implementation_loads(tmp_path):
+    model, _ = _setup()
+    path = tmp_path / "other.pt"
+    torch.save({"model": model.state_dict(), "iteration": torch.tensor(12)}, path)
+    assert load_checkpoint(path, model, None) == 12
