@@ -150,9 +150,13 @@ class RunDir:
         return checkpoint_files(self.checkpoints)
 
     def latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``checkpoints/latest`` names; without that pointer (a run killed between
+        writing its first checkpoint and the pointer, or a deleted pointer) the newest checkpoint
+        file; None when there is none."""
         pointer = self.checkpoints / "latest"
         if not pointer.is_file():
-            return None
+            files = self.checkpoint_files()
+            return files[-1] if files else None
         name = pointer.read_text(encoding="utf-8").strip()
         path = self.checkpoints / name
         if not CHECKPOINT_RE.match(name) or not (path.is_file() or (name.endswith(".dcp") and path.is_dir())):

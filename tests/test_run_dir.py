@@ -164,6 +164,20 @@ def test_checkpoint_listing_orders_by_step_and_ignores_other_files(tmp_path):
     assert RunDir(tmp_path.parent / tmp_path.name).checkpoint_files() == []  # DIR/checkpoints, not DIR
 
 
+def test_latest_checkpoint_without_its_pointer_is_the_newest_file(tmp_path):
+    """A run killed between writing its first checkpoint and ``latest`` (or a deleted pointer):
+    --resume said 'no checkpoint to resume from; drop --resume' while a new run said 'already holds
+    checkpoints; pass --resume'. The newest checkpoint is the one to continue from."""
+    rd = RunDir(tmp_path)
+    rd.checkpoints.mkdir()
+    assert rd.latest_checkpoint() is None
+    for step in (4, 12, 8):
+        rd.checkpoint_path(step).write_bytes(b"x")
+    assert rd.latest_checkpoint() == rd.checkpoint_path(12)
+    (rd.checkpoints / "latest").write_text("step_000008.pt\n")  # the pointer, when there, decides
+    assert rd.latest_checkpoint() == rd.checkpoint_path(8)
+
+
 def test_metrics_reader_skips_a_torn_last_line_and_truncate_keeps_earlier_steps(tmp_path):
     rd = RunDir(tmp_path)
     for step in (0, 5, 10):
