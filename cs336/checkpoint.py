@@ -45,7 +45,8 @@ from cs336.checkpoint_integrity import (
 from cs336.fileio import atomic_open
 
 __all__ = [
-    "CheckpointError", "NonFiniteWeightsError", "check_weights", "last_good_checkpoint", "load_checkpoint",
+    "CheckpointError", "NonFiniteWeightsError", "check_model_config", "check_weights", "last_good_checkpoint",
+    "load_checkpoint",
     "load_checkpoint_full", "previous_good_checkpoint", "read_checkpoint", "restore_rng_state",
     "save_checkpoint", "verify_checkpoint", "write_checkpoint",
 ]
@@ -163,6 +164,15 @@ def write_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
 def _check_config(name: str, saved: dict | None, model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     if saved is None or config is None:
+        return
+    check_model_config(name, saved, config)
+
+
+def check_model_config(name: str, saved: dict | None, config) -> None:
+    """Refuse (``CheckpointError``) a checkpoint whose ``model_config`` (``saved``; None: not
+    recorded, nothing to check) differs from the ``ModelConfig`` ``config`` in a field that shapes
+    the weights, naming each field. Needs no model, so a resume checks it before any work."""
+    if saved is None:
         return
     current = asdict(config)
     # A field added after the checkpoint was written is absent from it: the checkpoint's model

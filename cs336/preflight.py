@@ -24,7 +24,8 @@ from typing import cast
 
 from cs336 import distributed as dist_utils
 from cs336 import ops
-from cs336.checkpoint_integrity import read_checkpoint
+from cs336.checkpoint import check_model_config
+from cs336.checkpoint_integrity import CheckpointError, is_sharded_checkpoint, read_checkpoint
 from cs336.config import ConfigError, TrainConfig
 from cs336.hardware import device_memory
 from cs336.memory import per_rank_memory
@@ -196,6 +197,21 @@ def resume_conflicts(saved: dict, requested: dict) -> list[str]:
     return config_conflicts(saved, requested, allowed=allowed)
 
 
+def check_resume_payload(cfg: TrainConfig, path: Path, payload: dict) -> None:
+    """The checkpoint a resume would load (``payload``, as read from ``path``) fits the run: its
+    model settings are the config's, and a single file holds the optimizer state and the batch
+    sampler a run continues with. Checked before data preparation, not after it."""
+    check_model_config(str(path), payload["model_config"], cfg.model)
+    if is_sharded_checkpoint(path):  # consolidated without its optimizer; the shards hold it
+        return
+    if payload["optimizer"] is None:
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state, so the run cannot continue from "
+                              "it; resume from a checkpoint written by python -m cs336.train, or start a new run")
+    if "data_rng" not in payload["extra"]:
+        raise CheckpointError(f"{path} has no batch-sampler state (it was not written by python -m cs336.train), "
+                              "so the run cannot continue exactly; start a new run and load its weights instead")
+
+
 def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, RunLock, dict | None]:
     out = cfg.train.out_dir
     if resume:
@@ -218,6 +234,8 @@ def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, Ru
                               "choose a new --out-dir")
         # resume: latest is set (checked above); a corrupt file names the previous valid one
         payload = read_checkpoint(cast(Path, latest)) if resume else None
+        if payload is not None:
+            check_resume_payload(cfg, cast(Path, latest), payload)
         if payload is not None and int(payload["iteration"]) > cfg.train.max_steps:
             raise FlagError(f"--resume: {latest} is at step {int(payload['iteration'])}, past "
                             f"--train.max_steps={cfg.train.max_steps}, so there is nothing to train and the run's "

@@ -72,3 +72,38 @@ def test_read_only_out_dir_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight.os, "statvfs", lambda path: type("Rw", (), {"f_flag": 0})())
     with pytest.raises(preflight.FlagError, match=r"\(permissions\)"):
         preflight.writable_dir("--out-dir", tmp_path / "run")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("other_model", "written by a model with other settings (d_model: checkpoint 64, model 32)"),
+    ("no_optimizer", "holds no optimizer state"),
+    ("no_sampler", "has no batch-sampler state"),
+])
+def test_resume_from_a_checkpoint_that_does_not_fit_is_refused_before_data_work(run_copy, capsys, damage,
+                                                                                  fragment):
+    """A checkpoint put into the run (another model's, or one without the optimizer or the
+    sampler state): refused when --resume opens the run, not after preparing the data again."""
+    import shutil
+
+    import torch
+
+    from cs336.checkpoint import save_checkpoint
+    from cs336.config_io import apply_overrides
+    from cs336.model import TransformerLM
+    from cs336.optim import AdamW
+    from cs336.run_dir import RunDir
+    from run_helpers import cli_error, resume_args
+
+    ckpt = RunDir(run_copy).latest_checkpoint()
+    model_cfg = RunDir(run_copy).read_config().model
+    if damage == "other_model":
+        model_cfg = apply_overrides(RunDir(run_copy).read_config(), ["model.d_model=64"]).model
+    model = TransformerLM.from_config(model_cfg)
+    extra = {} if damage == "no_sampler" else {"data_rng": torch.Generator().get_state()}
+    save_checkpoint(model, None if damage == "no_optimizer" else AdamW(model.parameters()), 8, ckpt, **extra)
+    shutil.rmtree(run_copy / "data")
+    config = (run_copy / "config.json").read_bytes()
+    err = cli_error(capsys, resume_args(run_copy, "--max-steps", "10"))
+    assert str(ckpt) in err and fragment in err
+    assert not (run_copy / "data").exists()  # no data preparation before the refusal
+    assert (run_copy / "config.json").read_bytes() == config
