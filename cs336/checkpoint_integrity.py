@@ -213,8 +213,7 @@ def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where
         limit = "NaN/inf" if max_abs is None else f"NaN/inf or |w| > {max_abs:g}"
         raise NonFiniteWeightsError(
             f"{where}: {len(bad)} weight tensors hold {limit}: {listed}; training diverged, so this "
-            "state is not saved. Resume from the last good checkpoint with a lower --optim.lr or "
-            "more --optim.warmup_iters"
+            "state is not saved"
         )
 
 

@@ -40,7 +40,7 @@ from cs336.checkpoint import (
 from cs336.config import TrainConfig
 from cs336.config_io import changed_fields, config_to_dict
 from cs336.data import get_batch, iter_batches
-from cs336.divergence import Diverged, DivergenceGuard
+from cs336.divergence import Diverged, DivergenceGuard, recovery_advice
 from cs336.hardware import autocast_for, resolve_device
 from cs336.interrupt import Stage, StopRequest
 from cs336.metrics import Window, close_window, finish, init_wandb, log_metrics
@@ -212,9 +212,8 @@ class Trainer:
             check_weights(self.model, self.cfg.train.diverge_max_weight, where=f"step {state.step}",
                           reduce=parallel.max_across_ranks if self.fsdp else None)
         except NonFiniteWeightsError as exc:
-            last = guard.last_good() if guard is not None and self.info.is_main else None
-            where = f"Last good checkpoint: {last}" if last is not None else "No good checkpoint exists yet"
-            raise TrainingDiverged(f"training diverged: {exc}. {where}", state.summary(self.rd)) from None
+            advice = guard.advice() if guard is not None and self.info.is_main else recovery_advice(None, None)
+            raise TrainingDiverged(f"training diverged: {exc}. {advice}", state.summary(self.rd)) from None
         if guard is not None:
             state.guard = guard.state_dict()
         if self.fsdp:  # every rank writes its shards

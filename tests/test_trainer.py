@@ -356,3 +356,12 @@ def test_optimizer_step_follows_the_model_backend(tmp_path, monkeypatch, model_b
     with ops.use_backend(global_backend):
         t.optimizer_step()
     assert ran == [expected]
+
+def test_a_first_checkpoint_refused_for_its_weights_says_to_run_again_not_to_resume(tmp_path):
+    """The weight bound refusing the very first checkpoint: the message said 'Resume from the last
+    good checkpoint ... No good checkpoint exists yet'."""
+    with pytest.raises(TrainingDiverged) as exc:
+        run(cfg(tmp_path / "run", "train.max_steps=2", "train.diverge_max_weight=0.01"))
+    message = str(exc.value)
+    assert "|w| > 0.01" in message and "Resume" not in message
+    assert f"No checkpoint was written yet; run the same command --out-dir {tmp_path / 'run'} again" in message
