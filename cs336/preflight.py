@@ -136,6 +136,23 @@ def check_tokenizer_fits(n_ids: int, vocab_size: int, *, tokenizer: str = "the t
                           f"(model.vocab_size); {fix}")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; os.cpu_count() where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a ``train.threads`` above the CPUs this process may use: each is an OpenMP thread
+    (20,000 of them crash the process in libgomp; hundreds on a few cores only slow every step)."""
+    cpus = usable_cpus()
+    if threads is not None and threads > cpus:
+        raise FlagError(f"--train.threads={threads} exceeds the {cpus} CPUs this process may use; pass at most "
+                        f"{cpus}, or leave it out for torch's default")
+
+
 def check_memory(cfg: TrainConfig, device, micro_batch: int, world_size: int = 1) -> None:
     """Refuse a model and micro-batch whose per-rank training memory (``cs336.memory``: fp32
     parameters, gradients, AdamW m and v, sharded under fsdp, and the activations that the run's
@@ -164,6 +181,7 @@ def preflight(cfg: TrainConfig, device=None, micro_batch: int | None = None, wor
     paths, the memory, the final sample's prompt, the wandb package. (A ``--data.tokenizer_dir``
     is checked against the model where it is loaded, once, in ``cs336.prepare``, before encoding.)"""
     check_paths(cfg)
+    check_threads(cfg.train.threads)
     if device is not None and micro_batch is not None:
         check_memory(cfg, device, micro_batch, world_size)
     if cfg.train.sample_tokens > 0 and not cfg.train.sample_prompt:

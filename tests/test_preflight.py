@@ -107,3 +107,16 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_refused_before_data_work(
     assert str(ckpt) in err and fragment in err
     assert not (run_copy / "data").exists()  # no data preparation before the refusal
     assert (run_copy / "config.json").read_bytes() == config
+
+
+def test_more_threads_than_cpus_is_refused_before_work(tmp_path):
+    """--train.threads=100000 reached torch.set_num_threads and the run died in libgomp (a
+    segmentation fault) after data preparation; now preflight refuses it naming the flag."""
+    from cs336.preflight import preflight, usable_cpus
+    from run_helpers import cfg
+
+    cpus = usable_cpus()
+    with pytest.raises(FlagError, match=rf"--train.threads=100000 exceeds the {cpus} CPUs .* at most {cpus}"):
+        preflight(cfg(tmp_path / "run", "train.threads=100000"))
+    preflight(cfg(tmp_path / "run", f"train.threads={cpus}"))
+    assert not (tmp_path / "run").exists()  # preflight writes nothing
