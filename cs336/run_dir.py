@@ -208,6 +208,10 @@ def claim_run_dir(path: str | os.PathLike, *, flag: str = "--out-dir") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirRefused(f"{flag} {path} is a file; pass a new directory (or an existing run directory)")
+    outer = next((p for p in path.resolve().parents if (p / MARKER).is_file()), None)
+    if outer is not None:
+        raise RunDirRefused(f"{flag} {path} is inside the run directory {outer}, whose resume, checkpoint "
+                            "pruning and layout check own everything under it; pass a directory outside it")
     if path.is_dir():
         if is_run_dir(path):
             if not (path / MARKER).is_file():

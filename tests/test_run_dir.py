@@ -51,6 +51,19 @@ def test_ordinary_non_empty_directory_is_refused_and_left_alone(tmp_path):
         claim_run_dir(tmp_path / "file")
 
 
+def test_a_directory_inside_another_run_is_refused(tmp_path):
+    """--out-dir RUN/checkpoints/step_000100.pt made a directory the outer run's keep-last pruning
+    would delete (and its resume would take for a checkpoint); any directory inside a run is refused."""
+    outer = claim_run_dir(tmp_path / "outer")
+    (outer / "checkpoints").mkdir()
+    for inner in (outer / "checkpoints" / "step_000100.pt", outer / "sub", outer / "data" / "x" / "y"):
+        with pytest.raises(RunDirRefused, match=f"is inside the run directory {outer}"):
+            claim_run_dir(inner)
+        assert not inner.exists()
+    assert claim_run_dir(outer) == outer  # the run directory itself is still accepted
+    assert claim_run_dir(tmp_path / "beside") == tmp_path / "beside"
+
+
 def test_existing_run_directories_are_accepted(tmp_path):
     run = claim_run_dir(tmp_path / "run")
     (run / "metrics.jsonl").write_text("{}\n")
