@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 
-from cs336.run_dir import CHECKPOINT_RE, checkpoint_files
+from cs336.run_dir import CHECKPOINT_RE, checkpoint_files, checkpoint_step
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -223,7 +223,11 @@ def fallback_hint(src: PathOrFile) -> str:
     prev = previous_good_checkpoint(src)
     if prev is None:
         return "No earlier valid checkpoint is beside it; start the run again."
-    return f"The previous valid checkpoint is {prev}: load that one (or resume from it)."
+    pointer = prev.parent / "latest"
+    if pointer.is_file():  # a run's checkpoints/: --resume loads what the pointer names
+        return (f"The previous valid checkpoint is {prev}: to resume from it, write {prev.name} into {pointer} "
+                "and pass --resume again (or load it directly)")
+    return f"The previous valid checkpoint is {prev}: load that one."
 
 
 def verify_checkpoint(path: str | os.PathLike, max_abs: float | None = None) -> dict[str, Any]:
@@ -257,10 +261,15 @@ def previous_good_checkpoint(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def last_good_checkpoint(directory: str | os.PathLike, max_abs: float | None = None) -> Path | None:
+def last_good_checkpoint(directory: str | os.PathLike, max_abs: float | None = None,
+                         max_step: int | None = None) -> Path | None:
     """The newest ``step_NNNNNN.pt`` in ``directory`` that passes ``verify_checkpoint`` (intact,
-    finite weights, none beyond ``max_abs``); None if there is none. The divergence message names it."""
+    finite weights, none beyond ``max_abs``); None if there is none. The divergence message names it.
+    ``max_step``: only checkpoints up to that step (a run resumed from an earlier checkpoint leaves
+    the later ones of the continuation it rolled back; they are not this run's)."""
     for candidate in reversed(checkpoint_files(directory)):
+        if max_step is not None and checkpoint_step(candidate) > max_step:
+            continue
         try:
             verify_checkpoint(candidate, max_abs)
         except CheckpointError:

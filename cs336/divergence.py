@@ -75,19 +75,20 @@ class DivergenceGuard:
         self._mean = float(mean) if mean is not None and math.isfinite(mean) else None
         self._seen = int(d.get("seen", 0))
 
-    def last_good(self) -> Path | None:
+    def last_good(self, step: int | None = None) -> Path | None:
+        """The newest intact, bounded checkpoint, of step ``step`` at most when given."""
         if self.checkpoints_dir is None:
             return None
-        return last_good_checkpoint(self.checkpoints_dir, max_abs=self.max_abs_weight)
+        return last_good_checkpoint(self.checkpoints_dir, max_abs=self.max_abs_weight, max_step=step)
 
-    def advice(self) -> str:
-        """What to do next: resume from the last good checkpoint, or, when the run has none, run
-        again (the same --out-dir takes a new run while it holds no checkpoint)."""
-        return recovery_advice(self.last_good(), self.checkpoints_dir)
+    def advice(self, step: int | None = None) -> str:
+        """What to do next: resume from the last good checkpoint (of step ``step`` at most), or,
+        when the run has none, run again (the same --out-dir takes a new run while it holds none)."""
+        return recovery_advice(self.last_good(step), self.checkpoints_dir)
 
     def _fail(self, what: str, step: int) -> None:
         raise Diverged(f"training diverged at step {step}: {what}; stopped before the optimizer step. "
-                       f"{self.advice()}")
+                       f"{self.advice(step)}")
 
     def check(self, step: int, loss: float, grad_norm: float | None = None) -> None:
         """Raise ``Diverged`` if this step's values show divergence; else record them."""

@@ -71,6 +71,12 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step in a checkpoint's name (``step_000120.pt`` -> 120); -1 for another name."""
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
 def _metrics_row(line: str) -> dict | None:
     try:
         row = json.loads(line)
@@ -165,9 +171,13 @@ class RunDir:
         return path
 
     def mark_latest(self, path: Path, keep_last: int) -> None:
-        """Point ``latest`` at ``path`` and delete all but the newest ``keep_last`` checkpoints."""
+        """Point ``latest`` at ``path`` and delete all but the newest ``keep_last`` checkpoints up
+        to its step. Checkpoints of a later step (left by a continuation that a resume from an
+        earlier checkpoint rolled back) are not counted, so they never push this run's own out;
+        the run replaces them when it reaches their steps."""
         atomic_write_text(self.checkpoints / "latest", path.name + "\n")
-        for old in self.checkpoint_files()[:-keep_last]:
+        step = checkpoint_step(path)
+        for old in [f for f in self.checkpoint_files() if checkpoint_step(f) <= step][:-keep_last]:
             if old != path:
                 if old.is_dir():
                     shutil.rmtree(old, ignore_errors=True)

@@ -212,7 +212,8 @@ class Trainer:
             check_weights(self.model, self.cfg.train.diverge_max_weight, where=f"step {state.step}",
                           reduce=parallel.max_across_ranks if self.fsdp else None)
         except NonFiniteWeightsError as exc:
-            advice = guard.advice() if guard is not None and self.info.is_main else recovery_advice(None, None)
+            main_guard = guard if self.info.is_main else None
+            advice = main_guard.advice(state.step) if main_guard is not None else recovery_advice(None, None)
             raise TrainingDiverged(f"training diverged: {exc}. {advice}", state.summary(self.rd)) from None
         if guard is not None:
             state.guard = guard.state_dict()

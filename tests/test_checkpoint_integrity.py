@@ -168,3 +168,20 @@ def test_an_integer_tensor_iteration_of_another_implementation_loads(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"model": model.state_dict(), "iteration": torch.tensor(12)}, path)
     assert load_checkpoint(path, model, None) == 12
+
+
+
+def test_a_rolled_back_run_is_told_how_to_resume_from_the_previous_checkpoint(tmp_path):
+    """'The previous valid checkpoint is X: load that one (or resume from it)' named no way to
+    resume from X (--resume loads what checkpoints/latest names); in a run's checkpoints/ it now says
+    to write X's name into latest. last_good_checkpoint(max_step=) skips the later files of a
+    continuation that the resume rolled back."""
+    model, opt, ckpts = _run_dir(tmp_path)
+    (ckpts / "latest").write_text("step_000300.pt\n")
+    _flip_tensor_bytes(ckpts / "step_000300.pt", 50)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(ckpts / "step_000300.pt", model, opt)
+    assert f"to resume from it, write step_000200.pt into {ckpts / 'latest'} and pass --resume" in str(exc.value)
+    assert last_good_checkpoint(ckpts) == ckpts / "step_000200.pt"
+    assert last_good_checkpoint(ckpts, max_step=150) == ckpts / "step_000100.pt"
+    assert last_good_checkpoint(ckpts, max_step=99) is None

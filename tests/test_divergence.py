@@ -71,6 +71,20 @@ def test_the_advice_never_says_resume_when_there_is_no_checkpoint(tmp_path):
                           rope_theta=10_000.0, kernels="torch")
     save_checkpoint(model, None, 8, ckpts / "step_000008.pt")
     with pytest.raises(Diverged) as info:
-        DivergenceGuard(checkpoints_dir=ckpts).check(1, math.nan)
+        DivergenceGuard(checkpoints_dir=ckpts).check(9, math.nan)
     assert f"Last good checkpoint: {ckpts / 'step_000008.pt'}; resume from it (--out-dir {tmp_path / 'run'} " \
            "--resume)" in str(info.value)
+
+
+def test_the_last_good_checkpoint_is_of_a_step_the_run_has_reached(tmp_path):
+    """After a resume from step 10, a step-20 file of the rolled-back continuation is not 'the last
+    good checkpoint' of a run diverging at step 15."""
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=40, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=24,
+                          rope_theta=10_000.0, kernels="torch")
+    ckpts = tmp_path / "checkpoints"
+    for step in (10, 20):
+        save_checkpoint(model, None, step, ckpts / f"step_{step:06d}.pt")
+    with pytest.raises(Diverged) as info:
+        DivergenceGuard(checkpoints_dir=ckpts).check(15, math.nan)
+    assert f"Last good checkpoint: {ckpts / 'step_000010.pt'}" in str(info.value)

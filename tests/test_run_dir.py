@@ -191,6 +191,24 @@ def test_latest_checkpoint_without_its_pointer_is_the_newest_file(tmp_path):
     assert rd.latest_checkpoint() == rd.checkpoint_path(8)
 
 
+def test_pruning_after_a_rollback_keeps_this_runs_checkpoints_not_the_abandoned_later_ones(tmp_path):
+    """Resumed from step 4 (latest pointed back at it) with step 8 of the rolled-back continuation
+    still there: keep-last-2 deleted 4, then 5, then 6, keeping 7 and the stale 8. Later steps are
+    not counted now; the run replaces them when it reaches them."""
+    rd = RunDir(tmp_path)
+    rd.checkpoints.mkdir()
+    for step in (4, 8):
+        rd.checkpoint_path(step).write_bytes(b"x")
+    for step in (5, 6, 7):
+        rd.checkpoint_path(step).write_bytes(b"x")
+        rd.mark_latest(rd.checkpoint_path(step), keep_last=2)
+    assert [p.name for p in rd.checkpoint_files()] == ["step_000006.pt", "step_000007.pt", "step_000008.pt"]
+    assert rd.latest_checkpoint() == rd.checkpoint_path(7)
+    rd.checkpoint_path(8).write_bytes(b"y")  # the run reaches step 8: its own file, counted again
+    rd.mark_latest(rd.checkpoint_path(8), keep_last=2)
+    assert [p.name for p in rd.checkpoint_files()] == ["step_000007.pt", "step_000008.pt"]
+
+
 def test_metrics_reader_skips_a_torn_last_line_and_truncate_keeps_earlier_steps(tmp_path):
     rd = RunDir(tmp_path)
     for step in (0, 5, 10):
