@@ -229,3 +229,12 @@ def test_config_file_that_is_not_text(tmp_path):
         read_text_file("--config", tmp_path / "latin1.json")
     (tmp_path / "ok.json").write_text('{"x": 1}')
     assert read_text_file("--config", tmp_path / "ok.json") == '{"x": 1}'
+
+
+@pytest.mark.parametrize("item", ["train.out_dir=", "train.out_dir= ", "data.data_dir=", "data.tokenizer_dir="])
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(item):
+    """``--out-dir=`` (an unset shell variable) trained into the current directory when it was empty."""
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} is empty, which would mean the current directory; pass a path"):
+        apply_overrides(TrainConfig(), [item])
+    assert apply_overrides(TrainConfig(), ["train.out_dir=none"]).train.out_dir is None
