@@ -67,6 +67,9 @@ def existing_file(flag: str, path) -> Path:
     p = Path(path)
     if p.is_dir():
         raise FlagError(f"{flag} {p} is a directory; pass a file")
+    if p.exists() and not p.is_file():
+        raise FlagError(f"{flag} {p} is not a regular file (a device, pipe or socket, which can be endless); "
+                        "pass a file")
     if not p.is_file():
         raise FlagError(f"{flag} {p} does not exist; check the path")
     if not os.access(p, os.R_OK):

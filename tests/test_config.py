@@ -238,3 +238,15 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(item):
     with pytest.raises(ConfigError, match=rf"{key} is empty, which would mean the current directory; pass a path"):
         apply_overrides(TrainConfig(), [item])
     assert apply_overrides(TrainConfig(), ["train.out_dir=none"]).train.out_dir is None
+
+
+def test_a_config_that_is_a_device_or_pipe_is_not_called_missing(tmp_path):
+    import os
+
+    fifo = tmp_path / "c.toml"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", fifo):
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_config(path)
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            read_text_file("--config", path)

@@ -120,3 +120,16 @@ def test_more_threads_than_cpus_is_refused_before_work(tmp_path):
         preflight(cfg(tmp_path / "run", "train.threads=100000"))
     preflight(cfg(tmp_path / "run", f"train.threads={cpus}"))
     assert not (tmp_path / "run").exists()  # preflight writes nothing
+
+
+def test_a_device_or_pipe_is_not_called_missing(tmp_path):
+    """--train-text /dev/zero (or a FIFO) was refused as 'does not exist; check the path'."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", fifo):
+        with pytest.raises(FlagError, match=r"is not a regular file \(a device, pipe or socket"):
+            check_text_file("--train-text", path)
+    with pytest.raises(FlagError, match="does not exist"):
+        check_text_file("--train-text", tmp_path / "missing.txt")
