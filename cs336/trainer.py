@@ -258,6 +258,8 @@ class Trainer:
         saved = {k: v for k, v in extra.get("tracker", {}).items() if k in known}
         state = TrainState(step=int(ckpt["iteration"]), **saved)
         ckpt.clear()  # the model and optimizer hold copies now; callers may still hold this dict
+        if payload is not None:  # a sharded checkpoint's consolidated copy (DCP loaded its own)
+            payload.clear()
         return state
 
 
