@@ -126,6 +126,7 @@ class RunDir:
         atomic_write_text(self.config_file, json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
     def read_config(self) -> TrainConfig:
+        check_not_dangling(self.path, "the run directory")
         if not self.config_file.is_file():
             raise RunDirError(f"{self.config_file} not found; is {self.path} a run directory of "
                               "python -m cs336.train?")
@@ -206,6 +207,14 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return path.is_dir() and ((path / MARKER).is_file() or _has_run_layout(path))
 
 
+def check_not_dangling(path: Path, flag: str = "--out-dir") -> None:
+    """Refuse a symbolic link whose target is gone (``runs/latest`` after its run was deleted),
+    which ``mkdir`` reports as 'File exists' and a reader as a missing config.json."""
+    if path.is_symlink() and not path.exists():
+        raise RunDirRefused(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist "
+                            "(its run was moved or deleted); pass an existing run directory, or remove the link")
+
+
 def write_marker(path: Path) -> None:
     info = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "pid": os.getpid(),
             "host": socket.gethostname()}
@@ -216,6 +225,7 @@ def claim_run_dir(path: str | os.PathLike, *, flag: str = "--out-dir") -> Path:
     """Create ``path`` or accept it as a run directory: a new or empty directory gets the marker,
     a run directory is accepted, any other directory with files in it is refused."""
     path = Path(path)
+    check_not_dangling(path, flag)
     if path.exists() and not path.is_dir():
         raise RunDirRefused(f"{flag} {path} is a file; pass a new directory (or an existing run directory)")
     outer = next((p for p in path.resolve().parents if (p / MARKER).is_file()), None)

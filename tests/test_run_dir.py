@@ -64,6 +64,18 @@ def test_a_directory_inside_another_run_is_refused(tmp_path):
     assert claim_run_dir(tmp_path / "beside") == tmp_path / "beside"
 
 
+def test_a_dangling_link_is_named_as_such(tmp_path):
+    """runs/latest after its run was deleted: a new run said 'runs/latest: File exists; remove it',
+    --resume said 'config.json not found'."""
+    link = tmp_path / "latest"
+    link.symlink_to("gone")
+    with pytest.raises(RunDirRefused, match="is a symbolic link to gone, which does not exist"):
+        claim_run_dir(link)
+    with pytest.raises(RunDirRefused, match="is a symbolic link to gone, which does not exist"):
+        RunDir(link).read_config()
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
 def test_existing_run_directories_are_accepted(tmp_path):
     run = claim_run_dir(tmp_path / "run")
     (run / "metrics.jsonl").write_text("{}\n")
