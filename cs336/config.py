@@ -260,6 +260,12 @@ class DataConfig:
                               "drop one of them")
         if not self.special_tokens:
             raise ConfigError("data.special_tokens is empty; the first special token separates documents")
+        if any(not t for t in self.special_tokens):
+            raise ConfigError(f"data.special_tokens={list(self.special_tokens)!r} holds an empty token; list "
+                              "non-empty tokens, separated by commas")
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ConfigError(f"data.special_tokens={list(self.special_tokens)!r} lists a token twice; list each "
+                              "token once")
         check_positive("data.corpus_mb", self.corpus_mb, integer=False)
         if self.tokenizer_sample_mb is not None:
             check_positive("data.tokenizer_sample_mb", self.tokenizer_sample_mb, integer=False)

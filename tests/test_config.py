@@ -250,3 +250,12 @@ def test_a_config_that_is_a_device_or_pipe_is_not_called_missing(tmp_path):
             load_config(path)
         with pytest.raises(ConfigError, match="is not a regular file"):
             read_text_file("--config", path)
+
+
+@pytest.mark.parametrize("item, fragment", [("data.special_tokens=,", "holds an empty token"),
+                                            ("data.special_tokens=<|endoftext|>,", "holds an empty token"),
+                                            ("data.special_tokens=<|a|>,<|a|>", "lists a token twice")])
+def test_special_tokens_that_cannot_work_are_refused_when_the_config_is_built(item, fragment):
+    """They were refused by train_bpe, after the run directory and the corpus had been written."""
+    with pytest.raises(ConfigError, match=fragment):
+        apply_overrides(TrainConfig(), [item])
