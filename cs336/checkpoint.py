@@ -18,6 +18,7 @@ sharded (DCP) checkpoint of an fsdp run: ``read_checkpoint`` consolidates it int
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import random
 from collections import OrderedDict
@@ -138,13 +139,20 @@ def write_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
                      out: PathOrFile, extra: dict[str, Any]) -> None:
     """``save_checkpoint`` for a caller that has already run ``check_weights`` (with its own
     bound): the same file, without a second pass over the weights."""
+    try:
+        steps = -1 if isinstance(iteration, bool) else operator.index(iteration)  # ints, numpy and 0-d tensors
+    except TypeError:
+        steps = -1
+    if steps < 0:
+        raise TypeError(f"save_checkpoint: iteration must be an integer >= 0 (the optimizer steps done), got "
+                        f"{iteration!r}")
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     _check_loadable(extra, "extra")
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "iteration": int(iteration),
+        "iteration": steps,
         "model": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "model_config": asdict(config) if config is not None else None,
