@@ -18,6 +18,7 @@ sharded (DCP) checkpoint of an fsdp run: ``read_checkpoint`` consolidates it int
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import random
 from collections import OrderedDict
@@ -45,7 +46,8 @@ from cs336.checkpoint_integrity import (
 from cs336.fileio import atomic_open
 
 __all__ = [
-    "CheckpointError", "NonFiniteWeightsError", "check_weights", "last_good_checkpoint", "load_checkpoint",
+    "CheckpointError", "NonFiniteWeightsError", "check_model_config", "check_weights", "last_good_checkpoint",
+    "load_checkpoint",
     "load_checkpoint_full", "previous_good_checkpoint", "read_checkpoint", "restore_rng_state",
     "save_checkpoint", "verify_checkpoint", "write_checkpoint",
 ]
@@ -137,13 +139,20 @@ def write_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
                      out: PathOrFile, extra: dict[str, Any]) -> None:
     """``save_checkpoint`` for a caller that has already run ``check_weights`` (with its own
     bound): the same file, without a second pass over the weights."""
+    try:
+        steps = -1 if isinstance(iteration, bool) else operator.index(iteration)  # ints, numpy and 0-d tensors
+    except TypeError:
+        steps = -1
+    if steps < 0:
+        raise TypeError(f"save_checkpoint: iteration must be an integer >= 0 (the optimizer steps done), got "
+                        f"{iteration!r}")
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     _check_loadable(extra, "extra")
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "iteration": int(iteration),
+        "iteration": steps,
         "model": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "model_config": asdict(config) if config is not None else None,
@@ -163,6 +172,15 @@ def write_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
 def _check_config(name: str, saved: dict | None, model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     if saved is None or config is None:
+        return
+    check_model_config(name, saved, config)
+
+
+def check_model_config(name: str, saved: dict | None, config) -> None:
+    """Refuse (``CheckpointError``) a checkpoint whose ``model_config`` (``saved``; None: not
+    recorded, nothing to check) differs from the ``ModelConfig`` ``config`` in a field that shapes
+    the weights, naming each field. Needs no model, so a resume checks it before any work."""
+    if saved is None:
         return
     current = asdict(config)
     # A field added after the checkpoint was written is absent from it: the checkpoint's model

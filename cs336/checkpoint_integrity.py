@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 
-from cs336.run_dir import CHECKPOINT_RE, checkpoint_files
+from cs336.run_dir import CHECKPOINT_RE, checkpoint_files, checkpoint_step
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -132,7 +132,31 @@ def read_checkpoint(src: PathOrFile, *, hint: bool = True) -> dict[str, Any]:
     obj.setdefault("model_config", None)
     obj.setdefault("rng", None)
     obj.setdefault("extra", {})
+    _check_structure(obj, name)
     return obj
+
+
+def _check_structure(obj: dict[str, Any], name: str) -> None:
+    """The entries every reader indexes have the types it assumes (a file of another program can
+    hold anything under these names); ``iteration`` becomes a plain int (a 0-d integer tensor of
+    another implementation included)."""
+    iteration = obj["iteration"]
+    if isinstance(iteration, torch.Tensor) and iteration.numel() == 1 and not iteration.is_floating_point():
+        iteration = int(iteration.item())
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        problem = f"its 'iteration' is {iteration!r}, not a step count (an integer >= 0)"
+    else:
+        obj["iteration"] = iteration
+        opt = obj["optimizer"]
+        problem = next((f"its {key!r} is of type {type(obj[key]).__name__}, not a dict" for key in
+                        ("model_config", "rng", "extra", "optimizer")
+                        if obj[key] is not None and not isinstance(obj[key], dict)), "")
+        if not problem and opt is not None and not (isinstance(opt.get("state"), dict)
+                                                    and isinstance(opt.get("param_groups"), list)):
+            problem = "its 'optimizer' is not an optimizer state dict (no 'state' and 'param_groups')"
+    if problem:
+        raise CheckpointError(f"{name} is not a training checkpoint of this format: {problem}; it was "
+                              "written by another program. Pick a checkpoint written by cs336.checkpoint")
 
 
 def _digest_into(h, value: Any, where: str) -> None:
@@ -189,8 +213,7 @@ def check_weights(model: torch.nn.Module, max_abs: float | None = None, *, where
         limit = "NaN/inf" if max_abs is None else f"NaN/inf or |w| > {max_abs:g}"
         raise NonFiniteWeightsError(
             f"{where}: {len(bad)} weight tensors hold {limit}: {listed}; training diverged, so this "
-            "state is not saved. Resume from the last good checkpoint with a lower --optim.lr or "
-            "more --optim.warmup_iters"
+            "state is not saved"
         )
 
 
@@ -200,7 +223,11 @@ def fallback_hint(src: PathOrFile) -> str:
     prev = previous_good_checkpoint(src)
     if prev is None:
         return "No earlier valid checkpoint is beside it; start the run again."
-    return f"The previous valid checkpoint is {prev}: load that one (or resume from it)."
+    pointer = prev.parent / "latest"
+    if pointer.is_file():  # a run's checkpoints/: --resume loads what the pointer names
+        return (f"The previous valid checkpoint is {prev}: to resume from it, write {prev.name} into {pointer} "
+                "and pass --resume again (or load it directly)")
+    return f"The previous valid checkpoint is {prev}: load that one."
 
 
 def verify_checkpoint(path: str | os.PathLike, max_abs: float | None = None) -> dict[str, Any]:
@@ -234,10 +261,15 @@ def previous_good_checkpoint(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def last_good_checkpoint(directory: str | os.PathLike, max_abs: float | None = None) -> Path | None:
+def last_good_checkpoint(directory: str | os.PathLike, max_abs: float | None = None,
+                         max_step: int | None = None) -> Path | None:
     """The newest ``step_NNNNNN.pt`` in ``directory`` that passes ``verify_checkpoint`` (intact,
-    finite weights, none beyond ``max_abs``); None if there is none. The divergence message names it."""
+    finite weights, none beyond ``max_abs``); None if there is none. The divergence message names it.
+    ``max_step``: only checkpoints up to that step (a run resumed from an earlier checkpoint leaves
+    the later ones of the continuation it rolled back; they are not this run's)."""
     for candidate in reversed(checkpoint_files(directory)):
+        if max_step is not None and checkpoint_step(candidate) > max_step:
+            continue
         try:
             verify_checkpoint(candidate, max_abs)
         except CheckpointError:

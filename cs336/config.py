@@ -44,6 +44,14 @@ def check_choice(name: str, value, choices) -> None:
         raise ConfigError(f"{name}={value!r}; valid choices: {', '.join(choices)}")
 
 
+def check_path_given(name: str, value: str | None, *, none: str | None = None) -> None:
+    """A path field is None or names something: an empty string (``--out-dir=`` with an unset
+    shell variable) would be the current directory, silently."""
+    if value is not None and not value.strip():
+        instead = f" (or {none})" if none else ""
+        raise ConfigError(f"{name} is empty, which would mean the current directory; pass a path{instead}")
+
+
 def check_device_name(name: str, value: str) -> None:
     """``value`` names a device kind (``cs336.hardware.resolve_device`` checks it is there)."""
     if not (value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())):
@@ -235,6 +243,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.special_tokens = tuple(self.special_tokens)
+        for name in ("train_text", "valid_text", "train_tokens", "valid_tokens", "tokenizer_dir", "data_dir"):
+            check_path_given(f"data.{name}", getattr(self, name))
         check_choice("data.dataset", self.dataset, DATASETS)
         for a, b in (("train_text", "valid_text"), ("train_tokens", "valid_tokens")):
             if (getattr(self, a) is None) != (getattr(self, b) is None):
@@ -352,6 +362,7 @@ class TrainLoopConfig:
     Validation reports the plain cross-entropy."""
 
     def __post_init__(self) -> None:
+        check_path_given("train.out_dir", self.out_dir, none="none for a new runs/<time> directory")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches",
                      "log_interval", "checkpoint_interval", "keep_last"):
             check_positive(f"train.{name}", getattr(self, name))

@@ -152,6 +152,8 @@ def read_text_file(flag: str, path: str | Path) -> str:
     """The UTF-8 text of the file ``flag`` names; a missing, binary (a checkpoint passed by
     mistake) or undecodable file is a ConfigError saying what it is."""
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"{flag} {p} is not a regular file (a directory, device, pipe or socket); pass a file")
     if not p.is_file():
         raise ConfigError(f"{flag} {p} does not exist; check the path")
     data = p.read_bytes()
@@ -169,6 +171,9 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfi
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; pass a TOML or JSON file to --config")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a device, pipe or socket); pass a TOML "
+                          "or JSON file to --config")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the --config path")
     text = read_text_file("--config", path)

@@ -19,9 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cs336.checkpoint_integrity import last_good_checkpoint
+from cs336.run_dir import checkpoint_files
 
 DEFAULT_MAX_ABS_WEIGHT = 1e4
 """Pre-save guard bound on |weight| (see the module docstring)."""
+
+
+LOWER = "a lower --optim.lr or more --optim.warmup_iters"
+
+
+def recovery_advice(last: Path | None, checkpoints_dir: str | os.PathLike | None) -> str:
+    """The sentence a divergence message ends with: the last good checkpoint ``last`` to resume
+    from, or, without one, how to start over in the same run directory (it holds no checkpoint)
+    or another one (its checkpoints are all damaged or beyond the weight bound)."""
+    if last is not None:
+        return f"Last good checkpoint: {last}; resume from it (--out-dir {last.parent.parent} --resume) with {LOWER}"
+    if checkpoints_dir is not None and checkpoint_files(checkpoints_dir):
+        return (f"No checkpoint in {checkpoints_dir} is intact with bounded weights; start a new run in "
+                f"another --out-dir with {LOWER}")
+    run = f" --out-dir {Path(checkpoints_dir).parent}" if checkpoints_dir is not None else ""
+    return f"No checkpoint was written yet; run the same command{run} again (without --resume) with {LOWER}"
 
 
 class Diverged(RuntimeError):
@@ -58,16 +75,20 @@ class DivergenceGuard:
         self._mean = float(mean) if mean is not None and math.isfinite(mean) else None
         self._seen = int(d.get("seen", 0))
 
-    def last_good(self) -> Path | None:
+    def last_good(self, step: int | None = None) -> Path | None:
+        """The newest intact, bounded checkpoint, of step ``step`` at most when given."""
         if self.checkpoints_dir is None:
             return None
-        return last_good_checkpoint(self.checkpoints_dir, max_abs=self.max_abs_weight)
+        return last_good_checkpoint(self.checkpoints_dir, max_abs=self.max_abs_weight, max_step=step)
+
+    def advice(self, step: int | None = None) -> str:
+        """What to do next: resume from the last good checkpoint (of step ``step`` at most), or,
+        when the run has none, run again (the same --out-dir takes a new run while it holds none)."""
+        return recovery_advice(self.last_good(step), self.checkpoints_dir)
 
     def _fail(self, what: str, step: int) -> None:
-        last = self.last_good()
-        where = f"Last good checkpoint: {last}" if last is not None else "No good checkpoint exists yet"
         raise Diverged(f"training diverged at step {step}: {what}; stopped before the optimizer step. "
-                       f"{where}. Resume from it with a lower --optim.lr or more --optim.warmup_iters")
+                       f"{self.advice(step)}")
 
     def check(self, step: int, loss: float, grad_norm: float | None = None) -> None:
         """Raise ``Diverged`` if this step's values show divergence; else record them."""

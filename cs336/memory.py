@@ -2,10 +2,11 @@
 
 ``per_rank_memory`` splits one rank's bytes into parameters, gradients and AdamW m/v (fp32, whole
 under DDP, this rank's dim-0 shards under FSDP2: ``ceil(rows / ranks)`` rows per rank, the last
-ranks fewer), the parameters FSDP gathers (the largest unit, twice for the prefetch, in bf16
-under the bf16 policy), the bf16 weight copies autocast keeps for backward, and the activations
-saved for backward of one micro-batch. ``saved_activation_bytes`` is that last part alone; tests
-hold it to ``measure_saved_bytes`` (``torch.autograd.graph.saved_tensors_hooks``) within 10%.
+ranks fewer), the RoPE tables (``rope_table_bytes``), the parameters FSDP gathers (the largest
+unit, twice for the prefetch, in bf16 under the bf16 policy), the bf16 weight copies autocast
+keeps for backward, and the activations saved for backward of one micro-batch.
+``saved_activation_bytes`` is that last part alone; tests hold it to ``measure_saved_bytes``
+(``torch.autograd.graph.saved_tensors_hooks``) within 10%.
 
 Deviation from ``cs336.flops.training_memory`` (the handout's list of operation outputs): the
 tensors counted here are those autograd really keeps, per provider (``STORED``, counted on the
@@ -124,6 +125,14 @@ def shard_elements(cfg: ModelConfig, world_size: int = 1, rank: int = 0) -> int:
     return sum(_rows(s[0], world_size, rank) * math.prod(s[1:]) for s in shapes)
 
 
+def rope_table_bytes(cfg: ModelConfig) -> int:
+    """The model's one RoPE module: its fp32 cos and sin tables (``model.context_length`` rows of
+    d_head, whatever the training context) and the float64 angles they are computed from at build
+    time. Negligible at usual sizes (0.75 MB for gpt2-xl), but it is what a huge
+    ``--model.context_length`` with a short ``--train.context_length`` allocates."""
+    return (2 * 4 + 4) * cfg.context_length * cfg.d_head
+
+
 def per_rank_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, *, provider: str, autocast: str = "none",
                     checkpointing: str = "none", parallel: str = "ddp", world_size: int = 1,
                     rank: int = 0) -> dict[str, int]:
@@ -136,6 +145,8 @@ def per_rank_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, *, provide
         block = 4 * d * d + (3 if cfg.ffn_type == "swiglu" else 2) * d * f
         unit = max(block * (2 if autocast == "bf16" else 4), 2 * cfg.vocab_size * d * 4)
         out["fsdp.gathered_units"] = 2 * unit
+    if not cfg.remove_rope:
+        out["buffers.rope"] = rope_table_bytes(cfg)
     out.update(saved_activation_bytes(cfg, micro_batch, seq_len, provider=provider, autocast=autocast,
                                       checkpointing=checkpointing))
     if checkpointed_count(cfg.num_layers, checkpointing):

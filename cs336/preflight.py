@@ -24,7 +24,8 @@ from typing import cast
 
 from cs336 import distributed as dist_utils
 from cs336 import ops
-from cs336.checkpoint_integrity import read_checkpoint
+from cs336.checkpoint import check_model_config
+from cs336.checkpoint_integrity import CheckpointError, is_sharded_checkpoint, read_checkpoint
 from cs336.config import ConfigError, TrainConfig
 from cs336.hardware import device_memory
 from cs336.memory import per_rank_memory
@@ -66,6 +67,9 @@ def existing_file(flag: str, path) -> Path:
     p = Path(path)
     if p.is_dir():
         raise FlagError(f"{flag} {p} is a directory; pass a file")
+    if p.exists() and not p.is_file():
+        raise FlagError(f"{flag} {p} is not a regular file (a device, pipe or socket, which can be endless); "
+                        "pass a file")
     if not p.is_file():
         raise FlagError(f"{flag} {p} does not exist; check the path")
     if not os.access(p, os.R_OK):
@@ -135,6 +139,23 @@ def check_tokenizer_fits(n_ids: int, vocab_size: int, *, tokenizer: str = "the t
                           f"(model.vocab_size); {fix}")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; os.cpu_count() where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a ``train.threads`` above the CPUs this process may use: each is an OpenMP thread
+    (20,000 of them crash the process in libgomp; hundreds on a few cores only slow every step)."""
+    cpus = usable_cpus()
+    if threads is not None and threads > cpus:
+        raise FlagError(f"--train.threads={threads} exceeds the {cpus} CPUs this process may use; pass at most "
+                        f"{cpus}, or leave it out for torch's default")
+
+
 def check_memory(cfg: TrainConfig, device, micro_batch: int, world_size: int = 1) -> None:
     """Refuse a model and micro-batch whose per-rank training memory (``cs336.memory``: fp32
     parameters, gradients, AdamW m and v, sharded under fsdp, and the activations that the run's
@@ -163,6 +184,7 @@ def preflight(cfg: TrainConfig, device=None, micro_batch: int | None = None, wor
     paths, the memory, the final sample's prompt, the wandb package. (A ``--data.tokenizer_dir``
     is checked against the model where it is loaded, once, in ``cs336.prepare``, before encoding.)"""
     check_paths(cfg)
+    check_threads(cfg.train.threads)
     if device is not None and micro_batch is not None:
         check_memory(cfg, device, micro_batch, world_size)
     if cfg.train.sample_tokens > 0 and not cfg.train.sample_prompt:
@@ -196,6 +218,21 @@ def resume_conflicts(saved: dict, requested: dict) -> list[str]:
     return config_conflicts(saved, requested, allowed=allowed)
 
 
+def check_resume_payload(cfg: TrainConfig, path: Path, payload: dict) -> None:
+    """The checkpoint a resume would load (``payload``, as read from ``path``) fits the run: its
+    model settings are the config's, and a single file holds the optimizer state and the batch
+    sampler a run continues with. Checked before data preparation, not after it."""
+    check_model_config(str(path), payload["model_config"], cfg.model)
+    if is_sharded_checkpoint(path):  # consolidated without its optimizer; the shards hold it
+        return
+    if payload["optimizer"] is None:
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state, so the run cannot continue from "
+                              "it; resume from a checkpoint written by python -m cs336.train, or start a new run")
+    if "data_rng" not in payload["extra"]:
+        raise CheckpointError(f"{path} has no batch-sampler state (it was not written by python -m cs336.train), "
+                              "so the run cannot continue exactly; start a new run and load its weights instead")
+
+
 def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, RunLock, dict | None]:
     out = cfg.train.out_dir
     if resume:
@@ -218,6 +255,13 @@ def _open_on_main(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None, Ru
                               "choose a new --out-dir")
         # resume: latest is set (checked above); a corrupt file names the previous valid one
         payload = read_checkpoint(cast(Path, latest)) if resume else None
+        if payload is not None:
+            check_resume_payload(cfg, cast(Path, latest), payload)
+        if payload is not None and int(payload["iteration"]) > cfg.train.max_steps:
+            raise FlagError(f"--resume: {latest} is at step {int(payload['iteration'])}, past "
+                            f"--train.max_steps={cfg.train.max_steps}, so there is nothing to train and the run's "
+                            f"config.json would contradict its checkpoints; pass --max-steps of at least "
+                            f"{int(payload['iteration'])}")
         if out is None or Path(out).resolve().parent == Path("runs").resolve():
             link_latest(path)
     except BaseException:

@@ -71,6 +71,12 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step in a checkpoint's name (``step_000120.pt`` -> 120); -1 for another name."""
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
 def _metrics_row(line: str) -> dict | None:
     try:
         row = json.loads(line)
@@ -120,6 +126,7 @@ class RunDir:
         atomic_write_text(self.config_file, json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
     def read_config(self) -> TrainConfig:
+        check_not_dangling(self.path, "the run directory")
         if not self.config_file.is_file():
             raise RunDirError(f"{self.config_file} not found; is {self.path} a run directory of "
                               "python -m cs336.train?")
@@ -150,9 +157,13 @@ class RunDir:
         return checkpoint_files(self.checkpoints)
 
     def latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``checkpoints/latest`` names; without that pointer (a run killed between
+        writing its first checkpoint and the pointer, or a deleted pointer) the newest checkpoint
+        file; None when there is none."""
         pointer = self.checkpoints / "latest"
         if not pointer.is_file():
-            return None
+            files = self.checkpoint_files()
+            return files[-1] if files else None
         name = pointer.read_text(encoding="utf-8").strip()
         path = self.checkpoints / name
         if not CHECKPOINT_RE.match(name) or not (path.is_file() or (name.endswith(".dcp") and path.is_dir())):
@@ -161,9 +172,13 @@ class RunDir:
         return path
 
     def mark_latest(self, path: Path, keep_last: int) -> None:
-        """Point ``latest`` at ``path`` and delete all but the newest ``keep_last`` checkpoints."""
+        """Point ``latest`` at ``path`` and delete all but the newest ``keep_last`` checkpoints up
+        to its step. Checkpoints of a later step (left by a continuation that a resume from an
+        earlier checkpoint rolled back) are not counted, so they never push this run's own out;
+        the run replaces them when it reaches their steps."""
         atomic_write_text(self.checkpoints / "latest", path.name + "\n")
-        for old in self.checkpoint_files()[:-keep_last]:
+        step = checkpoint_step(path)
+        for old in [f for f in self.checkpoint_files() if checkpoint_step(f) <= step][:-keep_last]:
             if old != path:
                 if old.is_dir():
                     shutil.rmtree(old, ignore_errors=True)
@@ -192,6 +207,14 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return path.is_dir() and ((path / MARKER).is_file() or _has_run_layout(path))
 
 
+def check_not_dangling(path: Path, flag: str = "--out-dir") -> None:
+    """Refuse a symbolic link whose target is gone (``runs/latest`` after its run was deleted),
+    which ``mkdir`` reports as 'File exists' and a reader as a missing config.json."""
+    if path.is_symlink() and not path.exists():
+        raise RunDirRefused(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist "
+                            "(its run was moved or deleted); pass an existing run directory, or remove the link")
+
+
 def write_marker(path: Path) -> None:
     info = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "pid": os.getpid(),
             "host": socket.gethostname()}
@@ -202,8 +225,13 @@ def claim_run_dir(path: str | os.PathLike, *, flag: str = "--out-dir") -> Path:
     """Create ``path`` or accept it as a run directory: a new or empty directory gets the marker,
     a run directory is accepted, any other directory with files in it is refused."""
     path = Path(path)
+    check_not_dangling(path, flag)
     if path.exists() and not path.is_dir():
         raise RunDirRefused(f"{flag} {path} is a file; pass a new directory (or an existing run directory)")
+    outer = next((p for p in path.resolve().parents if (p / MARKER).is_file()), None)
+    if outer is not None:
+        raise RunDirRefused(f"{flag} {path} is inside the run directory {outer}, whose resume, checkpoint "
+                            "pruning and layout check own everything under it; pass a directory outside it")
     if path.is_dir():
         if is_run_dir(path):
             if not (path / MARKER).is_file():

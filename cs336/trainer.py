@@ -40,7 +40,7 @@ from cs336.checkpoint import (
 from cs336.config import TrainConfig
 from cs336.config_io import changed_fields, config_to_dict
 from cs336.data import get_batch, iter_batches
-from cs336.divergence import Diverged, DivergenceGuard
+from cs336.divergence import Diverged, DivergenceGuard, recovery_advice
 from cs336.hardware import autocast_for, resolve_device
 from cs336.interrupt import Stage, StopRequest
 from cs336.metrics import Window, close_window, finish, init_wandb, log_metrics
@@ -212,9 +212,9 @@ class Trainer:
             check_weights(self.model, self.cfg.train.diverge_max_weight, where=f"step {state.step}",
                           reduce=parallel.max_across_ranks if self.fsdp else None)
         except NonFiniteWeightsError as exc:
-            last = guard.last_good() if guard is not None and self.info.is_main else None
-            where = f"Last good checkpoint: {last}" if last is not None else "No good checkpoint exists yet"
-            raise TrainingDiverged(f"training diverged: {exc}. {where}", state.summary(self.rd)) from None
+            main_guard = guard if self.info.is_main else None
+            advice = main_guard.advice(state.step) if main_guard is not None else recovery_advice(None, None)
+            raise TrainingDiverged(f"training diverged: {exc}. {advice}", state.summary(self.rd)) from None
         if guard is not None:
             state.guard = guard.state_dict()
         if self.fsdp:  # every rank writes its shards
@@ -258,6 +258,8 @@ class Trainer:
         saved = {k: v for k, v in extra.get("tracker", {}).items() if k in known}
         state = TrainState(step=int(ckpt["iteration"]), **saved)
         ckpt.clear()  # the model and optimizer hold copies now; callers may still hold this dict
+        if payload is not None:  # a sharded checkpoint's consolidated copy (DCP loaded its own)
+            payload.clear()
         return state
 
 

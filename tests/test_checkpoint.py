@@ -94,6 +94,18 @@ def test_unserializable_extra_is_refused_before_writing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("iteration", [2.7, -5, "3", True, None])
+def test_an_iteration_that_is_not_a_step_count_is_refused_before_writing(tmp_path, iteration):
+    """save_checkpoint(model, opt, 2.7, out) wrote iteration 2 (int() truncated it), -5 was stored as
+    is, and the string '3' became 3: a resume then continued from a step that never happened."""
+    model, opt = _setup()
+    with pytest.raises(TypeError, match="iteration must be an integer >= 0"):
+        save_checkpoint(model, opt, iteration, tmp_path / "c.pt")
+    assert not any(tmp_path.iterdir())
+    save_checkpoint(model, opt, np.int64(7), tmp_path / "c.pt")  # numpy and 0-d tensor ints are integers
+    assert load_checkpoint(tmp_path / "c.pt", model, opt) == 7
+
+
 def test_failing_save_leaves_old_file_intact(tmp_path, monkeypatch):
     model, opt = _setup()
     path = tmp_path / "ckpt.pt"

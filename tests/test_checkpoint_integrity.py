@@ -138,3 +138,50 @@ def test_last_good_checkpoint_skips_corrupt_and_non_finite_files(tmp_path):
     torch.save(payload, ckpts / "step_000200.pt")
     assert last_good_checkpoint(ckpts) == ckpts / "step_000100.pt"
     assert previous_good_checkpoint(ckpts / "step_000300.pt") == ckpts / "step_000100.pt"
+
+
+@pytest.mark.parametrize("entry, value, fragment", [
+    ("iteration", "abc", "'iteration' is 'abc'"),
+    ("iteration", -3, "'iteration' is -3"),
+    ("iteration", 2.5, "'iteration' is 2.5"),
+    ("model_config", "junk", "'model_config' is of type str"),
+    ("optimizer", "junk", "'optimizer' is of type str"),
+    ("optimizer", {"lr": 1.0}, "not an optimizer state dict"),
+    ("extra", [1, 2], "'extra' is of type list"),
+    ("rng", 7, "'rng' is of type int"),
+])
+def test_foreign_entries_of_the_wrong_type_are_one_clear_error(tmp_path, entry, value, fragment):
+    """A dict with 'model' and 'iteration' from another program whose entries have other types:
+    refused on read, before load_checkpoint indexes them (a ValueError, TypeError or
+    AttributeError from the loader's insides before)."""
+    model, opt = _setup()
+    payload = {"model": model.state_dict(), "iteration": 1, entry: value}
+    path = tmp_path / "foreign.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="foreign.pt is not a training checkpoint of this format") as exc:
+        load_checkpoint(path, model, opt)
+    assert fragment in str(exc.value)
+
+
+def test_an_integer_tensor_iteration_of_another_implementation_loads(tmp_path):
+    model, _ = _setup()
+    path = tmp_path / "other.pt"
+    torch.save({"model": model.state_dict(), "iteration": torch.tensor(12)}, path)
+    assert load_checkpoint(path, model, None) == 12
+
+
+
+def test_a_rolled_back_run_is_told_how_to_resume_from_the_previous_checkpoint(tmp_path):
+    """'The previous valid checkpoint is X: load that one (or resume from it)' named no way to
+    resume from X (--resume loads what checkpoints/latest names); in a run's checkpoints/ it now says
+    to write X's name into latest. last_good_checkpoint(max_step=) skips the later files of a
+    continuation that the resume rolled back."""
+    model, opt, ckpts = _run_dir(tmp_path)
+    (ckpts / "latest").write_text("step_000300.pt\n")
+    _flip_tensor_bytes(ckpts / "step_000300.pt", 50)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(ckpts / "step_000300.pt", model, opt)
+    assert f"to resume from it, write step_000200.pt into {ckpts / 'latest'} and pass --resume" in str(exc.value)
+    assert last_good_checkpoint(ckpts) == ckpts / "step_000200.pt"
+    assert last_good_checkpoint(ckpts, max_step=150) == ckpts / "step_000100.pt"
+    assert last_good_checkpoint(ckpts, max_step=99) is None

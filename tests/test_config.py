@@ -232,6 +232,7 @@ def test_config_file_that_is_not_text(tmp_path):
 
 
 @pytest.mark.parametrize("value, fragment", [
+    (",", "holds an empty token"),
     ("<|endoftext|>,", "holds an empty token"),
     (",<|endoftext|>", "holds an empty token"),
     ("<|endoftext|>,<|endoftext|>", "lists a token twice"),
@@ -250,3 +251,24 @@ def test_one_byte_special_token_is_allowed_with_a_tokenizer_dir():
     byte's id."""
     cfg = apply_overrides(TrainConfig(), ["data.tokenizer_dir=tok", "data.special_tokens=<|endoftext|>,\n"])
     assert cfg.data.special_tokens == ("<|endoftext|>", "\n")
+
+
+@pytest.mark.parametrize("item", ["train.out_dir=", "train.out_dir= ", "data.data_dir=", "data.tokenizer_dir="])
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(item):
+    """``--out-dir=`` (an unset shell variable) trained into the current directory when it was empty."""
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} is empty, which would mean the current directory; pass a path"):
+        apply_overrides(TrainConfig(), [item])
+    assert apply_overrides(TrainConfig(), ["train.out_dir=none"]).train.out_dir is None
+
+
+def test_a_config_that_is_a_device_or_pipe_is_not_called_missing(tmp_path):
+    import os
+
+    fifo = tmp_path / "c.toml"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", fifo):
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_config(path)
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            read_text_file("--config", path)

@@ -133,3 +133,26 @@ def test_accounting_cli_rejects_a_batch_the_ranks_cannot_split(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--world-size=4" in err
+
+
+def test_the_rope_tables_are_counted_so_a_huge_model_context_is_refused_before_work(tmp_path, monkeypatch):
+    """--model.context_length=1e9 with --train.context_length=32 passed the pre-run check (only the
+    training context's activations were counted) and died after data preparation with a traceback
+    allocating the 8 GB float64 positions of the RoPE tables."""
+    from cs336 import preflight
+    from cs336.config_io import apply_overrides
+    from cs336.model import TransformerLM
+    from cs336.presets import smoke_config
+
+    monkeypatch.setattr(preflight, "device_memory", lambda device: 8 * 10**9)
+    cfg = apply_overrides(smoke_config(), ["model.context_length=1000000000", "train.context_length=32",
+                                           f"train.out_dir={tmp_path / 'run'}"])
+    from cs336.config import ConfigError
+
+    with pytest.raises(ConfigError, match="training this model needs about"):
+        preflight.check_memory(cfg, torch.device("cpu"), micro_batch=8)
+    small = ModelConfig(vocab_size=300, context_length=64, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+    buffers = sum(b.numel() * b.element_size() for b in TransformerLM.from_config(small).buffers())
+    counted = per_rank_memory(small, 1, 64, provider="native")["buffers.rope"]
+    assert buffers <= counted <= 2 * buffers  # the tables, plus the float64 angles they are built from
+    assert "buffers.rope" not in per_rank_memory(ModelConfig(remove_rope=True), 1, 64, provider="native")

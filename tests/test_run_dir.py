@@ -51,6 +51,31 @@ def test_ordinary_non_empty_directory_is_refused_and_left_alone(tmp_path):
         claim_run_dir(tmp_path / "file")
 
 
+def test_a_directory_inside_another_run_is_refused(tmp_path):
+    """--out-dir RUN/checkpoints/step_000100.pt made a directory the outer run's keep-last pruning
+    would delete (and its resume would take for a checkpoint); any directory inside a run is refused."""
+    outer = claim_run_dir(tmp_path / "outer")
+    (outer / "checkpoints").mkdir()
+    for inner in (outer / "checkpoints" / "step_000100.pt", outer / "sub", outer / "data" / "x" / "y"):
+        with pytest.raises(RunDirRefused, match=f"is inside the run directory {outer}"):
+            claim_run_dir(inner)
+        assert not inner.exists()
+    assert claim_run_dir(outer) == outer  # the run directory itself is still accepted
+    assert claim_run_dir(tmp_path / "beside") == tmp_path / "beside"
+
+
+def test_a_dangling_link_is_named_as_such(tmp_path):
+    """runs/latest after its run was deleted: a new run said 'runs/latest: File exists; remove it',
+    --resume said 'config.json not found'."""
+    link = tmp_path / "latest"
+    link.symlink_to("gone")
+    with pytest.raises(RunDirRefused, match="is a symbolic link to gone, which does not exist"):
+        claim_run_dir(link)
+    with pytest.raises(RunDirRefused, match="is a symbolic link to gone, which does not exist"):
+        RunDir(link).read_config()
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
 def test_existing_run_directories_are_accepted(tmp_path):
     run = claim_run_dir(tmp_path / "run")
     (run / "metrics.jsonl").write_text("{}\n")
@@ -162,6 +187,38 @@ def test_checkpoint_listing_orders_by_step_and_ignores_other_files(tmp_path):
     assert [p.name for p in checkpoint_files(tmp_path)] == ["step_000020.pt", "step_000100.pt", "step_1000000.pt"]
     assert checkpoint_files(tmp_path / "missing") == []
     assert RunDir(tmp_path.parent / tmp_path.name).checkpoint_files() == []  # DIR/checkpoints, not DIR
+
+
+def test_latest_checkpoint_without_its_pointer_is_the_newest_file(tmp_path):
+    """A run killed between writing its first checkpoint and ``latest`` (or a deleted pointer):
+    --resume said 'no checkpoint to resume from; drop --resume' while a new run said 'already holds
+    checkpoints; pass --resume'. The newest checkpoint is the one to continue from."""
+    rd = RunDir(tmp_path)
+    rd.checkpoints.mkdir()
+    assert rd.latest_checkpoint() is None
+    for step in (4, 12, 8):
+        rd.checkpoint_path(step).write_bytes(b"x")
+    assert rd.latest_checkpoint() == rd.checkpoint_path(12)
+    (rd.checkpoints / "latest").write_text("step_000008.pt\n")  # the pointer, when there, decides
+    assert rd.latest_checkpoint() == rd.checkpoint_path(8)
+
+
+def test_pruning_after_a_rollback_keeps_this_runs_checkpoints_not_the_abandoned_later_ones(tmp_path):
+    """Resumed from step 4 (latest pointed back at it) with step 8 of the rolled-back continuation
+    still there: keep-last-2 deleted 4, then 5, then 6, keeping 7 and the stale 8. Later steps are
+    not counted now; the run replaces them when it reaches them."""
+    rd = RunDir(tmp_path)
+    rd.checkpoints.mkdir()
+    for step in (4, 8):
+        rd.checkpoint_path(step).write_bytes(b"x")
+    for step in (5, 6, 7):
+        rd.checkpoint_path(step).write_bytes(b"x")
+        rd.mark_latest(rd.checkpoint_path(step), keep_last=2)
+    assert [p.name for p in rd.checkpoint_files()] == ["step_000006.pt", "step_000007.pt", "step_000008.pt"]
+    assert rd.latest_checkpoint() == rd.checkpoint_path(7)
+    rd.checkpoint_path(8).write_bytes(b"y")  # the run reaches step 8: its own file, counted again
+    rd.mark_latest(rd.checkpoint_path(8), keep_last=2)
+    assert [p.name for p in rd.checkpoint_files()] == ["step_000007.pt", "step_000008.pt"]
 
 
 def test_metrics_reader_skips_a_torn_last_line_and_truncate_keeps_earlier_steps(tmp_path):

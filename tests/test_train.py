@@ -368,3 +368,12 @@ def test_training_with_triton_kernels_uses_flash_attention(tmp_path, monkeypatch
     # Falling: the mean of the last three steps 0.5 below the first (measured: ~1.0 below).
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
     assert math.isfinite(rows[-1]["val_loss"])
+
+def test_resume_with_max_steps_below_the_checkpoint_is_refused_before_writing(run_copy, capsys):
+    config = (run_copy / "config.json").read_bytes()
+    metrics_before = (run_copy / "metrics.jsonl").read_bytes()
+    err = cli_error(capsys, resume_args(run_copy, "--max-steps", "5"))
+    assert "step_000008.pt is at step 8" in err and "--max-steps of at least 8" in err
+    assert (run_copy / "config.json").read_bytes() == config  # not rewritten with max_steps=5
+    assert (run_copy / "metrics.jsonl").read_bytes() == metrics_before
+    assert not (run_copy / "samples.txt").exists()

@@ -356,3 +356,47 @@ def test_optimizer_step_follows_the_model_backend(tmp_path, monkeypatch, model_b
     with ops.use_backend(global_backend):
         t.optimizer_step()
     assert ran == [expected]
+
+def test_a_first_checkpoint_refused_for_its_weights_says_to_run_again_not_to_resume(tmp_path):
+    """The weight bound refusing the very first checkpoint: the message said 'Resume from the last
+    good checkpoint ... No good checkpoint exists yet'."""
+    with pytest.raises(TrainingDiverged) as exc:
+        run(cfg(tmp_path / "run", "train.max_steps=2", "train.diverge_max_weight=0.01"))
+    message = str(exc.value)
+    assert "|w| > 0.01" in message and "Resume" not in message
+    assert f"No checkpoint was written yet; run the same command --out-dir {tmp_path / 'run'} again" in message
+
+
+def test_resuming_from_a_sharded_checkpoint_in_one_process_releases_the_preflight_copy(tmp_path, monkeypatch):
+    """open_run_dir reads (consolidates) the checkpoint to verify it and hands that dict to restore;
+    for a .dcp directory restore loads the shards itself, and the consolidated weights stayed
+    referenced by train() for the whole run (a second copy of the model in host memory)."""
+    import torch.distributed as dist
+
+    from cs336.checkpoint import read_checkpoint
+    from cs336.distributed import DistInfo
+    from cs336.run_dir import RunDir
+    from cs336.sharded_checkpoint import save_sharded
+    from cs336.trainer import Trainer
+    from run_helpers import free_port
+
+    config = cfg(tmp_path / "run")
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        source = Trainer(config, rd, torch.device("cpu"), DistInfo(), None, None)
+        path = rd.checkpoint_path(4, sharded=True)
+        save_sharded(source.model, source.opt, 4, path, True, config={}, data_rng=source.gen.get_state(),
+                     tracker={})
+    finally:
+        dist.destroy_process_group()
+    payload = read_checkpoint(path)
+    assert payload["model"]
+    target = Trainer(config, rd, torch.device("cpu"), DistInfo(), None, None)
+    state = target.restore(path, payload)
+    assert state.step == 4 and payload == {}
+    for a, b in zip(source.model.parameters(), target.model.parameters(), strict=True):
+        assert torch.equal(a, b)
