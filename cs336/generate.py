@@ -68,7 +68,12 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     logits = logits.float()
     if temperature == 0:
         return torch.argmax(logits, dim=-1).tolist()
-    probs = top_p_filter(nn_utils.softmax(logits / temperature, dim=-1), top_p).cpu()  # (B, V)
+    # Shift before dividing: the top logit becomes 0 and the others <= 0, so a tiny temperature
+    # sends them to -inf (greedy in the limit), never to +inf - inf = nan; a temperature below
+    # float32's smallest normal (which would round to 0, and 0 / 0 = nan) divides as that one.
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    scaled = shifted / max(temperature, torch.finfo(torch.float32).tiny)
+    probs = top_p_filter(nn_utils.softmax(scaled, dim=-1), top_p).cpu()  # (B, V)
     gens = generators if generators is not None else [None] * len(probs)
     return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, gens, strict=True)]
 

@@ -11,7 +11,7 @@ from cs336 import ops
 from cs336.checkpoint import save_checkpoint
 from cs336.config import ModelConfig, TrainConfig
 from cs336.config_io import config_to_dict
-from cs336.generate import generate_batch, generate_ids, main, next_token, top_p_filter
+from cs336.generate import generate_batch, generate_ids, main, next_token, next_tokens, top_p_filter
 from cs336.model import TransformerLM
 from cs336.run_dir import RunDir
 from cs336.tokenizer.gpt2_files import save_vocab_merges
@@ -45,6 +45,16 @@ def test_temperature_zero_is_argmax_and_low_temperature_concentrates():
     g = torch.Generator().manual_seed(0)
     draws = {next_token(logits, 1.0, 1.0, g) for _ in range(200)}
     assert {1, 2} <= draws  # at T=1 the two close logits are both drawn
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 5e-324])
+def test_a_tiny_temperature_samples_the_top_logit_instead_of_failing(temperature):
+    # logits / T overflowed to inf for T below ~1e-38 (inf - inf = nan: multinomial raised).
+    logits = torch.tensor([[0.1, 2.0, 1.9, -3.0], [4.0, 4.0, -1.0, 0.0]])
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    for _ in range(20):
+        first, second = next_tokens(logits, temperature, 1.0, gens)
+        assert first == 1 and second in (0, 1)  # a tie at the top stays a draw between the tied ids
 
 
 class ScriptedLM(torch.nn.Module):
