@@ -279,7 +279,8 @@ def run_parallel(planned: Sequence[PlannedRun], devices: Sequence[str], out: Pat
 def _stop_signal(row: dict) -> int:
     """The signal that stopped an interrupted point (SIGINT for a row that does not say)."""
     name = row.get("stop_signal")
-    return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(signal.SIGINT)
+    return int(signal.Signals[name]) if isinstance(name, str) and name in signal.Signals.__members__ \
+        else int(signal.SIGINT)
 
 
 def run_sweep(planned: Sequence[PlannedRun], out: Path, devices: Sequence[str] | None = None, *,
