@@ -151,9 +151,11 @@ def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]
     from cs336.hardware import autocast_for, resolve_device
     from cs336.model import TransformerLM
     from cs336.optim import build_optimizer
+    from cs336.preflight import check_memory
 
     device = resolve_device(cfg.train.device)
     ops.resolve_backend(cfg.model.kernels)  # a clear error now if the backend cannot run here
+    check_memory(cfg, device, cfg.train.batch_size)  # as train does: refuse, not swap or OOM-kill
     torch.manual_seed(cfg.train.seed)
     model = TransformerLM.from_config(cfg.model, device=device)
     opt = build_optimizer(model, cfg.optim)

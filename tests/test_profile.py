@@ -101,6 +101,22 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_model_beyond_the_device_memory_is_refused_before_it_is_built(tmp_path, capsys, monkeypatch):
+    # train refuses it; profile built it anyway (gpt2-large needs 27 GB: a 24 GB machine swapped or
+    # the OOM killer ended it). Here the device "has" 1 kB.
+    from cs336 import preflight
+    from cs336.model import TransformerLM
+
+    monkeypatch.setattr(preflight, "device_memory", lambda device: 1000)
+    monkeypatch.setattr(TransformerLM, "from_config", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit) as exc:
+        profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--out-dir", str(tmp_path / "p")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "training this model needs about" in err and "lower --model.d_model" in err
+    assert not (tmp_path / "p").exists()
+
+
 def test_help():
     done = subprocess.run([sys.executable, "-m", "cs336.profile", "--help"], capture_output=True,
                           text=True, timeout=60)
