@@ -103,6 +103,26 @@ def test_plan_rejects_unknown_keys_and_bad_values(tmp_path, grid, fragment):
         sweep.plan_sweep(tiny_config(), points(grid), [], tmp_path)
 
 
+@pytest.mark.parametrize("grids, fragment", [
+    # both named train.sample_prompt=a_b: they shared one run directory (the second resumed the first)
+    (["train.sample_prompt=a b,a_b"], "would share the run directory"),
+    (["optim.lr=1e-3,0.001"], "give the same config"),  # two runs of one config
+    (["train.seed=1,01", "optim.lr=1e-3"], "give the same config"),
+])
+def test_plan_rejects_points_that_are_not_distinct(tmp_path, grids, fragment):
+    with pytest.raises(sweep.SweepError, match=fragment):
+        sweep.plan_sweep(tiny_config(), points(*grids), [], tmp_path)
+
+
+@pytest.mark.parametrize("grids, sets", [
+    (["train.out_dir=a,b"], []),  # every point ran in DIR/<point> whatever the value said
+    (["optim.lr=1e-3"], ["train.out_dir=elsewhere"]),
+])
+def test_plan_refuses_train_out_dir_that_it_would_ignore(tmp_path, grids, sets):
+    with pytest.raises(sweep.SweepError, match="train.out_dir would be ignored"):
+        sweep.plan_sweep(tiny_config(), points(*grids), sets, tmp_path)
+
+
 def test_plan_rejects_bad_set(tmp_path):
     with pytest.raises(sweep.SweepError, match="--set"):
         sweep.plan_sweep(tiny_config(), points("optim.lr=1e-3"), ["optim.nope=1"], tmp_path)
