@@ -143,3 +143,40 @@ def test_the_profiled_step_honours_train_autocast(monkeypatch, mode):
     step, _ = profile.make_train_step(config_from_args(args))
     step()
     assert seen == [mode == "bf16"]
+
+
+def test_the_profiled_step_honours_the_train_loop_flags(monkeypatch):
+    """--train.grad_accum_steps, --train.activation_checkpointing, --train.z_loss and clipping were
+    silently ignored: the profile showed one full-batch step without them, unlike the run it profiles."""
+    from cs336 import nn_utils, parallel
+    from cs336.cli import config_from_args
+    from cs336.model import TransformerLM
+
+    seen, checkpointed, clipped = [], [], []
+    real_loss, real_clip = TransformerLM.loss, nn_utils.clip_gradients
+    real_ckpt = parallel.apply_activation_checkpointing
+
+    def loss_spy(self, x, y, **kwargs):
+        seen.append((x.shape[0], kwargs.get("z_loss", 0.0)))
+        return real_loss(self, x, y, **kwargs)
+
+    monkeypatch.setattr(TransformerLM, "loss", loss_spy)
+    monkeypatch.setattr(parallel, "apply_activation_checkpointing",
+                        lambda model, mode: checkpointed.append(mode) or real_ckpt(model, mode))
+    monkeypatch.setattr(nn_utils, "clip_gradients", lambda params, c: clipped.append(c) or real_clip(params, c))
+    tiny = [a if a != "2" else "4" for a in TINY]  # batch 4, in 2 micro-batches of 2 rows
+    args = profile.parse_args(profile.build_parser(), [
+        *tiny, "--kernels", "torch", "--device", "cpu", "--train.grad_accum_steps=2",
+        "--train.activation_checkpointing=full", "--train.z_loss=1e-4", "--optim.grad_clip=0.5"])
+    step, _ = profile.make_train_step(config_from_args(args))
+    loss = step()
+    assert seen == [(2, 1e-4), (2, 1e-4)] and checkpointed == ["full"] and clipped == [0.5]
+    assert torch.isfinite(loss)
+
+
+def test_fsdp_is_refused_in_one_process(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--train.parallel=fsdp",
+                      "--out-dir", str(tmp_path / "p")])
+    assert exc.value.code == 2
+    assert "--train.parallel=fsdp" in capsys.readouterr().err and not (tmp_path / "p").exists()
