@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -81,7 +82,15 @@ def grid_points(axes: Sequence[Axis]) -> list[dict[str, str]]:
 def point_name(point: dict[str, str]) -> str:
     """Run-directory name of a point: ``optim.lr=1e-4__model.ffn_type=silu``."""
     parts = [f"{k}={re.sub(r'[^A-Za-z0-9.+-]', '_', v)}" for k, v in point.items()]
-    return "__".join(parts) or "base"
+    name = "__".join(parts) or "base"
+    if len(name) > MAX_NAME:  # a file name holds 255 bytes: keep the start, tell long values apart by a hash
+        digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+        name = f"{name[:MAX_NAME - 18]}~{digest}"
+    return name
+
+
+MAX_NAME = 200
+"""Longest point name (ASCII) used as is; room under the 255-byte file-name limit for temp suffixes."""
 
 
 BATCH_KEY = "train.batch_size"

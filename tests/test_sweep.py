@@ -73,6 +73,14 @@ def test_point_name_is_filesystem_safe():
     assert "/" not in name and " " not in name
 
 
+def test_a_long_point_name_fits_a_file_name_and_stays_distinct():
+    # a 300-character value gave a 330-byte directory name: ENAMETOOLONG after the data was prepared
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    a, b = sweep.point_name({"train.sample_prompt": long_a}), sweep.point_name({"train.sample_prompt": long_b})
+    assert len(a) <= sweep.MAX_NAME and len(b) <= sweep.MAX_NAME and a != b
+    assert a.startswith("train.sample_prompt=xxx") and a == sweep.point_name({"train.sample_prompt": long_a})
+
+
 # ---- planning -------------------------------------------------------------------------------
 
 def test_plan_applies_sets_then_grid_and_places_runs(tmp_path):
