@@ -430,3 +430,21 @@ def test_help_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for default in ("(default: 256)", "(default: 0.7)", "(default: 0.9)", "(default: 16)", "(default: cpu)"):
         assert default in text
+
+
+def test_a_batch_beyond_the_device_memory_is_refused_and_a_large_one_is_capped(run_dir, capsys, monkeypatch):
+    # --num-samples 3000000 --batch-size 3000000 ended in a std::bad_alloc traceback (the generators,
+    # then the KV cache, of 3M rows); a --batch-size beyond the results counts only the results.
+    from cs336 import generate, hardware
+
+    common = ["--run", str(run_dir.path), "--prompt", "the cat", "--max-tokens", "2", "--seed", "0", "--jsonl"]
+    main(common + ["--batch-size", str(10**12)])  # one result: one row, whatever the cap
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    rows = 1000
+    monkeypatch.setattr(hardware, "device_memory", lambda device: 999 * generate.GENERATOR_BYTES)
+    with pytest.raises(SystemExit) as exc:
+        main(common + ["--num-samples", str(rows), "--batch-size", str(rows)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--batch-size {rows} decodes {rows} rows at once" in err and "lower --batch-size" in err
+    assert "Traceback" not in err
