@@ -239,6 +239,8 @@ def test_cli_generates_from_a_run_dir_reproducibly(run_dir, capsys):
     (["--run", "RUN/config.json"], "is a file; pass a run directory"),
     (["--run", "RUN/tokenizer"], "has no checkpoints/ directory"),
     (["--checkpoint", "RUN"], "is a directory; pass a checkpoint file"),
+    # the advice was "pass --tokenizer-dir" to someone who just had
+    (["--tokenizer-dir", "RUN/checkpoints"], "(vocab.json + merges.txt); pass a --tokenizer-dir that holds them"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(run_dir, capsys, args, fragment):
     args = [a.replace("RUN", str(run_dir.path)) for a in args]
