@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cs336.cli import add_config_arguments, config_from_args, parse_args
+from cs336.cli import add_config_arguments, config_from_args, parse_args, positive_int
 from cs336.config import ConfigError, TrainConfig, check_positive
 from cs336.fileio import atomic_write_bytes, atomic_write_text
 
@@ -62,6 +62,7 @@ class StepProfiler:
         check_positive("profile wait", wait, allow_zero=True)
         check_positive("profile warmup", warmup, allow_zero=True)
         check_positive("profile active", active)
+        check_positive("profile row_limit", row_limit)  # 0 printed an empty table, < 0 every row
         self.out = Path(out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"profile output {self.out} exists and is not a directory; pass another --out-dir")
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup", type=int, default=1, help="profiler warm-up steps (default 1)")
     group.add_argument("--active", "--steps", dest="active", type=int, default=3,
                        help="recorded steps (default 3)")
-    group.add_argument("--row-limit", type=int, default=30, help="rows in the top-ops table")
+    group.add_argument("--row-limit", type=positive_int, default=30, help="rows in the top-ops table")
     add_config_arguments(p, default_preset="profile")
     return p
 

@@ -81,6 +81,8 @@ def test_step_profiler_is_stepped_by_the_callers_loop(tmp_path):
 def test_profile_steps_bad_arguments(tmp_path):
     with pytest.raises(ConfigError, match="profile active must be a positive integer"):
         profile.profile_steps(lambda: None, tmp_path, active=0)
+    with pytest.raises(ConfigError, match="profile row_limit must be a positive integer"):
+        profile.profile_steps(lambda: None, tmp_path, row_limit=0)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="is not a directory"):
@@ -93,6 +95,8 @@ def test_profile_steps_bad_arguments(tmp_path):
     (["--batch-size", "0"], "train.batch_size must be a positive integer"),
     (["--device", "tpu"], "valid choices: auto, cpu, cuda, cuda:N, mps"),
     (["--kernels", "fast"], "model.kernels='fast'; valid choices: auto, torch, native, triton"),
+    (["--row-limit", "0"], "--row-limit: expected a positive integer, got '0'"),  # was an empty table
+    (["--row-limit", "-5"], "--row-limit: expected a positive integer, got '-5'"),  # was every row
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
