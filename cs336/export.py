@@ -222,6 +222,8 @@ def export_hf(model, tokenizer, out: str | os.PathLike, *, source: dict | None =
     from safetensors.torch import save_file
 
     out = Path(out)
+    if out.is_symlink():  # write where the link points: renaming onto the link would replace it by a directory
+        out = out.resolve()
     cfg: ModelConfig = model.config
     check_exportable(cfg)
     _check_destination(out)

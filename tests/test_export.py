@@ -172,6 +172,17 @@ def test_the_current_directory_is_refused_and_left_as_it_was(tokenizer, tmp_path
     assert list(dest.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
 
 
+def test_a_symlinked_destination_is_written_through_and_kept(tokenizer, tmp_path):
+    # the link was renamed aside and deleted: the user's symlink became a directory, its target stale
+    real = export_hf(_model(seed=0), tokenizer, tmp_path / "real")
+    before = (real / "model.safetensors").read_bytes()
+    (tmp_path / "link").symlink_to(real)
+    export_hf(_model(seed=1), tokenizer, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == real.resolve()
+    assert (real / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_cli_refuses_an_empty_out_dir(run_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--run", str(run_dir[0].path), "--out-dir", ""])
