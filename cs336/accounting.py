@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 
 from cs336 import flops, hardware
@@ -36,12 +37,15 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def parse_bytes(text: str) -> int:
     """``80GiB``, ``80GB``, ``8e10`` or a plain byte count -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    match = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE]\+?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise ConfigError(f"--device-memory {text!r} is not a size; write e.g. 80GiB, 80GB or "
                           f"85899345920 (units: {', '.join(u for u in _UNITS if u)})")
-    value = int(float(match.group(1)) * _UNITS[unit])
+    scaled = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(scaled) or scaled >= 2**63:
+        raise ConfigError(f"--device-memory {text!r} is too large (at most 2**63 bytes); write e.g. 80GiB")
+    value = int(scaled)
     if value <= 0:
         raise ConfigError(f"--device-memory must be positive, got {text!r}")
     return value
@@ -67,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 def account(cfg: TrainConfig, args: argparse.Namespace) -> dict:
     """Every figure for ``cfg``'s model and batch (raises ConfigError / UnknownDeviceError)."""
     model, B, T = cfg.model, cfg.train.batch_size, cfg.context_length
+    if not 0 < args.mfu <= 1:  # checked whether or not --steps uses it: a value that cannot be right
+        raise ConfigError(f"--mfu must lie in (0, 1], got {args.mfu}; pass a fraction such as 0.4")
     spec = hardware.lookup(args.hardware) if args.hardware else None
     name = args.model or args.preset or args.default_preset
     out: dict = {"model": name, "config": dataclasses.asdict(model), "batch_size": B, "seq_len": T}

@@ -139,7 +139,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     (``--d-model`` -> ``--model.d_model``)."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        flags = [opt for action in parser._actions for opt in action.option_strings]
+        flags = _flags(parser)
         by_field = {f.split(".", 1)[1]: f for f in flags if "." in f}
         hints = []
         for arg in unknown:
@@ -150,6 +150,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
             hints.append(f"{arg} (did you mean {' / '.join(close[:3])}?)" if close and flag.startswith("-") else arg)
         parser.error("unknown arguments: " + ", ".join(hints))
     return args
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string of ``parser`` and of its subcommands (``experiments run --model.d_model``)."""
+    flags: list[str] = []
+    for action in parser._actions:
+        flags += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                flags += [f for f in _flags(sub) if f not in flags]
+    return flags
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:

@@ -128,7 +128,25 @@ def _parse_lrs(text: str) -> list[float]:
             f"--lrs {text!r}: expected comma-separated numbers, e.g. --lrs 1e1,1e2,1e3") from None
     if not lrs or any(not (lr >= 0 and math.isfinite(lr)) for lr in lrs):
         raise argparse.ArgumentTypeError(f"--lrs {text!r}: expected non-negative finite numbers")
+    if any(lr > FLOAT32_MAX for lr in lrs):  # the step's alpha must fit the float32 weights
+        raise argparse.ArgumentTypeError(f"--lrs {text!r}: the weights are float32, so a learning rate must be "
+                                         f"at most {FLOAT32_MAX:.4g}")
+    if len(set(lrs)) < len(lrs):  # one column per learning rate: a repeat would silently vanish
+        raise argparse.ArgumentTypeError(f"--lrs {text!r}: a learning rate is listed twice; list each once")
     return lrs
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed {text!r}: expected an integer") from None
+    if not 0 <= seed < 2**63:  # what torch.Generator.manual_seed takes without overflow
+        raise argparse.ArgumentTypeError(f"--seed {text!r}: expected an integer in [0, 2**63)")
+    return seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--lrs", type=_parse_lrs, default=[1e1, 1e2, 1e3],
                      help="comma-separated learning rates (default 1e1,1e2,1e3)")
     toy.add_argument("--steps", type=positive_int, default=10, help="SGD steps (default 10)")
-    toy.add_argument("--seed", type=int, default=0, help="seed for the initial weights (default 0)")
+    toy.add_argument("--seed", type=_seed, default=0, help="seed for the initial weights (default 0)")
     sub.add_parser("list", help="list the named experiments")
     run = sub.add_parser("run", help="run one named experiment as a sweep")
     run.add_argument("name", choices=sorted(EXPERIMENTS), help="experiment")

@@ -199,9 +199,19 @@ def _is_previous_export(path: Path) -> bool:
     return (path / MARKER).is_file() and all(p.name in FILES for p in path.iterdir())
 
 
+def _is_cwd(path: Path) -> bool:
+    try:
+        return path.is_dir() and path.resolve() == Path.cwd().resolve()
+    except OSError:  # the working directory was deleted
+        return False
+
+
 def _check_destination(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out-dir {out} is a file; pass a directory path")
+    if _is_cwd(out):  # the export is renamed onto the destination: it cannot be the directory we are in
+        raise ExportError(f"--out-dir {out} is the current directory, which the export would replace "
+                          "by renaming a new one onto it; pass a new directory, e.g. --out-dir hf")
     if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
         raise ExportError(f"--out-dir {out} exists, is not empty and is not an earlier export of "
                           "cs336.export; pass a new directory (or empty this one)")
@@ -212,6 +222,8 @@ def export_hf(model, tokenizer, out: str | os.PathLike, *, source: dict | None =
     from safetensors.torch import save_file
 
     out = Path(out)
+    if out.is_symlink():  # write where the link points: renaming onto the link would replace it by a directory
+        out = out.resolve()
     cfg: ModelConfig = model.config
     check_exportable(cfg)
     _check_destination(out)
@@ -321,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     from cs336.run_dir import RunDirError
 
     def body() -> None:
+        if not args.out_dir.strip():
+            raise ExportError("--out-dir is empty; pass the directory to write")
         _check_destination(Path(args.out_dir))
         model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
                                               tokenizer_dir=args.tokenizer_dir)

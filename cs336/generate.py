@@ -68,7 +68,12 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     logits = logits.float()
     if temperature == 0:
         return torch.argmax(logits, dim=-1).tolist()
-    probs = top_p_filter(nn_utils.softmax(logits / temperature, dim=-1), top_p).cpu()  # (B, V)
+    # Shift before dividing: the top logit becomes 0 and the others <= 0, so a tiny temperature
+    # sends them to -inf (greedy in the limit), never to +inf - inf = nan; a temperature below
+    # float32's smallest normal (which would round to 0, and 0 / 0 = nan) divides as that one.
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    scaled = shifted / max(temperature, torch.finfo(torch.float32).tiny)
+    probs = top_p_filter(nn_utils.softmax(scaled, dim=-1), top_p).cpu()  # (B, V)
     gens = generators if generators is not None else [None] * len(probs)
     return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, gens, strict=True)]
 
@@ -307,6 +312,35 @@ def result_batches(num_prompts: int, num_samples: int, batch_size: int) -> Itera
         yield batch
 
 
+GENERATOR_BYTES = 5_200
+"""Host memory of one seeded ``torch.Generator`` (its Mersenne Twister state), one per row."""
+
+
+def decode_bytes(model, rows: int) -> int:
+    """About how much memory decoding ``rows`` rows together takes: per row the KV cache
+    (keys and values of every layer over the context), the prefill's logits and widest activations
+    over the window, and its generator."""
+    cfg = model.config
+    item = next(model.parameters()).element_size()
+    ctx = cfg.context_length
+    per_row = (2 * cfg.num_layers * ctx * cfg.d_model * item  # KV cache
+               + ctx * (cfg.vocab_size + 3 * cfg.d_ff) * item  # prefill logits, FFN activations
+               + GENERATOR_BYTES)
+    return rows * per_row
+
+
+def check_decode_memory(model, rows: int, device) -> None:
+    """Refuse a batch whose decoding memory (``decode_bytes``) exceeds the device's total."""
+    from cs336 import hardware
+
+    total = hardware.device_memory(device)
+    need = decode_bytes(model, rows)
+    if total is not None and need > total:
+        raise ConfigError(f"--batch-size {rows} decodes {rows} rows at once, which needs about {need / 1e9:.3g} GB "
+                          f"(KV cache, prefill logits, generators) but {device} has {total / 1e9:.3g} GB; "
+                          f"lower --batch-size (at most about {max(1, rows * total // need):,})")
+
+
 def _generate(args: argparse.Namespace, printed: list[int]) -> None:
     from cs336.inference import load_for_inference
 
@@ -314,6 +348,7 @@ def _generate(args: argparse.Namespace, printed: list[int]) -> None:
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
     model, tokenizer = load_for_inference(run_dir=args.run, checkpoint=args.checkpoint,
                                           tokenizer_dir=args.tokenizer_dir, device=args.device)
+    check_decode_memory(model, min(args.batch_size, len(prompts) * args.num_samples), _device(model))
     single = len(prompts) * args.num_samples == 1
     start = 0
     for chunk in result_batches(len(prompts), args.num_samples, args.batch_size):

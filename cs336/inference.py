@@ -73,7 +73,9 @@ def load_for_inference(*, run_dir: str | None = None, checkpoint: str | None = N
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else rd.tokenizer
     vocab, merges = tok_dir / "vocab.json", tok_dir / "merges.txt"
     if not vocab.is_file() or not merges.is_file():
-        raise RunDirError(f"no tokenizer at {tok_dir} (vocab.json + merges.txt); pass --tokenizer-dir")
+        fix = ("pass a --tokenizer-dir that holds them" if tokenizer_dir else
+               "pass --tokenizer-dir DIR, the tokenizer the model was trained with")
+        raise RunDirError(f"no tokenizer at {tok_dir} (vocab.json + merges.txt); {fix}")
     tokenizer = Tokenizer.from_files(str(vocab), str(merges), list(cfg.data.special_tokens))
     try:
         check_tokenizer_fits(max(tokenizer.vocab) + 1, cfg.model.vocab_size,

@@ -6,8 +6,10 @@
 
 The model and batch come from the same flags as ``python -m cs336.train`` (``cs336.cli``; the
 default preset here is ``profile``: the TinyStories model, 2 sequences per step). Runs
-``wait + warmup + active`` steps (zero_grad, loss forward, backward, AdamW step, each under a
-``record_function`` label; the optimizer step runs under the model's kernel backend) on random
+``wait + warmup + active`` steps (zero_grad, loss forward and backward per micro-batch of
+``--train.grad_accum_steps``, gradient clipping, AdamW step, each under a ``record_function``
+label; the optimizer step runs under the model's kernel backend; ``--train.activation_checkpointing``,
+``--train.z_loss`` and ``--train.compile`` apply as in training, ``--train.parallel=fsdp`` is refused) on random
 tokens, inside ``torch.profiler.profile`` with ``schedule(wait, warmup, active)`` and
 ``record_shapes=True``. Writes ``<out>/step<N>.json`` (N = the step count when the active window
 closed; open it in https://ui.perfetto.dev or chrome://tracing) and ``<out>/key_averages.txt``
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cs336.cli import add_config_arguments, config_from_args, parse_args
+from cs336.cli import add_config_arguments, config_from_args, parse_args, positive_int
 from cs336.config import ConfigError, TrainConfig, check_positive
 from cs336.fileio import atomic_write_bytes, atomic_write_text
 
@@ -60,6 +62,7 @@ class StepProfiler:
         check_positive("profile wait", wait, allow_zero=True)
         check_positive("profile warmup", warmup, allow_zero=True)
         check_positive("profile active", active)
+        check_positive("profile row_limit", row_limit)  # 0 printed an empty table, < 0 every row
         self.out = Path(out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"profile output {self.out} exists and is not a directory; pass another --out-dir")
@@ -137,41 +140,64 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup", type=int, default=1, help="profiler warm-up steps (default 1)")
     group.add_argument("--active", "--steps", dest="active", type=int, default=3,
                        help="recorded steps (default 3)")
-    group.add_argument("--row-limit", type=int, default=30, help="rows in the top-ops table")
+    group.add_argument("--row-limit", type=positive_int, default=30, help="rows in the top-ops table")
     add_config_arguments(p, default_preset="profile")
     return p
 
 
 def make_train_step(cfg: TrainConfig) -> tuple[Callable[[], torch.Tensor], dict]:
-    """A closure running one training step of ``cfg``'s model on random tokens, and a description."""
+    """A closure running one training step of ``cfg``'s model on random tokens, as the trainer
+    runs it (activation checkpointing, z-loss, ``torch.compile``, the micro-batches of
+    ``train.grad_accum_steps``, gradient clipping), and a description."""
     import torch
     from torch.profiler import record_function
 
-    from cs336 import ops
+    from cs336 import ops, parallel
+    from cs336.distributed import micro_batches
     from cs336.hardware import autocast_for, resolve_device
     from cs336.model import TransformerLM
+    from cs336.nn_utils import clip_gradients
     from cs336.optim import build_optimizer
+    from cs336.preflight import check_memory
 
+    if cfg.train.parallel == "fsdp":
+        raise ConfigError("--train.parallel=fsdp shards the model over torchrun ranks, and the profile runs one "
+                          "process; drop the flag to profile the same step unsharded")
     device = resolve_device(cfg.train.device)
     ops.resolve_backend(cfg.model.kernels)  # a clear error now if the backend cannot run here
+    B, T = cfg.train.batch_size, cfg.context_length
+    micro = micro_batches(slice(0, B), cfg.train.grad_accum_steps)
+    check_memory(cfg, device, B // len(micro))  # as train does: refuse, not swap or OOM-kill
     torch.manual_seed(cfg.train.seed)
     model = TransformerLM.from_config(cfg.model, device=device)
+    parallel.apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     opt = build_optimizer(model, cfg.optim)
-    B, T = cfg.train.batch_size, cfg.context_length
     tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
     autocast = autocast_for(cfg.train.autocast, device)
+    z_loss = cfg.train.z_loss
+
+    def loss_of(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return model.loss(xb, yb, z_loss=z_loss) if z_loss else model.loss(xb, yb)
+
+    loss_fn = torch.compile(loss_of) if cfg.train.compile else loss_of
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
     def step() -> torch.Tensor:
         with record_function("zero_grad"):
             opt.zero_grad(set_to_none=True)
-        with record_function("forward"), ops.use_backend(cfg.model.kernels), autocast:
-            loss = model.loss(x, y)
-        with record_function("backward"):
-            loss.backward()
+        total = torch.zeros((), device=device)
+        for rows in micro:
+            with record_function("forward"), ops.use_backend(cfg.model.kernels), autocast:
+                loss = loss_fn(x[rows], y[rows]) / len(micro)
+            with record_function("backward"):
+                loss.backward()
+            total += loss.detach().float()
+        with record_function("clip_gradients"):
+            clip_gradients([p for p in model.parameters() if p.grad is not None], clip)
         with record_function("optimizer"), ops.use_backend(cfg.model.kernels):
             opt.step()
-        return loss.detach()
+        return total
 
     return step, {"device": str(device), **dataclasses.asdict(cfg.model), "batch_size": B,
                   "seq_len": T}

@@ -164,7 +164,11 @@ class RunDir:
         if not pointer.is_file():
             files = self.checkpoint_files()
             return files[-1] if files else None
-        name = pointer.read_text(encoding="utf-8").strip()
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise RunDirError(f"{pointer} is not text (damaged); write the file name of an existing "
+                              "step_NNNNNN.pt into it") from None
         path = self.checkpoints / name
         if not CHECKPOINT_RE.match(name) or not (path.is_file() or (name.endswith(".dcp") and path.is_dir())):
             raise RunDirError(f"{pointer} names {name!r}, which is not a checkpoint in {self.checkpoints}; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -81,7 +82,15 @@ def grid_points(axes: Sequence[Axis]) -> list[dict[str, str]]:
 def point_name(point: dict[str, str]) -> str:
     """Run-directory name of a point: ``optim.lr=1e-4__model.ffn_type=silu``."""
     parts = [f"{k}={re.sub(r'[^A-Za-z0-9.+-]', '_', v)}" for k, v in point.items()]
-    return "__".join(parts) or "base"
+    name = "__".join(parts) or "base"
+    if len(name) > MAX_NAME:  # a file name holds 255 bytes: keep the start, tell long values apart by a hash
+        digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+        name = f"{name[:MAX_NAME - 18]}~{digest}"
+    return name
+
+
+MAX_NAME = 200
+"""Longest point name (ASCII) used as is; room under the 255-byte file-name limit for temp suffixes."""
 
 
 BATCH_KEY = "train.batch_size"
@@ -122,6 +131,11 @@ def plan_sweep(base: Any, points: Sequence[dict[str, str]], sets: Sequence[str],
         base = config_io.apply_overrides(copy.deepcopy(base), list(sets))
     except cfglib.ConfigError as exc:
         raise SweepError(f"--set: {exc}") from None
+    swept_out = any("train.out_dir" in point for point in points)
+    if swept_out or base.train.out_dir is not None:
+        where = "--grid" if swept_out else f"train.out_dir={base.train.out_dir}"
+        raise SweepError(f"{where}: a sweep runs each point in DIR/<point> of its own --out-dir DIR, so "
+                         "train.out_dir would be ignored; drop it and pass --out-dir for the sweep directory")
     planned = []
     for point in points:
         name = point_name(point)
@@ -135,7 +149,28 @@ def plan_sweep(base: Any, points: Sequence[dict[str, str]], sets: Sequence[str],
         if not cfg.train.wandb_group:
             cfg = set_path(cfg, "train.wandb_group", out.name)
         planned.append(PlannedRun(name, point, cfg, out / name))
+    _check_distinct(planned)
     return planned
+
+
+def _check_distinct(planned: Sequence[PlannedRun]) -> None:
+    """Refuse two points that would share a run directory (values that differ only in characters
+    ``point_name`` replaces by ``_``) or that train the same config (``1e-3`` and ``0.001``)."""
+    seen: dict[str, PlannedRun] = {}
+    configs: dict[str, PlannedRun] = {}
+    for run in planned:
+        if run.name in seen:
+            raise SweepError(f"grid points {seen[run.name].point} and {run.point} would share the run directory "
+                             f"{run.run_dir} (characters other than letters, digits and . + - become _); "
+                             "make the values differ in letters or digits")
+        seen[run.name] = run
+        record = config_io.config_to_dict(run.config)
+        record["train"].pop("out_dir", None)
+        key = json.dumps(record, sort_keys=True, default=str)
+        if key in configs:
+            raise SweepError(f"grid points {configs[key].name} and {run.name} give the same config (the values "
+                             "are equal once parsed); list each value once")
+        configs[key] = run
 
 
 def varies_data(points: Sequence[dict[str, str]]) -> bool:

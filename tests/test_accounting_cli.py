@@ -52,6 +52,8 @@ def test_device_memory_parsing(capsys):
     assert out["max_batch_size"] == flops.max_batch_size(model_preset("gpt2-small"), 80 * 2**30)
     assert accounting.parse_bytes("1.5GB") == 1_500_000_000
     assert accounting.parse_bytes("4096") == 4096
+    assert accounting.parse_bytes("8e10") == accounting.parse_bytes("8E10") == 8 * 10**10
+    assert accounting.parse_bytes(".5GiB") == 2**29
 
 
 def test_overrides_apply(capsys):
@@ -87,6 +89,11 @@ def test_human_table_lists_components_and_total(capsys):
     (["--batch-size", "0"], "train.batch_size must be a positive integer"),
     (["--model.num_layers=-1"], "model.num_layers must be a positive integer"),
     (["--device-memory", "lots"], "--device-memory 'lots' is not a size"),
+    (["--device-memory", "1.5.5GB"], "--device-memory '1.5.5GB' is not a size"),  # these three: a traceback
+    (["--device-memory", "."], "--device-memory '.' is not a size"),
+    (["--device-memory", "1e999"], "--device-memory '1e999' is too large"),
+    (["--mfu", "0"], "--mfu must lie in (0, 1], got 0.0"),  # was accepted while unused (no --steps)
+    (["--mfu", "nan"], "--mfu must lie in (0, 1], got nan"),
     (["--hardware", "tpu"], "valid choices: h100-sxm"),
     (["--steps", "10"], "--steps needs --hardware"),
     (["--model.ffn_type=relu"], "valid choices: swiglu, silu"),

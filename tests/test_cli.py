@@ -94,3 +94,13 @@ def test_help_does_not_import_torch(command):
                           env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "False False", proc.stdout[-300:]
+
+
+def test_an_unknown_flag_of_a_subcommand_suggests_the_closest(capsys):
+    # the hints came from the top-level parser only, so `experiments run`'s typo got none
+    from cs336 import experiments
+
+    with pytest.raises(SystemExit) as exc:
+        experiments.main(["run", "lr", "--model.dmodel=64"])
+    assert exc.value.code == 2
+    assert "unknown arguments: --model.dmodel=64 (did you mean --model.d_model" in capsys.readouterr().err

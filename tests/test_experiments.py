@@ -101,6 +101,20 @@ def test_cli_options_and_errors(capsys):
         assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--seed", str(10**20)], "expected an integer in [0, 2**63)"),  # manual_seed's OverflowError
+    (["--seed", "-1"], "expected an integer in [0, 2**63)"),
+    (["--lrs", "1e300"], "a learning rate must be at most 3.403e+38"),  # alpha overflowed float32
+    (["--lrs", "1,1.0"], "listed twice"),  # printed one column for the two
+])
+def test_cli_refuses_seeds_and_lrs_the_toy_cannot_use(capsys, args, fragment):
+    with pytest.raises(SystemExit) as exc:
+        experiments.main(["sgd-toy", "--steps", "2", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
 # ---- named experiments (training replaced by a fake; the sweep itself is tested in test_sweep) --
 
 @pytest.fixture

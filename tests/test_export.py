@@ -159,6 +159,37 @@ def test_destination_rules(tokenizer, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "hf"]  # no temp dir left
 
 
+@pytest.mark.parametrize("spelling", [".", "", "../dest"])
+def test_the_current_directory_is_refused_and_left_as_it_was(tokenizer, tmp_path, monkeypatch, spelling):
+    # "." had no name and was its own parent: the temp dir was made inside it, renaming it failed
+    # (EBUSY, "another process holds it") and the ".old" dir stayed inside, so every later export
+    # to it was refused; and replacing the directory one stands in pulls it from under the shell.
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    monkeypatch.chdir(dest)
+    with pytest.raises(ExportError, match="is the current directory"):
+        export_hf(_model(), tokenizer, spelling)
+    assert list(dest.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_a_symlinked_destination_is_written_through_and_kept(tokenizer, tmp_path):
+    # the link was renamed aside and deleted: the user's symlink became a directory, its target stale
+    real = export_hf(_model(seed=0), tokenizer, tmp_path / "real")
+    before = (real / "model.safetensors").read_bytes()
+    (tmp_path / "link").symlink_to(real)
+    export_hf(_model(seed=1), tokenizer, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == real.resolve()
+    assert (real / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_cli_refuses_an_empty_out_dir(run_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run_dir[0].path), "--out-dir", ""])
+    assert exc.value.code == 2
+    assert "--out-dir is empty" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def run_dir(tokenizer, tmp_path_factory):
     rd = RunDir(tmp_path_factory.mktemp("run") / "run")

@@ -11,7 +11,7 @@ from cs336 import ops
 from cs336.checkpoint import save_checkpoint
 from cs336.config import ModelConfig, TrainConfig
 from cs336.config_io import config_to_dict
-from cs336.generate import generate_batch, generate_ids, main, next_token, top_p_filter
+from cs336.generate import generate_batch, generate_ids, main, next_token, next_tokens, top_p_filter
 from cs336.model import TransformerLM
 from cs336.run_dir import RunDir
 from cs336.tokenizer.gpt2_files import save_vocab_merges
@@ -45,6 +45,16 @@ def test_temperature_zero_is_argmax_and_low_temperature_concentrates():
     g = torch.Generator().manual_seed(0)
     draws = {next_token(logits, 1.0, 1.0, g) for _ in range(200)}
     assert {1, 2} <= draws  # at T=1 the two close logits are both drawn
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 5e-324])
+def test_a_tiny_temperature_samples_the_top_logit_instead_of_failing(temperature):
+    # logits / T overflowed to inf for T below ~1e-38 (inf - inf = nan: multinomial raised).
+    logits = torch.tensor([[0.1, 2.0, 1.9, -3.0], [4.0, 4.0, -1.0, 0.0]])
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    for _ in range(20):
+        first, second = next_tokens(logits, temperature, 1.0, gens)
+        assert first == 1 and second in (0, 1)  # a tie at the top stays a draw between the tied ids
 
 
 class ScriptedLM(torch.nn.Module):
@@ -229,6 +239,8 @@ def test_cli_generates_from_a_run_dir_reproducibly(run_dir, capsys):
     (["--run", "RUN/config.json"], "is a file; pass a run directory"),
     (["--run", "RUN/tokenizer"], "has no checkpoints/ directory"),
     (["--checkpoint", "RUN"], "is a directory; pass a checkpoint file"),
+    # the advice was "pass --tokenizer-dir" to someone who just had
+    (["--tokenizer-dir", "RUN/checkpoints"], "(vocab.json + merges.txt); pass a --tokenizer-dir that holds them"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(run_dir, capsys, args, fragment):
     args = [a.replace("RUN", str(run_dir.path)) for a in args]
@@ -420,3 +432,21 @@ def test_help_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for default in ("(default: 256)", "(default: 0.7)", "(default: 0.9)", "(default: 16)", "(default: cpu)"):
         assert default in text
+
+
+def test_a_batch_beyond_the_device_memory_is_refused_and_a_large_one_is_capped(run_dir, capsys, monkeypatch):
+    # --num-samples 3000000 --batch-size 3000000 ended in a std::bad_alloc traceback (the generators,
+    # then the KV cache, of 3M rows); a --batch-size beyond the results counts only the results.
+    from cs336 import generate, hardware
+
+    common = ["--run", str(run_dir.path), "--prompt", "the cat", "--max-tokens", "2", "--seed", "0", "--jsonl"]
+    main(common + ["--batch-size", str(10**12)])  # one result: one row, whatever the cap
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    rows = 1000
+    monkeypatch.setattr(hardware, "device_memory", lambda device: 999 * generate.GENERATOR_BYTES)
+    with pytest.raises(SystemExit) as exc:
+        main(common + ["--num-samples", str(rows), "--batch-size", str(rows)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--batch-size {rows} decodes {rows} rows at once" in err and "lower --batch-size" in err
+    assert "Traceback" not in err

@@ -81,6 +81,8 @@ def test_step_profiler_is_stepped_by_the_callers_loop(tmp_path):
 def test_profile_steps_bad_arguments(tmp_path):
     with pytest.raises(ConfigError, match="profile active must be a positive integer"):
         profile.profile_steps(lambda: None, tmp_path, active=0)
+    with pytest.raises(ConfigError, match="profile row_limit must be a positive integer"):
+        profile.profile_steps(lambda: None, tmp_path, row_limit=0)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="is not a directory"):
@@ -93,12 +95,30 @@ def test_profile_steps_bad_arguments(tmp_path):
     (["--batch-size", "0"], "train.batch_size must be a positive integer"),
     (["--device", "tpu"], "valid choices: auto, cpu, cuda, cuda:N, mps"),
     (["--kernels", "fast"], "model.kernels='fast'; valid choices: auto, torch, native, triton"),
+    (["--row-limit", "0"], "--row-limit: expected a positive integer, got '0'"),  # was an empty table
+    (["--row-limit", "-5"], "--row-limit: expected a positive integer, got '-5'"),  # was every row
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
         profile.main([*args, "--out-dir", str(tmp_path / "x")])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_model_beyond_the_device_memory_is_refused_before_it_is_built(tmp_path, capsys, monkeypatch):
+    # train refuses it; profile built it anyway (gpt2-large needs 27 GB: a 24 GB machine swapped or
+    # the OOM killer ended it). Here the device "has" 1 kB.
+    from cs336 import preflight
+    from cs336.model import TransformerLM
+
+    monkeypatch.setattr(preflight, "device_memory", lambda device: 1000)
+    monkeypatch.setattr(TransformerLM, "from_config", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit) as exc:
+        profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--out-dir", str(tmp_path / "p")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "training this model needs about" in err and "lower --model.d_model" in err
+    assert not (tmp_path / "p").exists()
 
 
 def test_help():
@@ -127,3 +147,40 @@ def test_the_profiled_step_honours_train_autocast(monkeypatch, mode):
     step, _ = profile.make_train_step(config_from_args(args))
     step()
     assert seen == [mode == "bf16"]
+
+
+def test_the_profiled_step_honours_the_train_loop_flags(monkeypatch):
+    """--train.grad_accum_steps, --train.activation_checkpointing, --train.z_loss and clipping were
+    silently ignored: the profile showed one full-batch step without them, unlike the run it profiles."""
+    from cs336 import nn_utils, parallel
+    from cs336.cli import config_from_args
+    from cs336.model import TransformerLM
+
+    seen, checkpointed, clipped = [], [], []
+    real_loss, real_clip = TransformerLM.loss, nn_utils.clip_gradients
+    real_ckpt = parallel.apply_activation_checkpointing
+
+    def loss_spy(self, x, y, **kwargs):
+        seen.append((x.shape[0], kwargs.get("z_loss", 0.0)))
+        return real_loss(self, x, y, **kwargs)
+
+    monkeypatch.setattr(TransformerLM, "loss", loss_spy)
+    monkeypatch.setattr(parallel, "apply_activation_checkpointing",
+                        lambda model, mode: checkpointed.append(mode) or real_ckpt(model, mode))
+    monkeypatch.setattr(nn_utils, "clip_gradients", lambda params, c: clipped.append(c) or real_clip(params, c))
+    tiny = [a if a != "2" else "4" for a in TINY]  # batch 4, in 2 micro-batches of 2 rows
+    args = profile.parse_args(profile.build_parser(), [
+        *tiny, "--kernels", "torch", "--device", "cpu", "--train.grad_accum_steps=2",
+        "--train.activation_checkpointing=full", "--train.z_loss=1e-4", "--optim.grad_clip=0.5"])
+    step, _ = profile.make_train_step(config_from_args(args))
+    loss = step()
+    assert seen == [(2, 1e-4), (2, 1e-4)] and checkpointed == ["full"] and clipped == [0.5]
+    assert torch.isfinite(loss)
+
+
+def test_fsdp_is_refused_in_one_process(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        profile.main([*TINY, "--kernels", "torch", "--device", "cpu", "--train.parallel=fsdp",
+                      "--out-dir", str(tmp_path / "p")])
+    assert exc.value.code == 2
+    assert "--train.parallel=fsdp" in capsys.readouterr().err and not (tmp_path / "p").exists()

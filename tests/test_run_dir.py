@@ -17,6 +17,7 @@ from cs336.run_dir import (
     MARKER,
     RunDir,
     RunDirBusy,
+    RunDirError,
     RunDirRefused,
     RunLock,
     checkpoint_files,
@@ -232,3 +233,12 @@ def test_metrics_reader_skips_a_torn_last_line_and_truncate_keeps_earlier_steps(
     rd.truncate_metrics(5)
     assert [r["step"] for r in rd.read_metrics()] == [0, 5]
     assert read_metrics(tmp_path / "nothing") == []
+
+
+def test_a_latest_pointer_that_is_not_text_names_itself(tmp_path):
+    # was a bare "'utf-8' codec can't decode byte 0xff" (generate printed it as the whole error)
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    (rd.checkpoints / "latest").write_bytes(b"\xff\xfe")
+    with pytest.raises(RunDirError, match=r"checkpoints/latest is not text \(damaged\); write the file name"):
+        rd.latest_checkpoint()

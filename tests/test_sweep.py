@@ -73,6 +73,14 @@ def test_point_name_is_filesystem_safe():
     assert "/" not in name and " " not in name
 
 
+def test_a_long_point_name_fits_a_file_name_and_stays_distinct():
+    # a 300-character value gave a 330-byte directory name: ENAMETOOLONG after the data was prepared
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    a, b = sweep.point_name({"train.sample_prompt": long_a}), sweep.point_name({"train.sample_prompt": long_b})
+    assert len(a) <= sweep.MAX_NAME and len(b) <= sweep.MAX_NAME and a != b
+    assert a.startswith("train.sample_prompt=xxx") and a == sweep.point_name({"train.sample_prompt": long_a})
+
+
 # ---- planning -------------------------------------------------------------------------------
 
 def test_plan_applies_sets_then_grid_and_places_runs(tmp_path):
@@ -101,6 +109,26 @@ def test_plan_keeps_a_given_wandb_group(tmp_path):
 def test_plan_rejects_unknown_keys_and_bad_values(tmp_path, grid, fragment):
     with pytest.raises(sweep.SweepError, match=fragment):
         sweep.plan_sweep(tiny_config(), points(grid), [], tmp_path)
+
+
+@pytest.mark.parametrize("grids, fragment", [
+    # both named train.sample_prompt=a_b: they shared one run directory (the second resumed the first)
+    (["train.sample_prompt=a b,a_b"], "would share the run directory"),
+    (["optim.lr=1e-3,0.001"], "give the same config"),  # two runs of one config
+    (["train.seed=1,01", "optim.lr=1e-3"], "give the same config"),
+])
+def test_plan_rejects_points_that_are_not_distinct(tmp_path, grids, fragment):
+    with pytest.raises(sweep.SweepError, match=fragment):
+        sweep.plan_sweep(tiny_config(), points(*grids), [], tmp_path)
+
+
+@pytest.mark.parametrize("grids, sets", [
+    (["train.out_dir=a,b"], []),  # every point ran in DIR/<point> whatever the value said
+    (["optim.lr=1e-3"], ["train.out_dir=elsewhere"]),
+])
+def test_plan_refuses_train_out_dir_that_it_would_ignore(tmp_path, grids, sets):
+    with pytest.raises(sweep.SweepError, match="train.out_dir would be ignored"):
+        sweep.plan_sweep(tiny_config(), points(*grids), sets, tmp_path)
 
 
 def test_plan_rejects_bad_set(tmp_path):
