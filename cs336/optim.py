@@ -65,6 +65,20 @@ class AdamW(torch.optim.Optimizer):
             param_group["betas"] = tuple(param_group["betas"])
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, then every moment checked against its param's
+        shape once, here, so the per-step update need not check its lists (torch casts the loaded
+        state to each param's dtype and device but keeps the saved shapes)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in enumerate(params):  # i: the state dict's param index
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = self.state.get(p, {}).get(key)
+                if moment is not None and moment.shape != p.shape:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {key} of param {i} has shape "
+                                     f"{tuple(moment.shape)} but the param is {tuple(p.shape)}; the state "
+                                     "belongs to another model")
+
     @staticmethod
     def _backend(fused: bool | None) -> str | None:
         return None if fused is None else ("triton" if fused else "torch")
@@ -107,7 +121,7 @@ class AdamW(torch.optim.Optimizer):
                 ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=t, lr=group["lr"],
                                 beta1=beta1, beta2=beta2, eps=group["eps"],
                                 weight_decay=group["weight_decay"],
-                                backend=self._backend(group["fused"]))
+                                backend=self._backend(group["fused"]), check_tensors=False)
             except ops.BackendError as exc:
                 if group["fused"] is not True:
                     raise
@@ -168,7 +182,6 @@ def lr_wsd_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int, de
     if shape == "linear":
         return max_lr - (max_lr - min_lr) * progress
     return min_lr + (max_lr - min_lr) * (1.0 - math.sqrt(progress))  # "1-sqrt"
-
 
 
 def _check_iteration(fn: str, it: int) -> None:

@@ -333,3 +333,17 @@ def test_fused_adamw_matches_reference_trajectory():
     fused, _ = _run_ours(5, fused=True, **hp)
     reference, _ = _run_ours(5, fused=False, **hp)
     assert _max_diff(fused, reference) < 1e-6, _max_diff(fused, reference)
+
+
+def test_a_state_dict_of_other_shapes_is_refused_when_loaded():
+    """The per-step update does not check its lists (they are the optimizer's own): a loaded
+    moment that does not match its param is refused by load_state_dict instead."""
+    small, big = torch.nn.Linear(3, 2, bias=False), torch.nn.Linear(4, 2, bias=False)
+    opt = AdamW(small.parameters(), lr=1e-2)
+    small(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    other = AdamW(big.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"exp_avg of param 0 has shape \(2, 3\) but the param is \(2, 4\)"):
+        other.load_state_dict(opt.state_dict())
+    same = AdamW(torch.nn.Linear(3, 2, bias=False).parameters(), lr=1e-2)
+    same.load_state_dict(opt.state_dict())  # the same shapes load
