@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from cs336.fileio import atomic_write_text
+from cs336.tokenizer.pretokenize import check_special_token_text
 
 
 class TokenizerFileError(ValueError):
@@ -319,11 +320,7 @@ def load_tokenizer_dir(
             "training run's DIR/tokenizer)"
         )
     for token in special_tokens or ():
-        try:
-            token.encode("utf-8")
-        except UnicodeEncodeError:
-            raise TokenizerFileError(f"special token {token!r} holds a lone surrogate, which is not text UTF-8 can "
-                                     "store (a command-line byte that is not UTF-8?); pass it as UTF-8") from None
+        check_special_token_text(token, TokenizerFileError)
     meta = load_meta(path)
     if meta is not None and special_tokens:
         listed = list(meta.get("special_tokens", []))

@@ -24,7 +24,7 @@ from cs336.interrupt import make_default_handler_numba_safe
 
 from .encode_numba import build_pair_table, clear_cache, encode_pieces, new_cache
 from .gpt2_files import load_vocab_merges
-from .pretokenize import pretokenize, special_token_regex, split_on_special
+from .pretokenize import check_special_token_text, pretokenize, special_token_regex, split_on_special
 
 try:
     from .pretok_numba import utf8_bounds
@@ -74,11 +74,8 @@ class Tokenizer:
                 raise ValueError(f"special token {tok!r} must be a non-empty string")
             if tok in self._special_ids:
                 continue
-            try:
-                data = tok.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"special token {tok!r} holds a lone surrogate, which is not text UTF-8 can store "
-                                 "(a command-line byte that is not UTF-8?); pass it as UTF-8") from None
+            check_special_token_text(tok)
+            data = tok.encode("utf-8")
             if data not in token_id:
                 self.vocab[next_id] = data
                 token_id[data] = next_id

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from cs336.tokenizer.pretokenize import pretoken_counts, split_on_special
+from cs336.tokenizer.pretokenize import check_special_token_text, pretoken_counts, split_on_special
 
 # Below this, worker processes cost more than they save: on this project's 2-core CPU one process
 # counts English at about 50 ms per MiB, and 2 workers add about 60 ms (start the pool, pickle the
@@ -100,23 +100,13 @@ def _check_special_tokens(special_tokens: list[str]) -> list[str]:
     for s in specials:
         if not isinstance(s, str) or not s:
             raise ValueError(f"train_bpe: special_tokens must be non-empty strings, got {s!r}")
-        if not _is_utf8_text(s):
-            raise ValueError(f"train_bpe: special token {s!r} holds a lone surrogate, which is not text UTF-8 can "
-                             "store (a command-line byte that is not UTF-8?); pass it as UTF-8")
+        check_special_token_text(s, prefix="train_bpe: ")
         if len(s.encode("utf-8")) == 1:
             raise ValueError(f"train_bpe: special token {s!r} is a single byte, which is already one of the "
                              "256 byte tokens; use a special token of two or more bytes")
     if len(set(specials)) != len(specials):
         raise ValueError(f"train_bpe: special_tokens {specials!r} has duplicates; list each token once")
     return specials
-
-
-def _is_utf8_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_vocab_size(vocab_size: int, n_special: int) -> None:
